@@ -1,0 +1,70 @@
+"""The Starlette application: websocket rooms, operational routes, the web demo, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from collab_server.broker import create_broker
+from collab_server.config import Settings
+from collab_server.session import serve_websocket
+from collab_server.rooms import Rooms
+from collab_server.storage import StorageError, create_store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    store = create_store(settings)
+    broker = create_broker(settings)
+    rooms = Rooms(store, broker, idle_unload_seconds=settings.idle_unload_seconds,
+                  max_connections_per_room=settings.max_connections_per_room)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        await broker.start()
+        log.info("collab server ready store=%s broker=%s", settings.store, settings.broker)
+        try:
+            yield
+        finally:
+            await rooms.close()
+            await broker.close()
+            await store.close()
+            log.info("collab server stopped; everything committed")
+
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await serve_websocket(websocket, rooms, settings)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        try:
+            await store.ping()
+        except StorageError as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready", "rooms_loaded": len(rooms.loaded)})
+
+    routes: list = [
+        Route("/health", health),
+        Route("/ready", ready),
+        WebSocketRoute("/{room:path}", websocket_endpoint),
+    ]
+    if Path(settings.web_demo_dir).is_dir():
+        routes.append(Mount("/", StaticFiles(directory=settings.web_demo_dir, html=True)))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.rooms = rooms
+    app.state.store = store
+    return app

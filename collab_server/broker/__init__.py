@@ -1,0 +1,20 @@
+"""Fan-out between rooms: the Broker interface and its implementations, chosen by config."""
+
+from __future__ import annotations
+
+from collab_server.broker.base import Broker, Handler, Kind
+from collab_server.config import Settings
+
+__all__ = ["Broker", "Handler", "Kind", "create_broker"]
+
+
+def create_broker(settings: Settings) -> Broker:
+    if settings.broker == "local":
+        from collab_server.broker.local import LocalBroker
+
+        return LocalBroker()
+    if settings.broker == "redis":
+        from collab_server.broker.redis import RedisBroker
+
+        return RedisBroker(settings.redis_url)
+    raise ValueError(f"unknown broker {settings.broker!r} (expected 'local' or 'redis')")

@@ -1,0 +1,70 @@
+"""Command line: `collab-server serve` (and later token, compact, export)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+import uvicorn
+
+from collab_server import logs
+from collab_server.app import create_app
+from collab_server.config import Settings
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per setting (env COLLAB_<NAME> and the TOML file give the same settings)."""
+    defaults = Settings()
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"(default {default}; env COLLAB_{f.name.upper()})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=type(default), metavar=f.name.upper(),
+                                help=f"(default {default}; env COLLAB_{f.name.upper()})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collab-server", description="Yjs-compatible collaboration server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the websocket + HTTP server")
+    serve.add_argument("--config", help="TOML file with settings (keys as in --help, underscores)")
+    _add_setting_flags(serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.load(args.config, **overrides)
+
+
+def serve(settings: Settings) -> None:
+    logs.configure(settings.log_level, settings.log_format)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_message_size,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"collab-server: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(settings)
+    return 0

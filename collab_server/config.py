@@ -1,0 +1,77 @@
+"""Every setting in one place: its default, its environment variable (COLLAB_<NAME>) and its CLI flag."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "COLLAB_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 1234
+    db: str = "./collab.db"
+    # storage / broker backends: "sqlite" | "postgres", "local" | "redis"
+    store: str = "sqlite"
+    broker: str = "local"
+    postgres_dsn: str = "postgresql://127.0.0.1:5432/test"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # sqlite synchronous pragma: "full" survives power loss, "normal" survives process crashes
+    sqlite_synchronous: str = "full"
+    # compaction: fold the update log into the checkpoint once a document has this many log entries
+    compact_threshold: int = 500
+    # rooms with no connection for this long are flushed and unloaded
+    idle_unload_seconds: float = 30.0
+    # connections
+    max_message_size: int = 16 * 1024 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    keepalive_interval: float = 10.0
+    send_queue_limit: int = 4096
+    max_connections_per_room: int = 1000
+    rate_limit_per_second: float = 0.0  # incoming messages per connection; 0 = unlimited
+    rate_limit_burst: int = 2000
+    # access control
+    auth_secret: str = ""
+    auth_required: bool = False
+    # static web demo, served at / when the directory exists
+    web_demo_dir: str = str(Path(__file__).resolve().parent.parent / "web_demo" / "dist")
+    log_level: str = "info"
+    log_format: str = "text"  # "text" | "json"
+    shutdown_timeout: float = 10.0
+
+    @classmethod
+    def load(cls, config_file: str | None = None, **overrides: Any) -> "Settings":
+        """Defaults < TOML file < environment < explicit overrides (CLI flags); None overrides are ignored."""
+        values: dict[str, Any] = {}
+        if config_file:
+            with open(config_file, "rb") as fh:
+                values.update(tomllib.load(fh))
+        for f in fields(cls):
+            env = os.environ.get(ENV_PREFIX + f.name.upper())
+            if env is not None:
+                values[f.name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(cls(), **{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
+    kind = type(getattr(cls(), name))
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from exc

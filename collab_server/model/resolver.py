@@ -1,0 +1,104 @@
+"""Server-side status resolver: materialises resolved statuses and compacts superseded writes.
+
+Resolution itself is the pure :func:`resolve_writes` (re-exported here); clients use it locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pycrdt import Doc, Map
+
+from collab_server.model.blocks import blocks_map, entries
+from collab_server.model.status import frontier, resolve_writes
+
+__all__ = ["StatusChange", "StatusResolver", "frontier", "resolve_writes"]
+
+RESOLVER_ORIGIN = "resolver"
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """A materialised status that the resolver changed."""
+
+    block_id: str
+    index_name: str
+    old: str | None
+    new: str
+
+
+@dataclass(frozen=True)
+class _Fix:
+    block_id: str
+    entry: Map
+    old: str | None
+    new: str | None
+    stale: list[int]  # indices of superseded write records, to delete
+
+
+class StatusResolver:
+    """Tracks blocks touched by updates and resolves their entries on :meth:`run`.
+
+    Dirtiness is tracked per block (index positions shift under concurrent edits); a block's
+    entries are all re-checked when anything inside it changes.
+    """
+
+    def __init__(self, doc: Doc, on_change: Callable[[StatusChange], None] | None = None,
+                 compact: bool = True) -> None:
+        self._doc = doc
+        self._blocks = blocks_map(doc)
+        self._on_change = on_change
+        self._compact = compact
+        self._dirty: set[str] = set(self._blocks.keys())
+        self._subscription = self._blocks.observe_deep(self._mark_dirty)
+
+    def _mark_dirty(self, events: list) -> None:
+        for event in events:
+            if event.path:
+                self._dirty.add(event.path[0])
+            else:
+                self._dirty.update(
+                    key for key, change in event.keys.items() if change["action"] != "delete"
+                )
+
+    def _plan(self, block_ids: set[str]) -> list[_Fix]:
+        fixes = []
+        for block_id in sorted(block_ids):
+            block = self._blocks.get(block_id)
+            for entry in entries(block) if block is not None else ():
+                writes = entry.get("statusWrites")
+                records = list(writes) if writes is not None else []
+                new = resolve_writes(records)
+                keep = {record["id"] for record in frontier(records)}
+                stale = [i for i, r in enumerate(records) if r["id"] not in keep] if self._compact else []
+                old = entry.get("status")
+                if (new is not None and new != old) or stale:
+                    fixes.append(_Fix(block_id, entry, old, new, stale))
+        return fixes
+
+    def run(self) -> list[StatusChange]:
+        """Resolve dirty entries in one ``resolver`` transaction; returns the status changes."""
+        if not self._dirty:
+            return []
+        fixes = self._plan(self._dirty)
+        self._dirty = set()
+        if not fixes:
+            return []
+        changes = []
+        with self._doc.transaction(origin=RESOLVER_ORIGIN):
+            for fix in fixes:
+                for index in reversed(fix.stale):
+                    del fix.entry["statusWrites"][index]
+                if fix.new is not None and fix.new != fix.old:
+                    fix.entry["status"] = fix.new
+                    changes.append(StatusChange(fix.block_id, fix.entry["index_name"], fix.old, fix.new))
+        self._dirty = set()  # drop the marks made by our own transaction
+        for change in changes:
+            if self._on_change is not None:
+                self._on_change(change)
+        return changes
+
+    def close(self) -> None:
+        """Stop observing the document."""
+        self._blocks.unobserve(self._subscription)

@@ -1,0 +1,32 @@
+"""Pure multi-value-register semantics for index-entry statuses (mirrored in web_demo/src/model.js).
+
+A write record is a plain mapping ``{"id", "status", "seen", "ts"}`` where ``seen`` lists the ids
+of the frontier records its writer had seen. The frontier is every record whose id appears in no
+other record's ``seen``; the resolved status is the highest-priority status on the frontier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+STATUS_PRIORITY: Mapping[str, int] = {"notStarted": 0, "processing": 1, "done": 2, "error": 3}
+
+WriteRecord = Mapping[str, Any]
+
+
+def priority(status: str) -> int:
+    """Rank of a status; unknown statuses rank below every known one."""
+    return STATUS_PRIORITY.get(status, -1)
+
+
+def frontier(records: Sequence[WriteRecord]) -> list[WriteRecord]:
+    """Records not superseded by (listed in the ``seen`` of) any other record."""
+    seen = {write_id for record in records for write_id in record["seen"]}
+    return [record for record in records if record["id"] not in seen]
+
+
+def resolve_writes(records: Sequence[WriteRecord]) -> str | None:
+    """Highest-priority frontier status (ties: greatest string), or None without records."""
+    statuses = [record["status"] for record in frontier(records)]
+    return max(statuses, key=lambda status: (priority(status), status), default=None)

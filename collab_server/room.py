@@ -1,0 +1,253 @@
+"""One document in memory: load, apply under the sender's origin, commit before broadcast, awareness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+
+from pycrdt import Doc, TransactionEvent, merge_updates
+
+from collab_server import protocol as p
+from collab_server.broker import Broker, Kind
+from collab_server.connection import CloseCode, Connection
+from collab_server.storage import StorageError, Store
+
+log = logging.getLogger(__name__)
+
+AWARENESS_TIMEOUT = 30.0  # seconds without renewal after which a peer's presence is dropped
+
+
+class Room:
+    """A loaded document and its connections.
+
+    Every change to the document, whoever makes it, is captured by one observer, committed to the store and
+    only then published to the broker, which fans it out to every connection (the sender included, as the
+    reference server does). Nothing is applied or answered before `load` finishes.
+    """
+
+    def __init__(self, name: str, store: Store, broker: Broker, *,
+                 on_storage_failure: Callable[["Room"], None] | None = None) -> None:
+        self.name = name
+        self.store = store
+        self.broker = broker
+        self.doc = Doc()
+        self.connections: set[Connection] = set()
+        self.holders = 0  # connections and API calls currently using the room
+        self.failed = False
+        self.unload_handle: asyncio.TimerHandle | None = None
+        self.hooks: list[Callable[[Room], None]] = []  # run after every applied change (e.g. the resolver)
+        self._on_storage_failure = on_storage_failure
+        self._observed: list[bytes] = []
+        self._subscription = None
+        self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
+        self._hold: asyncio.Future[None] | None = None  # closed while a sync reply waits for commits
+        self._outbox: list[bytes] = []
+        self._awareness: dict[int, p.AwarenessEntry] = {}
+        self._awareness_clock: dict[int, int] = {}
+        self._awareness_seen: dict[int, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        updates = await self.store.load(self.name)
+        if updates:
+            self.doc.apply_update(updates[0] if len(updates) == 1 else merge_updates(*updates))
+        self._subscription = self.doc.observe(self._observe)
+        await self.broker.subscribe(self.name, self._on_broker)
+        self._sweeper = asyncio.get_running_loop().call_later(AWARENESS_TIMEOUT / 2, self._sweep_awareness)
+        log.info("room loaded name=%s updates=%d", self.name, len(updates))
+
+    def after_load(self) -> None:
+        """Run hooks once on the loaded document (they may write, e.g. to materialise resolved statuses)."""
+        self._run_hooks()
+        self._persist(None)
+
+    async def flush(self) -> None:
+        """Wait until everything applied so far is committed (errors are handled by the commit callback)."""
+        while self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.unload_handle is not None:
+            self.unload_handle.cancel()
+        if self._subscription is not None:
+            self.doc.unobserve(self._subscription)
+            self._subscription = None
+        await self.broker.unsubscribe(self.name)
+
+    # --- connections ---------------------------------------------------------------------------------
+
+    def join(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        conn.send(p.sync_step1(self.doc.get_state()))
+        if self._awareness:
+            conn.send(p.encode_awareness(list(self._awareness.values())))
+
+    def leave(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        gone = [self._bump(cid) for cid in conn.awareness_ids if cid in self._awareness]
+        conn.awareness_ids.clear()
+        if gone:
+            self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(gone))
+
+    async def handle(self, conn: Connection, data: bytes) -> None:
+        """Handle one frame from `conn`; raises ProtocolError on malformed input."""
+        msg = p.decode_message(data)
+        if isinstance(msg, p.SyncMessage):
+            if msg.kind == p.SyncType.STEP1:
+                conn.send(p.sync_step2(await self.encode_state(msg.payload)))
+            elif conn.readonly:
+                conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
+            else:
+                while self._hold is not None:
+                    await asyncio.shield(self._hold)
+                self.apply(msg.payload, origin=conn)
+        elif isinstance(msg, p.AwarenessMessage):
+            self.apply_awareness(msg.payload, conn)
+        elif isinstance(msg, p.QueryAwarenessMessage):
+            conn.send(p.encode_awareness(list(self._awareness.values())))
+        # AuthMessage from a client carries nothing for the server.
+
+    # --- document ------------------------------------------------------------------------------------
+
+    def apply(self, update: bytes, origin: object = None) -> None:
+        """Apply an update under `origin`, then persist (and later broadcast) what it changed."""
+        try:
+            with self.doc.transaction(origin=origin):
+                self.doc.apply_update(update)
+        except ValueError as exc:
+            self._observed.clear()
+            raise p.ProtocolError(f"invalid update: {exc}") from exc
+        self._run_hooks()
+        self._persist(origin if isinstance(origin, Connection) else None)
+
+    async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
+        """The update a peer with `state_vector` lacks, containing committed changes only."""
+        try:
+            while self._inflight is not None and not self._inflight.done():
+                if self._hold is None:
+                    self._hold = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self._inflight])
+            return self.doc.get_update(state_vector)
+        except ValueError as exc:
+            raise p.ProtocolError(f"invalid state vector: {exc}") from exc
+        finally:
+            if self._hold is not None:
+                self._hold.set_result(None)
+                self._hold = None
+
+    def _observe(self, event: TransactionEvent) -> None:
+        self._observed.append(event.update)
+
+    def _run_hooks(self) -> None:
+        for hook in self.hooks:
+            hook(self)
+
+    def _persist(self, sender: Connection | None) -> None:
+        if not self._observed:
+            return
+        updates, self._observed = self._observed, []
+        update = updates[0] if len(updates) == 1 else merge_updates(*updates)
+        fut = self.store.submit(self.name, update)
+        self._inflight = fut
+        fut.add_done_callback(partial(self._committed, update, sender))
+
+    def _committed(self, update: bytes, sender: Connection | None, fut: asyncio.Future[int]) -> None:
+        exc = fut.exception() if not fut.cancelled() else StorageError("write cancelled")
+        if exc is not None:
+            self._fail(exc, sender)
+            return
+        self.broker.publish(self.name, Kind.UPDATE, update)
+
+    def _fail(self, exc: BaseException, sender: Connection | None) -> None:
+        """A write failed: the in-memory document is ahead of storage, so drop it and every connection.
+
+        Clients reconnect, the room reloads what is durable, and their sync handshake re-sends the rest.
+        """
+        if sender is not None:
+            sender.close(CloseCode.INTERNAL_ERROR, "storage failure: update not saved")
+        if self.failed:
+            return
+        self.failed = True
+        log.error("room failed name=%s error=%s", self.name, exc)
+        for conn in list(self.connections):
+            conn.close(CloseCode.INTERNAL_ERROR, "storage failure")
+        if self._on_storage_failure is not None:
+            self._on_storage_failure(self)
+
+    # --- fan-out -------------------------------------------------------------------------------------
+
+    def _on_broker(self, kind: Kind, payload: bytes, local: bool) -> None:
+        if kind is Kind.UPDATE:
+            if not local:  # committed by another node: apply here without persisting again
+                with self.doc.transaction(origin="broker"):
+                    self.doc.apply_update(payload)
+                self._observed.clear()
+            if not self._outbox:
+                asyncio.get_running_loop().call_soon(self._flush_outbox)
+            self._outbox.append(payload)
+        else:
+            if not local:
+                self._merge_awareness(p.decode_awareness(payload), None)
+            self._fan_out(p.awareness_message(payload))
+
+    def _flush_outbox(self) -> None:
+        updates, self._outbox = self._outbox, []
+        if updates:
+            self._fan_out(p.sync_update(updates[0] if len(updates) == 1 else merge_updates(*updates)))
+
+    def _fan_out(self, message: bytes) -> None:
+        for conn in self.connections:
+            conn.send(message)
+
+    # --- awareness -----------------------------------------------------------------------------------
+
+    def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
+        accepted = self._merge_awareness(p.decode_awareness(payload), conn)
+        if accepted:
+            self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(accepted))
+
+    def _merge_awareness(self, entries: list[p.AwarenessEntry], conn: Connection | None) -> list[p.AwarenessEntry]:
+        """Keep entries with a newer clock (or a removal at the same clock), as y-protocols does."""
+        accepted = []
+        now = time.monotonic()
+        for entry in entries:
+            cid = entry.client_id
+            clock = self._awareness_clock.get(cid, -1)
+            if entry.clock > clock or (entry.clock == clock and entry.removed and cid in self._awareness):
+                self._awareness_clock[cid] = entry.clock
+                if entry.removed:
+                    self._awareness.pop(cid, None)
+                    self._awareness_seen.pop(cid, None)
+                    if conn is not None:
+                        conn.awareness_ids.discard(cid)
+                else:
+                    self._awareness[cid] = entry
+                    self._awareness_seen[cid] = now
+                    if conn is not None:
+                        conn.awareness_ids.add(cid)
+                accepted.append(entry)
+        return accepted
+
+    def _bump(self, client_id: int) -> p.AwarenessEntry:
+        """Remove a peer's presence locally and return the removal entry to broadcast."""
+        clock = self._awareness_clock.get(client_id, 0) + 1
+        self._awareness_clock[client_id] = clock
+        self._awareness.pop(client_id, None)
+        self._awareness_seen.pop(client_id, None)
+        return p.AwarenessEntry(client_id, clock, "null")
+
+    def _sweep_awareness(self) -> None:
+        deadline = time.monotonic() - AWARENESS_TIMEOUT
+        stale = [self._bump(cid) for cid, seen in list(self._awareness_seen.items()) if seen < deadline]
+        if stale:
+            for conn in self.connections:
+                conn.awareness_ids.difference_update(e.client_id for e in stale)
+            self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(stale))
+        self._sweeper = asyncio.get_running_loop().call_later(AWARENESS_TIMEOUT / 2, self._sweep_awareness)

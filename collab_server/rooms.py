@@ -1,0 +1,98 @@
+"""The room registry: lazy load under a per-name lock, idle eviction after a grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from collab_server.broker import Broker
+from collab_server.connection import CloseCode
+from collab_server.room import Room
+from collab_server.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class RoomFull(Exception):
+    """The room has reached its connection limit."""
+
+
+class Rooms:
+    def __init__(self, store: Store, broker: Broker, *, idle_unload_seconds: float = 30.0,
+                 max_connections_per_room: int = 1000,
+                 on_load: Callable[[Room], None] | None = None) -> None:
+        self.store = store
+        self.broker = broker
+        self.idle_unload_seconds = idle_unload_seconds
+        self.max_connections_per_room = max_connections_per_room
+        self.on_load = on_load  # installs per-room hooks (resolver, metrics) before the first hook run
+        self.loaded: dict[str, Room] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._unloads: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, name: str, *, connection: bool = False) -> Room:
+        """The loaded room `name`, loading it first if needed; pair every call with `release`."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            room = self.loaded.get(name)
+            if room is None:
+                room = Room(name, self.store, self.broker, on_storage_failure=self._evict)
+                await room.load()
+                if self.on_load is not None:
+                    self.on_load(room)
+                room.after_load()
+                self.loaded[name] = room
+            if connection and len(room.connections) >= self.max_connections_per_room:
+                raise RoomFull(name)
+            if room.unload_handle is not None:
+                room.unload_handle.cancel()
+                room.unload_handle = None
+            room.holders += 1
+            return room
+
+    def release(self, room: Room) -> None:
+        room.holders -= 1
+        if room.holders == 0 and not room.failed and self.loaded.get(room.name) is room:
+            room.unload_handle = asyncio.get_running_loop().call_later(
+                self.idle_unload_seconds, self._start_unload, room)
+
+    def _start_unload(self, room: Room) -> None:
+        task = asyncio.create_task(self._unload(room), name=f"unload:{room.name}")
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _unload(self, room: Room) -> None:
+        lock = self._locks.setdefault(room.name, asyncio.Lock())
+        async with lock:
+            if room.holders or self.loaded.get(room.name) is not room:
+                return
+            await room.flush()
+            await room.close()
+            del self.loaded[room.name]
+            log.info("room unloaded name=%s", room.name)
+        if not lock.locked() and self._locks.get(room.name) is lock and room.name not in self.loaded:
+            del self._locks[room.name]
+
+    def _evict(self, room: Room) -> None:
+        """Drop a failed room without flushing; the next connection reloads what is durable."""
+        if self.loaded.get(room.name) is room:
+            del self.loaded[room.name]
+        self._start_close(room)
+
+    def _start_close(self, room: Room) -> None:
+        task = asyncio.create_task(room.close(), name=f"close:{room.name}")
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def close(self) -> None:
+        """Graceful shutdown: tell clients we are going away, commit everything, unload every room."""
+        for room in list(self.loaded.values()):
+            for conn in list(room.connections):
+                conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        for room in list(self.loaded.values()):
+            await room.flush()
+            await room.close()
+        self.loaded.clear()
+        if self._unloads:
+            await asyncio.gather(*self._unloads, return_exceptions=True)

@@ -1,0 +1,99 @@
+"""One websocket session: admit, join the room, read frames until the peer or the server ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from starlette.websockets import WebSocket
+
+from collab_server.config import Settings
+from collab_server.connection import CloseCode, Connection
+from collab_server.protocol import ProtocolError
+from collab_server.rooms import RoomFull, Rooms
+from collab_server.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+MAX_ROOM_NAME = 512
+
+
+def room_name(websocket: WebSocket) -> str | None:
+    """The room is the percent-decoded URL path without its leading slash (query string excluded)."""
+    name = websocket.path_params.get("room", "")
+    if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
+        return None
+    return name
+
+
+class RateLimiter:
+    """Token bucket over incoming messages; rate 0 disables it."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings) -> None:
+    name = room_name(websocket)
+    if name is None:
+        await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
+        return
+    await websocket.accept()
+    conn = Connection(websocket, send_queue_limit=settings.send_queue_limit,
+                      keepalive_interval=settings.keepalive_interval)
+    sender = asyncio.create_task(conn.run_sender(), name=f"sender:{conn.id}")
+    try:
+        room = await rooms.acquire(name, connection=True)
+    except RoomFull:
+        conn.close(CloseCode.POLICY_VIOLATION, "room is full")
+    except StorageError as exc:
+        log.error("room load failed name=%s error=%s", name, exc)
+        conn.close(CloseCode.INTERNAL_ERROR, "storage failure while loading the document")
+    else:
+        try:
+            room.join(conn)
+            await _read_frames(websocket, conn, room, settings)
+        finally:
+            room.leave(conn)
+            rooms.release(room)
+    conn.close(CloseCode.NORMAL, "")
+    await sender
+
+
+async def _read_frames(websocket: WebSocket, conn: Connection, room, settings: Settings) -> None:
+    limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    while not conn.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            conn.close(CloseCode.GOING_AWAY, "peer gone")
+            return
+        data = message.get("bytes")
+        if data is None:
+            conn.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary y-websocket messages")
+            return
+        if len(data) > settings.max_message_size:
+            conn.close(CloseCode.TOO_BIG, f"message of {len(data)} bytes exceeds {settings.max_message_size}")
+            return
+        if not limiter.allow():
+            conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return
+        try:
+            await room.handle(conn, data)
+        except ProtocolError as exc:
+            log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)
+            conn.close(CloseCode.INVALID_PAYLOAD, f"malformed message: {exc}")
+            return

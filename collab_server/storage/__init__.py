@@ -1,0 +1,21 @@
+"""Durable storage: the Store interface and its implementations, chosen by config."""
+
+from __future__ import annotations
+
+from collab_server.config import Settings
+from collab_server.storage.base import DocInfo, LogEntry, StorageError, Store
+
+__all__ = ["DocInfo", "LogEntry", "StorageError", "Store", "create_store"]
+
+
+def create_store(settings: Settings) -> Store:
+    if settings.store == "sqlite":
+        from collab_server.storage.sqlite import SQLiteStore
+
+        return SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous,
+                           compact_threshold=settings.compact_threshold)
+    if settings.store == "postgres":
+        from collab_server.storage.postgres import PostgresStore
+
+        return PostgresStore(settings.postgres_dsn, compact_threshold=settings.compact_threshold)
+    raise ValueError(f"unknown store {settings.store!r} (expected 'sqlite' or 'postgres')")

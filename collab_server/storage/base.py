@@ -1,0 +1,56 @@
+"""The Store interface: what a room needs from durable storage, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StorageError(RuntimeError):
+    """A write or read against the store failed; the caller must not treat the data as durable."""
+
+
+@dataclass(frozen=True, slots=True)
+class DocInfo:
+    name: str
+    updated: float  # unix seconds of the last write
+    log_entries: int  # updates not yet folded into the checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    seq: int
+    time: float  # unix seconds
+    size: int  # bytes
+
+
+class Store(Protocol):
+    """Append-only update log per document, compacted into a checkpoint.
+
+    `submit` enqueues an update for the next group commit and returns a future that resolves (to the
+    update's log sequence number) once the update is durable, or fails with StorageError.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None:
+        """Commit everything submitted so far, then release resources."""
+
+    def submit(self, doc: str, update: bytes) -> asyncio.Future[int]: ...
+
+    async def load(self, doc: str) -> list[bytes]:
+        """The checkpoint (if any) followed by the log, in commit order."""
+
+    async def compact(self, doc: str) -> None:
+        """Fold the log into the checkpoint atomically."""
+
+    async def list_docs(self) -> list[DocInfo]: ...
+
+    async def history(self, doc: str) -> list[LogEntry]: ...
+
+    async def load_until(self, doc: str, seq: int) -> list[bytes]:
+        """The updates needed to rebuild `doc` as it was after log entry `seq`."""
+
+    async def ping(self) -> None:
+        """Raise StorageError when the store is unreachable."""
