@@ -14,19 +14,21 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from collab_server.broker import create_broker
+from collab_server.broker import Broker, create_broker
 from collab_server.config import Settings
 from collab_server.session import serve_websocket
 from collab_server.rooms import Rooms
-from collab_server.storage import StorageError, create_store
+from collab_server.storage import StorageError, Store, create_store
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, store: Store | None = None,
+               broker: Broker | None = None) -> Starlette:
+    """Build the app; `store` and `broker` default to the implementations the settings name."""
     settings = settings or Settings()
-    store = create_store(settings)
-    broker = create_broker(settings)
+    store = store or create_store(settings)
+    broker = broker or create_broker(settings)
     rooms = Rooms(store, broker, idle_unload_seconds=settings.idle_unload_seconds,
                   max_connections_per_room=settings.max_connections_per_room)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
 
 def free_port() -> int:
@@ -61,12 +62,14 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 20.0) -> int:
-        """Graceful stop (SIGTERM); returns the exit code."""
+    def stop(self, timeout: float = 20.0) -> None:
+        """Graceful stop (SIGTERM); raises unless the server shut down cleanly after flushing."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        if code not in GRACEFUL or "everything committed" not in self.log().split("Started server process")[-1]:
+            raise RuntimeError(f"unclean shutdown (exit {code}):\n{self.log()[-3000:]}")
 
     def kill(self) -> None:
         """SIGKILL: no chance to flush anything."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, Subscription
 
 from collab_server.model.blocks import blocks_map, entries
 from collab_server.model.status import frontier, resolve_writes
@@ -51,7 +51,7 @@ class StatusResolver:
         self._on_change = on_change
         self._compact = compact
         self._dirty: set[str] = set(self._blocks.keys())
-        self._subscription = self._blocks.observe_deep(self._mark_dirty)
+        self._subscription: Subscription | None = self._blocks.observe_deep(self._mark_dirty)
 
     def _mark_dirty(self, events: list) -> None:
         for event in events:
@@ -100,5 +100,7 @@ class StatusResolver:
         return changes
 
     def close(self) -> None:
-        """Stop observing the document."""
-        self._blocks.unobserve(self._subscription)
+        """Stop observing the document (idempotent)."""
+        if self._subscription is not None:
+            self._blocks.unobserve(self._subscription)
+            self._subscription = None

@@ -1,0 +1,87 @@
+"""A bare y-websocket peer for server tests: raw frames in, decoded messages out, a pycrdt Doc kept in sync."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from pycrdt import Doc
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from collab_server import protocol as p
+
+
+class RawPeer:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.doc = Doc()
+        self.messages: list[p.Message] = []
+        self.awareness: dict[int, str] = {}
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs) -> "RawPeer":
+        return cls(await connect(url, max_size=None, **kwargs))
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                msg = p.decode_message(frame)
+                if isinstance(msg, p.SyncMessage) and msg.kind != p.SyncType.STEP1:
+                    self.doc.apply_update(msg.payload)
+                elif isinstance(msg, p.AwarenessMessage):
+                    for entry in p.decode_awareness(msg.payload):
+                        if entry.removed:
+                            self.awareness.pop(entry.client_id, None)
+                        else:
+                            self.awareness[entry.client_id] = entry.state
+                async with self._changed:
+                    self.messages.append(msg)
+                    self._changed.notify_all()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def waiter() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate() or self.closed.is_set())
+        await asyncio.wait_for(waiter(), timeout)
+        assert predicate(), "connection closed before the condition held"
+
+    async def send(self, frame: bytes | str) -> None:
+        await self.ws.send(frame)
+
+    async def sync(self, timeout: float = 10.0) -> None:
+        """Send SyncStep1 and wait for the server's SyncStep2 answer."""
+        seen = sum(1 for m in self.messages if isinstance(m, p.SyncMessage) and m.kind == p.SyncType.STEP2)
+        await self.send(p.sync_step1(self.doc.get_state()))
+        await self.wait_for(lambda: sum(
+            1 for m in self.messages if isinstance(m, p.SyncMessage) and m.kind == p.SyncType.STEP2) > seen, timeout)
+
+    async def wait_closed(self, timeout: float = 10.0) -> tuple[int | None, str]:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.ws.close_code, self.ws.close_reason or ""
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+def text_updates(count: int, name: str = "t") -> tuple[Doc, list[bytes]]:
+    """A doc with `count` one-character inserts into Text `name`, and the update of each insert."""
+    from pycrdt import Text
+
+    doc = Doc()
+    text = doc.get(name, type=Text)
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    for i in range(count):
+        text += chr(ord("a") + i % 26)
+    return doc, updates

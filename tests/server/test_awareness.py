@@ -1,0 +1,55 @@
+"""Awareness: joiners get existing states, a closed connection's presence is removed, no phantom peer."""
+
+import json
+
+from collab_server import protocol as p
+from tests.rawclient import RawPeer
+
+
+def presence(client_id: int, clock: int, state: dict | None) -> bytes:
+    return p.encode_awareness([p.AwarenessEntry(client_id, clock, json.dumps(state))])
+
+
+async def test_joiner_receives_existing_states(server) -> None:
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    await alice.send(presence(111, 1, {"user": "alice"}))
+    await alice.wait_for(lambda: 111 in alice.awareness)  # echoed back, as the reference server does
+    bob = await RawPeer.connect(f"{server.ws_url}/room")
+    await bob.wait_for(lambda: bob.awareness.get(111) == json.dumps({"user": "alice"}))
+
+
+async def test_presence_removed_when_connection_drops(server) -> None:
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    bob = await RawPeer.connect(f"{server.ws_url}/room")
+    await alice.send(presence(111, 3, {"user": "alice"}))
+    await bob.wait_for(lambda: 111 in bob.awareness)
+    alice.ws.transport.abort()  # no close handshake, no removal message from the client
+    await bob.wait_for(lambda: 111 not in bob.awareness)
+    removal = [e for m in bob.messages if isinstance(m, p.AwarenessMessage)
+               for e in p.decode_awareness(m.payload) if e.client_id == 111 and e.removed]
+    assert removal and removal[-1].clock == 4  # the clock moves past the last state, so clients accept it
+    carol = await RawPeer.connect(f"{server.ws_url}/room")
+    await carol.sync()
+    assert 111 not in carol.awareness
+
+
+async def test_older_clock_is_ignored_and_query_awareness_is_answered(server) -> None:
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    await alice.send(presence(7, 5, {"v": "new"}))
+    await alice.send(presence(7, 4, {"v": "old"}))
+    await alice.send(p.query_awareness())
+    answers = lambda: [m for m in alice.messages if isinstance(m, p.AwarenessMessage)
+                       and any(e.client_id == 7 for e in p.decode_awareness(m.payload))]
+    await alice.wait_for(lambda: len(answers()) >= 2)
+    assert alice.awareness[7] == json.dumps({"v": "new"})
+    assert all(e.state != json.dumps({"v": "old"}) for m in answers() for e in p.decode_awareness(m.payload))
+
+
+async def test_no_phantom_server_peer(server_factory) -> None:
+    """Defect 6: the server never invents awareness states; its keepalives carry no entries."""
+    server = server_factory("--keepalive-interval", "0.2")
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    keepalives = lambda: [m for m in peer.messages if isinstance(m, p.AwarenessMessage)]
+    await peer.wait_for(lambda: len(keepalives()) >= 3)
+    assert all(p.decode_awareness(m.payload) == [] for m in keepalives())
+    assert peer.awareness == {}

@@ -1,0 +1,99 @@
+"""Bad input closes only the offending connection, with a clear code; nothing accepted is lost."""
+
+import asyncio
+
+import httpx
+import pytest
+from pycrdt import Text
+
+from collab_server import protocol as p
+from tests.rawclient import RawPeer, text_updates
+
+BAD_FRAMES = {
+    "truncated varint": (b"\x00\x02\x85", 1007),
+    "unknown message type": (b"\x09\x00", 1007),
+    "unknown sync type": (b"\x00\x07\x00", 1007),
+    "truncated byte array": (b"\x00\x02\x10abc", 1007),
+    "invalid update": (p.sync_update(b"garbage-data-here"), 1007),
+    "invalid state vector": (p.sync_step1(b"\xff\xff"), 1007),
+    "bad awareness json": (p.encode_awareness([p.AwarenessEntry(5, 1, "{oops")]), 1007),
+    "empty frame": (b"", 1007),
+}
+
+
+async def _accepted_text(server, room: str, count: int) -> tuple[RawPeer, str]:
+    peer = await RawPeer.connect(f"{server.ws_url}/{room}")
+    doc, updates = text_updates(count)
+    for update in updates:
+        await peer.send(p.sync_update(update))
+    expected = str(doc.get("t", type=Text))
+    await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == expected)
+    return peer, expected
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+async def test_bad_frame_closes_only_that_connection(server, case: str) -> None:
+    frame, code = BAD_FRAMES[case]
+    good, expected = await _accepted_text(server, "room", 20)
+    other_room, _ = await _accepted_text(server, "other", 5)
+    bad = await RawPeer.connect(f"{server.ws_url}/room")
+    await bad.send(frame)
+    got_code, reason = await bad.wait_closed()
+    assert got_code == code, reason
+    assert reason  # a clear reason for the person debugging the client
+    # the room, the other room and the process are unaffected
+    _, more = text_updates(1, name="u")
+    await good.send(p.sync_update(more[0]))
+    await good.wait_for(lambda: str(good.doc.get("u", type=Text)) == "a")
+    assert not good.closed.is_set() and not other_room.closed.is_set()
+    fresh = await RawPeer.connect(f"{server.ws_url}/room")
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == expected
+    assert f"error=" in server.log() or "bad input" in server.log()
+
+
+async def test_text_frame_closes_with_1003(server) -> None:
+    good, expected = await _accepted_text(server, "room", 10)
+    bad = await RawPeer.connect(f"{server.ws_url}/room")
+    await bad.send("hello")
+    code, reason = await bad.wait_closed()
+    assert code == 1003 and "text frames" in reason
+    fresh = await RawPeer.connect(f"{server.ws_url}/room")
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == expected
+    assert server.alive()
+
+
+async def test_oversized_message_closes_with_1009(server_factory) -> None:
+    server = server_factory("--max-message-size", "1000")
+    good, expected = await _accepted_text(server, "room", 10)
+    bad = await RawPeer.connect(f"{server.ws_url}/room")
+    await bad.send(p.sync_update(b"\x00" * 5000))
+    code, _ = await bad.wait_closed()
+    assert code == 1009
+    await good.sync()
+    assert str(good.doc.get("t", type=Text)) == expected
+    assert httpx.get(f"{server.http_url}/health").status_code == 200
+
+
+async def test_many_bad_clients_at_once_leave_the_server_healthy(server) -> None:
+    good, expected = await _accepted_text(server, "room", 30)
+    bads = [await RawPeer.connect(f"{server.ws_url}/room") for _ in range(20)]
+    frames = [f for f, _ in BAD_FRAMES.values()]
+    await asyncio.gather(*(b.send(frames[i % len(frames)]) for i, b in enumerate(bads)))
+    codes = await asyncio.gather(*(b.wait_closed() for b in bads))
+    assert all(code == 1007 for code, _ in codes)
+    await good.sync()
+    assert str(good.doc.get("t", type=Text)) == expected and not good.closed.is_set()
+
+
+async def test_websocket_to_bare_root_is_refused_with_403_not_500(server) -> None:
+    """Defect 7: refusing a connection must not make uvicorn answer 500."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"{server.ws_url}/"):
+            pass
+    assert info.value.response.status_code == 403
+    assert server.alive()

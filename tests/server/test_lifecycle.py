@@ -1,0 +1,136 @@
+"""Room lifecycle: nothing served before load, idle unload, keepalive drops silent peers, room names."""
+
+import asyncio
+import base64
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import uvicorn
+from pycrdt import Text
+
+from collab_server import protocol as p
+from collab_server.app import create_app
+from collab_server.config import Settings
+from collab_server.storage.sqlite import SQLiteStore
+from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import free_port
+
+
+class GatedStore(SQLiteStore):
+    """A real SQLite store whose loads wait until the test opens the gate."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+        self.loading = asyncio.Event()
+
+    async def load(self, doc: str) -> list[bytes]:
+        self.loading.set()
+        await self.gate.wait()
+        return await super().load(doc)
+
+
+async def test_no_client_is_served_before_the_room_loads(tmp_path: Path) -> None:
+    """Defect 8: edits sent while the room loads are applied after the load and stored."""
+    store = GatedStore(str(tmp_path / "g.db"))
+    port = free_port()
+    app = create_app(Settings(db=store.path, port=port), store=store)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        peer = await RawPeer.connect(f"ws://127.0.0.1:{port}/room")
+        doc, updates = text_updates(10)
+        for update in updates:
+            await peer.send(p.sync_update(update))
+        await peer.send(p.sync_step1(b"\x00"))
+        await asyncio.wait_for(store.loading.wait(), 5)
+        assert await store.history("room") == []  # nothing applied or stored while loading
+        assert peer.messages == []  # nothing answered while loading
+        store.gate.set()
+        await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == str(doc.get("t", type=Text)))
+        assert isinstance(peer.messages[0], p.SyncMessage) and peer.messages[0].kind == p.SyncType.STEP1
+        assert len(await store.history("room")) >= 1
+        await peer.close()
+    finally:
+        server.should_exit = True
+        await serving
+    reopened = SQLiteStore(store.path)
+    await reopened.open()
+    assert _text(await reopened.load("room")) == str(doc.get("t", type=Text))
+    await reopened.close()
+
+
+def _text(updates: list[bytes]) -> str:
+    from pycrdt import Doc
+
+    d = Doc()
+    for u in updates:
+        d.apply_update(u)
+    return str(d.get("t", type=Text))
+
+
+async def _rooms_loaded(server) -> int:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"{server.http_url}/ready")).json()["rooms_loaded"]
+
+
+async def test_idle_room_is_flushed_and_unloaded(server_factory) -> None:
+    server = server_factory("--idle-unload-seconds", "0.3")
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    doc, updates = text_updates(50)
+    for update in updates:
+        await peer.send(p.sync_update(update))
+    await peer.close()
+    assert await _rooms_loaded(server) == 1
+    for _ in range(100):
+        if await _rooms_loaded(server) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await _rooms_loaded(server) == 0
+    again = await RawPeer.connect(f"{server.ws_url}/room")
+    await again.sync()
+    assert str(again.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
+
+
+async def test_room_stays_loaded_while_connected(server_factory) -> None:
+    server = server_factory("--idle-unload-seconds", "0.1", "--keepalive-interval", "0.1")
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    await peer.wait_for(lambda: sum(isinstance(m, p.AwarenessMessage) for m in peer.messages) >= 5)
+    assert await _rooms_loaded(server) == 1
+
+
+async def test_peer_that_stops_answering_pings_is_dropped(server_factory) -> None:
+    server = server_factory("--ping-interval", "0.3", "--ping-timeout", "0.3")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /room HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.settimeout(10)
+
+    def read_until_eof() -> bytes:  # never answers a ping
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+    data = await asyncio.to_thread(read_until_eof)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 101")
+    assert b"\x89" in data  # it was pinged before being dropped
+    assert not watcher.closed.is_set()
+
+
+async def test_room_name_is_the_decoded_path_without_query(server) -> None:
+    a = await RawPeer.connect(f"{server.ws_url}/team%2Fnotes?token=abc")
+    doc, updates = text_updates(3)
+    await a.send(p.sync_update(updates[0]))
+    b = await RawPeer.connect(f"{server.ws_url}/team/notes")
+    await b.wait_for(lambda: str(b.doc.get("t", type=Text)) == "a")
+    c = await RawPeer.connect(f"{server.ws_url}/team/other")
+    await c.sync()
+    assert str(c.doc.get("t", type=Text)) == ""

@@ -1,0 +1,81 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collab_server import protocol as p
+
+
+@given(st.integers(min_value=0, max_value=2**63))
+def test_varuint_roundtrip(value: int) -> None:
+    reader = p.Reader(p.write_varuint(value))
+    assert reader.varuint() == value
+    assert reader.at_end()
+
+
+def test_varuint_matches_lib0_encoding() -> None:
+    assert p.write_varuint(0) == b"\x00"
+    assert p.write_varuint(127) == b"\x7f"
+    assert p.write_varuint(128) == b"\x80\x01"
+    assert p.write_varuint(300) == b"\xac\x02"
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        (b"", "truncated varint"),
+        (b"\x80", "truncated varint"),
+        (b"\xff" * 11, "varint too long"),
+        (b"\x07", "unknown message type 7"),
+        (b"\x00\x05\x00", "unknown sync message type 5"),
+        (b"\x00\x02\x05ab", "truncated byte array"),
+        (b"\x00\x02\x01a\x00", "trailing bytes"),
+        (b"\x02\x00\x02\xff\xfe", "invalid utf-8"),
+    ],
+)
+def test_malformed_frames_raise_protocol_error(frame: bytes, error: str) -> None:
+    with pytest.raises(p.ProtocolError, match=error):
+        p.decode_message(frame)
+
+
+def test_messages_roundtrip() -> None:
+    assert p.decode_message(p.sync_step1(b"\x00")) == p.SyncMessage(p.SyncType.STEP1, b"\x00")
+    assert p.decode_message(p.sync_step2(b"ab")) == p.SyncMessage(p.SyncType.STEP2, b"ab")
+    assert p.decode_message(p.sync_update(b"xyz")) == p.SyncMessage(p.SyncType.UPDATE, b"xyz")
+    assert p.decode_message(p.auth_denied("no")) == p.AuthMessage(True, "no")
+    assert p.decode_message(p.query_awareness()) == p.QueryAwarenessMessage()
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**53), st.integers(0, 2**32),
+                          st.one_of(st.none(), st.dictionaries(st.text(), st.text())))))
+def test_awareness_roundtrip(raw) -> None:
+    import json
+
+    entries = [p.AwarenessEntry(cid, clock, json.dumps(state)) for cid, clock, state in raw]
+    msg = p.decode_message(p.encode_awareness(entries))
+    assert isinstance(msg, p.AwarenessMessage)
+    assert p.decode_awareness(msg.payload) == entries
+
+
+def test_awareness_state_must_be_json() -> None:
+    bad = p.encode_awareness_update([p.AwarenessEntry(1, 1, "{not json")])
+    with pytest.raises(p.ProtocolError, match="not JSON"):
+        p.decode_awareness(bad)
+
+
+def test_keepalive_is_an_empty_awareness_update() -> None:
+    msg = p.decode_message(p.KEEPALIVE)
+    assert isinstance(msg, p.AwarenessMessage)
+    assert p.decode_awareness(msg.payload) == []
+
+
+@given(st.binary(max_size=64))
+def test_decoder_only_raises_protocol_error(frame: bytes) -> None:
+    try:
+        msg = p.decode_message(frame)
+    except p.ProtocolError:
+        return
+    if isinstance(msg, p.AwarenessMessage):
+        try:
+            p.decode_awareness(msg.payload)
+        except p.ProtocolError:
+            pass
