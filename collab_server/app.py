@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket
 
 from collab_server.broker import Broker, create_broker
 from collab_server.config import Settings
+from collab_server.metrics import Metrics
 from collab_server.session import serve_websocket
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
@@ -27,9 +28,13 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                broker: Broker | None = None) -> Starlette:
     """Build the app; `store` and `broker` default to the implementations the settings name."""
     settings = settings or Settings()
+    if settings.auth_required and not settings.auth_secret:
+        raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
     store = store or create_store(settings)
     broker = broker or create_broker(settings)
-    rooms = Rooms(store, broker, idle_unload_seconds=settings.idle_unload_seconds,
+    metrics = Metrics()
+    store.on_commit = metrics.observe_commit
+    rooms = Rooms(store, broker, metrics, idle_unload_seconds=settings.idle_unload_seconds,
                   max_connections_per_room=settings.max_connections_per_room)
 
     @contextlib.asynccontextmanager
@@ -58,8 +63,12 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "rooms_loaded": len(rooms.loaded)})
 
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     routes: list = [
         Route("/health", health),
+        Route("/metrics", prometheus),
         Route("/ready", ready),
         WebSocketRoute("/{room:path}", websocket_endpoint),
     ]

@@ -1,8 +1,9 @@
-"""Command line: `collab-server serve` (and later token, compact, export)."""
+"""Command line: `collab-server serve` and `collab-server token`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -10,6 +11,7 @@ import uvicorn
 
 from collab_server import logs
 from collab_server.app import create_app
+from collab_server.auth import issue_token
 from collab_server.config import Settings
 
 
@@ -33,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the websocket + HTTP server")
     serve.add_argument("--config", help="TOML file with settings (keys as in --help, underscores)")
     _add_setting_flags(serve)
+    token = sub.add_parser("token", help="issue a signed access token")
+    token.add_argument("--secret", default=os.environ.get("COLLAB_AUTH_SECRET"),
+                       help="signing secret (default: env COLLAB_AUTH_SECRET)")
+    scope = token.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--doc", help="grant exactly this document")
+    scope.add_argument("--prefix", help="grant every document whose name starts with this")
+    token.add_argument("--access", choices=("rw", "ro"), default="rw")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry (default 3600)")
     return parser
 
 
@@ -60,6 +70,13 @@ def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        try:
+            print(issue_token(args.secret or "", doc=args.doc, prefix=args.prefix, access=args.access, ttl=args.ttl))
+        except ValueError as exc:
+            print(f"collab-server: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         settings = settings_from_args(args)
     except (ValueError, OSError) as exc:

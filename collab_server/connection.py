@@ -10,6 +10,7 @@ from enum import IntEnum
 
 from starlette.websockets import WebSocket
 
+from collab_server.metrics import Metrics
 from collab_server.protocol import KEEPALIVE
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ class CloseCode(IntEnum):
 class Connection:
     """Messages queued with `send` are written in order by `run_sender`; `close` ends the connection."""
 
-    def __init__(self, websocket: WebSocket, *, readonly: bool = False, send_queue_limit: int = 4096,
-                 keepalive_interval: float = 10.0) -> None:
+    def __init__(self, websocket: WebSocket, metrics: Metrics, *, readonly: bool = False,
+                 send_queue_limit: int = 4096, keepalive_interval: float = 10.0) -> None:
         self.id = next(_ids)
+        self.metrics = metrics
         self.websocket = websocket
         self.readonly = readonly
         self.awareness_ids: set[int] = set()
@@ -51,6 +53,7 @@ class Connection:
         if self.closed:
             return
         if len(self._queue) >= self.send_queue_limit:
+            self.metrics.errors.labels("slow_client").inc()
             self.close(CloseCode.TRY_AGAIN_LATER, "send queue overflow: client too slow")
             return
         self._queue.append(message)
@@ -77,8 +80,12 @@ class Connection:
                     except TimeoutError:
                         self._queue.append(KEEPALIVE)
                     self._wake.clear()
+                sent = 0
                 while self._queue:
-                    await ws.send_bytes(self._queue.popleft())
+                    message = self._queue.popleft()
+                    await ws.send_bytes(message)
+                    sent += len(message)
+                self.metrics.bytes_sent.inc(sent)
                 if self.closed:
                     await ws.close(self.close_code or CloseCode.NORMAL, self.close_reason[:120])
                     return

@@ -13,6 +13,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
+from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,10 @@ class Room:
     reference server does). Nothing is applied or answered before `load` finishes.
     """
 
-    def __init__(self, name: str, store: Store, broker: Broker, *,
+    def __init__(self, name: str, store: Store, broker: Broker, metrics: Metrics, *,
                  on_storage_failure: Callable[["Room"], None] | None = None) -> None:
         self.name = name
+        self.metrics = metrics
         self.store = store
         self.broker = broker
         self.doc = Doc()
@@ -163,6 +165,7 @@ class Room:
         if exc is not None:
             self._fail(exc, sender)
             return
+        self.metrics.updates_applied.inc()
         self.broker.publish(self.name, Kind.UPDATE, update)
 
     def _fail(self, exc: BaseException, sender: Connection | None) -> None:
@@ -175,6 +178,7 @@ class Room:
         if self.failed:
             return
         self.failed = True
+        self.metrics.errors.labels("storage").inc()
         log.error("room failed name=%s error=%s", self.name, exc)
         for conn in list(self.connections):
             conn.close(CloseCode.INTERNAL_ERROR, "storage failure")
@@ -201,6 +205,7 @@ class Room:
         updates, self._outbox = self._outbox, []
         if updates:
             self._fan_out(p.sync_update(updates[0] if len(updates) == 1 else merge_updates(*updates)))
+            self.metrics.updates_broadcast.inc(len(self.connections))
 
     def _fan_out(self, message: bytes) -> None:
         for conn in self.connections:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from collab_server.broker import Broker
 from collab_server.connection import CloseCode
+from collab_server.metrics import Metrics
 from collab_server.room import Room
 from collab_server.storage import Store
 
@@ -19,11 +20,13 @@ class RoomFull(Exception):
 
 
 class Rooms:
-    def __init__(self, store: Store, broker: Broker, *, idle_unload_seconds: float = 30.0,
+    def __init__(self, store: Store, broker: Broker, metrics: Metrics, *, idle_unload_seconds: float = 30.0,
                  max_connections_per_room: int = 1000,
                  on_load: Callable[[Room], None] | None = None) -> None:
         self.store = store
         self.broker = broker
+        self.metrics = metrics
+        metrics.rooms_loaded.set_function(lambda: len(self.loaded))
         self.idle_unload_seconds = idle_unload_seconds
         self.max_connections_per_room = max_connections_per_room
         self.on_load = on_load  # installs per-room hooks (resolver, metrics) before the first hook run
@@ -37,7 +40,7 @@ class Rooms:
         async with lock:
             room = self.loaded.get(name)
             if room is None:
-                room = Room(name, self.store, self.broker, on_storage_failure=self._evict)
+                room = Room(name, self.store, self.broker, self.metrics, on_storage_failure=self._evict)
                 await room.load()
                 if self.on_load is not None:
                     self.on_load(room)

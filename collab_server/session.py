@@ -8,9 +8,11 @@ import time
 
 from starlette.websockets import WebSocket
 
+from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, authorize, token_from
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.protocol import ProtocolError
+from collab_server.room import Room
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 
@@ -50,15 +52,28 @@ class RateLimiter:
 async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings) -> None:
     name = room_name(websocket)
     if name is None:
+        log.info("refused websocket: bad room name path=%r", websocket.url.path)
         await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
         return
-    await websocket.accept()
-    conn = Connection(websocket, send_queue_limit=settings.send_queue_limit,
+    subprotocols = websocket.scope.get("subprotocols", [])
+    token = token_from(dict(websocket.query_params), subprotocols, websocket.headers.get("authorization"))
+    try:
+        grant = authorize(settings.auth_secret, settings.auth_required, name, token)
+    except AuthError as exc:
+        rooms.metrics.errors.labels("auth").inc()
+        log.info("refused websocket room=%s reason=%s", name, exc)
+        await websocket.close(CloseCode.POLICY_VIOLATION)
+        return
+    chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
+    await websocket.accept(subprotocol=chosen)
+    conn = Connection(websocket, rooms.metrics, readonly=grant.readonly, send_queue_limit=settings.send_queue_limit,
                       keepalive_interval=settings.keepalive_interval)
     sender = asyncio.create_task(conn.run_sender(), name=f"sender:{conn.id}")
+    rooms.metrics.connections.inc()
     try:
         room = await rooms.acquire(name, connection=True)
     except RoomFull:
+        rooms.metrics.errors.labels("room_full").inc()
         conn.close(CloseCode.POLICY_VIOLATION, "room is full")
     except StorageError as exc:
         log.error("room load failed name=%s error=%s", name, exc)
@@ -72,9 +87,11 @@ async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings
             rooms.release(room)
     conn.close(CloseCode.NORMAL, "")
     await sender
+    rooms.metrics.connections.dec()
 
 
-async def _read_frames(websocket: WebSocket, conn: Connection, room, settings: Settings) -> None:
+async def _read_frames(websocket: WebSocket, conn: Connection, room: Room, settings: Settings) -> None:
+    metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     while not conn.closed:
         message = await websocket.receive()
@@ -83,17 +100,22 @@ async def _read_frames(websocket: WebSocket, conn: Connection, room, settings: S
             return
         data = message.get("bytes")
         if data is None:
+            metrics.errors.labels("text_frame").inc()
             conn.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary y-websocket messages")
             return
+        metrics.bytes_received.inc(len(data))
         if len(data) > settings.max_message_size:
+            metrics.errors.labels("too_big").inc()
             conn.close(CloseCode.TOO_BIG, f"message of {len(data)} bytes exceeds {settings.max_message_size}")
             return
         if not limiter.allow():
+            metrics.errors.labels("rate_limit").inc()
             conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return
         try:
             await room.handle(conn, data)
         except ProtocolError as exc:
+            metrics.errors.labels("protocol").inc()
             log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)
             conn.close(CloseCode.INVALID_PAYLOAD, f"malformed message: {exc}")
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,8 @@ class Store(Protocol):
     `submit` enqueues an update for the next group commit and returns a future that resolves (to the
     update's log sequence number) once the update is durable, or fails with StorageError.
     """
+
+    on_commit: Callable[[int, float], None] | None  # (batch size, seconds), called after each group commit
 
     async def open(self) -> None: ...
 

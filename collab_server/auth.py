@@ -1,0 +1,97 @@
+"""Per-document signed access tokens: HMAC-SHA256 over JSON claims, checked before the handshake completes.
+
+A token is `base64url(claims).base64url(signature)`; claims are {"doc" | "prefix": str, "access": "rw" | "ro",
+"exp": unix seconds}. `doc` grants one document, `prefix` every document whose name starts with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+SUBPROTOCOL_PREFIX = "collab-token."  # websocket subprotocol form: "collab-token.<token>"
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, forged, expired or does not cover the document."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    readonly: bool
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue_token(secret: str, *, doc: str | None = None, prefix: str | None = None, access: str = "rw",
+                ttl: float = 3600.0, now: float | None = None) -> str:
+    if (doc is None) == (prefix is None):
+        raise ValueError("a token names exactly one of doc or prefix")
+    if access not in ("rw", "ro"):
+        raise ValueError("access must be 'rw' or 'ro'")
+    if not secret:
+        raise ValueError("a secret is required to sign tokens")
+    claims = {"access": access, "exp": int((now or time.time()) + ttl)}
+    claims["doc" if doc is not None else "prefix"] = doc if doc is not None else prefix
+    payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    return f"{payload}.{_sign(secret, payload)}"
+
+
+def _sign(secret: str, payload: str) -> str:
+    return _b64(hmac.new(secret.encode(), payload.encode("ascii"), hashlib.sha256).digest())
+
+
+def verify_token(secret: str, token: str, document: str, *, now: float | None = None) -> Grant:
+    """The access `token` grants to `document`; raises AuthError when it grants none."""
+    try:
+        payload, signature = token.split(".")
+        expected = _sign(secret, payload)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise AuthError("malformed token") from exc
+    if not hmac.compare_digest(expected, signature):
+        raise AuthError("bad token signature")
+    try:
+        claims = json.loads(_unb64(payload))
+        access, exp = claims["access"], float(claims["exp"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuthError("malformed token claims") from exc
+    if exp < (now or time.time()):
+        raise AuthError("token expired")
+    if access not in ("rw", "ro"):
+        raise AuthError("unknown access level")
+    if "doc" in claims and claims["doc"] == document:
+        return Grant(readonly=access == "ro")
+    if "prefix" in claims and isinstance(claims["prefix"], str) and document.startswith(claims["prefix"]):
+        return Grant(readonly=access == "ro")
+    raise AuthError("token does not cover this document")
+
+
+def token_from(query: dict[str, str], subprotocols: list[str], authorization: str | None = None) -> str | None:
+    """Find the token in `?token=`, a `collab-token.<token>` subprotocol or an `Authorization: Bearer` header."""
+    if query.get("token"):
+        return query["token"]
+    for proto in subprotocols:
+        if proto.startswith(SUBPROTOCOL_PREFIX):
+            return proto[len(SUBPROTOCOL_PREFIX):]
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def authorize(secret: str, required: bool, document: str, token: str | None) -> Grant:
+    """Read-write for everyone when auth is off; otherwise what a valid token grants."""
+    if not required:
+        return Grant(readonly=False)
+    if not token:
+        raise AuthError("missing token")
+    return verify_token(secret, token, document)

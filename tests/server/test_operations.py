@@ -1,0 +1,36 @@
+"""Operational endpoints: /health, /ready and Prometheus /metrics."""
+
+import httpx
+from pycrdt import Text
+
+from collab_server import protocol as p
+from tests.rawclient import RawPeer, text_updates
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} missing")
+
+
+async def test_health_ready_and_metrics(server) -> None:
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        peer = await RawPeer.connect(f"{server.ws_url}/room")
+        doc, updates = text_updates(25)
+        for update in updates:
+            await peer.send(p.sync_update(update))
+        await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == str(doc.get("t", type=Text)))
+        await peer.send("not binary")
+        await peer.wait_closed()
+        ready = (await http.get("/ready")).json()
+        assert ready == {"status": "ready", "rooms_loaded": 1}
+        text = (await http.get("/metrics")).text
+    assert metric(text, "collab_updates_applied_total") == 25
+    assert metric(text, "collab_commit_seconds_count") >= 1
+    assert metric(text, "collab_commit_batch_size_sum") == 25
+    assert metric(text, "collab_rooms_loaded") == 1
+    assert metric(text, "collab_updates_broadcast_total") >= 1
+    assert metric(text, "collab_bytes_received_total") > sum(len(u) for u in updates)
+    assert 'collab_errors_total{kind="text_frame"} 1.0' in text
