@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket
 
 from collab_server.broker import Broker, create_broker
 from collab_server.config import Settings
+from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
 from collab_server.session import serve_websocket
 from collab_server.rooms import Rooms
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/health", health),
         Route("/metrics", prometheus),
         Route("/ready", ready),
+        *api_routes(rooms, store, settings),
         WebSocketRoute("/{room:path}", websocket_endpoint),
     ]
     if Path(settings.web_demo_dir).is_dir():

@@ -51,15 +51,21 @@ class Room:
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def load(self) -> None:
+        """Subscribe first, then read storage: a change another node commits meanwhile is never missed
+        (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
+        await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
         if updates:
             self.doc.apply_update(updates[0] if len(updates) == 1 else merge_updates(*updates))
         self._subscription = self.doc.observe(self._observe)
-        await self.broker.subscribe(self.name, self._on_broker)
+        early, self._early = self._early, None
+        for event in early or ():
+            self._on_broker(*event)
         self._sweeper = asyncio.get_running_loop().call_later(AWARENESS_TIMEOUT / 2, self._sweep_awareness)
         log.info("room loaded name=%s updates=%d", self.name, len(updates))
 
@@ -188,6 +194,9 @@ class Room:
     # --- fan-out -------------------------------------------------------------------------------------
 
     def _on_broker(self, kind: Kind, payload: bytes, local: bool) -> None:
+        if self._early is not None:
+            self._early.append((kind, payload, local))
+            return
         if kind is Kind.UPDATE:
             if not local:  # committed by another node: apply here without persisting again
                 with self.doc.transaction(origin="broker"):

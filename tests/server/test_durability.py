@@ -9,15 +9,26 @@ from collab_server import protocol as p
 from tests.rawclient import RawPeer, text_updates
 
 
-def stored_text(db, room: str = "room") -> str:
-    """Rebuild a room's text straight from the SQLite file, as a restarted server would."""
+def stored_doc(db, room: str = "room") -> Doc:
+    """Rebuild a room straight from the SQLite file, as a restarted server would."""
     with sqlite3.connect(db) as conn:
         row = conn.execute("SELECT checkpoint FROM documents WHERE name = ?", (room,)).fetchone()
         rows = conn.execute("SELECT data FROM updates WHERE doc = ? ORDER BY id", (room,)).fetchall()
     doc = Doc()
     for (data,) in ([row] if row and row[0] else []) + rows:
         doc.apply_update(data)
-    return str(doc.get("t", type=Text))
+    return doc
+
+
+def stored_text(db, room: str = "room") -> str:
+    return str(stored_doc(db, room).get("t", type=Text))
+
+
+def assert_contains(stored: Doc, received: Doc) -> None:
+    """Everything `received` holds is in `stored`: applying it changes nothing."""
+    before = stored.get_state()
+    stored.apply_update(received.get_update())
+    assert stored.get_state() == before, "a client received an update that was never stored"
 
 
 async def test_write_error_closes_sender_and_nothing_is_broadcast(server) -> None:
@@ -77,13 +88,14 @@ async def test_clients_dropping_mid_burst_do_not_hurt_the_room(server) -> None:
     for doc in docs:
         expected.apply_update(doc.get_update())
     want = str(expected.get("t", type=Text))
-    # every update the server read before the abort is delivered; the watcher sees a consistent doc
+    # the process survives, the room keeps serving, and whatever the watcher saw is stored
     await watcher.sync()
     assert server.alive()
     got = str(watcher.doc.get("t", type=Text))
-    assert len(got) > 0 and set(got) <= set(want)
+    assert got and set(got) <= set(want)
     server.stop()
-    assert stored_text(server.db) == got
+    await watcher.wait_closed()
+    assert_contains(stored_doc(server.db), watcher.doc)
 
 
 async def test_sigterm_mid_burst_keeps_everything_acknowledged(server) -> None:

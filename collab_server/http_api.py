@@ -1,0 +1,241 @@
+"""The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
+
+Document names may contain '/', so the name is the greedy middle of every path and the operation is its
+fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/history``, ``/at/{seq}``. A name that
+itself ends in such a suffix is still unambiguous, because each route matches only its own suffix.
+Characters such as '?', '#' and '%' in a name must be percent-encoded.
+
+Tokens follow the websocket rules (``?token=`` or ``Authorization: Bearer``): with auth on, a missing
+token is 401; an invalid, expired or non-covering token, or a read-only token on a write, is 403.
+Listing documents needs a token that covers every document (``prefix=""``). Errors are ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from pycrdt import Doc, merge_updates
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from collab_server.auth import AuthError, Grant, authorize, token_from
+from collab_server.config import Settings
+from collab_server.model import blocks_to_json
+from collab_server.openapi import openapi_spec
+from collab_server.protocol import ProtocolError
+from collab_server.room import Room
+from collab_server.rooms import Rooms
+from collab_server.session import MAX_ROOM_NAME
+from collab_server.storage import StorageError, Store
+
+BINARY = "application/octet-stream"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ApiError(Exception):
+    """Ends a request with a JSON error body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+    def response(self) -> Response:
+        return JSONResponse({"error": str(self)}, status_code=self.status, headers=self.headers)
+
+
+class _Endpoint:
+    """An ASGI app dispatching on the HTTP method; ApiError and unknown methods become JSON errors.
+
+    Being a class instance (not a function), Starlette's Route passes every method to it.
+    """
+
+    def __init__(self, **handlers: Handler) -> None:
+        self.handlers = {method.upper(): handler for method, handler in handlers.items()}
+        if "GET" in self.handlers:
+            self.handlers["HEAD"] = self.handlers["GET"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        handler = self.handlers.get(request.method)
+        try:
+            if handler is None:
+                raise ApiError(405, f"method {request.method} not allowed",
+                               {"Allow": ", ".join(sorted(self.handlers))})
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        await response(scope, receive, send)
+
+
+def export_json(doc: Doc) -> dict[str, Any]:
+    """The document as plain JSON: blocks with resolved statuses."""
+    try:
+        return blocks_to_json(doc)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ApiError(422, f"document does not follow the block model: {exc}") from exc
+
+
+def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute]:
+    """Routes of the /api/ namespace; put them before the websocket catch-all route."""
+
+    def grant(request: Request, document: str) -> Grant:
+        token = token_from(dict(request.query_params), [], request.headers.get("authorization"))
+        if settings.auth_required and not token:
+            raise ApiError(401, "missing token", {"WWW-Authenticate": "Bearer"})
+        try:
+            return authorize(settings.auth_secret, settings.auth_required, document, token)
+        except AuthError as exc:
+            raise ApiError(403, str(exc)) from exc
+
+    def doc_name(request: Request, *, write: bool = False) -> str:
+        """The path's document name, once the request's token allows reading (or writing) it."""
+        name = request.path_params["name"]
+        if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
+            raise ApiError(400, "invalid document name")
+        if grant(request, name).readonly and write:
+            raise ApiError(403, "read-only token: document changes are not accepted")
+        return name
+
+    @contextlib.asynccontextmanager
+    async def existing_room(name: str) -> AsyncIterator[Room]:
+        """The loaded room, all of its applied changes committed; 404 if the document was never written."""
+        try:
+            room = await rooms.acquire(name)
+        except StorageError as exc:
+            raise ApiError(503, f"storage unavailable: {exc}") from exc
+        try:
+            await room.flush()
+            if room.doc.get_state() == b"\x00":
+                raise ApiError(404, "no such document")
+            yield room
+        finally:
+            rooms.release(room)
+
+    async def list_docs(request: Request) -> Response:
+        try:
+            grant(request, "")
+        except ApiError as exc:
+            if exc.status == 403:
+                raise ApiError(403, f'listing documents needs a token with prefix "": {exc}') from exc
+            raise
+        docs = await _storage(store.list_docs())
+        return JSONResponse({"docs": [
+            {"name": d.name, "updated": d.updated, "log_entries": d.log_entries} for d in docs]})
+
+    async def get_json(request: Request) -> Response:
+        name = doc_name(request)
+        async with existing_room(name) as room:
+            return JSONResponse({"name": name, "blocks": export_json(room.doc)})
+
+    async def get_update(request: Request) -> Response:
+        name = doc_name(request)
+        state_vector = _state_vector(request.query_params.get("sv", ""))
+        async with existing_room(name) as room:
+            try:
+                update = await room.encode_state(state_vector)
+            except ProtocolError as exc:
+                raise ApiError(400, str(exc)) from exc
+        return Response(update, media_type=BINARY)
+
+    async def post_update(request: Request) -> Response:
+        name = doc_name(request, write=True)
+        update = await _read_body(request, settings.max_message_size)
+        try:
+            room = await rooms.acquire(name)
+        except StorageError as exc:
+            raise ApiError(503, f"storage unavailable: {exc}") from exc
+        try:
+            room.apply(update, origin="http")
+            await room.flush()
+            if room.failed:
+                raise ApiError(503, "storage failure: update not saved")
+        except ProtocolError as exc:
+            raise ApiError(400, str(exc)) from exc
+        finally:
+            rooms.release(room)
+        return Response(status_code=204)
+
+    async def get_history(request: Request) -> Response:
+        name = doc_name(request)
+        async with existing_room(name):
+            entries = await _storage(store.history(name))
+        return JSONResponse({"name": name, "entries": [
+            {"seq": e.seq, "time": e.time, "size": e.size} for e in entries]})
+
+    async def get_at(request: Request) -> Response:
+        name = doc_name(request)
+        seq: int = request.path_params["seq"]
+        form = request.query_params.get("format", "json")
+        if form not in ("json", "update"):
+            raise ApiError(400, "format must be json or update")
+        async with existing_room(name):
+            try:
+                updates = await store.load_until(name, seq)
+            except StorageError as exc:
+                await _storage(store.ping())  # reachable, so the history before `seq` was compacted away
+                raise ApiError(410, str(exc)) from exc
+        doc = Doc()
+        if updates:
+            doc.apply_update(merge_updates(*updates))
+        if form == "update":
+            return Response(doc.get_update(), media_type=BINARY)
+        return JSONResponse({"name": name, "seq": seq, "blocks": export_json(doc)})
+
+    async def get_openapi(request: Request) -> Response:
+        return JSONResponse(openapi_spec())
+
+    async def no_route(request: Request) -> Response:
+        return ApiError(404, "no such API route").response()
+
+    return [
+        Route("/api/openapi.json", _Endpoint(get=get_openapi)),
+        Route("/api/docs", _Endpoint(get=list_docs)),
+        Route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
+        Route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
+        Route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
+        Route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
+        Route("/api/{rest:path}", no_route, methods=ALL_METHODS),
+    ]
+
+
+async def _storage(call: Awaitable[T]) -> T:
+    """Await a store call, turning StorageError into 503."""
+    try:
+        return await call
+    except StorageError as exc:
+        raise ApiError(503, f"storage unavailable: {exc}") from exc
+
+
+def _state_vector(text: str) -> bytes:
+    """Decode a base64url (padding optional) state vector; empty means 'send everything'."""
+    if not text:
+        return b"\x00"
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "sv must be a base64url-encoded state vector") from exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 beyond `limit` bytes and 400 when empty."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"update exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"update exceeds {limit} bytes")
+    if not body:
+        raise ApiError(400, "empty body: expected a binary Yjs v1 update")
+    return bytes(body)

@@ -1,0 +1,159 @@
+"""The OpenAPI 3 description of the HTTP API (collab_server.http_api), served at /api/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = {
+    "name": "name", "in": "path", "required": True,
+    "description": "Document name; may contain '/' (percent-encode '?', '#' and '%').",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 512, "pattern": "^[^\\x00-\\x1f]+$"},
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def _json(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+BINARY_UPDATE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+AUTH_ERRORS = {
+    "401": _error("Auth is on and no token was given"),
+    "403": _error("Invalid, expired or non-covering token (or read-only token on a write)"),
+}
+READ_ERRORS = {
+    "400": _error("Invalid document name or parameter"),
+    **AUTH_ERRORS,
+    "404": _error("The document was never written"),
+    "503": _error("Storage unavailable"),
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "DocInfo": {
+        "type": "object", "required": ["name", "updated", "log_entries"],
+        "properties": {
+            "name": {"type": "string"},
+            "updated": {"type": "number", "description": "Unix seconds of the last write"},
+            "log_entries": {"type": "integer", "description": "Updates not yet folded into the checkpoint"},
+        },
+    },
+    "DocList": {"type": "object", "required": ["docs"],
+                "properties": {"docs": {"type": "array", "items": _ref("DocInfo")}}},
+    "IndexEntry": {
+        "type": "object", "required": ["index_name", "status"],
+        "properties": {"index_name": {"type": "string"}, "status": {"type": ["string", "null"]},
+                       "timestamp": {"type": ["number", "null"]}},
+        "additionalProperties": True,
+    },
+    "Block": {
+        "type": "object",
+        "properties": {"id": {"type": ["string", "null"]}, "type": {"type": ["string", "null"]},
+                       "content": {"type": "string"},
+                       "indexingList": {"type": "array", "items": _ref("IndexEntry")}},
+    },
+    "DocJson": {
+        "type": "object", "required": ["name", "blocks"],
+        "properties": {"name": {"type": "string"},
+                       "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
+    },
+    "DocAtJson": {
+        "type": "object", "required": ["name", "seq", "blocks"],
+        "properties": {"name": {"type": "string"}, "seq": {"type": "integer"},
+                       "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
+    },
+    "LogEntry": {
+        "type": "object", "required": ["seq", "time", "size"],
+        "properties": {"seq": {"type": "integer"}, "time": {"type": "number"}, "size": {"type": "integer"}},
+    },
+    "History": {"type": "object", "required": ["name", "entries"],
+                "properties": {"name": {"type": "string"}, "entries": {"type": "array", "items": _ref("LogEntry")}}},
+}
+
+PATHS: dict[str, Any] = {
+    "/api/openapi.json": {"get": {
+        "summary": "This OpenAPI document", "security": [{}],
+        "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+    }},
+    "/api/docs": {"get": {
+        "summary": "List stored documents",
+        "description": 'With auth on, needs a token covering every document (issued with prefix "").',
+        "responses": {"200": _json("Every stored document", "DocList"), **AUTH_ERRORS,
+                      "503": _error("Storage unavailable")},
+    }},
+    "/api/docs/{name}/json": {"get": {
+        "summary": "The document as JSON: blocks with resolved statuses (committed changes only)",
+        "parameters": [NAME],
+        "responses": {"200": _json("The document", "DocJson"), **READ_ERRORS,
+                      "422": _error("The document does not follow the block model")},
+    }},
+    "/api/docs/{name}/update": {
+        "get": {
+            "summary": "The committed state as a binary Yjs v1 update",
+            "parameters": [NAME, {
+                "name": "sv", "in": "query", "required": False,
+                "description": "base64url state vector: return only what a peer with this state lacks",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*={0,2}$"},
+            }],
+            "responses": {"200": {"description": "A Yjs v1 update", "content": BINARY_UPDATE}, **READ_ERRORS},
+        },
+        "post": {
+            "summary": "Apply a binary Yjs v1 update; committed and broadcast before the response",
+            "parameters": [NAME],
+            "requestBody": {"required": True, "content": BINARY_UPDATE},
+            "responses": {
+                "204": {"description": "Applied, committed and broadcast"},
+                "400": _error("Invalid document name, empty body or invalid update"),
+                **AUTH_ERRORS,
+                "413": _error("Update larger than max_message_size"),
+                "503": _error("Storage failure: the update was not saved"),
+            },
+        },
+    },
+    "/api/docs/{name}/history": {"get": {
+        "summary": "The update log entries not yet compacted into the checkpoint",
+        "parameters": [NAME],
+        "responses": {"200": _json("Log entries, oldest first", "History"), **READ_ERRORS},
+    }},
+    "/api/docs/{name}/at/{seq}": {"get": {
+        "summary": "The document as it was after log entry seq",
+        "parameters": [NAME,
+                       {"name": "seq", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
+                       {"name": "format", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["json", "update"], "default": "json"}}],
+        "responses": {
+            "200": {"description": "The past version as JSON or as a Yjs v1 update",
+                    "content": {"application/json": {"schema": _ref("DocAtJson")}, **BINARY_UPDATE}},
+            **READ_ERRORS,
+            "410": _error("That part of the history was compacted away"),
+            "422": _error("The document does not follow the block model"),
+        },
+    }},
+}
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The OpenAPI 3.1 document for the /api/ routes."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "collab-server HTTP API", "version": "1.0.0",
+                 "description": "Documents of a Yjs-compatible collaboration server. Document names may "
+                                "contain '/': the name is the middle of each path, the operation its end."},
+        "servers": [{"url": "/"}],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "queryToken": {"type": "apiKey", "in": "query", "name": "token"},
+            },
+        },
+        "security": [{"bearer": []}, {"queryToken": []}, {}],
+    }
