@@ -1,0 +1,69 @@
+"""The web demo in real headless Chromium against our server (tests/browser/demo.spec.mjs does the driving).
+
+Needs node_modules (playwright-core) and Debian's Chromium at /usr/bin/chromium (`make install-browser`);
+without them the tests skip, except under CI=true where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.serverproc import ROOT
+
+SPEC = ROOT / "tests" / "browser" / "demo.spec.mjs"
+DEMO = ROOT / "web_demo"
+DIST_INDEX = DEMO / "dist" / "index.html"
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+
+pytestmark = pytest.mark.browser
+
+
+def _require(ok: bool, why: str) -> None:
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def _demo_is_stale() -> bool:
+    if not DIST_INDEX.exists():
+        return True
+    built = DIST_INDEX.stat().st_mtime
+    sources = [DEMO / "build.mjs", DEMO / "index.html", *(DEMO / "src").rglob("*")]
+    return any(path.stat().st_mtime > built for path in sources)
+
+
+@pytest.fixture(scope="session")
+def demo_dist() -> Path:
+    """web_demo/dist, (re)built if older than its sources. Session-scoped, so it exists before `server` starts
+    (the server only mounts the demo directory if it exists at startup)."""
+    _require(shutil.which("node") is not None, "node is not installed")
+    _require((ROOT / "node_modules" / "playwright-core").is_dir(), "node_modules missing (make install-js)")
+    _require(CHROMIUM.exists(), f"{CHROMIUM} missing (make install-browser)")
+    if _demo_is_stale():
+        subprocess.run(["node", str(DEMO / "build.mjs")], cwd=ROOT, check=True, timeout=120)
+    return DIST_INDEX.parent
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("scenario", ["concurrent-typing", "offline-reload", "presence-reconnect", "status-conflict"])
+def test_web_demo(demo_dist, server, scenario):
+    assert "collab demo" in _get(server.http_url + "/"), "server does not serve web_demo/dist at /"
+    result = subprocess.run(["node", str(SPEC), server.http_url, scenario], cwd=ROOT,
+                            capture_output=True, text=True, timeout=150)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- server log ---\n{server.log()[-5000:]}"
+    assert f"ok - {scenario}" in result.stdout
+
+
+def _get(url: str) -> str:
+    import httpx
+
+    response = httpx.get(url, timeout=5.0)
+    response.raise_for_status()
+    return response.text

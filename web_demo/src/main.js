@@ -1,0 +1,47 @@
+// Web demo entry point: one Y.Doc per room, kept in IndexedDB and synced over y-websocket
+// with the server that served this page (ws(s)://<host>/<room>, room from ?room=, default "demo").
+import * as Y from 'yjs'
+import { WebsocketProvider } from 'y-websocket'
+import { blocksToJSON } from './model.js'
+import { addBlock, mountBlocks } from './blocks-view.js'
+import { bindConnection, offlinePreferred } from './connection.js'
+import { persistLocally } from './local-store.js'
+import { bindPresence, refreshPresenceOnReconnect } from './presence.js'
+
+const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`)
+
+const room = new URLSearchParams(location.search).get('room') || 'demo'
+const serverUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`
+
+const doc = new Y.Doc()
+const persistence = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
+const provider = new WebsocketProvider(serverUrl, encodeURIComponent(room), doc, { connect: !offlinePreferred() })
+
+document.title = `${room} · collab demo`
+byTestId('room-name').textContent = room
+bindConnection(provider, { indicator: byTestId('connection-status'), toggle: byTestId('offline-toggle') })
+bindPresence(provider.awareness, { list: byTestId('presence-list'), nameInput: byTestId('user-name') })
+refreshPresenceOnReconnect(provider)
+mountBlocks(doc, byTestId('blocks'))
+
+byTestId('add-block-form').addEventListener('submit', (event) => {
+  event.preventDefault()
+  const block = addBlock(doc, byTestId('block-type').value)
+  document.querySelector(`[data-block-id="${block.get('id')}"] textarea`)?.focus()
+})
+
+// a read-only JSON view of the whole document, refreshed at most once per frame
+const json = byTestId('doc-json')
+let queued = false
+doc.on('update', () => {
+  if (queued) return
+  queued = true
+  requestAnimationFrame(() => {
+    queued = false
+    json.textContent = JSON.stringify(blocksToJSON(doc), null, 2)
+  })
+})
+json.textContent = JSON.stringify(blocksToJSON(doc), null, 2)
+
+// handy from the devtools console
+window.collabDemo = { Y, doc, provider, persistence, room }
