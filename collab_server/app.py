@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "rooms_loaded": len(rooms.loaded)})
 
+    async def demo_missing(request: Request) -> Response:
+        return PlainTextResponse(f"web demo not built ({settings.web_demo_dir}): run `make demo`", 404)
+
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -76,6 +79,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     ]
     if Path(settings.web_demo_dir).is_dir():
         routes.append(Mount("/", StaticFiles(directory=settings.web_demo_dir, html=True)))
+    else:
+        routes.append(Route("/", demo_missing))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.rooms = rooms

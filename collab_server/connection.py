@@ -76,7 +76,8 @@ class Connection:
             while True:
                 if not self._queue and not self.closed:
                     try:
-                        await asyncio.wait_for(self._wake.wait(), self.keepalive_interval)
+                        async with asyncio.timeout(self.keepalive_interval):
+                            await self._wake.wait()
                     except TimeoutError:
                         self._queue.append(KEEPALIVE)
                     self._wake.clear()
