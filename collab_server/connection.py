@@ -43,6 +43,7 @@ class Connection:
         self._queue: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self.close_code: int | None = None
+        self.send_failed = False
         self.close_reason = ""
 
     @property
@@ -50,7 +51,7 @@ class Connection:
         return self.close_code is not None
 
     def send(self, message: bytes) -> None:
-        if self.closed:
+        if self.closed or self.send_failed:
             return
         if len(self._queue) >= self.send_queue_limit:
             self.metrics.errors.labels("slow_client").inc()
@@ -90,7 +91,9 @@ class Connection:
                 if self.closed:
                     await ws.close(self.close_code or CloseCode.NORMAL, self.close_reason[:120])
                     return
-        except Exception as exc:  # the peer went away mid-send: nothing to do but stop
+        except Exception as exc:
+            # The peer went away mid-send. Stop sending, but leave the connection open for reading:
+            # frames it sent before leaving are still queued and must be applied and stored.
             log.debug("sender stopped id=%d error=%r", self.id, exc)
-            if not self.closed:
-                self.close_code, self.close_reason = CloseCode.GOING_AWAY, "peer gone"
+            self.send_failed = True
+            self._queue.clear()

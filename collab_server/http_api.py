@@ -8,6 +8,7 @@ Characters such as '?', '#' and '%' in a name must be percent-encoded.
 Tokens follow the websocket rules (``?token=`` or ``Authorization: Bearer``): with auth on, a missing
 token is 401; an invalid, expired or non-covering token, or a read-only token on a write, is 403.
 Listing documents needs a token that covers every document (``prefix=""``). Errors are ``{"error": ...}``.
+Reads answer committed changes only; reading a document that was never written is 404.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -32,7 +34,7 @@ from collab_server.protocol import ProtocolError
 from collab_server.room import Room
 from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
-from collab_server.storage import StorageError, Store
+from collab_server.storage import HistoryCompacted, StorageError, Store
 
 BINARY = "application/octet-stream"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -107,16 +109,17 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         return name
 
     @contextlib.asynccontextmanager
-    async def existing_room(name: str) -> AsyncIterator[Room]:
-        """The loaded room, all of its applied changes committed; 404 if the document was never written."""
+    async def room_of(name: str, *, existing: bool = True) -> AsyncIterator[Room]:
+        """The loaded room, held meanwhile; if `existing`, 404 unless written before, and all of it committed."""
         try:
             room = await rooms.acquire(name)
         except StorageError as exc:
             raise ApiError(503, f"storage unavailable: {exc}") from exc
         try:
-            await room.flush()
-            if room.doc.get_state() == b"\x00":
-                raise ApiError(404, "no such document")
+            if existing:
+                await room.flush()
+                if room.doc.get_state() == b"\x00":
+                    raise ApiError(404, "no such document")
             yield room
         finally:
             rooms.release(room)
@@ -134,13 +137,13 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
 
     async def get_json(request: Request) -> Response:
         name = doc_name(request)
-        async with existing_room(name) as room:
+        async with room_of(name) as room:
             return JSONResponse({"name": name, "blocks": export_json(room.doc)})
 
     async def get_update(request: Request) -> Response:
         name = doc_name(request)
         state_vector = _state_vector(request.query_params.get("sv", ""))
-        async with existing_room(name) as room:
+        async with room_of(name) as room:
             try:
                 update = await room.encode_state(state_vector)
             except ProtocolError as exc:
@@ -150,24 +153,19 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
     async def post_update(request: Request) -> Response:
         name = doc_name(request, write=True)
         update = await _read_body(request, settings.max_message_size)
-        try:
-            room = await rooms.acquire(name)
-        except StorageError as exc:
-            raise ApiError(503, f"storage unavailable: {exc}") from exc
-        try:
-            room.apply(update, origin="http")
+        async with room_of(name, existing=False) as room:
+            try:
+                await room.apply(update, origin="http")
+            except ProtocolError as exc:
+                raise ApiError(400, str(exc)) from exc
             await room.flush()
             if room.failed:
                 raise ApiError(503, "storage failure: update not saved")
-        except ProtocolError as exc:
-            raise ApiError(400, str(exc)) from exc
-        finally:
-            rooms.release(room)
         return Response(status_code=204)
 
     async def get_history(request: Request) -> Response:
         name = doc_name(request)
-        async with existing_room(name):
+        async with room_of(name):
             entries = await _storage(store.history(name))
         return JSONResponse({"name": name, "entries": [
             {"seq": e.seq, "time": e.time, "size": e.size} for e in entries]})
@@ -178,13 +176,14 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         form = request.query_params.get("format", "json")
         if form not in ("json", "update"):
             raise ApiError(400, "format must be json or update")
-        async with existing_room(name):
+        async with room_of(name):
             try:
                 updates = await store.load_until(name, seq)
-            except StorageError as exc:
-                await _storage(store.ping())  # reachable, so the history before `seq` was compacted away
+            except HistoryCompacted as exc:
                 raise ApiError(410, str(exc)) from exc
-        doc = Doc()
+            except StorageError as exc:
+                raise ApiError(503, f"storage unavailable: {exc}") from exc
+        doc: Doc = Doc()
         if updates:
             doc.apply_update(merge_updates(*updates))
         if form == "update":
@@ -195,17 +194,24 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         return JSONResponse(openapi_spec())
 
     async def no_route(request: Request) -> Response:
-        return ApiError(404, "no such API route").response()
+        raise ApiError(404, "no such API route")
 
     return [
-        Route("/api/openapi.json", _Endpoint(get=get_openapi)),
-        Route("/api/docs", _Endpoint(get=list_docs)),
-        Route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
-        Route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
-        Route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
-        Route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
-        Route("/api/{rest:path}", no_route, methods=ALL_METHODS),
+        _route("/api/openapi.json", _Endpoint(get=get_openapi)),
+        _route("/api/docs", _Endpoint(get=list_docs)),
+        _route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
+        _route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
+        _route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
+        _route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
+        _route("/api/{rest:path}", _Endpoint(**{m: no_route for m in ALL_METHODS})),
     ]
+
+
+def _route(path: str, endpoint: _Endpoint) -> Route:
+    """A Route whose path parameters also match newlines, so names like "a\\nb" get a JSON 400, not a miss."""
+    route = Route(path, endpoint)
+    route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
+    return route
 
 
 async def _storage(call: Awaitable[T]) -> T:

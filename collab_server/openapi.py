@@ -23,6 +23,7 @@ def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
+BASE64URL = "^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2}(==)?|[A-Za-z0-9_-]{3}=?)?$"  # padding optional
 BINARY_UPDATE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 AUTH_ERRORS = {
     "401": _error("Auth is on and no token was given"),
@@ -100,7 +101,7 @@ PATHS: dict[str, Any] = {
             "parameters": [NAME, {
                 "name": "sv", "in": "query", "required": False,
                 "description": "base64url state vector: return only what a peer with this state lacks",
-                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*={0,2}$"},
+                "schema": {"type": "string", "pattern": BASE64URL},
             }],
             "responses": {"200": {"description": "A Yjs v1 update", "content": BINARY_UPDATE}, **READ_ERRORS},
         },

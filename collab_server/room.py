@@ -113,9 +113,7 @@ class Room:
             elif conn.readonly:
                 conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
             else:
-                while self._hold is not None:
-                    await asyncio.shield(self._hold)
-                self.apply(msg.payload, origin=conn)
+                await self.apply(msg.payload, origin=conn)
         elif isinstance(msg, p.AwarenessMessage):
             self.apply_awareness(msg.payload, conn)
         elif isinstance(msg, p.QueryAwarenessMessage):
@@ -124,8 +122,12 @@ class Room:
 
     # --- document ------------------------------------------------------------------------------------
 
-    def apply(self, update: bytes, origin: object = None) -> None:
-        """Apply an update under `origin`, then persist (and later broadcast) what it changed."""
+    async def apply(self, update: bytes, origin: object = None) -> None:
+        """Apply an update under `origin`, then persist (and later broadcast) what it changed.
+
+        Waits while a sync answer is being prepared, so that answer holds committed changes only."""
+        while self._hold is not None:
+            await asyncio.shield(self._hold)
         try:
             with self.doc.transaction(origin=origin):
                 self.doc.apply_update(update)

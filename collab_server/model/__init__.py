@@ -16,7 +16,12 @@ from collab_server.model.blocks import (
     set_status,
 )
 from collab_server.model.resolver import StatusChange, StatusResolver
-from collab_server.model.status import STATUS_PRIORITY, frontier, priority, resolve_writes
+from collab_server.model.status import (
+    STATUS_PRIORITY,
+    frontier,
+    priority,
+    resolve_writes,
+)
 
 __all__ = [
     "STATUS_PRIORITY",

@@ -116,7 +116,9 @@ def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "not
 def remove_index_entry(doc: Doc, block_id: str, index_name: str) -> bool:
     """Remove the first entry named ``index_name``; returns whether one existed."""
     block = get_block(doc, block_id)
-    names = [e.get("index_name") for e in entries(block)] if block is not None else []
+    if block is None:
+        return False
+    names = [e.get("index_name") for e in entries(block)]
     if index_name not in names:
         return False
     del block["indexingList"][names.index(index_name)]
@@ -152,7 +154,7 @@ def _plain(value: Any) -> Any:
 
 
 def _entry_json(entry: Map) -> dict[str, Any]:
-    data = {key: _plain(value) for key, value in entry.to_py().items() if key != "statusWrites"}
+    data = {key: _plain(value) for key, value in entry.items() if key != "statusWrites"}
     return {**data, "status": entry_status(entry)}
 
 

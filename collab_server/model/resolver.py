@@ -71,7 +71,8 @@ class StatusResolver:
                 records = list(writes) if writes is not None else []
                 new = resolve_writes(records)
                 keep = {record["id"] for record in frontier(records)}
-                stale = [i for i, r in enumerate(records) if r["id"] not in keep] if self._compact else []
+                stale = [i for i, r in enumerate(records) if r["id"] not in keep]
+                stale = stale if self._compact else []
                 old = entry.get("status")
                 if (new is not None and new != old) or stale:
                     fixes.append(_Fix(block_id, entry, old, new, stale))
@@ -92,7 +93,8 @@ class StatusResolver:
                     del fix.entry["statusWrites"][index]
                 if fix.new is not None and fix.new != fix.old:
                     fix.entry["status"] = fix.new
-                    changes.append(StatusChange(fix.block_id, fix.entry["index_name"], fix.old, fix.new))
+                    name = fix.entry["index_name"]
+                    changes.append(StatusChange(fix.block_id, name, fix.old, fix.new))
         self._dirty = set()  # drop the marks made by our own transaction
         for change in changes:
             if self._on_change is not None:

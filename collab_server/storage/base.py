@@ -12,6 +12,10 @@ class StorageError(RuntimeError):
     """A write or read against the store failed; the caller must not treat the data as durable."""
 
 
+class HistoryCompacted(StorageError):
+    """The requested past version lies before the checkpoint: its log entries were folded away."""
+
+
 @dataclass(frozen=True, slots=True)
 class DocInfo:
     name: str
@@ -53,7 +57,7 @@ class Store(Protocol):
     async def history(self, doc: str) -> list[LogEntry]: ...
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
-        """The updates needed to rebuild `doc` as it was after log entry `seq`."""
+        """The updates needed to rebuild `doc` as it was after log entry `seq` (HistoryCompacted if gone)."""
 
     async def ping(self) -> None:
         """Raise StorageError when the store is unreachable."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import aiosqlite
 from pycrdt import merge_updates
 
-from collab_server.storage.base import DocInfo, LogEntry, StorageError
+from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SQLiteStore:
         self.compact_threshold = compact_threshold
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._read_lock = asyncio.Lock()  # one snapshot transaction at a time on the reader connection
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -157,11 +158,16 @@ class SQLiteStore:
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
         if seq < checkpoint_seq:
-            raise StorageError(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
+            raise HistoryCompacted(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
         return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log read in one transaction, so a concurrent compaction is never half seen."""
+        assert self._reader is not None
+        async with self._read_lock:
+            return await self._read_snapshot(doc)
+
+    async def _read_snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         assert self._reader is not None
         try:
             await self._reader.execute("BEGIN")

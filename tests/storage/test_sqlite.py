@@ -124,3 +124,12 @@ async def test_history_and_past_versions(store: SQLiteStore) -> None:
     with pytest.raises(StorageError, match="compacted"):
         await store.load_until("d", seqs[2])
     assert rebuild(await store.load_until("d", seqs[-1])) == "abcde"
+
+
+async def test_concurrent_loads_of_different_documents(store: SQLiteStore) -> None:
+    docs = {f"doc{i}": text_updates(i + 1) for i in range(8)}
+    for name, (_, updates) in docs.items():
+        await asyncio.gather(*(store.submit(name, u) for u in updates))
+    loaded = await asyncio.gather(*(store.load(name) for name in docs))
+    for (name, (doc, _)), updates in zip(docs.items(), loaded):
+        assert rebuild(updates) == str(doc.get("t", type=Text)), name

@@ -1,0 +1,213 @@
+"""PostgreSQL store (asyncpg): the SQLite store's semantics, safe for several nodes sharing one database.
+
+One writer task commits every submitted update in batches (group commit). Log ids come from one sequence, so
+updates committed by different nodes interleave; within a node they keep submit order. Compaction locks the
+document row and deletes exactly the log rows it folded, so a concurrent commit from another node (or a second
+compaction) never loses an update. Loads read checkpoint and log from one REPEATABLE READ snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import asyncpg
+from pycrdt import merge_updates
+
+from collab_server.storage.base import DocInfo, LogEntry, StorageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    name TEXT PRIMARY KEY,
+    checkpoint BYTEA,
+    checkpoint_seq BIGINT NOT NULL DEFAULT 0,
+    updated DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id BIGSERIAL PRIMARY KEY,
+    doc TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    data BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS updates_doc ON updates (doc, id);
+"""
+SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
+
+Pending = tuple[str, bytes, "asyncio.Future[int]"]
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, *, compact_threshold: int = 500, schema: str | None = None,
+                 pool_size: int = 4, timeout: float = 10.0) -> None:
+        """`schema` (created if missing) holds the tables; default: the connection's search_path."""
+        self.dsn = dsn
+        self.schema = schema
+        self.compact_threshold = compact_threshold
+        self.pool_size = pool_size
+        self.timeout = timeout  # seconds for acquiring a connection and for each statement
+        self._pool: asyncpg.Pool | None = None
+        self._queue: list[Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._log_counts: dict[str, int] = defaultdict(int)  # this node's appends since its last compaction
+        self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
+
+    async def open(self) -> None:
+        settings = {"search_path": _quote(self.schema)} if self.schema else None
+        try:
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size,
+                                                   command_timeout=self.timeout, server_settings=settings)
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                if self.schema:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
+                await conn.execute(SCHEMA)
+        except Exception as exc:
+            if self._pool is not None:
+                await self._pool.close()
+            raise StorageError(f"opening postgres store failed: {exc}") from exc
+        self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._pool is not None:
+            await self._pool.close()
+
+    def submit(self, doc: str, update: bytes) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            fut.set_exception(StorageError("store is closing"))
+            return fut
+        self._queue.append((doc, update, fut))
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                if self._closing:
+                    return
+                continue
+            batch, self._queue = self._queue, []
+            await self._commit(batch)
+            for doc in {doc for doc, _, _ in batch}:
+                if self._log_counts[doc] >= self.compact_threshold:
+                    try:
+                        await self.compact(doc)
+                    except StorageError:
+                        log.exception("compaction failed doc=%s", doc)
+            if self._queue or self._closing:
+                self._wake.set()
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        assert self._pool is not None
+        started = time.perf_counter()
+        now = time.time()
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                ids = sorted(await conn.fetchval(
+                    "SELECT array_agg(nextval(pg_get_serial_sequence('updates', 'id'))) "
+                    "FROM generate_series(1, $1)", len(batch)))
+                await conn.execute(
+                    "INSERT INTO updates (id, doc, ts, data) "
+                    "SELECT id, doc, $3, data FROM unnest($1::bigint[], $2::text[], $4::bytea[]) AS u(id, doc, data)",
+                    ids, [doc for doc, _, _ in batch], now, [update for _, update, _ in batch])
+                # sorted, so two nodes' writers lock document rows in the same order and cannot deadlock
+                await conn.execute(
+                    "INSERT INTO documents (name, updated) SELECT unnest($1::text[]), $2 "
+                    "ON CONFLICT (name) DO UPDATE SET updated = excluded.updated",
+                    sorted({doc for doc, _, _ in batch}), now)
+        except Exception as exc:  # any failure, including an unknown commit outcome: report it as not durable
+            error = StorageError(f"commit of {len(batch)} updates failed: {exc}")
+            log.error("storage commit failed updates=%d error=%s", len(batch), exc)
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        for (doc, _, fut), seq in zip(batch, ids):
+            self._log_counts[doc] += 1
+            if not fut.done():
+                fut.set_result(seq)
+        if self.on_commit is not None:
+            self.on_commit(len(batch), time.perf_counter() - started)
+
+    async def load(self, doc: str) -> list[bytes]:
+        checkpoint, _, rows = await self._snapshot(doc)
+        self._log_counts[doc] = len(rows)
+        return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
+
+    async def load_until(self, doc: str, seq: int) -> list[bytes]:
+        checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
+        if seq < checkpoint_seq:
+            raise StorageError(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
+        return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
+
+    async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
+        """Checkpoint and log read in one snapshot, so a concurrent compaction is never half seen."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, \
+                    conn.transaction(isolation="repeatable_read", readonly=True):
+                row = await conn.fetchrow("SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
+                rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
+        except Exception as exc:
+            raise StorageError(f"loading {doc!r} failed: {exc}") from exc
+        checkpoint = row["checkpoint"] if row else None
+        return checkpoint, (row["checkpoint_seq"] if row else 0), [(r["id"], r["data"]) for r in rows]
+
+    async def compact(self, doc: str) -> None:
+        """Fold the log into the checkpoint in one transaction, under the document's row lock."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1 FOR UPDATE", doc)
+                rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
+                if row is not None and rows:
+                    parts = ([row["checkpoint"]] if row["checkpoint"] else []) + [r["data"] for r in rows]
+                    folded = [r["id"] for r in rows]
+                    await conn.execute(
+                        "UPDATE documents SET checkpoint = $1, checkpoint_seq = $2 WHERE name = $3",
+                        merge_updates(*parts), max(row["checkpoint_seq"], folded[-1]), doc)
+                    # exactly the folded rows: one with a lower id that commits later is kept for the next fold
+                    await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded)
+        except Exception as exc:
+            raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
+        self._log_counts[doc] = 0
+
+    async def list_docs(self) -> list[DocInfo]:
+        query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "
+                 "FROM documents d ORDER BY d.name")
+        rows = await self._fetch(query, what="listing documents")
+        return [DocInfo(r["name"], r["updated"], r["n"]) for r in rows]
+
+    async def history(self, doc: str) -> list[LogEntry]:
+        query = "SELECT id, ts, octet_length(data) AS size FROM updates WHERE doc = $1 ORDER BY id"
+        rows = await self._fetch(query, doc, what=f"reading history of {doc!r}")
+        return [LogEntry(r["id"], r["ts"], r["size"]) for r in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1", what="postgres ping")
+
+    async def _fetch(self, query: str, *args: object, what: str) -> list[asyncpg.Record]:
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn:
+                return await conn.fetch(query, *args)
+        except Exception as exc:
+            raise StorageError(f"{what} failed: {exc}") from exc
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'

@@ -1,0 +1,124 @@
+"""Websocket token enforcement with raw peers, and the `collab-server token` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from pycrdt import Doc, Text
+from websockets.exceptions import InvalidStatus
+
+from collab_server import protocol as p
+from collab_server.auth import AuthError, issue_token, verify_token
+from tests.rawclient import RawPeer
+from tests.serverproc import ROOT, ServerProcess
+
+SECRET = "s3cret"
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProcess:
+    return server_factory("--auth-required", "--auth-secret", SECRET)
+
+
+def text_update(content: str) -> bytes:
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, content)
+    return doc.get_update()
+
+
+def text(peer: RawPeer) -> str:
+    return str(peer.doc.get("t", type=Text))
+
+
+def auth_replies(peer: RawPeer) -> list[p.AuthMessage]:
+    return [m for m in peer.messages if isinstance(m, p.AuthMessage)]
+
+
+@pytest.mark.parametrize("query", [
+    "",
+    "?token=garbage",
+    f"?token={issue_token('other-secret', doc='doc')}",
+    f"?token={issue_token(SECRET, doc='doc', ttl=-5)}",
+    f"?token={issue_token(SECRET, doc='other')}",
+    f"?token={issue_token(SECRET, prefix='team/')}",
+], ids=["missing", "malformed", "bad-signature", "expired", "other-doc", "prefix-not-covering"])
+async def test_refused_upgrade_is_403(server: ServerProcess, query: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        await RawPeer.connect(f"{server.ws_url}/doc{query}")
+    assert refused.value.response.status_code == 403
+
+
+async def test_token_via_query_subprotocol_or_header(server: ServerProcess) -> None:
+    prefix = issue_token(SECRET, prefix="team/")
+    ways = {
+        "query": dict(uri=f"{server.ws_url}/team/a?token={prefix}"),
+        "subprotocol": dict(uri=f"{server.ws_url}/team/b", subprotocols=[f"collab-token.{prefix}"]),
+        "header": dict(uri=f"{server.ws_url}/team/c", additional_headers={"Authorization": f"Bearer {prefix}"}),
+    }
+    for way, kwargs in ways.items():
+        peer = await RawPeer.connect(kwargs.pop("uri"), **kwargs)
+        if way == "subprotocol":
+            assert peer.ws.subprotocol == f"collab-token.{prefix}"  # the server echoes the chosen protocol
+        await peer.sync()
+        await peer.send(p.sync_update(text_update(way)))
+        await peer.wait_for(lambda peer=peer, way=way: text(peer) == way)
+        await peer.close()
+
+
+async def test_read_only_peer_reads_but_never_writes(server: ServerProcess) -> None:
+    writer = await RawPeer.connect(f"{server.ws_url}/doc?token={issue_token(SECRET, doc='doc')}")
+    await writer.send(p.sync_update(text_update("original")))
+    await writer.wait_for(lambda: text(writer) == "original")
+    await writer.send(p.encode_awareness([p.AwarenessEntry(7, 1, '{"user":"w"}')]))
+
+    reader = await RawPeer.connect(f"{server.ws_url}/doc?token={issue_token(SECRET, doc='doc', access='ro')}")
+    await reader.sync()
+    assert text(reader) == "original"
+    await reader.wait_for(lambda: reader.awareness.get(7) == '{"user":"w"}')
+
+    await reader.send(p.sync_update(text_update("update-from-reader")))
+    await reader.send(p.sync_step2(text_update("step2-from-reader")))
+    await reader.wait_for(lambda: len(auth_replies(reader)) == 2)
+    assert all(m.denied and "read-only" in m.reason for m in auth_replies(reader))
+
+    # frames are handled in order: once the writer's probe is echoed, the refused writes are long settled
+    await writer.send(p.sync_update(text_update("probe")))
+    await writer.wait_for(lambda: "probe" in text(writer))
+    await reader.wait_for(lambda: "probe" in text(reader))
+    assert "reader" not in text(writer) and "reader" not in text(reader)
+    admin = issue_token(SECRET, prefix="", access="ro")
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        history = (await http.get("/api/docs/doc/history", params={"token": admin})).json()["entries"]
+        stored = Doc()
+        stored.apply_update((await http.get("/api/docs/doc/update", params={"token": admin})).content)
+    assert len(history) == 2  # "original" and "probe"
+    assert "reader" not in str(stored.get("t", type=Text))
+    assert not reader.closed.is_set()
+    await reader.close()
+    await writer.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "collab_server", "token", *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})}, timeout=30)
+
+
+def test_cli_token_verifies() -> None:
+    out = run_cli("--secret", SECRET, "--doc", "notes/a", "--access", "ro", "--ttl", "60")
+    assert out.returncode == 0, out.stderr
+    assert verify_token(SECRET, out.stdout.strip(), "notes/a").readonly
+    with pytest.raises(AuthError):
+        verify_token(SECRET, out.stdout.strip(), "notes/b")
+
+    by_env = run_cli("--prefix", "notes/", env={"COLLAB_AUTH_SECRET": SECRET})
+    assert by_env.returncode == 0, by_env.stderr
+    assert not verify_token(SECRET, by_env.stdout.strip(), "notes/b").readonly
+    with pytest.raises(AuthError):
+        verify_token("wrong", by_env.stdout.strip(), "notes/b")
+
+    no_secret = run_cli("--doc", "x", env={"COLLAB_AUTH_SECRET": ""})
+    assert no_secret.returncode == 2 and "secret" in no_secret.stderr

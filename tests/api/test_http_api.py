@@ -1,0 +1,228 @@
+"""The HTTP API against a real server process: round trips, diffs, history, past versions, errors, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from pycrdt import Doc, Text
+
+from collab_server.auth import issue_token
+from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
+from tests.rawclient import RawPeer
+from tests.serverproc import ServerProcess
+
+SECRET = "s3cret"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def text_doc(content: str) -> Doc:
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, content)
+    return doc
+
+
+def text_of(update: bytes) -> str:
+    doc = Doc()
+    doc.apply_update(update)
+    return str(doc.get("t", type=Text))
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests below that use distinct document names; "x" exists from the start."""
+    server = ServerProcess(tmp_path_factory.mktemp("api") / "collab.db").start()
+    httpx.post(f"{server.http_url}/api/docs/x/update", content=text_doc("x").get_update()).raise_for_status()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def http(shared_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shared_server.http_url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+async def auth_http(server_factory) -> AsyncIterator[httpx.AsyncClient]:
+    server = server_factory("--auth-required", "--auth-secret", SECRET)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as client:
+        client.ws_url = server.ws_url  # type: ignore[attr-defined]
+        yield client
+
+
+async def test_post_then_get_as_update_and_json(http: httpx.AsyncClient) -> None:
+    doc = Doc()
+    create_block(doc, "b1", "paragraph", "hello")
+    add_index_entry(doc, "b1", "search", "notStarted")
+    set_status(doc, "b1", "search", "done")
+    name = "team/a/notes"  # names may contain '/'
+    response = await http.post(f"/api/docs/{name}/update", content=doc.get_update(),
+                               headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 204, response.text
+
+    got = await http.get(f"/api/docs/{name}/update")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/octet-stream"
+    copy = Doc()
+    copy.apply_update(got.content)
+    assert blocks_to_json(copy) == blocks_to_json(doc)
+
+    as_json = (await http.get(f"/api/docs/{name}/json")).json()
+    assert as_json == {"name": name, "blocks": blocks_to_json(doc)}
+    assert as_json["blocks"]["b1"]["content"] == "hello"
+    assert as_json["blocks"]["b1"]["indexingList"][0]["status"] == "done"
+
+
+async def test_update_diffed_against_state_vector(http: httpx.AsyncClient) -> None:
+    doc = text_doc("hello")
+    await http.post("/api/docs/d/update", content=doc.get_update())
+    replica = Doc()
+    replica.apply_update((await http.get("/api/docs/d/update")).content)
+    known = replica.get_state()
+    doc.get("t", type=Text).insert(5, " world")
+    await http.post("/api/docs/d/update", content=doc.get_update(known))
+
+    diff = await http.get("/api/docs/d/update", params={"sv": b64url(known)})
+    full = await http.get("/api/docs/d/update")
+    assert b" world" in diff.content and b"hello" not in diff.content  # only what the replica lacks
+    replica.apply_update(diff.content)
+    assert str(replica.get("t", type=Text)) == "hello world" == text_of(full.content)
+    nothing_missing = await http.get("/api/docs/d/update", params={"sv": b64url(replica.get_state())})
+    assert nothing_missing.content == b"\x00\x00"  # an empty v1 update
+
+
+async def test_history_grows_and_past_versions_rebuild(http: httpx.AsyncClient) -> None:
+    doc = text_doc("")
+    text = doc.get("t", type=Text)
+    states = []
+    for word in ("one", " two", " three"):
+        before = doc.get_state()
+        text += word
+        assert (await http.post("/api/docs/h/update", content=doc.get_update(before))).status_code == 204
+        history = (await http.get("/api/docs/h/history")).json()
+        states.append(str(text))
+        assert len(history["entries"]) == len(states)
+    entries = history["entries"]
+    assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
+    assert all(e["size"] > 0 and abs(e["time"] - time.time()) < 60 for e in entries)
+
+    for entry, expected in zip(entries, states, strict=True):
+        as_update = await http.get(f"/api/docs/h/at/{entry['seq']}", params={"format": "update"})
+        assert as_update.headers["content-type"] == "application/octet-stream"
+        assert text_of(as_update.content) == expected
+        as_json = (await http.get(f"/api/docs/h/at/{entry['seq']}")).json()
+        assert as_json == {"name": "h", "seq": entry["seq"], "blocks": {}}
+
+    listed = (await http.get("/api/docs")).json()["docs"]
+    assert ("h", 3) in [(d["name"], d["log_entries"]) for d in listed]
+
+
+async def test_compacted_history_is_gone(server_factory) -> None:
+    server = server_factory("--compact-threshold", "3")
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        doc = text_doc("")
+        for i in range(4):
+            before = doc.get_state()
+            doc.get("t", type=Text).insert(i, "x")
+            await http.post("/api/docs/c/update", content=doc.get_update(before))
+        deadline = time.monotonic() + 10
+        while len((await http.get("/api/docs/c/history")).json()["entries"]) > 1:  # compaction follows a commit
+            assert time.monotonic() < deadline, "no compaction"
+            await asyncio.sleep(0.05)
+        gone = await http.get("/api/docs/c/at/1")
+        assert gone.status_code == 410 and "compacted" in gone.json()["error"]
+        assert text_of((await http.get("/api/docs/c/update")).content) == "xxxx"
+
+
+async def test_websocket_client_receives_posted_update(shared_server: ServerProcess,
+                                                        http: httpx.AsyncClient) -> None:
+    peer = await RawPeer.connect(f"{shared_server.ws_url}/live/doc")
+    await peer.sync()
+    assert (await http.post("/api/docs/live/doc/update", content=text_doc("pushed").get_update())).status_code == 204
+    await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "pushed")
+    await peer.close()
+
+
+@pytest.mark.parametrize("path", ["/api/docs/nope/json", "/api/docs/nope/update", "/api/docs/nope/history",
+                                  "/api/docs/nope/at/1", "/api/unknown", "/api/docs/x/unknown"])
+async def test_not_found(http: httpx.AsyncClient, path: str) -> None:
+    response = await http.get(path)
+    assert response.status_code == 404 and response.json()["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "params", "body"), [
+    ("POST", "/api/docs/x/update", {}, b"not a yjs update"),
+    ("POST", "/api/docs/x/update", {}, b""),
+    ("POST", "/api/docs/x/update", {}, b"\x01\x01\x05\x00"),  # truncated
+    ("GET", "/api/docs/x/update", {"sv": "!!not-base64"}, None),
+    ("GET", "/api/docs/x/update", {"sv": b64url(b"\xff\xff")}, None),
+    ("GET", "/api/docs/x/at/1", {"format": "xml"}, None),
+    ("GET", "/api/docs/bad%01name/json", {}, None),
+    ("GET", "/api/docs/new%0Aline/history", {}, None),
+])
+async def test_bad_request(http: httpx.AsyncClient, method: str, path: str, params: dict, body: bytes | None) -> None:
+    response = await http.request(method, path, params=params, content=body)
+    assert response.status_code == 400 and response.json()["error"]
+    assert text_of((await http.get("/api/docs/x/update")).content) == "x"
+
+
+async def test_oversized_update_is_refused(server_factory) -> None:
+    server = server_factory("--max-message-size", "100")
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        response = await http.post("/api/docs/big/update", content=text_doc("y" * 500).get_update())
+    assert response.status_code == 413 and response.json()["error"]
+
+
+async def test_wrong_method_is_405(http: httpx.AsyncClient) -> None:
+    response = await http.delete("/api/docs/x/update")
+    assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD, POST"
+
+
+async def test_auth_missing_and_invalid_tokens(auth_http: httpx.AsyncClient) -> None:
+    missing = await auth_http.get("/api/docs/a/json")
+    assert missing.status_code == 401 and missing.json() == {"error": "missing token"}
+    for token in ("garbage", issue_token("wrong", doc="a"), issue_token(SECRET, doc="b"),
+                  issue_token(SECRET, doc="a", ttl=-10)):
+        response = await auth_http.get("/api/docs/a/json", params={"token": token})
+        assert response.status_code == 403 and response.json()["error"], token
+    assert (await auth_http.get("/api/docs")).status_code == 401
+    not_admin = await auth_http.get("/api/docs", params={"token": issue_token(SECRET, prefix="a")})
+    assert not_admin.status_code == 403 and 'prefix ""' in not_admin.json()["error"]
+
+
+async def test_auth_tokens_via_query_and_bearer(auth_http: httpx.AsyncClient) -> None:
+    rw = issue_token(SECRET, prefix="team/")
+    posted = await auth_http.post("/api/docs/team/a/update", content=text_doc("ok").get_update(),
+                                  headers={"authorization": f"Bearer {rw}"})
+    assert posted.status_code == 204
+    got = await auth_http.get("/api/docs/team/a/update", params={"token": issue_token(SECRET, doc="team/a")})
+    assert text_of(got.content) == "ok"
+    admin = issue_token(SECRET, prefix="", access="ro")
+    listed = await auth_http.get("/api/docs", headers={"authorization": f"Bearer {admin}"})
+    assert [d["name"] for d in listed.json()["docs"]] == ["team/a"]
+
+
+async def test_read_only_token_cannot_post(auth_http: httpx.AsyncClient) -> None:
+    rw, ro = issue_token(SECRET, doc="r"), issue_token(SECRET, doc="r", access="ro")
+    await auth_http.post("/api/docs/r/update", params={"token": rw}, content=text_doc("kept").get_update())
+    peer = await RawPeer.connect(f"{auth_http.ws_url}/r?token={ro}")  # type: ignore[attr-defined]
+    await peer.sync()
+    refused = await auth_http.post("/api/docs/r/update", params={"token": ro},
+                                   content=text_doc("intruder").get_update())
+    assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+    history = (await auth_http.get("/api/docs/r/history", params={"token": ro})).json()
+    assert len(history["entries"]) == 1
+    got = await auth_http.get("/api/docs/r/update", params={"token": ro})
+    assert text_of(got.content) == "kept"
+    # a probe write through the rw token arrives, and nothing of the refused one came before it
+    await auth_http.post("/api/docs/r/update", params={"token": rw}, content=text_doc("!").get_update())
+    await peer.wait_for(lambda: "!" in str(peer.doc.get("t", type=Text)))
+    assert "intruder" not in str(peer.doc.get("t", type=Text))
+    await peer.close()
