@@ -18,6 +18,7 @@ from collab_server.broker import Broker, create_broker
 from collab_server.config import Settings
 from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
+from collab_server.status_events import StatusEvents
 from collab_server.session import serve_websocket
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
@@ -35,8 +36,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     broker = broker or create_broker(settings)
     metrics = Metrics()
     store.on_commit = metrics.observe_commit
+    status_events = StatusEvents()
+    status_events.subscribe(lambda room, change: metrics.resolver_actions.inc())
     rooms = Rooms(store, broker, metrics, idle_unload_seconds=settings.idle_unload_seconds,
-                  max_connections_per_room=settings.max_connections_per_room)
+                  max_connections_per_room=settings.max_connections_per_room, on_load=status_events.attach)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,4 +88,5 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     app.state.settings = settings
     app.state.rooms = rooms
     app.state.store = store
+    app.state.status_events = status_events
     return app

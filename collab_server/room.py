@@ -41,6 +41,7 @@ class Room:
         self.failed = False
         self.unload_handle: asyncio.TimerHandle | None = None
         self.hooks: list[Callable[[Room], None]] = []  # run after every applied change (e.g. the resolver)
+        self.on_close: list[Callable[[], None]] = []
         self._on_storage_failure = on_storage_failure
         self._observed: list[bytes] = []
         self._subscription = None
@@ -87,6 +88,8 @@ class Room:
         if self._subscription is not None:
             self.doc.unobserve(self._subscription)
             self._subscription = None
+        for callback in self.on_close:
+            callback()
         await self.broker.unsubscribe(self.name)
 
     # --- connections ---------------------------------------------------------------------------------
@@ -134,6 +137,9 @@ class Room:
         except ValueError as exc:
             self._observed.clear()
             raise p.ProtocolError(f"invalid update: {exc}") from exc
+        except Exception:  # an observer failed after the update was applied: keep going, it must be stored
+            self.metrics.errors.labels("observer").inc()
+            log.exception("observer failed room=%s", self.name)
         self._run_hooks()
         self._persist(origin if isinstance(origin, Connection) else None)
 
@@ -156,8 +162,13 @@ class Room:
         self._observed.append(event.update)
 
     def _run_hooks(self) -> None:
+        """Run hooks; one that fails is logged and counted, never allowed to stop the change being stored."""
         for hook in self.hooks:
-            hook(self)
+            try:
+                hook(self)
+            except Exception:
+                self.metrics.errors.labels("hook").inc()
+                log.exception("room hook failed room=%s", self.name)
 
     def _persist(self, sender: Connection | None) -> None:
         if not self._observed:

@@ -55,6 +55,21 @@ class RawPeer:
         await asyncio.wait_for(waiter(), timeout)
         assert predicate(), "connection closed before the condition held"
 
+    def edit_offline(self, change: Callable[[Doc], object]) -> bytes:
+        """Make a local change without sending it; returns its update for later."""
+        updates: list[bytes] = []
+        subscription = self.doc.observe(lambda event: updates.append(event.update))
+        try:
+            with self.doc.transaction():
+                change(self.doc)
+        finally:
+            self.doc.unobserve(subscription)
+        return updates[0] if updates else b"\x00\x00"
+
+    async def edit(self, change: Callable[[Doc], object]) -> None:
+        """Make a local change and send it to the server."""
+        await self.send(p.sync_update(self.edit_offline(change)))
+
     async def send(self, frame: bytes | str) -> None:
         await self.ws.send(frame)
 

@@ -1,0 +1,131 @@
+"""StatusResolver: materialisation, compaction, idempotence and quiet runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pycrdt import Doc
+
+from collab_server.model import (
+    StatusChange,
+    StatusResolver,
+    add_index_entry,
+    block_content,
+    create_block,
+    find_index_entry,
+    resolved_status,
+    set_status,
+)
+from tests.model.replicas import sync, sync_all
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[Doc, StatusResolver, list[StatusChange], list[bytes]]]:
+    """A server doc with a resolver, the changes it emitted and every update it produced."""
+    doc = Doc(client_id=100)
+    emitted: list[StatusChange] = []
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    resolver = StatusResolver(doc, on_change=emitted.append)
+    yield doc, resolver, emitted, updates
+    resolver.close()
+
+
+def client(server_doc: Doc, client_id: int) -> Doc:
+    doc = Doc(client_id=client_id)
+    sync(server_doc, doc)
+    return doc
+
+
+def materialised(doc: Doc) -> str:
+    return find_index_entry(doc, "b", "idx")["status"]
+
+
+def test_resolver_materialises_concurrent_writes_then_goes_quiet(server) -> None:
+    doc, resolver, emitted, updates = server
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "idx")
+    assert resolver.run() == []
+    a, b = client(doc, 1), client(doc, 2)
+    set_status(a, "b", "idx", "error")
+    set_status(b, "b", "idx", "done")
+    sync(a, doc)
+    sync(b, doc)  # `status` is last-writer-wins: b's "done" overwrote a's "error"
+    assert materialised(doc) == "done"
+    changes = resolver.run()
+    assert changes == emitted == [StatusChange("b", "idx", "done", "error")]
+    assert materialised(doc) == resolved_status(doc, "b", "idx") == "error"
+    produced = len(updates)
+    assert resolver.run() == []
+    sync(a, doc)  # nothing new: no dirty block, no write
+    block_content(a, "b").insert(0, "text")
+    sync(a, doc)  # dirty block, nothing to resolve: no write either
+    received = len(updates)
+    assert resolver.run() == [] and len(updates) == received > produced
+
+
+def test_resolver_change_reaches_clients_and_wins(server) -> None:
+    doc, resolver, _, _ = server
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "idx")
+    a, b = client(doc, 1), client(doc, 2)
+    set_status(a, "b", "idx", "error")
+    set_status(b, "b", "idx", "done")
+    sync(a, doc)
+    sync(b, doc)
+    resolver.run()
+    sync_all(doc, a, b)
+    assert [materialised(d) for d in (doc, a, b)] == ["error"] * 3
+    assert resolver.run() == []
+
+
+def test_compaction_keeps_resolved_value(server) -> None:
+    doc, resolver, _, _ = server
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "idx")
+    writes = find_index_entry(doc, "b", "idx")["statusWrites"]
+    first = writes[0]["id"]
+    # a writer that does not compact: appends records superseding earlier ones without deleting them
+    writes.append({"id": "x:1", "status": "error", "seen": [first], "ts": 1})
+    writes.append({"id": "x:2", "status": "done", "seen": [first], "ts": 1})
+    writes.append({"id": "x:3", "status": "processing", "seen": ["x:1"], "ts": 2})
+    before = resolved_status(doc, "b", "idx")
+    assert before == "done"
+    resolver.run()
+    assert sorted(w["id"] for w in writes) == ["x:2", "x:3"]
+    assert resolved_status(doc, "b", "idx") == materialised(doc) == before
+
+
+def test_resolver_without_compaction_keeps_records(server) -> None:
+    doc, _, _, _ = server
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "idx")
+    writes = find_index_entry(doc, "b", "idx")["statusWrites"]
+    writes.append({"id": "x:1", "status": "done", "seen": [writes[0]["id"]], "ts": 1})
+    resolver = StatusResolver(doc, compact=False)
+    assert resolver.run() == [StatusChange("b", "idx", "notStarted", "done")]
+    assert len(writes) == 2
+    resolver.close()
+
+
+def test_loaded_document_is_resolved_on_first_run() -> None:
+    source = Doc(client_id=1)
+    create_block(source, "b", "p")
+    add_index_entry(source, "b", "idx")
+    find_index_entry(source, "b", "idx")["status"] = "stale"
+    doc = Doc(client_id=2)
+    sync(source, doc)
+    resolver = StatusResolver(doc)
+    assert resolver.run() == [StatusChange("b", "idx", "stale", "notStarted")]
+    resolver.close()
+
+
+def test_closed_resolver_ignores_updates(server) -> None:
+    doc, resolver, _, _ = server
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "idx")
+    resolver.run()
+    resolver.close()
+    find_index_entry(doc, "b", "idx")["status"] = "stale"
+    assert resolver.run() == []
