@@ -1,0 +1,8 @@
+"""Asyncio y-websocket client for scripts, bots and tests: offline-first, reconnecting, no echo."""
+
+from client_py.awareness import Awareness
+from client_py.backoff import Backoff
+from client_py.client import REMOTE, STORE, CollabClient
+from client_py.store import LocalStore, StoreError
+
+__all__ = ["REMOTE", "STORE", "Awareness", "Backoff", "CollabClient", "LocalStore", "StoreError"]

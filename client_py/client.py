@@ -1,0 +1,315 @@
+"""CollabClient: keeps a pycrdt Doc in sync with one y-websocket room, offline-first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from pycrdt import Doc, Subscription, TransactionEvent
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from collab_server.protocol import (
+    AuthMessage,
+    AwarenessMessage,
+    Message,
+    ProtocolError,
+    QueryAwarenessMessage,
+    SyncMessage,
+    SyncType,
+    decode_message,
+    sync_step1,
+    sync_step2,
+    sync_update,
+)
+from client_py.awareness import RENEW_EVERY, Awareness
+from client_py.backoff import Backoff
+from client_py.store import LocalStore
+
+log = logging.getLogger(__name__)
+
+REMOTE = "client_py:remote"
+"""Transaction origin of updates received from the server: stored, never sent back."""
+STORE = "client_py:store"
+"""Transaction origin of updates loaded from the local store: already stored, sent only via the handshake."""
+
+_NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
+
+
+class _Link:
+    """One live connection: the ordered outbox its writer drains, and its handshake progress."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: close after what precedes it
+        self.awaiting: deque[int] = deque()  # sequence numbers of our unanswered SyncStep1s
+        self.asked = False  # the handshake's SyncStep1 went out
+        self.synced = False  # ... and the server's SyncStep2 answered it
+
+
+class CollabClient:
+    """Sync ``self.doc`` with ``<url>/<room>``; reconnects forever until closed.
+
+    Local edits (any transaction origin except REMOTE/STORE) are stored, then sent while connected;
+    remote updates are applied under REMOTE and stored, never echoed. On every (re)connect we answer the
+    server's SyncStep1 with a SyncStep2 (everything the server lacks, i.e. our offline edits) and only
+    then send our SyncStep1, so once the server's SyncStep2 arrives both sides hold each other's edits.
+    With ``store`` the document (including unsent edits) survives restarts of this process.
+    """
+
+    def __init__(self, url: str, room: str, *, store: str | Path | None = None,
+                 backoff: Backoff | None = None, open_timeout: float = 5.0, compact_every: int = 500) -> None:
+        if urlsplit(url).scheme not in ("ws", "wss"):
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        self.url = f"{url.rstrip('/')}/{quote(room, safe='')}"
+        self.room = room
+        self.doc: Doc = Doc()
+        self.awareness = Awareness(self.doc.client_id)
+        self.backoff = backoff or Backoff()
+        self.open_timeout = open_timeout
+        self.last_error: BaseException | None = None
+        self._store_path = store
+        self._compact_every = compact_every
+        self._store: LocalStore | None = None
+        self._link: _Link | None = None
+        self._synced = asyncio.Event()
+        self._closing = False
+        self._changed = asyncio.Event()
+        self._compaction_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
+        self._step1_sent = 0  # SyncStep1s sent so far, over all connections
+        self._step1_answered = 0  # sequence number of the latest SyncStep1 the server answered
+
+    async def __aenter__(self) -> CollabClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the local store (if any) and start connecting in the background; never waits for the server."""
+        if self._store_path is not None:
+            self._store = LocalStore(self._store_path, self.room, self._compact_every)
+            snapshot = self._store.load()
+            if snapshot is not None:
+                with self.doc.transaction(origin=STORE):
+                    self.doc.apply_update(snapshot)
+        self._subscription = self.doc.observe(self._on_update)
+        self._task = asyncio.create_task(self._run(), name=f"collab-client {self.url}")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send queued edits and our awareness removal, close the socket, compact and close the store."""
+        if self._task is None or self._closing:
+            return
+        self._closing = True
+        link = self._link
+        if link is not None:
+            link.outbox.put_nowait(self.awareness.set_local_state(None))
+            link.outbox.put_nowait(None)
+        if link is None or not (await asyncio.wait({self._task}, timeout=timeout))[0]:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        assert self._subscription is not None
+        self.doc.unobserve(self._subscription)
+        if self._store is not None:
+            self._store.compact(self.doc.get_update())
+            self._store.close()
+        if not self._task.cancelled() and (exc := self._task.exception()) is not None:
+            raise RuntimeError("client stopped") from exc
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def is_synced(self) -> bool:
+        return self._synced.is_set()
+
+    async def synced(self, timeout: float | None = 10.0) -> None:
+        """Wait until the current connection finished the two-way handshake (TimeoutError otherwise)."""
+        await self.wait_until(lambda: self.is_synced, timeout)
+
+    async def flush(self, timeout: float | None = 10.0) -> None:
+        """Wait until the server has processed every edit made before this call.
+
+        Proof: the server answers a SyncStep1 we sent after those edits (it handles a connection's
+        messages in order). Across reconnects, the next handshake's SyncStep1 serves.
+        """
+        link = self._link
+        if link is not None and link.asked and not self._closing:
+            self._ask(link)
+            target = self._step1_sent
+        else:
+            target = self._step1_sent + 1
+        await self.wait_until(lambda: self._step1_answered >= target, timeout)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float | None = 10.0) -> None:
+        """Wait until ``predicate()`` holds; it is re-checked after every doc, awareness or link change.
+
+        Raises TimeoutError, or the error that stopped the client's background task.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                task = self._running_task()
+                waiter = asyncio.ensure_future(self._changed.wait())
+                try:
+                    await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+
+    def _running_task(self) -> asyncio.Task[None]:
+        if self._task is None:
+            raise RuntimeError("client is not open")
+        if self._task.done():
+            if not self._task.cancelled() and (exc := self._task.exception()) is not None:
+                raise RuntimeError("client stopped") from exc
+            raise RuntimeError("client is closed")
+        return self._task
+
+    def set_awareness(self, state: Any) -> None:
+        """Publish our presence state (JSON-serialisable; None withdraws it)."""
+        message = self.awareness.set_local_state(state)
+        self._send(message)
+
+    @property
+    def peers(self) -> dict[int, Any]:
+        """Awareness states of the other clients in the room."""
+        return self.awareness.peers
+
+    # -- document side ------------------------------------------------------------------------------
+
+    def _on_update(self, event: TransactionEvent) -> None:
+        origin = event.transaction.origin()
+        if origin != hash(STORE):
+            if self._store is not None:
+                self._store.append(event.update)
+                self._schedule_compaction()
+            if origin != hash(REMOTE):
+                self._send(sync_update(event.update))
+        self._notify()
+
+    def _schedule_compaction(self) -> None:
+        # The doc cannot be read inside its observer, so compact right after the transaction.
+        if self._store is not None and self._store.compaction_due and not self._compaction_scheduled:
+            self._compaction_scheduled = True
+            asyncio.get_running_loop().call_soon(self._compact)
+
+    def _compact(self) -> None:
+        self._compaction_scheduled = False
+        if self._store is not None and not self._closing:
+            self._store.compact(self.doc.get_update())
+
+    def _send(self, message: bytes) -> None:
+        if self._link is not None and not self._closing:
+            self._link.outbox.put_nowait(message)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- network side -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            link = _Link()
+            try:
+                async with connect(self.url, open_timeout=self.open_timeout, max_size=None) as ws:
+                    await self._session(ws, link)
+            except _NETWORK_ERRORS as exc:
+                self.last_error = exc
+                log.info("%s: connection failed or lost: %s", self.url, exc)
+            finally:
+                self._link = None
+                self._synced.clear()
+                self.awareness.forget_peers()
+                self._notify()
+            if link.synced:
+                attempt = 0
+            if self._closing:
+                break
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+
+    async def _session(self, ws: ClientConnection, link: _Link) -> None:
+        self._link = link
+        self._notify()
+        if self.awareness.local_state is not None:
+            link.outbox.put_nowait(self.awareness.local_message())
+        # Servers open with SyncStep1; if ours stays silent, ask anyway.
+        ask_anyway = asyncio.get_running_loop().call_later(self.open_timeout, self._handshake_ask, link)
+        helpers = [asyncio.create_task(self._write(ws, link)), asyncio.create_task(self._housekeep())]
+        try:
+            async for frame in ws:
+                if isinstance(frame, str):
+                    raise ProtocolError("text frame from server")
+                try:
+                    self._handle(decode_message(frame), link)
+                except ValueError as exc:  # ProtocolError, or an update/state vector pycrdt cannot decode
+                    log.warning("%s: dropped a malformed frame: %s", self.url, exc)
+        finally:
+            ask_anyway.cancel()
+            for task in helpers:
+                task.cancel()
+            for result in await asyncio.gather(*helpers, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("%s: connection helper failed", self.url, exc_info=result)
+
+    def _handshake_ask(self, link: _Link) -> None:
+        if not link.asked:
+            link.asked = True
+            self._ask(link)
+
+    def _ask(self, link: _Link) -> None:
+        self._step1_sent += 1
+        link.awaiting.append(self._step1_sent)
+        link.outbox.put_nowait(sync_step1(self.doc.get_state()))
+
+    def _handle(self, msg: Message, link: _Link) -> None:
+        if isinstance(msg, SyncMessage):
+            if msg.kind == SyncType.STEP1:
+                link.outbox.put_nowait(sync_step2(self.doc.get_update(msg.payload)))
+                self._handshake_ask(link)
+                return
+            with self.doc.transaction(origin=REMOTE):
+                self.doc.apply_update(msg.payload)
+            if msg.kind == SyncType.STEP2 and link.awaiting:
+                self._step1_answered = link.awaiting.popleft()
+                link.synced = True
+                self._synced.set()
+                self._notify()
+        elif isinstance(msg, AwarenessMessage):
+            if self.awareness.apply(msg.payload):
+                self._notify()
+        elif isinstance(msg, QueryAwarenessMessage):
+            link.outbox.put_nowait(self.awareness.full_message())
+        elif isinstance(msg, AuthMessage) and msg.denied:
+            self.last_error = PermissionError(msg.reason)
+            log.warning("%s: permission denied: %s", self.url, msg.reason)
+
+    async def _write(self, ws: ClientConnection, link: _Link) -> None:
+        try:
+            while (message := await link.outbox.get()) is not None:
+                await ws.send(message)
+            await ws.close()
+        except ConnectionClosed:
+            pass
+
+    async def _housekeep(self) -> None:
+        """Renew our awareness state and expire silent peers, as y-protocols clients do."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY / 3)
+            if (renewal := self.awareness.renewal()) is not None:
+                self._send(renewal)
+            if self.awareness.expire():
+                self._notify()

@@ -1,0 +1,69 @@
+"""Local SQLite store of one room's document: every update the client sees, compacted now and then."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from pycrdt import merge_updates
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be used for this room."""
+
+
+class LocalStore:
+    """Append-only update log in a SQLite file (WAL), bound to one room.
+
+    Each append is its own commit, so an update is on disk before the client sends it; a process crash
+    loses nothing already appended. One client at a time per file.
+    """
+
+    def __init__(self, path: str | Path, room: str, compact_every: int = 500) -> None:
+        self.path = Path(path)
+        self.compact_every = compact_every
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._bind_room(room)
+            self._rows: int = self._db.execute("SELECT count(*) FROM updates").fetchone()[0]
+        except (sqlite3.Error, StoreError) as exc:
+            self._db.close()
+            raise StoreError(f"cannot use store {self.path}: {exc}") from exc
+
+    def _bind_room(self, room: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('room', ?)", (room,))
+        stored = self._db.execute("SELECT value FROM meta WHERE key = 'room'").fetchone()[0]
+        if stored != room:
+            raise StoreError(f"it holds room {stored!r}, not {room!r}")
+
+    def load(self) -> bytes | None:
+        """All stored updates merged into one, or None if the store is empty."""
+        rows = [bytes(row[0]) for row in self._db.execute("SELECT data FROM updates ORDER BY seq")]
+        return merge_updates(*rows) if rows else None
+
+    def append(self, update: bytes) -> None:
+        self._db.execute("INSERT INTO updates (data) VALUES (?)", (update,))
+        self._rows += 1
+
+    @property
+    def compaction_due(self) -> bool:
+        return self._rows > self.compact_every
+
+    def compact(self, snapshot: bytes) -> None:
+        """Replace the whole log by ``snapshot`` (the full document state as one update), atomically."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM updates")
+            self._db.execute("INSERT INTO updates (data) VALUES (?)", (snapshot,))
+        self._rows = 1
+
+    def close(self) -> None:
+        self._db.close()

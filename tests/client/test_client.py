@@ -1,0 +1,223 @@
+"""CollabClient end to end, against the y-websocket reference server and ours (fixture ``upstream``)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pycrdt import Text
+
+from client_py import Backoff, CollabClient
+from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
+from collab_server.protocol import AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message
+from tests.client.refserver import RefServer
+from tests.client.relay import Relay
+from tests.serverproc import ROOT, ServerProcess, free_port
+
+FAST = Backoff(base=0.02, max=0.2)
+
+
+def room() -> str:
+    return f"room-{uuid.uuid4().hex[:8]}"
+
+
+def text(client: CollabClient) -> str:
+    return str(client.doc.get("t", type=Text))
+
+
+async def test_two_clients_sync_both_ways(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with CollabClient(upstream.ws_url, name) as a, CollabClient(upstream.ws_url, name) as b:
+        await a.synced()
+        await b.synced()
+        a.doc.get("t", type=Text).insert(0, "hello")
+        await b.wait_until(lambda: text(b) == "hello")
+        b.doc.get("t", type=Text).insert(5, " world")
+        await a.wait_until(lambda: text(a) == "hello world")
+
+
+async def server_text(url: str, name: str) -> str:
+    async with CollabClient(url, name) as reader:
+        await reader.synced()
+        return text(reader)
+
+
+async def test_flush_waits_until_the_server_has_the_edits(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with Relay(upstream.ws_url) as relay:
+        async with CollabClient(relay.url, name, backoff=FAST) as client:
+            await client.synced()
+            client.doc.get("t", type=Text).insert(0, "a")
+            await client.flush()
+            assert await server_text(upstream.ws_url, name) == "a"
+            relay.go_offline()
+            await client.wait_until(lambda: not client.connected)
+            client.doc.get("t", type=Text).insert(1, "b")
+            with pytest.raises(TimeoutError):
+                await client.flush(timeout=0.3)  # cannot be confirmed while the network is down
+            relay.go_online()
+            await client.flush()
+            assert await server_text(upstream.ws_url, name) == "ab"
+
+
+def _sync_frames(frames: list[bytes], kind: SyncType) -> list[bytes]:
+    messages = [decode_message(frame) for frame in frames]
+    return [m.payload for m in messages if isinstance(m, SyncMessage) and m.kind == kind]
+
+
+async def test_remote_updates_are_never_sent_back(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with Relay(upstream.ws_url) as relay_a, Relay(upstream.ws_url) as relay_b:
+        async with CollabClient(relay_a.url, name) as a, CollabClient(relay_b.url, name) as b:
+            await a.synced()
+            await b.synced()
+            ta, tb = a.doc.get("t", type=Text), b.doc.get("t", type=Text)
+            for i in range(20):
+                ta += f"{i},"
+            expected = "".join(f"{i}," for i in range(20))
+            await b.wait_until(lambda: str(tb) == expected)
+            tb += "!"
+            await a.wait_until(lambda: str(ta) == expected + "!")
+    # One update frame per local transaction; nothing received (nor the reference server's echo) goes back.
+    sent_by_a = _sync_frames(relay_a.sent, SyncType.UPDATE)
+    sent_by_b = _sync_frames(relay_b.sent, SyncType.UPDATE)
+    assert (len(sent_by_a), len(sent_by_b)) == (20, 1)
+    assert not set(sent_by_a) & set(sent_by_b)
+    assert len(_sync_frames(relay_a.sent, SyncType.STEP2)) == 1  # one handshake, one connection
+
+
+async def test_awareness_join_update_and_leave(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with CollabClient(upstream.ws_url, name) as a:
+        a.set_awareness({"user": "a"})  # before connecting: announced once the link is up
+        await a.synced()
+        async with Relay(upstream.ws_url) as relay:
+            async with CollabClient(relay.url, name) as b:
+                await b.wait_until(lambda: b.peers == {a.doc.client_id: {"user": "a"}})
+                b.set_awareness({"user": "b"})
+                await a.wait_until(lambda: a.peers == {b.doc.client_id: {"user": "b"}})
+                a.set_awareness({"user": "a", "cursor": 3})
+                await b.wait_until(lambda: b.peers == {a.doc.client_id: {"user": "a", "cursor": 3}})
+            await a.wait_until(lambda: a.peers == {})
+        # b withdrew its own state on clean close (not only the server noticing the disconnect).
+        last = [decode_message(f) for f in relay.sent][-1]
+        assert isinstance(last, AwarenessMessage)
+        [entry] = decode_awareness(last.payload)
+        assert (entry.client_id, entry.removed) == (b.doc.client_id, True)
+
+
+async def test_peers_are_forgotten_when_the_link_drops(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with Relay(upstream.ws_url) as relay:
+        async with CollabClient(upstream.ws_url, name) as a, CollabClient(relay.url, name, backoff=FAST) as b:
+            a.set_awareness({"user": "a"})
+            await b.wait_until(lambda: b.peers == {a.doc.client_id: {"user": "a"}})
+            relay.go_offline()
+            await b.wait_until(lambda: not b.connected and b.peers == {})
+            relay.go_online()
+            await b.wait_until(lambda: b.peers == {a.doc.client_id: {"user": "a"}})
+
+
+@dataclass(frozen=True)
+class RecordingBackoff(Backoff):
+    delays: list[float] = field(default_factory=list)
+
+    def delay(self, attempt: int) -> float:
+        self.delays.append(super().delay(attempt))
+        return self.delays[-1]
+
+
+async def test_reconnects_with_backoff_after_server_restart(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    backoff = RecordingBackoff(base=0.05, max=0.4, jitter=0)
+    async with CollabClient(upstream.ws_url, name, backoff=backoff) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "before")
+        upstream.kill()
+        await client.wait_until(lambda: len(backoff.delays) >= 5)
+        assert not client.connected
+        client.doc.get("t", type=Text).insert(6, " during")
+        assert backoff.delays[:5] == [0.05, 0.1, 0.2, 0.4, 0.4]
+        await asyncio.to_thread(upstream.start)
+        await client.synced(timeout=15)
+    # The client re-uploaded what the server lacks (for the in-memory reference server: everything).
+    async with CollabClient(upstream.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == "before during"
+
+
+async def test_block_model_works_on_client_doc(upstream: RefServer | ServerProcess) -> None:
+    name = room()
+    async with CollabClient(upstream.ws_url, name) as a, CollabClient(upstream.ws_url, name) as b:
+        await a.synced()
+        await b.synced()
+        create_block(a.doc, "b1", "paragraph", "hello")
+        add_index_entry(a.doc, "b1", "search", metadata={"lang": "en"})
+        await b.wait_until(lambda: "b1" in blocks_to_json(b.doc)
+                           and blocks_to_json(b.doc)["b1"]["indexingList"] != [])
+        set_status(b.doc, "b1", "search", "done")
+        await a.wait_until(lambda: blocks_to_json(a.doc) == blocks_to_json(b.doc))
+        assert blocks_to_json(a.doc)["b1"]["indexingList"][0]["status"] == "done"
+
+
+async def test_offline_edits_survive_restart_and_upload(upstream: RefServer | ServerProcess,
+                                                        tmp_path: Path) -> None:
+    name, store = room(), tmp_path / "client.db"
+    async with Relay(upstream.ws_url) as relay:
+        relay.go_offline()  # never connected before the first edits
+        async with CollabClient(relay.url, name, store=store, backoff=FAST) as client:
+            client.doc.get("t", type=Text).insert(0, "offline")
+            assert not client.connected
+        async with CollabClient(upstream.ws_url, name) as other:  # meanwhile, someone else edits
+            await other.synced()
+            other.doc.get("m", type=Text).insert(0, "remote")
+        relay.go_online()
+        async with CollabClient(relay.url, name, store=store, backoff=FAST) as client:
+            assert text(client) == "offline"  # restored from the store before any connection
+            await client.synced()
+            await client.wait_until(lambda: str(client.doc.get("m", type=Text)) == "remote")
+    async with CollabClient(upstream.ws_url, name) as fresh:
+        await fresh.synced()
+        assert (text(fresh), str(fresh.doc.get("m", type=Text))) == ("offline", "remote")
+
+
+CRASHING_CLIENT = """
+import asyncio, sys
+from pycrdt import Text
+from client_py import CollabClient
+
+async def main():
+    client = CollabClient(sys.argv[1], sys.argv[2], store=sys.argv[3])
+    await client.open()
+    for word in ("unsent ", "edits"):
+        client.doc.get("t", type=Text).insert(len(str(client.doc.get("t", type=Text))), word)
+    print("edited", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_unsent_edits_survive_sigkill(upstream: RefServer | ServerProcess, tmp_path: Path) -> None:
+    name, store = room(), tmp_path / "client.db"
+    dead_url = f"ws://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CLIENT, dead_url, name, str(store)],
+                            cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+        assert line == b"edited\n"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    async with CollabClient(upstream.ws_url, name, store=store) as client:
+        assert text(client) == "unsent edits"
+        await client.synced()
+    async with CollabClient(upstream.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == "unsent edits"
