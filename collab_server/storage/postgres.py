@@ -172,7 +172,7 @@ class PostgresStore:
         try:
             async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1 FOR UPDATE", doc)
+                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
                 rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
                 if row is not None and rows:
                     parts = ([row["checkpoint"]] if row["checkpoint"] else []) + [r["data"] for r in rows]
