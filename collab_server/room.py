@@ -18,9 +18,6 @@ from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
-AWARENESS_TIMEOUT = 30.0  # seconds without renewal after which a peer's presence is dropped
-
-
 class Room:
     """A loaded document and its connections.
 
@@ -30,8 +27,10 @@ class Room:
     """
 
     def __init__(self, name: str, store: Store, broker: Broker, metrics: Metrics, *,
+                 awareness_timeout: float = 30.0,
                  on_storage_failure: Callable[["Room"], None] | None = None) -> None:
         self.name = name
+        self.awareness_timeout = awareness_timeout
         self.metrics = metrics
         self.store = store
         self.broker = broker
@@ -67,7 +66,7 @@ class Room:
         early, self._early = self._early, None
         for event in early or ():
             self._on_broker(*event)
-        self._sweeper = asyncio.get_running_loop().call_later(AWARENESS_TIMEOUT / 2, self._sweep_awareness)
+        self._sweeper = asyncio.get_running_loop().call_later(self.awareness_timeout / 2, self._sweep_awareness)
         log.info("room loaded name=%s updates=%d", self.name, len(updates))
 
     def after_load(self) -> None:
@@ -271,10 +270,10 @@ class Room:
         return p.AwarenessEntry(client_id, clock, "null")
 
     def _sweep_awareness(self) -> None:
-        deadline = time.monotonic() - AWARENESS_TIMEOUT
+        deadline = time.monotonic() - self.awareness_timeout
         stale = [self._bump(cid) for cid, seen in list(self._awareness_seen.items()) if seen < deadline]
         if stale:
             for conn in self.connections:
                 conn.awareness_ids.difference_update(e.client_id for e in stale)
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(stale))
-        self._sweeper = asyncio.get_running_loop().call_later(AWARENESS_TIMEOUT / 2, self._sweep_awareness)
+        self._sweeper = asyncio.get_running_loop().call_later(self.awareness_timeout / 2, self._sweep_awareness)

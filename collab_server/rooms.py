@@ -21,7 +21,7 @@ class RoomFull(Exception):
 
 class Rooms:
     def __init__(self, store: Store, broker: Broker, metrics: Metrics, *, idle_unload_seconds: float = 30.0,
-                 max_connections_per_room: int = 1000,
+                 max_connections_per_room: int = 1000, awareness_timeout: float = 30.0,
                  on_load: Callable[[Room], None] | None = None) -> None:
         self.store = store
         self.broker = broker
@@ -29,6 +29,7 @@ class Rooms:
         metrics.rooms_loaded.set_function(lambda: len(self.loaded))
         self.idle_unload_seconds = idle_unload_seconds
         self.max_connections_per_room = max_connections_per_room
+        self.awareness_timeout = awareness_timeout
         self.on_load = on_load  # installs per-room hooks (resolver, metrics) before the first hook run
         self.loaded: dict[str, Room] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -40,7 +41,8 @@ class Rooms:
         async with lock:
             room = self.loaded.get(name)
             if room is None:
-                room = Room(name, self.store, self.broker, self.metrics, on_storage_failure=self._evict)
+                room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
+                            on_storage_failure=self._evict)
                 await room.load()
                 if self.on_load is not None:
                     self.on_load(room)

@@ -53,3 +53,13 @@ async def test_no_phantom_server_peer(server_factory) -> None:
     await peer.wait_for(lambda: len(keepalives()) >= 3)
     assert all(p.decode_awareness(m.payload) == [] for m in keepalives())
     assert peer.awareness == {}
+
+
+async def test_presence_not_renewed_in_time_is_removed(server_factory) -> None:
+    server = server_factory("--awareness-timeout", "0.6")
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    bob = await RawPeer.connect(f"{server.ws_url}/room")
+    await alice.send(presence(42, 1, {"user": "alice"}))
+    await bob.wait_for(lambda: 42 in bob.awareness)
+    await bob.wait_for(lambda: 42 not in bob.awareness, timeout=5)  # alice never renews
+    assert not alice.closed.is_set()  # her connection stays; only the stale state goes
