@@ -60,6 +60,7 @@ def serve(settings: Settings) -> None:
         ws_max_size=settings.max_message_size,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
+        ws_per_message_deflate=settings.per_message_deflate,
         timeout_graceful_shutdown=settings.shutdown_timeout,
         log_config=None,
         access_log=False,

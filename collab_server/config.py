@@ -32,6 +32,7 @@ class Settings:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     keepalive_interval: float = 10.0
+    per_message_deflate: bool = False  # compress frames: saves bandwidth on slow links, costs server CPU
     awareness_timeout: float = 30.0  # presence not renewed for this long is removed (clients renew every 15 s)
     send_queue_limit: int = 4096
     max_connections_per_room: int = 1000

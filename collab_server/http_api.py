@@ -20,7 +20,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from pycrdt import Doc, merge_updates
+from pycrdt import Doc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -184,8 +184,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             except StorageError as exc:
                 raise ApiError(503, f"storage unavailable: {exc}") from exc
         doc: Doc = Doc()
-        if updates:
-            doc.apply_update(merge_updates(*updates))
+        for update in updates:
+            doc.apply_update(update)
         if form == "update":
             return Response(doc.get_update(), media_type=BINARY)
         return JSONResponse({"name": name, "seq": seq, "blocks": export_json(doc)})

@@ -14,9 +14,9 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import aiosqlite
-from pycrdt import merge_updates
 
-from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError
+
+from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class SQLiteStore:
                 rows = await cur.fetchall()
             if rows:
                 parts = ([bytes(row[0])] if row and row[0] is not None else []) + [bytes(r[1]) for r in rows]
-                merged = merge_updates(*parts)
+                merged = fold_updates(parts)
                 last = rows[-1][0]
                 await self._writer.execute(
                     "UPDATE documents SET checkpoint = ?, checkpoint_seq = ? WHERE name = ?", (merged, last, doc)

@@ -54,6 +54,7 @@ async def test_compaction_keeps_the_document(store: SQLiteStore) -> None:
     assert len(loaded) == 1
     assert rebuild(loaded) == str(doc.get("t", type=Text))
     assert (await store.list_docs())[0].log_entries == 0
+    assert len(loaded[0]) < sum(map(len, updates)) / 5  # a compact checkpoint, not a concatenation
 
 
 async def test_automatic_compaction_past_threshold(tmp_path: Path) -> None:
