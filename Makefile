@@ -6,6 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 1234
 DB     ?= ./collab.db
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test bench install install-py install-js install-browser demo clean
 
@@ -36,8 +37,14 @@ run: install demo
 test: install install-browser demo
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python benchmarks/run.py
+bench: install-py benchmarks/node_modules/.installed
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# Benchmark peers (Hocuspocus builds better-sqlite3 from source) stay out of the test install.
+benchmarks/node_modules/.installed: benchmarks/package.json benchmarks/package-lock.json
+	cd benchmarks && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 clean:
-	rm -rf $(VENV) node_modules web_demo/dist
+	rm -rf $(VENV) node_modules benchmarks/node_modules web_demo/dist
