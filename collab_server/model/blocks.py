@@ -14,7 +14,7 @@ from typing import Any
 
 from pycrdt import Array, Doc, Map, Text
 
-from collab_server.model.status import frontier, resolve_writes
+from collab_server.model.status import WriteRecord, frontier, is_record, resolve_writes
 
 RESERVED_ENTRY_KEYS = frozenset({"index_name", "status", "timestamp", "statusWrites"})
 
@@ -25,8 +25,9 @@ def blocks_map(doc: Doc) -> Map:
 
 
 def get_block(doc: Doc, block_id: str) -> Map | None:
-    """The block Map, or None."""
-    return blocks_map(doc).get(block_id)
+    """The block Map, or None (also when something other than a Map is stored under that id)."""
+    block = blocks_map(doc).get(block_id)
+    return block if isinstance(block, Map) else None
 
 
 def _require_block(doc: Doc, block_id: str) -> Map:
@@ -61,16 +62,30 @@ def block_content(doc: Doc, block_id: str) -> Text:
     return _require_block(doc, block_id)["content"]
 
 
+def _indexing_list(block: Any) -> Array | None:
+    value = block.get("indexingList") if isinstance(block, Map) else None
+    return value if isinstance(value, Array) else None
+
+
 def entries(block: Map) -> Iterator[Map]:
-    """The block's index entries in array order."""
-    return iter(block["indexingList"])
+    """The block's index entries in array order; anything not shaped like a block or an entry is skipped."""
+    indexing_list = _indexing_list(block)
+    return (entry for entry in indexing_list or () if isinstance(entry, Map))
+
+
+def status_records(entry: Map) -> list[tuple[int, WriteRecord]]:
+    """(position, record) of the entry's well-formed status write records; malformed ones are ignored."""
+    writes = entry.get("statusWrites")
+    if not isinstance(writes, Array):
+        return []
+    return [(i, record) for i, record in enumerate(writes) if is_record(record)]
 
 
 def entry_status(entry: Map) -> str | None:
     """Resolved status of an entry (falls back to its materialised ``status``)."""
-    writes = entry.get("statusWrites")
-    resolved = resolve_writes(list(writes)) if writes is not None else None
-    return resolved if resolved is not None else entry.get("status")
+    resolved = resolve_writes([record for _, record in status_records(entry)])
+    status = entry.get("status")
+    return resolved if resolved is not None else status if isinstance(status, str) else None
 
 
 def find_index_entry(doc: Doc, block_id: str, index_name: str) -> Map | None:
@@ -87,9 +102,12 @@ def _now_ms() -> int:
 
 def _write_status(doc: Doc, entry: Map, status: str, ts: float) -> None:
     """Append a record superseding every current record and delete those records."""
-    writes: Array = entry["statusWrites"]
-    seen = [record["id"] for record in frontier(list(writes))]
-    writes.clear()
+    seen = [record["id"] for record in frontier([record for _, record in status_records(entry)])]
+    writes = entry.get("statusWrites")
+    if isinstance(writes, Array):
+        writes.clear()
+    else:
+        writes = entry["statusWrites"] = Array()
     entry["status"] = status
     entry["timestamp"] = ts
     writes.append({"id": f"{doc.client_id}:{secrets.token_hex(8)}", "status": status,
@@ -99,7 +117,9 @@ def _write_status(doc: Doc, entry: Map, status: str, ts: float) -> None:
 def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "notStarted",
                     metadata: Mapping[str, Any] | None = None, ts: float | None = None) -> Map:
     """Add an index entry with an initial status write (or return the existing one)."""
-    indexing_list: Array = _require_block(doc, block_id)["indexingList"]
+    indexing_list = _indexing_list(_require_block(doc, block_id))
+    if indexing_list is None:
+        raise ValueError(f"block {block_id} has no indexingList array")
     existing = find_index_entry(doc, block_id, index_name)
     if existing is not None:
         return existing
@@ -115,14 +135,12 @@ def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "not
 
 def remove_index_entry(doc: Doc, block_id: str, index_name: str) -> bool:
     """Remove the first entry named ``index_name``; returns whether one existed."""
-    block = get_block(doc, block_id)
-    if block is None:
-        return False
-    names = [e.get("index_name") for e in entries(block)]
-    if index_name not in names:
-        return False
-    del block["indexingList"][names.index(index_name)]
-    return True
+    indexing_list = _indexing_list(get_block(doc, block_id))
+    for position, entry in enumerate(indexing_list or ()):
+        if isinstance(entry, Map) and entry.get("index_name") == index_name:
+            del indexing_list[position]
+            return True
+    return False
 
 
 def set_status(doc: Doc, block_id: str, index_name: str, status: str,
@@ -143,7 +161,11 @@ def resolved_status(doc: Doc, block_id: str, index_name: str) -> str | None:
 
 
 def _plain(value: Any) -> Any:
-    """JSON value with integral floats as ints (pycrdt stores ints as floats)."""
+    """JSON value with integral floats as ints (pycrdt stores ints as floats); shared types as plain data."""
+    if isinstance(value, Text):
+        return str(value)
+    if isinstance(value, (Map, Array)):
+        value = value.to_py()
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
@@ -162,10 +184,11 @@ def blocks_to_json(doc: Doc) -> dict[str, dict[str, Any]]:
     """Plain JSON of all blocks with resolved statuses (write records omitted)."""
     return {
         block_id: {
-            "id": block.get("id"),
-            "type": block.get("type"),
-            "content": str(block["content"]),
+            "id": _plain(block.get("id")),
+            "type": _plain(block.get("type")),
+            "content": str(block.get("content", "")),
             "indexingList": [_entry_json(entry) for entry in entries(block)],
         }
         for block_id, block in blocks_map(doc).items()
+        if isinstance(block, Map)
     }

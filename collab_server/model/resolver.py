@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pycrdt import Doc, Map, Subscription
 
-from collab_server.model.blocks import blocks_map, entries
+from collab_server.model.blocks import blocks_map, entries, status_records
 from collab_server.model.status import frontier, resolve_writes
 
 __all__ = ["StatusChange", "StatusResolver", "frontier", "resolve_writes"]
@@ -23,7 +23,7 @@ class StatusChange:
     """A materialised status that the resolver changed."""
 
     block_id: str
-    index_name: str
+    index_name: str | None
     old: str | None
     new: str
 
@@ -66,13 +66,12 @@ class StatusResolver:
         fixes = []
         for block_id in sorted(block_ids):
             block = self._blocks.get(block_id)
-            for entry in entries(block) if block is not None else ():
-                writes = entry.get("statusWrites")
-                records = list(writes) if writes is not None else []
+            for entry in entries(block):
+                positioned = status_records(entry)
+                records = [record for _, record in positioned]
                 new = resolve_writes(records)
                 keep = {record["id"] for record in frontier(records)}
-                stale = [i for i, r in enumerate(records) if r["id"] not in keep]
-                stale = stale if self._compact else []
+                stale = [i for i, record in positioned if record["id"] not in keep] if self._compact else []
                 old = entry.get("status")
                 if (new is not None and new != old) or stale:
                     fixes.append(_Fix(block_id, entry, old, new, stale))
@@ -93,7 +92,7 @@ class StatusResolver:
                     del fix.entry["statusWrites"][index]
                 if fix.new is not None and fix.new != fix.old:
                     fix.entry["status"] = fix.new
-                    name = fix.entry["index_name"]
+                    name = fix.entry.get("index_name")
                     changes.append(StatusChange(fix.block_id, name, fix.old, fix.new))
         self._dirty = set()  # drop the marks made by our own transaction
         for change in changes:

@@ -20,6 +20,13 @@ def priority(status: str) -> int:
     return STATUS_PRIORITY.get(status, -1)
 
 
+def is_record(value: Any) -> bool:
+    """Whether ``value`` has the shape of a write record (clients may write anything into a document)."""
+    return (isinstance(value, Mapping) and isinstance(value.get("id"), str)
+            and isinstance(value.get("status"), str) and isinstance(value.get("seen"), list)
+            and all(isinstance(write_id, str) for write_id in value["seen"]))
+
+
 def frontier(records: Sequence[WriteRecord]) -> list[WriteRecord]:
     """Records not superseded by (listed in the ``seen`` of) any other record."""
     seen = {write_id for record in records for write_id in record["seen"]}
