@@ -13,9 +13,9 @@ from collab_server import protocol as p
 
 
 class RawPeer:
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, client_id: int | None = None) -> None:
         self.ws = ws
-        self.doc = Doc()
+        self.doc = Doc() if client_id is None else Doc(client_id=client_id)
         self.messages: list[p.Message] = []
         self.awareness: dict[int, str] = {}
         self._changed = asyncio.Condition()
@@ -23,8 +23,8 @@ class RawPeer:
         self.closed = asyncio.Event()
 
     @classmethod
-    async def connect(cls, url: str, **kwargs) -> "RawPeer":
-        return cls(await connect(url, max_size=None, **kwargs))
+    async def connect(cls, url: str, client_id: int | None = None, **kwargs) -> "RawPeer":
+        return cls(await connect(url, max_size=None, **kwargs), client_id)
 
     async def _read(self) -> None:
         try:

@@ -14,8 +14,9 @@ def materialised(peer: RawPeer) -> str | None:
 
 
 async def test_concurrent_statuses_resolve_on_every_replica_and_a_retry_wins(server) -> None:
-    alice = await RawPeer.connect(f"{server.ws_url}/room")
-    bob = await RawPeer.connect(f"{server.ws_url}/room")
+    # the higher client id wins a plain map key: alice's "done" lands in `status`, so the server must fix it
+    alice = await RawPeer.connect(f"{server.ws_url}/room", client_id=2000)
+    bob = await RawPeer.connect(f"{server.ws_url}/room", client_id=1000)
     await alice.edit(lambda d: (create_block(d, "b1", "paragraph", "hello"), add_index_entry(d, "b1", "search")))
     await bob.wait_for(lambda: resolved_status(bob.doc, "b1", "search") == "notStarted")
     # both work offline and write concurrently: neither has seen the other's write
