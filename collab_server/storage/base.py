@@ -7,19 +7,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pycrdt import Doc
+from pycrdt import Doc, get_update, merge_updates
 
 
 def fold_updates(updates: list[bytes]) -> bytes:
     """One compact update equivalent to `updates` applied in order (a checkpoint).
 
     Applying through a document, unlike merge_updates, joins adjacent items and drops deleted content,
-    so the checkpoint is small and fast to load.
+    so the checkpoint is small and fast to load. What the document could not integrate (changes whose
+    causal dependencies are not among `updates`, as when another node commits an earlier change later) is
+    carried over from the merged updates, so it applies once its dependencies arrive.
     """
     doc = Doc()
     for update in updates:
         doc.apply_update(update)
-    return doc.get_update()
+    pending = get_update(merge_updates(*updates), doc.get_state())  # structs not integrated + delete set
+    return merge_updates(doc.get_update(), pending)
 
 
 class StorageError(RuntimeError):

@@ -1,0 +1,58 @@
+"""fold_updates: a checkpoint never drops changes whose dependencies are not folded with them."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycrdt import Array, Doc, Text
+
+from collab_server.storage.base import fold_updates
+
+Op = tuple[int, int, int]  # (client, kind, value)
+
+
+def edits(ops: list[Op], clients: int = 3) -> list[tuple[int, bytes]]:
+    """(client, update) of each edit, in the order a server would commit them. Every client sees every
+    earlier edit before making its own, so later updates depend on other clients' earlier ones."""
+    docs = [Doc(client_id=c + 1) for c in range(clients)]
+    log: list[tuple[int, bytes]] = []
+    for client, kind, value in ops:
+        doc = docs[client % clients]
+        text, array = doc.get("t", type=Text), doc.get("a", type=Array)
+        before = doc.get_state()
+        if kind == 0:
+            text.insert(value % (len(text) + 1), "xy"[value % 2])
+        elif kind == 1 and len(text):
+            del text[value % len(text)]
+        else:
+            array.append(value)
+        update = doc.get_update(before)
+        log.append((client % clients, update))
+        for other in docs:
+            other.apply_update(update)
+    return log
+
+
+def content(doc: Doc) -> tuple[str, list]:
+    return str(doc.get("t", type=Text)), doc.get("a", type=Array).to_py()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 50)), min_size=1, max_size=40),
+       st.lists(st.integers(0, 40), min_size=3, max_size=3))
+def test_a_checkpoint_keeps_what_it_cannot_integrate_yet(ops: list[Op], cut: list[int]) -> None:
+    """Folding what is committed, while some clients' later updates commit only after the fold (another
+    node's lower log ids), then applying those, gives the whole document: nothing pending is dropped."""
+    log = edits(ops)
+    seen = [0, 0, 0]
+    early, late = [], []
+    for client, update in log:  # each client's first cut[client] updates are folded, the rest come late
+        (early if seen[client] < cut[client] else late).append(update)
+        seen[client] += 1
+    full, doc = Doc(), Doc()
+    for _, update in log:
+        full.apply_update(update)
+    if early:
+        doc.apply_update(fold_updates(early))
+    for update in late:
+        doc.apply_update(update)
+    assert content(doc) == content(full)
+
