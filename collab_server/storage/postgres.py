@@ -15,9 +15,8 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import asyncpg
-from pycrdt import merge_updates
 
-from collab_server.storage.base import DocInfo, LogEntry, StorageError
+from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class PostgresStore:
                     "INSERT INTO documents (name, updated) SELECT unnest($1::text[]), $2 "
                     "ON CONFLICT (name) DO UPDATE SET updated = excluded.updated",
                     sorted({doc for doc, _, _ in batch}), now)
-        except Exception as exc:  # any failure, including an unknown commit outcome: report it as not durable
+        except Exception as exc:  # noqa: BLE001  any failure, even an unknown commit outcome: not durable
             error = StorageError(f"commit of {len(batch)} updates failed: {exc}")
             log.error("storage commit failed updates=%d error=%s", len(batch), exc)
             for _, _, fut in batch:
@@ -150,7 +149,7 @@ class PostgresStore:
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
         if seq < checkpoint_seq:
-            raise StorageError(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
+            raise HistoryCompacted(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
         return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
@@ -172,14 +171,14 @@ class PostgresStore:
         try:
             async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
+                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1 FOR UPDATE", doc)
                 rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
                 if row is not None and rows:
                     parts = ([row["checkpoint"]] if row["checkpoint"] else []) + [r["data"] for r in rows]
                     folded = [r["id"] for r in rows]
                     await conn.execute(
                         "UPDATE documents SET checkpoint = $1, checkpoint_seq = $2 WHERE name = $3",
-                        merge_updates(*parts), max(row["checkpoint_seq"], folded[-1]), doc)
+                        fold_updates(parts), max(row["checkpoint_seq"], folded[-1]), doc)
                     # exactly the folded rows: one with a lower id that commits later is kept for the next fold
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded)
         except Exception as exc:
