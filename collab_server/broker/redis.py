@@ -6,6 +6,10 @@ it is sent. One reader task XREADs every subscribed stream from the last id it s
 entries to their handlers (local=False). A subscription starts at the stream's last id as read when
 `subscribe` runs, so nothing published after it returns is missed. The reader also blocks on a per-node wake
 stream, which `subscribe` pokes so a new room is read at once.
+
+While Redis is down, a node's own clients are still served; events wait in a bounded queue (the oldest are
+dropped, and logged, past `max_pending`), the reader retries with backoff and resumes from its last ids, and
+`subscribe` raises BrokerError, so a room that cannot be kept in sync with other nodes is not opened.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -51,9 +56,10 @@ class RedisBroker:
         self._wake_id = "0-0"
         self._connect_timeout = connect_timeout
         self._subs: dict[str, _Subscription] = {}
-        self._outbox: deque[tuple[str, dict[str, bytes | str]]] = deque(maxlen=max_pending)
+        self._outbox: deque[tuple[str, dict[Any, Any]]] = deque(maxlen=max_pending)
         self._queued = asyncio.Event()
-        self._closing = False
+        self._dropped = 0  # events dropped from a full queue since the last successful send
+        self._closing = asyncio.Event()  # set by close: stops the tasks and ends their backoff pauses
         self._client: Redis | None = None
         self._reader_client: Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -63,9 +69,11 @@ class RedisBroker:
 
     async def start(self) -> None:
         timeout = self._connect_timeout
-        self._client = Redis.from_url(self.url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        name = f"collab-{self.node_id}"  # shows in CLIENT LIST: which node holds a connection
+        self._client = Redis.from_url(self.url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      client_name=name)
         self._reader_client = Redis.from_url(self.url, socket_connect_timeout=timeout,
-                                             socket_timeout=self.block_ms / 1000 + timeout)
+                                             socket_timeout=self.block_ms / 1000 + timeout, client_name=name)
         try:
             await self._client.ping()
         except RedisError as exc:
@@ -74,18 +82,21 @@ class RedisBroker:
         self._tasks = [asyncio.create_task(self._publish_loop(), name="redis-publisher"),
                        asyncio.create_task(self._read_loop(), name="redis-reader")]
 
-    async def close(self, drain_timeout: float = 5.0) -> None:
-        """Send what is queued (giving up after `drain_timeout` if Redis is down), then stop."""
-        self._closing = True
+    async def close(self) -> None:
+        """Send what is queued (dropping it if Redis fails now), then stop.
+
+        The tasks are stopped by the closing flag, not cancelled: cancelling a redis-py command in flight
+        can leave the task stuck. Disconnecting the reader's connection ends its blocking XREAD at once.
+        """
+        self._closing.set()
         self._queued.set()
         if self._tasks:
             publisher, reader = self._tasks
-            try:
-                await asyncio.wait_for(publisher, drain_timeout)
-            except asyncio.TimeoutError:
-                log.error("redis broker closed with %d events unsent", len(self._outbox))
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await publisher
+            assert self._reader_client is not None
+            while not reader.done():  # repeated in case the reader was connecting when it was cut off
+                await self._reader_client.connection_pool.disconnect()
+                await asyncio.wait([reader], timeout=0.5)
         self._subs.clear()
         if self._client is not None:
             try:
@@ -104,14 +115,17 @@ class RedisBroker:
         assert self._client is not None
         key = self.stream_key(room)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xrevrange(key, "+", "-", count=1)
-                pipe.xadd(self._wake_key, {"wake": room}, maxlen=1, approximate=False)
-                pipe.expire(self._wake_key, WAKE_TTL)
-                last, _, _ = await pipe.execute()
+            last: Any = await self._client.xrevrange(key, "+", "-", count=1)
         except RedisError as exc:
             raise BrokerError(f"subscribing to {room!r} failed: {exc}") from exc
         self._subs[room] = _Subscription(key, handler, last[0][0].decode() if last else "0-0")
+        try:  # registered first: the woken reader must find the new stream
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"wake": room}, maxlen=1, approximate=False)
+                pipe.expire(self._wake_key, WAKE_TTL)
+                await pipe.execute()
+        except RedisError as exc:  # the reader picks the room up after its current XREAD instead
+            log.warning("redis wake failed room=%s error=%s", room, exc)
 
     async def unsubscribe(self, room: str) -> None:
         self._subs.pop(room, None)  # the reader drops it from its next XREAD; entries in flight are ignored
@@ -120,10 +134,12 @@ class RedisBroker:
         sub = self._subs.get(room)
         if sub is not None:
             sub.handler(kind, payload, True)
-        if self._closing:
+        if self._closing.is_set():
             return
         if len(self._outbox) == self._outbox.maxlen:
-            log.error("redis publish queue full: dropping the oldest event, other nodes miss it")
+            self._dropped += 1
+            if self._dropped == 1:
+                log.error("redis publish queue full: dropping the oldest events, other nodes miss them")
         self._outbox.append((self.stream_key(room), {"kind": kind.value, "node": self.node_id, "data": payload}))
         self._queued.set()
 
@@ -136,10 +152,10 @@ class RedisBroker:
             while self._outbox:
                 batch = [self._outbox.popleft() for _ in range(min(BATCH, len(self._outbox)))]
                 await self._send(batch)
-            if self._closing:
+            if self._closing.is_set():
                 return
 
-    async def _send(self, batch: list[tuple[str, dict[str, bytes | str]]]) -> None:
+    async def _send(self, batch: list[tuple[str, dict[Any, Any]]]) -> None:
         """XADD `batch` in order, retrying with backoff until Redis takes it (a retry may duplicate entries,
         which subscribers tolerate: updates and awareness states are idempotent)."""
         assert self._client is not None
@@ -150,9 +166,17 @@ class RedisBroker:
                         pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
                     results = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
+                if self._closing.is_set():
+                    log.error("redis publish failed while closing: %d events dropped error=%s",
+                              len(batch) + len(self._outbox), exc)
+                    self._outbox.clear()
+                    return
                 log.warning("redis publish failed events=%d retry_in=%.1fs error=%s", len(batch), delay, exc)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
+            if self._dropped:
+                log.error("redis publishing resumed; %d events were dropped", self._dropped)
+                self._dropped = 0
             for (key, _), result in zip(batch, results):
                 if isinstance(result, Exception):
                     log.error("redis rejected an event stream=%s error=%s", key, result)
@@ -163,20 +187,30 @@ class RedisBroker:
     async def _read_loop(self) -> None:
         assert self._reader_client is not None
         backoff = _backoff()
-        while True:
-            streams = {self._wake_key: self._wake_id, **{s.key: s.last_id for s in self._subs.values()}}
+        while not self._closing.is_set():
+            streams: dict[Any, Any] = {self._wake_key: self._wake_id,
+                                       **{s.key: s.last_id for s in self._subs.values()}}
             try:
-                reply = await self._reader_client.xread(streams, count=BATCH, block=self.block_ms)
+                reply: Any = await self._reader_client.xread(streams, count=BATCH, block=self.block_ms)
             except RedisError as exc:
+                if self._closing.is_set():
+                    return
                 delay = next(backoff)
                 log.warning("redis read failed retry_in=%.1fs error=%s", delay, exc)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 if isinstance(exc, ResponseError):
                     await self._drop_broken_streams()
                 continue
             backoff = _backoff()
             for key, entries in reply or ():
                 self._dispatch(key.decode(), entries)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the broker is closing."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _dispatch(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         if key == self._wake_key:

@@ -1,0 +1,127 @@
+"""Two real server processes sharing one PostgreSQL and one Redis: clients on either node see one document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from pycrdt import Doc, Text
+from websockets.exceptions import ConnectionClosed
+
+from collab_server import protocol as p
+from tests.distributed.cluster import Cluster
+from tests.rawclient import RawPeer, text_updates
+
+pytestmark = pytest.mark.distributed
+
+
+def text(doc: Doc) -> str:
+    return str(doc.get("t", type=Text))
+
+
+def rebuild(updates: list[bytes]) -> Doc:
+    doc = Doc()
+    for update in updates:
+        doc.apply_update(update)
+    return doc
+
+
+def assert_contains(stored: Doc, received: Doc) -> None:
+    """Everything `received` holds is in `stored`: applying it changes nothing."""
+    before = stored.get_state()
+    stored.apply_update(received.get_update())
+    assert stored.get_state() == before, "a client received an update that was never stored"
+
+
+async def send_all(peer: RawPeer, updates: list[bytes]) -> None:
+    try:
+        for update in updates:
+            await peer.send(p.sync_update(update))
+    except ConnectionClosed:  # the node was killed mid-burst
+        return
+
+
+async def test_clients_on_two_nodes_converge(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    alice = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    bob = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(alice.sync(), bob.sync())
+    doc_a, updates_a = text_updates(200)
+    doc_b, updates_b = text_updates(200)
+    await asyncio.gather(send_all(alice, updates_a), send_all(bob, updates_b))
+    expected = text(rebuild([doc_a.get_update(), doc_b.get_update()]))
+    await alice.wait_for(lambda: text(alice.doc) == expected, 20)
+    await bob.wait_for(lambda: text(bob.doc) == expected, 20)
+    assert text(rebuild(await cluster.stored_updates())) == expected
+    # each update was committed once, by the node that received it
+    assert len(await cluster.stored_updates()) <= len(updates_a) + len(updates_b)
+
+
+async def test_awareness_crosses_nodes(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    alice = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    bob = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(alice.sync(), bob.sync())
+    state = json.dumps({"user": "alice"})
+    await alice.send(p.encode_awareness([p.AwarenessEntry(111, 1, state)]))
+    await bob.wait_for(lambda: bob.awareness.get(111) == state)
+    await bob.send(p.encode_awareness([p.AwarenessEntry(222, 1, json.dumps({"user": "bob"}))]))
+    await alice.wait_for(lambda: 222 in alice.awareness)
+    alice.ws.transport.abort()  # node a removes alice's presence, and node b hears of it
+    await bob.wait_for(lambda: 111 not in bob.awareness)
+
+
+async def test_late_joiner_on_other_node_gets_everything_committed(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    doc, updates = text_updates(300)
+    await send_all(writer, updates)
+    await writer.wait_for(lambda: text(writer.doc) == text(doc), 20)  # echoed, so committed
+    late = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await late.sync()
+    assert text(late.doc) == text(doc)
+
+
+async def test_sigkill_mid_burst_keeps_everything_the_other_node_served(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(writer.sync(), watcher.sync())
+    _, updates = text_updates(3000)
+    sender = asyncio.create_task(send_all(writer, updates))
+    await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
+    a.kill()
+    await sender
+    stored = rebuild(await cluster.stored_updates())
+    assert len(text(watcher.doc)) >= 500
+    assert_contains(stored, watcher.doc)  # b never served an update that is not in PostgreSQL
+    assert text(stored).startswith(text(watcher.doc))
+    a.start()
+    fresh_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    await fresh_a.sync()
+    assert text(fresh_a.doc) == text(stored)
+    # b's room stays loaded and may lack what a committed but never published; a fresh load has it all
+    await watcher.close()
+    b.stop()
+    b.start()
+    fresh_b = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await fresh_b.sync()
+    assert text(fresh_b.doc) == text(stored)
+
+
+@pytest.mark.xfail(reason="known gap: a node killed between commit and publish leaves other nodes' loaded rooms "
+                          "stale until they reload; needs an outbox or a room resync (see the broker notes)",
+                   raises=TimeoutError)
+async def test_loaded_room_on_other_node_catches_up_after_a_crash(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(writer.sync(), watcher.sync())
+    _, updates = text_updates(3000)
+    sender = asyncio.create_task(send_all(writer, updates))
+    await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
+    a.kill()
+    await sender
+    stored = text(rebuild(await cluster.stored_updates()))
+    await watcher.wait_for(lambda: text(watcher.doc) == stored, 10)

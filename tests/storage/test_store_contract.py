@@ -1,0 +1,156 @@
+"""The Store contract, run against every implementation: SQLite and PostgreSQL (a real server).
+
+Anchor defects 1-3 (squash wipes the document, a compressed checkpoint is not read back, SQL errors are
+swallowed) are checked here for every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Text
+
+from collab_server.storage import HistoryCompacted, StorageError, Store
+from tests.rawclient import text_updates
+from tests.storage.backends import Backend, PostgresBackend, SQLiteBackend
+
+
+def rebuild(updates: list[bytes]) -> str:
+    doc = Doc()
+    for update in updates:
+        doc.apply_update(update)
+    return str(doc.get("t", type=Text))
+
+
+def text_of(doc: Doc) -> str:
+    return str(doc.get("t", type=Text))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.distributed)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return SQLiteBackend(tmp_path / "s.db")
+    return PostgresBackend(request.getfixturevalue("postgres_dsn"), request.getfixturevalue("pg_schema"))
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    s = await backend.open()
+    yield s
+    await s.close()
+
+
+async def test_append_then_load_in_order(store: Store) -> None:
+    doc, updates = text_updates(50)
+    seqs = await asyncio.gather(*(store.submit("d", u) for u in updates))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 50
+    assert await store.load("d") == updates
+    assert rebuild(await store.load("d")) == text_of(doc)
+    assert await store.load("other") == []
+
+
+async def test_group_commit_batches_concurrent_submits(store: Store) -> None:
+    commits: list[int] = []
+    store.on_commit = lambda size, seconds: commits.append(size)
+    _, updates = text_updates(300)
+    await asyncio.gather(*(store.submit("d", u) for u in updates))
+    assert sum(commits) == 300
+    assert len(commits) < 300 / 10, f"expected batching, got {len(commits)} commits"
+
+
+async def test_one_batch_spans_documents(store: Store) -> None:
+    docs = {f"doc{i}": text_updates(i + 1) for i in range(8)}
+    await asyncio.gather(*(store.submit(name, u) for name, (_, updates) in docs.items() for u in updates))
+    loaded = await asyncio.gather(*(store.load(name) for name in docs))
+    for (name, (doc, updates)), got in zip(docs.items(), loaded):
+        assert got == updates, name
+    assert [(d.name, d.log_entries) for d in await store.list_docs()] == [(n, i + 1) for i, n in enumerate(docs)]
+
+
+async def test_compaction_keeps_the_document(store: Store) -> None:
+    """Defects 1 and 2: squashing never wipes the document, and a reload reads the checkpoint."""
+    doc, updates = text_updates(130)
+    await asyncio.gather(*(store.submit("d", u) for u in updates[:120]))
+    await store.compact("d")
+    loaded = await store.load("d")
+    assert len(loaded) == 1
+    assert rebuild(loaded) == text_of(doc)[:120]
+    assert len(loaded[0]) < sum(map(len, updates[:120])) / 5  # a compact checkpoint, not a concatenation
+    assert (await store.list_docs())[0].log_entries == 0
+    await asyncio.gather(*(store.submit("d", u) for u in updates[120:]))
+    await store.compact("d")  # folds the new log into the existing checkpoint
+    assert rebuild(await store.load("d")) == text_of(doc)
+
+
+async def test_automatic_compaction_past_threshold(backend: Backend) -> None:
+    s = await backend.open(compact_threshold=25)
+    doc, updates = text_updates(100)
+    for u in updates:
+        await s.submit("d", u)
+    loaded = await s.load("d")
+    await s.close()
+    assert len(loaded) <= 1 + 25  # the checkpoint plus at most one threshold of log
+    assert rebuild(loaded) == text_of(doc)
+
+
+async def test_close_commits_pending_and_reopen_keeps_everything(backend: Backend) -> None:
+    s = await backend.open()
+    doc, updates = text_updates(30)
+    await asyncio.gather(*(s.submit("d", u) for u in updates[:20]))
+    await s.compact("d")
+    pending = [s.submit("d", u) for u in updates[20:]]
+    await s.close()
+    assert all(f.done() and not f.exception() for f in pending)
+    with pytest.raises(StorageError, match="closing"):
+        await s.submit("d", updates[0])
+    s2 = await backend.open()
+    assert rebuild(await s2.load("d")) == text_of(doc)
+    seq = await s2.submit("d", b"\x00\x00")
+    assert seq > max(f.result() for f in pending)
+    await s2.close()
+
+
+async def test_write_error_surfaces_and_nothing_is_stored(store: Store, backend: Backend) -> None:
+    """Defect 3: a failed write fails its future; it never looks successful."""
+    _, updates = text_updates(3)
+    await store.submit("d", updates[0])
+    await backend.break_op("INSERT", "updates", "disk on fire")
+    with pytest.raises(StorageError, match="disk on fire"):
+        await store.submit("d", updates[1])
+    await backend.repair("updates")
+    assert await store.load("d") == [updates[0]]
+    await store.submit("d", updates[1])
+    assert await store.load("d") == updates[:2]
+
+
+async def test_failed_compaction_loses_nothing(store: Store, backend: Backend) -> None:
+    doc, updates = text_updates(40)
+    await asyncio.gather(*(store.submit("d", u) for u in updates))
+    await backend.break_op("DELETE", "updates", "crash")
+    with pytest.raises(StorageError, match="crash"):
+        await store.compact("d")
+    loaded = await store.load("d")
+    assert loaded == updates  # the checkpoint write was rolled back together with the failed delete
+    await backend.repair("updates")
+    await store.compact("d")
+    assert rebuild(await store.load("d")) == text_of(doc)
+
+
+async def test_history_and_past_versions(store: Store) -> None:
+    _, updates = text_updates(5)
+    seqs = [await store.submit("d", u) for u in updates]
+    history = await store.history("d")
+    assert [h.seq for h in history] == seqs
+    assert [h.size for h in history] == [len(u) for u in updates]
+    assert rebuild(await store.load_until("d", seqs[2])) == "abc"
+    await store.compact("d")
+    assert await store.history("d") == []
+    with pytest.raises(HistoryCompacted):
+        await store.load_until("d", seqs[2])
+    assert rebuild(await store.load_until("d", seqs[-1])) == "abcde"
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
