@@ -1,8 +1,11 @@
 """SQLite store (aiosqlite, WAL): an append-only update log with group commit and atomic compaction.
 
 One writer connection serves every document: updates submitted while a commit is in flight are committed
-together in the next transaction, so throughput does not collapse to one fsync per update. A second,
-read-only connection serves loads from a consistent WAL snapshot.
+together in the next transaction, so throughput does not collapse to one fsync per update. A group commit is
+one multi-row INSERT in autocommit mode: one implicit transaction, one trip to the database thread. A second,
+read-only connection serves loads from a consistent WAL snapshot. Compaction folds a snapshot of the log in a
+worker thread, off the commit path, and holds the writer only for the short transaction that swaps the folded
+rows for the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ END;
 """
 
 Pending = tuple[str, bytes, "asyncio.Future[int]"]
+INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 
 
 class SQLiteStore:
@@ -53,6 +57,8 @@ class SQLiteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._read_lock = asyncio.Lock()  # one snapshot transaction at a time on the reader connection
+        self._write_lock = asyncio.Lock()  # group commits and compaction swaps take turns on the writer
+        self._compactions: dict[str, asyncio.Task[None]] = {}
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -62,9 +68,8 @@ class SQLiteStore:
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
 
     async def open(self) -> None:
-        # legacy transaction control: the batch INSERT opens the transaction, commit() ends it, so a group
-        # commit costs two hops to the database thread
-        self._writer = await aiosqlite.connect(self.path, isolation_level="DEFERRED")
+        # autocommit: each statement is its own transaction unless BEGIN opens one explicitly
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
         await self._writer.execute("PRAGMA journal_mode=WAL")
         await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
         await self._writer.execute("PRAGMA busy_timeout=5000")
@@ -84,6 +89,7 @@ class SQLiteStore:
         self._wake.set()
         if self._task is not None:
             await self._task
+        await asyncio.gather(*self._compactions.values(), return_exceptions=True)
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
@@ -106,13 +112,11 @@ class SQLiteStore:
                     return
                 continue
             batch, self._queue = self._queue, []
-            await self._commit(batch)
+            async with self._write_lock:
+                await self._commit(batch)
             for doc in {doc for doc, _, _ in batch}:
-                if self._log_counts[doc] >= self.compact_threshold:
-                    try:
-                        await self.compact(doc)
-                    except StorageError:
-                        log.exception("compaction failed doc=%s", doc)
+                if self._log_counts[doc] >= self.compact_threshold and doc not in self._compactions:
+                    self._compactions[doc] = asyncio.create_task(self._compact_in_background(doc))
             if self._queue or self._closing:
                 self._wake.set()
 
@@ -121,23 +125,25 @@ class SQLiteStore:
         started = time.perf_counter()
         now = time.time()
         first = self._next_id
-        rows = [(first + i, doc, now, update) for i, (doc, update, _) in enumerate(batch)]
-        try:
-            await self._writer.executemany("INSERT INTO updates (id, doc, ts, data) VALUES (?, ?, ?, ?)", rows)
-            await self._writer.commit()
-        except Exception as exc:  # any failure: nothing in this batch is durable
-            await self._rollback()
-            error = StorageError(f"commit of {len(batch)} updates failed: {exc}")
-            log.error("storage commit failed updates=%d error=%s", len(batch), exc)
-            for _, _, fut in batch:
+        for start in range(0, len(batch), INSERT_CHUNK):
+            chunk = batch[start:start + INSERT_CHUNK]
+            params = [value for i, (doc, update, _) in enumerate(chunk) for value in (first + i, doc, now, update)]
+            sql = "INSERT INTO updates (id, doc, ts, data) VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk))
+            try:
+                await self._writer.execute(sql, params)
+            except Exception as exc:  # any failure: nothing in this chunk (or after it) is durable
+                error = StorageError(f"commit of {len(batch) - start} updates failed: {exc}")
+                log.error("storage commit failed updates=%d error=%s", len(batch) - start, exc)
+                for _, _, fut in batch[start:]:
+                    if not fut.done():
+                        fut.set_exception(error)
+                return
+            first += len(chunk)
+            self._next_id = first
+            for i, (doc, _, fut) in enumerate(chunk):
+                self._log_counts[doc] += 1
                 if not fut.done():
-                    fut.set_exception(error)
-            return
-        self._next_id = first + len(batch)
-        for (doc, _, fut), row in zip(batch, rows):
-            self._log_counts[doc] += 1
-            if not fut.done():
-                fut.set_result(row[0])
+                    fut.set_result(first - len(chunk) + i)
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
 
@@ -186,30 +192,39 @@ class SQLiteStore:
         checkpoint = bytes(row[0]) if row and row[0] is not None else None
         return checkpoint, (row[1] if row else 0), rows
 
-    async def compact(self, doc: str) -> None:
-        """Fold the log into the checkpoint in one transaction: a crash mid-way leaves the old state intact."""
-        assert self._writer is not None
+    async def _compact_in_background(self, doc: str) -> None:
         try:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            async with self._writer.execute("SELECT checkpoint FROM documents WHERE name = ?", (doc,)) as cur:
-                row = await cur.fetchone()
-            async with self._writer.execute(
-                "SELECT id, data FROM updates WHERE doc = ? ORDER BY id", (doc,)
-            ) as cur:
-                rows = await cur.fetchall()
-            if rows:
-                parts = ([bytes(row[0])] if row and row[0] is not None else []) + [bytes(r[1]) for r in rows]
-                merged = fold_updates(parts)
-                last = rows[-1][0]
-                await self._writer.execute(
-                    "UPDATE documents SET checkpoint = ?, checkpoint_seq = ? WHERE name = ?", (merged, last, doc)
-                )
+            await self.compact(doc)
+        except StorageError:
+            log.exception("compaction failed doc=%s", doc)
+        finally:
+            del self._compactions[doc]
+
+    async def compact(self, doc: str) -> None:
+        """Fold the log into the checkpoint. The fold works on a snapshot in a worker thread; the swap of the
+        folded rows for the new checkpoint is one transaction, so a crash at any point leaves a whole state."""
+        assert self._writer is not None
+        checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
+        if not rows:
+            return
+        parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
+        folded = await asyncio.to_thread(fold_updates, parts)
+        last = rows[-1][0]
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                async with self._writer.execute(
+                    "UPDATE documents SET checkpoint = ?, checkpoint_seq = ? WHERE name = ? AND checkpoint_seq = ?",
+                    (folded, last, doc, checkpoint_seq),
+                ) as cur:
+                    if cur.rowcount != 1:
+                        raise StorageError("the checkpoint changed during compaction")
                 await self._writer.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, last))
-            await self._writer.execute("COMMIT")
-        except Exception as exc:
-            await self._rollback()
-            raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-        self._log_counts[doc] = 0
+                await self._writer.execute("COMMIT")
+            except Exception as exc:
+                await self._rollback()
+                raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
+        self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
 
     async def list_docs(self) -> list[DocInfo]:
         assert self._reader is not None

@@ -39,3 +39,40 @@ async def test_concurrent_loads_of_different_documents(store: SQLiteStore) -> No
 def test_unknown_synchronous_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sqlite_synchronous"):
         SQLiteStore(str(tmp_path / "x.db"), synchronous="off")
+
+
+async def test_commits_proceed_while_a_compaction_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction folds off the commit path: a commit submitted mid-fold is durable before the fold ends,
+    and the row it added survives the compaction."""
+    import threading
+
+    from collab_server.storage import sqlite as sqlite_module
+
+    folding, release = threading.Event(), threading.Event()
+    released: list[bool] = []  # False: the fold gave up waiting, so nothing could commit meanwhile
+    real_fold = sqlite_module.fold_updates
+
+    def held_fold(parts: list[bytes]) -> bytes:
+        folding.set()
+        released.append(release.wait(5))
+        return real_fold(parts)
+
+    monkeypatch.setattr(sqlite_module, "fold_updates", held_fold)
+    path = str(tmp_path / "c.db")
+    store = SQLiteStore(path, compact_threshold=10)
+    await store.open()
+    doc, updates = text_updates(11)
+    try:
+        await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))  # reaches the threshold
+        assert await asyncio.to_thread(folding.wait, 10)
+        await asyncio.wait_for(store.submit("d", updates[10]), 10)  # committed while the fold is held
+    finally:
+        release.set()
+        await store.close()  # waits for the compaction
+    assert released == [True]
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    loaded = await reopened.load("d")
+    await reopened.close()
+    assert len(loaded) == 2  # the checkpoint and the row committed during the fold
+    assert rebuild(loaded) == str(doc.get("t", type=Text))
