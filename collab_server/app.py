@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
+from starlette.types import Receive, Scope, Send
 
 from collab_server.broker import Broker, create_broker
 from collab_server.config import Settings
@@ -26,8 +26,19 @@ from collab_server.storage import StorageError, Store, create_store
 log = logging.getLogger(__name__)
 
 
+class CollabApp(Starlette):
+    """Starlette for HTTP and lifespan; every websocket, whatever its path, is a room session served directly
+    (no routing or middleware frames held for the life of a connection, none on the per-message path)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await serve_websocket(scope, receive, send, self.state.rooms, self.state.settings)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, store: Store | None = None,
-               broker: Broker | None = None) -> Starlette:
+               broker: Broker | None = None) -> CollabApp:
     """Build the app; `store` and `broker` default to the implementations the settings name."""
     settings = settings or Settings()
     if settings.auth_required and not settings.auth_secret:
@@ -55,9 +66,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             await store.close()
             log.info("collab server stopped; everything committed")
 
-    async def websocket_endpoint(websocket: WebSocket) -> None:
-        await serve_websocket(websocket, rooms, settings)
-
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -79,13 +87,12 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/metrics", prometheus),
         Route("/ready", ready),
         *api_routes(rooms, store, settings),
-        WebSocketRoute("/{room:path}", websocket_endpoint),
     ]
     if Path(settings.web_demo_dir).is_dir():
         routes.append(Mount("/", StaticFiles(directory=settings.web_demo_dir, html=True)))
     else:
         routes.append(Route("/", demo_missing))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = CollabApp(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.rooms = rooms
     app.state.store = store

@@ -6,15 +6,17 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
-
-from starlette.websockets import WebSocket
+from typing import Any
 
 from collab_server.metrics import Metrics
 from collab_server.protocol import KEEPALIVE
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+
+AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class CloseCode(IntEnum):
@@ -29,19 +31,26 @@ class CloseCode(IntEnum):
 
 
 class Connection:
-    """Messages queued with `send` are written in order by `run_sender`; `close` ends the connection."""
+    """Messages queued with `send` are written in order by `run_sender`; `close` ends the connection.
 
-    def __init__(self, websocket: WebSocket, metrics: Metrics, *, readonly: bool = False,
+    `asgi_send` is the server's raw ASGI send for an accepted websocket: the hot path skips framework wrappers.
+    A connection that sent nothing for half a keepalive interval when the keepalive timer fires gets an empty
+    awareness message, so clients' inactivity timers never fire (silence lasts at most 1.5 intervals).
+    """
+
+    def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, readonly: bool = False,
                  send_queue_limit: int = 4096, keepalive_interval: float = 10.0) -> None:
         self.id = next(_ids)
         self.metrics = metrics
-        self.websocket = websocket
         self.readonly = readonly
         self.awareness_ids: set[int] = set()
         self.send_queue_limit = send_queue_limit
         self.keepalive_interval = keepalive_interval
+        self._asgi_send = asgi_send
         self._queue: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self._last_send = 0.0  # loop time of the last write
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self.close_code: int | None = None
         self.send_failed = False
         self.close_reason = ""
@@ -70,26 +79,32 @@ class Connection:
             log.info("closing connection id=%d code=%d reason=%s", self.id, code, reason)
         self._wake.set()
 
+    def _keepalive_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_send >= self.keepalive_interval / 2:
+            self.send(KEEPALIVE)
+        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keepalive_tick)
+
     async def run_sender(self) -> None:
-        """Write queued messages until closed; send a keepalive when idle so clients' timers stay happy."""
-        ws = self.websocket
+        """Write queued messages until closed."""
+        send = self._asgi_send
+        loop = asyncio.get_running_loop()
+        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keepalive_tick)
         try:
             while True:
                 if not self._queue and not self.closed:
-                    try:
-                        async with asyncio.timeout(self.keepalive_interval):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        self._queue.append(KEEPALIVE)
+                    await self._wake.wait()
                     self._wake.clear()
                 sent = 0
                 while self._queue:
                     message = self._queue.popleft()
-                    await ws.send_bytes(message)
+                    await send({"type": "websocket.send", "bytes": message})
                     sent += len(message)
+                self._last_send = loop.time()
                 self.metrics.bytes_sent.inc(sent)
                 if self.closed:
-                    await ws.close(self.close_code or CloseCode.NORMAL, self.close_reason[:120])
+                    await send({"type": "websocket.close", "code": self.close_code or CloseCode.NORMAL,
+                                "reason": self.close_reason[:120]})
                     return
         except Exception as exc:
             # The peer went away mid-send. Stop sending, but leave the connection open for reading:
@@ -97,3 +112,5 @@ class Connection:
             log.debug("sender stopped id=%d error=%r", self.id, exc)
             self.send_failed = True
             self._queue.clear()
+        finally:
+            self._keepalive_timer.cancel()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, authorize, token_from
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 MAX_ROOM_NAME = 512
 
 
-def room_name(websocket: WebSocket) -> str | None:
+def room_name(scope: Scope) -> str | None:
     """The room is the percent-decoded URL path without its leading slash (query string excluded)."""
-    name = websocket.path_params.get("room", "")
+    path, root = scope["path"], scope.get("root_path", "")
+    name = path.removeprefix(root).removeprefix("/") if root and path.startswith(root) else path.removeprefix("/")
     if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
         return None
     return name
@@ -49,8 +51,11 @@ class RateLimiter:
         return True
 
 
-async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings) -> None:
-    name = room_name(websocket)
+async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Rooms, settings: Settings) -> None:
+    """Admit (room name, token), join the room and read frames. The raw ASGI receive/send serve every frame
+    after the handshake; Starlette's WebSocket is used for the handshake only."""
+    websocket = WebSocket(scope, receive, send)
+    name = room_name(scope)
     if name is None:
         log.info("refused websocket: bad room name path=%r", websocket.url.path)
         await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
@@ -66,7 +71,7 @@ async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings
         return
     chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
     await websocket.accept(subprotocol=chosen)
-    conn = Connection(websocket, rooms.metrics, readonly=grant.readonly, send_queue_limit=settings.send_queue_limit,
+    conn = Connection(send, rooms.metrics, readonly=grant.readonly, send_queue_limit=settings.send_queue_limit,
                       keepalive_interval=settings.keepalive_interval)
     sender = asyncio.create_task(conn.run_sender(), name=f"sender:{conn.id}")
     rooms.metrics.connections.inc()
@@ -81,7 +86,7 @@ async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings
     else:
         try:
             room.join(conn)
-            await _read_frames(websocket, conn, room, settings)
+            await _read_frames(receive, conn, room, settings)
         finally:
             room.leave(conn)
             rooms.release(room)
@@ -90,11 +95,11 @@ async def serve_websocket(websocket: WebSocket, rooms: Rooms, settings: Settings
     rooms.metrics.connections.dec()
 
 
-async def _read_frames(websocket: WebSocket, conn: Connection, room: Room, settings: Settings) -> None:
+async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     while not conn.closed:
-        message = await websocket.receive()
+        message = await receive()
         if message["type"] == "websocket.disconnect":
             conn.close(CloseCode.GOING_AWAY, "peer gone")
             return
