@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
 from collab_server.status_events import StatusEvents
 from collab_server.session import serve_websocket
+from collab_server.resync import Resync
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
 
@@ -57,10 +59,16 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
         await broker.start()
+        resync = None
+        if settings.broker != "local" and settings.resync_interval > 0:
+            resync = asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync")
         log.info("collab server ready store=%s broker=%s", settings.store, settings.broker)
         try:
             yield
         finally:
+            if resync is not None:
+                resync.cancel()
+                await asyncio.gather(resync, return_exceptions=True)
             await rooms.close()
             await broker.close()
             await store.close()

@@ -27,6 +27,8 @@ class Metrics:
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
         self.resolver_actions = Counter("collab_resolver_actions", "Statuses materialised by the resolver",
                                         registry=r)
+        self.resync_catch_ups = Counter("collab_resync_catch_ups", "Loaded rooms that caught up from storage "
+                                        "with changes another node committed but never published", registry=r)
         self.errors = Counter("collab_errors", "Errors by kind", ["kind"], registry=r)
 
     def observe_commit(self, batch: int, seconds: float) -> None:

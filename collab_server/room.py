@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from pycrdt import Doc, TransactionEvent, merge_updates
+from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
@@ -205,6 +205,18 @@ class Room:
 
     # --- fan-out -------------------------------------------------------------------------------------
 
+    def catch_up(self, updates: list[bytes]) -> bool:
+        """Apply what storage holds and this document lacks (committed by another node whose broadcast never
+        arrived) and broadcast it here; returns whether anything was missing."""
+        if not updates or self._early is not None:
+            return False
+        with self.doc.transaction(origin="broker"):
+            self.doc.apply_update(get_update(merge_updates(*updates), self.doc.get_state()))
+        changed, self._observed = self._observed, []
+        for update in changed:
+            self._relay(update)
+        return bool(changed)
+
     def _on_broker(self, kind: Kind, payload: bytes, local: bool) -> None:
         if self._early is not None:
             self._early.append((kind, payload, local))
@@ -214,13 +226,17 @@ class Room:
                 with self.doc.transaction(origin="broker"):
                     self.doc.apply_update(payload)
                 self._observed.clear()
-            if not self._outbox:
-                asyncio.get_running_loop().call_soon(self._flush_outbox)
-            self._outbox.append(payload)
+            self._relay(payload)
         else:
             if not local:
                 self._merge_awareness(p.decode_awareness(payload), None)
             self._fan_out(p.awareness_message(payload))
+
+    def _relay(self, update: bytes) -> None:
+        """Queue a committed update for this room's connections; one merged broadcast per loop turn."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        self._outbox.append(update)
 
     def _flush_outbox(self) -> None:
         updates, self._outbox = self._outbox, []

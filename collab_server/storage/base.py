@@ -71,6 +71,9 @@ class Store(Protocol):
 
     async def list_docs(self) -> list[DocInfo]: ...
 
+    async def updated(self, docs: list[str]) -> dict[str, float]:
+        """Time of the last write to each of `docs` that has one (changes whenever any node commits)."""
+
     async def history(self, doc: str) -> list[LogEntry]: ...
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:

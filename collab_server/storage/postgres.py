@@ -191,6 +191,11 @@ class PostgresStore:
         rows = await self._fetch(query, what="listing documents")
         return [DocInfo(r["name"], r["updated"], r["n"]) for r in rows]
 
+    async def updated(self, docs: list[str]) -> dict[str, float]:
+        rows = await self._fetch("SELECT name, updated FROM documents WHERE name = ANY($1::text[])", docs,
+                                 what="reading document times")
+        return {r["name"]: r["updated"] for r in rows}
+
     async def history(self, doc: str) -> list[LogEntry]:
         query = "SELECT id, ts, octet_length(data) AS size FROM updates WHERE doc = $1 ORDER BY id"
         rows = await self._fetch(query, doc, what=f"reading history of {doc!r}")

@@ -236,6 +236,19 @@ class SQLiteStore:
         except Exception as exc:
             raise StorageError(f"listing documents failed: {exc}") from exc
 
+    async def updated(self, docs: list[str]) -> dict[str, float]:
+        assert self._reader is not None
+        stamps: dict[str, float] = {}
+        try:
+            for start in range(0, len(docs), 500):
+                chunk = docs[start:start + 500]
+                query = f"SELECT name, updated FROM documents WHERE name IN ({','.join('?' * len(chunk))})"
+                async with self._reader.execute(query, chunk) as cur:
+                    stamps.update(await cur.fetchall())
+        except Exception as exc:
+            raise StorageError(f"reading document times failed: {exc}") from exc
+        return stamps
+
     async def history(self, doc: str) -> list[LogEntry]:
         assert self._reader is not None
         query = "SELECT id, ts, LENGTH(data) FROM updates WHERE doc = ? ORDER BY id"

@@ -20,7 +20,7 @@ class Cluster:
     schema: str
     redis_url: str
     room: str  # unique per test, so room streams never mix with other runs
-    start_node: Callable[[str], ServerProcess]  # start_node("a"): a server sharing the services
+    start_node: Callable[..., ServerProcess]  # start_node("a", *flags): a server sharing the services
 
     async def stored_updates(self, room: str | None = None) -> list[bytes]:
         """The room's checkpoint and log as a restarted node would load them."""
@@ -39,9 +39,9 @@ async def cluster(postgres_dsn: str, pg_schema: str, redis_url: str, server_fact
     dsn = f"{postgres_dsn}{'&' if '?' in postgres_dsn else '?'}search_path={pg_schema}"
     room = f"room-{uuid.uuid4().hex[:12]}"
 
-    def start_node(name: str) -> ServerProcess:
+    def start_node(name: str, *flags: str) -> ServerProcess:
         return server_factory("--store", "postgres", "--broker", "redis", "--postgres-dsn", dsn,
-                              "--redis-url", redis_url, db=tmp_path / f"node-{name}.db")
+                              "--redis-url", redis_url, *flags, db=tmp_path / f"node-{name}.db")
 
     yield Cluster(dsn, pg_schema, redis_url, room, start_node)
     client = redis.asyncio.Redis.from_url(redis_url)

@@ -154,3 +154,13 @@ async def test_history_and_past_versions(store: Store) -> None:
 
 async def test_ping(store: Store) -> None:
     await store.ping()
+
+
+async def test_updated_moves_with_every_commit(store: Store) -> None:
+    _, updates = text_updates(2)
+    assert await store.updated(["d", "never-written"]) == {}
+    await store.submit("d", updates[0])
+    first = (await store.updated(["d", "never-written"]))["d"]
+    await store.submit("d", updates[1])
+    assert (await store.updated(["d"]))["d"] != first
+    assert list(await store.updated([f"x{i}" for i in range(1200)] + ["d"])) == ["d"]  # many names at once

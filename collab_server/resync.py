@@ -1,0 +1,54 @@
+"""Anti-entropy between nodes: loaded rooms catch up with what other nodes committed but never published.
+
+With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while
+Redis was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query
+reads the last-write time of every loaded room; a room whose time changed since the last look is read from
+storage and given what it lacks, which is broadcast to its local connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from collab_server.rooms import Rooms
+from collab_server.storage import StorageError, Store
+
+log = logging.getLogger(__name__)
+
+
+class Resync:
+    def __init__(self, rooms: Rooms, store: Store, interval: float) -> None:
+        self.rooms = rooms
+        self.store = store
+        self.interval = interval
+        self._seen: dict[str, float] = {}  # room -> last-write time as of its last catch-up
+
+    async def run(self) -> None:
+        """Check every `interval` seconds until cancelled; a storage error is logged and retried next time."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.once()
+            except StorageError as exc:
+                log.warning("resync failed error=%s", exc)
+
+    async def once(self) -> list[str]:
+        """One check of every loaded room; returns the rooms that were missing something."""
+        for name in set(self._seen) - set(self.rooms.loaded):
+            del self._seen[name]
+        stamps = await self.store.updated(list(self.rooms.loaded))
+        caught = []
+        for name, stamp in stamps.items():
+            if self._seen.get(name) == stamp:
+                continue
+            updates = await self.store.load(name)  # read after the stamp: it holds at least what the stamp saw
+            room = self.rooms.loaded.get(name)
+            if room is None or room.failed:
+                continue
+            if room.catch_up(updates):
+                caught.append(name)
+                self.rooms.metrics.resync_catch_ups.inc()
+                log.warning("room caught up from storage name=%s (a committed change was never broadcast)", name)
+            self._seen[name] = stamp
+        return caught
