@@ -180,13 +180,17 @@ def _entry_json(entry: Map) -> dict[str, Any]:
     return {**data, "status": entry_status(entry)}
 
 
+def _content_text(content: Any) -> str:
+    return str(content) if isinstance(content, Text) else ""
+
+
 def blocks_to_json(doc: Doc) -> dict[str, dict[str, Any]]:
     """Plain JSON of all blocks with resolved statuses (write records omitted)."""
     return {
         block_id: {
             "id": _plain(block.get("id")),
             "type": _plain(block.get("type")),
-            "content": str(block.get("content", "")),
+            "content": _content_text(block.get("content")),
             "indexingList": [_entry_json(entry) for entry in entries(block)],
         }
         for block_id, block in blocks_map(doc).items()

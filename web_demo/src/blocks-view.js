@@ -1,12 +1,16 @@
 // The block list: each block's text (bound to its Y.Text) and its indexing list with statuses.
-// All reads and writes of the block model go through model.js.
+// All reads and writes of the block model go through model.js. Any client can write any shape into the
+// document, so what is not shaped as model.js describes is skipped, and only strings become text.
+import * as Y from 'yjs'
 import {
-  STATUS_PRIORITY, addIndexEntry, blocksMap, createBlock, entryStatus, setStatus
+  STATUS_PRIORITY, addIndexEntry, blocksMap, createBlock, entries, entryStatus, getBlock, setStatus
 } from './model.js'
 import { bindTextarea } from './text-binding.js'
 
 const STATUSES = Object.keys(STATUS_PRIORITY).sort((a, b) => STATUS_PRIORITY[a] - STATUS_PRIORITY[b])
 const STATUS_LABELS = { notStarted: 'not started', processing: 'processing', done: 'done', error: 'error' }
+const statusLabel = (status) => (Object.hasOwn(STATUS_LABELS, status) ? STATUS_LABELS[status] : status)
+const text = (value) => (typeof value === 'string' ? value : '')
 
 /** `h('li.row', {dataset: {...}}, child, ...)`: a tiny element builder. */
 function h (tagAndClass, props = {}, ...children) {
@@ -32,9 +36,11 @@ function indexEntryRow (doc, blockId, entry) {
   const name = entry.get('index_name')
   const status = entryStatus(entry) ?? 'notStarted'
   const ts = entry.get('timestamp')
+  const time = new Date(typeof ts === 'number' ? ts : NaN)
+  const timed = !Number.isNaN(time.getTime())
   const buttons = STATUSES.map((s) => h('button.set-status', {
     type: 'button',
-    textContent: STATUS_LABELS[s] ?? s,
+    textContent: statusLabel(s),
     title: `Set ${name} to ${s}`,
     ariaPressed: String(s === status),
     dataset: { testid: `set-status-${s}`, status: s },
@@ -43,30 +49,34 @@ function indexEntryRow (doc, blockId, entry) {
   return h('li.index-entry', { dataset: { testid: 'index-entry', indexName: name, status } },
     h('span.index-name', { textContent: name }),
     h(`span.status.status-${status}`, {
-      textContent: STATUS_LABELS[status] ?? status,
-      title: `resolved status (stored: ${entry.get('status') ?? '–'})`,
+      textContent: statusLabel(status),
+      title: `resolved status (stored: ${text(entry.get('status')) || '–'})`,
       dataset: { testid: 'index-status' }
     }),
     h('time.timestamp', {
-      textContent: ts ? new Date(ts).toLocaleTimeString() : '',
-      dateTime: ts ? new Date(ts).toISOString() : ''
+      textContent: timed ? time.toLocaleTimeString() : '',
+      dateTime: timed ? time.toISOString() : ''
     }),
     h('span.status-buttons', {}, ...buttons))
 }
 
 function blockView (doc, blockId, block) {
+  const content = block.get('content')
   const textarea = h('textarea.content', {
-    rows: 3, placeholder: 'Type here…', ariaLabel: `Content of ${blockId}`, dataset: { testid: 'block-content' }
+    rows: 3, placeholder: 'Type here…', ariaLabel: `Content of ${blockId}`, dataset: { testid: 'block-content' },
+    disabled: !(content instanceof Y.Text)
   })
-  const unbind = bindTextarea(textarea, block.get('content'))
+  const unbind = textarea.disabled ? () => {} : bindTextarea(textarea, content)
 
   const list = h('ul.index-list', { dataset: { testid: 'index-list' } })
   const indexingList = block.get('indexingList')
+  const hasList = indexingList instanceof Y.Array
   const renderEntries = () => {
-    const rows = indexingList.toArray().map((entry) => indexEntryRow(doc, blockId, entry))
+    const rows = entries(block).filter((entry) => typeof entry.get('index_name') === 'string')
+      .map((entry) => indexEntryRow(doc, blockId, entry))
     list.replaceChildren(...(rows.length ? rows : [h('li.empty', { textContent: 'No indexes yet.' })]))
   }
-  indexingList.observeDeep(renderEntries)
+  if (hasList) indexingList.observeDeep(renderEntries)
   renderEntries()
 
   const nameInput = h('input.index-name-input', {
@@ -84,17 +94,17 @@ function blockView (doc, blockId, block) {
 
   const el = h('article.block', { dataset: { testid: 'block', blockId } },
     h('header.block-header', {},
-      h('span.block-type', { textContent: block.get('type') }),
+      h('span.block-type', { textContent: text(block.get('type')) }),
       h('code.block-id', { textContent: blockId })),
     textarea,
-    h('section.indexing', {}, h('h3', { textContent: 'Indexing' }), list, form))
+    h('section.indexing', {}, h('h3', { textContent: 'Indexing' }), list, hasList ? form : null))
 
   return {
     el,
     block,
     destroy: () => {
       unbind()
-      indexingList.unobserveDeep(renderEntries)
+      if (hasList) indexingList.unobserveDeep(renderEntries)
       el.remove()
     }
   }
@@ -114,9 +124,9 @@ export function mountBlocks (doc, container) {
         views.delete(id)
       }
     }
-    const ids = [...blocks.keys()].sort()
+    const ids = [...blocks.keys()].filter((id) => getBlock(doc, id)).sort()
     ids.forEach((id, position) => {
-      if (!views.has(id)) views.set(id, blockView(doc, id, blocks.get(id)))
+      if (!views.has(id)) views.set(id, blockView(doc, id, getBlock(doc, id)))
       const el = views.get(id).el
       if (container.children[position] !== el) container.insertBefore(el, container.children[position] ?? null)
     })

@@ -33,15 +33,19 @@ byTestId('add-block-form').addEventListener('submit', (event) => {
 // a read-only JSON view of the whole document, refreshed at most once per frame
 const json = byTestId('doc-json')
 let queued = false
+// any client may store a BigInt, which JSON.stringify refuses
+const showJSON = () => {
+  json.textContent = JSON.stringify(blocksToJSON(doc), (k, v) => (typeof v === 'bigint' ? String(v) : v), 2)
+}
 doc.on('update', () => {
   if (queued) return
   queued = true
   requestAnimationFrame(() => {
     queued = false
-    json.textContent = JSON.stringify(blocksToJSON(doc), null, 2)
+    showJSON()
   })
 })
-json.textContent = JSON.stringify(blocksToJSON(doc), null, 2)
+showJSON()
 
 // handy from the devtools console
 window.collabDemo = { Y, doc, provider, persistence, room }

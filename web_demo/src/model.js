@@ -21,6 +21,10 @@
  * record whose id is in no other record's `seen`; the resolved status is the highest-priority
  * status on the frontier. setStatus deletes the records it supersedes in the same transaction.
  * Always read statuses with resolvedStatus()/entryStatus(), never the raw `status` key.
+ *
+ * Clients may store anything in a document: readers skip whatever is not shaped as above (blocks
+ * that are not Y.Maps, entries that are not Y.Maps, write records failing isRecord) and leave it in
+ * place; writers throw an Error when the block or entry they need is missing or malformed.
  */
 import * as Y from 'yjs'
 
@@ -29,7 +33,11 @@ export const STATUS_PRIORITY = Object.freeze({ notStarted: 0, processing: 1, don
 
 const RESERVED = new Set(['index_name', 'status', 'timestamp', 'statusWrites'])
 
-const priority = (status) => (status in STATUS_PRIORITY ? STATUS_PRIORITY[status] : -1)
+const priority = (status) => (Object.hasOwn(STATUS_PRIORITY, status) ? STATUS_PRIORITY[status] : -1)
+
+/** Whether `value` has the shape of a write record. */
+export const isRecord = (value) => typeof value?.id === 'string' && typeof value.status === 'string' &&
+  Array.isArray(value.seen) && value.seen.every((id) => typeof id === 'string')
 
 /** Records not superseded by any other record (pure). */
 export function frontier (records) {
@@ -47,15 +55,34 @@ export function resolveWrites (records) {
   return best
 }
 
-/** Resolved status of an index entry Y.Map (falls back to its materialised status). */
-export function entryStatus (entry) {
+/** The entry's well-formed write records (malformed ones are ignored). */
+export function statusRecords (entry) {
   const writes = entry.get('statusWrites')
-  return (writes && resolveWrites(writes.toArray())) ?? entry.get('status') ?? null
+  return writes instanceof Y.Array ? writes.toArray().filter(isRecord) : []
+}
+
+/** Resolved status of an index entry Y.Map (falls back to its materialised status if that is a string). */
+export function entryStatus (entry) {
+  const status = entry.get('status')
+  return resolveWrites(statusRecords(entry)) ?? (typeof status === 'string' ? status : null)
 }
 
 export const blocksMap = (doc) => doc.getMap('blocks')
 
-export const getBlock = (doc, blockId) => blocksMap(doc).get(blockId)
+/** The block Y.Map, or undefined (also when something other than a Y.Map is stored under that id). */
+export function getBlock (doc, blockId) {
+  const block = blocksMap(doc).get(blockId)
+  return block instanceof Y.Map ? block : undefined
+}
+
+/** The block's indexingList Y.Array, or undefined if `block` is not a block or has none. */
+function indexingList (block) {
+  const list = block instanceof Y.Map ? block.get('indexingList') : undefined
+  return list instanceof Y.Array ? list : undefined
+}
+
+/** The block's index entry Y.Maps in array order (anything else in its indexingList is skipped). */
+export const entries = (block) => (indexingList(block)?.toArray() ?? []).filter((e) => e instanceof Y.Map)
 
 /** Create a block (or return the existing one with that id). */
 export function createBlock (doc, blockId, type, content = '') {
@@ -86,18 +113,23 @@ function requireBlock (doc, blockId) {
 }
 
 /** The block's content Y.Text (edit it with insert/delete). */
-export const blockContent = (doc, blockId) => requireBlock(doc, blockId).get('content')
+export function blockContent (doc, blockId) {
+  const content = requireBlock(doc, blockId).get('content')
+  if (!(content instanceof Y.Text)) throw new Error(`block ${blockId} has no content text`)
+  return content
+}
 
 const newWriteId = (doc) => {
   const bytes = crypto.getRandomValues(new Uint8Array(8))
   return `${doc.clientID}:${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`
 }
 
-/** Append a write superseding every current record, deleting those records (one transaction). */
+/** Append a write superseding every current record, deleting all records (one transaction). */
 function writeStatus (doc, entry, status, ts) {
-  const writes = entry.get('statusWrites')
-  const seen = frontier(writes.toArray()).map((r) => r.id)
-  writes.delete(0, writes.length)
+  const seen = frontier(statusRecords(entry)).map((r) => r.id)
+  let writes = entry.get('statusWrites')
+  if (writes instanceof Y.Array) writes.delete(0, writes.length)
+  else entry.set('statusWrites', (writes = new Y.Array()))
   entry.set('status', status)
   entry.set('timestamp', ts)
   writes.push([{ id: newWriteId(doc), status, seen, ts }])
@@ -105,13 +137,13 @@ function writeStatus (doc, entry, status, ts) {
 
 /** First entry named indexName in the block (array order), or undefined. */
 export function findIndexEntry (doc, blockId, indexName) {
-  const block = getBlock(doc, blockId)
-  return block?.get('indexingList').toArray().find((e) => e.get('index_name') === indexName)
+  return entries(getBlock(doc, blockId)).find((e) => e.get('index_name') === indexName)
 }
 
 /** Add an index entry (or return the existing one with that name). */
 export function addIndexEntry (doc, blockId, indexName, { status = 'notStarted', metadata = {}, ts = Date.now() } = {}) {
-  const list = requireBlock(doc, blockId).get('indexingList')
+  const list = indexingList(requireBlock(doc, blockId))
+  if (!list) throw new Error(`block ${blockId} has no indexingList array`)
   const existing = findIndexEntry(doc, blockId, indexName)
   if (existing) return existing
   const entry = new Y.Map()
@@ -130,8 +162,8 @@ export function addIndexEntry (doc, blockId, indexName, { status = 'notStarted',
 
 /** Remove the first entry named indexName; returns whether one existed. */
 export function removeIndexEntry (doc, blockId, indexName) {
-  const list = getBlock(doc, blockId)?.get('indexingList')
-  const index = list ? list.toArray().findIndex((e) => e.get('index_name') === indexName) : -1
+  const list = indexingList(getBlock(doc, blockId))
+  const index = list ? list.toArray().findIndex((e) => e instanceof Y.Map && e.get('index_name') === indexName) : -1
   if (index < 0) return false
   list.delete(index, 1)
   return true
@@ -151,20 +183,21 @@ export function resolvedStatus (doc, blockId, indexName) {
   return entry ? entryStatus(entry) : null
 }
 
-/** Plain JSON of all blocks with resolved statuses (no write records). */
+const plain = (value) => (value instanceof Y.AbstractType ? value.toJSON() : value)
+
+/** Plain JSON of all blocks with resolved statuses (no write records; blocks that are not Y.Maps skipped). */
 export function blocksToJSON (doc) {
-  const out = {}
-  blocksMap(doc).forEach((block, blockId) => {
-    out[blockId] = {
-      id: block.get('id'),
-      type: block.get('type'),
-      content: block.get('content').toString(),
-      indexingList: block.get('indexingList').toArray().map((entry) => {
-        const json = entry.toJSON()
-        delete json.statusWrites
+  const blocks = [...blocksMap(doc).entries()].filter(([, block]) => block instanceof Y.Map)
+  return Object.fromEntries(blocks.map(([blockId, block]) => {
+    const content = block.get('content')
+    return [blockId, {
+      id: plain(block.get('id')),
+      type: plain(block.get('type')),
+      content: content instanceof Y.Text ? content.toString() : '',
+      indexingList: entries(block).map((entry) => {
+        const { statusWrites, ...json } = entry.toJSON()
         return { ...json, status: entryStatus(entry) }
       })
-    }
-  })
-  return out
+    }]
+  }))
 }
