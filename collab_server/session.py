@@ -20,6 +20,7 @@ from collab_server.storage import StorageError
 log = logging.getLogger(__name__)
 
 MAX_ROOM_NAME = 512
+FRAMES_PER_TURN = 16  # a client's queued frames handled before other connections and rooms get a turn
 
 
 def room_name(scope: Scope) -> str | None:
@@ -98,7 +99,11 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    frames = 0
     while not conn.closed:
+        frames += 1
+        if frames % FRAMES_PER_TURN == 0:  # receive() does not suspend while frames are queued
+            await asyncio.sleep(0)
         message = await receive()
         if message["type"] == "websocket.disconnect":
             conn.close(CloseCode.GOING_AWAY, "peer gone")
