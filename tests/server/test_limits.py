@@ -1,0 +1,84 @@
+"""Abuse limits: connections per room, messages per second, and a send queue that never grows unbounded.
+Each closes only the offending connection, with a clear code; everyone else keeps working."""
+
+import httpx
+from pycrdt import Doc, Text
+from websockets.asyncio.client import connect
+
+from collab_server import protocol as p
+from tests.rawclient import RawPeer, text_updates
+
+
+def errors(server, kind: str) -> float:
+    metrics = httpx.get(f"{server.http_url}/metrics").text
+    line = next((l for l in metrics.splitlines() if l.startswith(f'collab_errors_total{{kind="{kind}"}}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+async def test_a_full_room_refuses_the_next_connection_only(server_factory) -> None:
+    server = server_factory("--max-connections-per-room", "2")
+    first = await RawPeer.connect(f"{server.ws_url}/room")
+    second = await RawPeer.connect(f"{server.ws_url}/room")
+    await first.sync()
+    await second.sync()
+    third = await RawPeer.connect(f"{server.ws_url}/room")
+    code, reason = await third.wait_closed()
+    assert (code, reason) == (1008, "room is full")
+    elsewhere = await RawPeer.connect(f"{server.ws_url}/other")  # the limit is per room
+    await elsewhere.sync()
+    await first.edit(lambda d: d.get("t", type=Text).insert(0, "still fine"))
+    await second.wait_for(lambda: str(second.doc.get("t", type=Text)) == "still fine")
+    await second.close()
+    again = await RawPeer.connect(f"{server.ws_url}/room")  # a freed place can be taken
+    await again.sync()
+    assert str(again.doc.get("t", type=Text)) == "still fine" and not again.closed.is_set()
+    assert errors(server, "room_full") == 1
+
+
+async def test_a_flooding_client_is_cut_off_and_its_accepted_edits_kept(server_factory) -> None:
+    server = server_factory("--rate-limit-per-second", "5", "--rate-limit-burst", "20")
+    calm = await RawPeer.connect(f"{server.ws_url}/room")
+    await calm.sync()
+    flooder = await RawPeer.connect(f"{server.ws_url}/room")
+    doc, updates = text_updates(100)
+    for update in updates:
+        try:
+            await flooder.send(p.sync_update(update))
+        except Exception:  # the server may close before all frames are written
+            break
+    code, reason = await flooder.wait_closed()
+    assert (code, reason) == (1008, "rate limit exceeded")
+    # the burst allowance was applied and stored, in order; the rest was refused
+    await calm.sync()
+    text = str(calm.doc.get("t", type=Text))
+    assert 19 <= len(text) < 100 and str(doc.get("t", type=Text)).startswith(text)
+    fresh = await RawPeer.connect(f"{server.ws_url}/room")
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == text
+    assert errors(server, "rate_limit") == 1 and not calm.closed.is_set()
+
+
+async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_forever(server_factory) -> None:
+    server = server_factory("--send-queue-limit", "8")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    reader = await RawPeer.connect(f"{server.ws_url}/room")
+    await writer.sync()
+    await reader.sync()
+    # reads one frame at a time into a one-frame buffer and is never read: TCP backpressure reaches the server
+    stalled = await connect(f"{server.ws_url}/room", max_queue=1, max_size=None)
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(60):  # 60 broadcasts of 200 KB: far more than socket buffers hold
+        before = doc.get_state()
+        text.insert(len(text), f"{i % 10}" * 200_000)
+        await writer.send(p.sync_update(doc.get_update(before)))
+        await reader.wait_for(lambda: len(str(reader.doc.get("t", type=Text))) == len(text), 30)
+        if errors(server, "slow_client"):
+            break
+    assert errors(server, "slow_client") == 1
+    assert "send queue overflow" in server.log()
+    fresh = await RawPeer.connect(f"{server.ws_url}/room")
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == str(text)
+    assert not writer.closed.is_set() and not reader.closed.is_set()
+    await stalled.close()
