@@ -14,7 +14,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aiosqlite
 
@@ -43,6 +44,14 @@ CREATE TRIGGER IF NOT EXISTS updates_touch_document AFTER INSERT ON updates BEGI
 END;
 """
 
+# the checkpoint row (kind 0), then the log in commit order (kind 1)
+SNAPSHOT = """
+SELECT 0 AS kind, checkpoint_seq AS seq, checkpoint AS data FROM documents WHERE name = ?
+UNION ALL
+SELECT 1, id, data FROM updates WHERE doc = ?
+ORDER BY kind, seq
+"""
+
 Pending = tuple[str, bytes, "asyncio.Future[int]"]
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 
@@ -56,7 +65,6 @@ class SQLiteStore:
         self.compact_threshold = compact_threshold
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._read_lock = asyncio.Lock()  # one snapshot transaction at a time on the reader connection
         self._write_lock = asyncio.Lock()  # group commits and compaction swaps take turns on the writer
         self._compactions: dict[str, asyncio.Task[None]] = {}
         self._queue: list[Pending] = []
@@ -167,30 +175,17 @@ class SQLiteStore:
         return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
-        """Checkpoint and log read in one transaction, so a concurrent compaction is never half seen."""
-        assert self._reader is not None
-        async with self._read_lock:
-            return await self._read_snapshot(doc)
-
-    async def _read_snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
-        assert self._reader is not None
-        try:
-            await self._reader.execute("BEGIN")
-            try:
-                async with self._reader.execute(
-                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = ?", (doc,)
-                ) as cur:
-                    row = await cur.fetchone()
-                async with self._reader.execute(
-                    "SELECT id, data FROM updates WHERE doc = ? ORDER BY id", (doc,)
-                ) as cur:
-                    rows = [(r[0], bytes(r[1])) for r in await cur.fetchall()]
-            finally:
-                await self._reader.execute("COMMIT")
-        except Exception as exc:
-            raise StorageError(f"loading {doc!r} failed: {exc}") from exc
-        checkpoint = bytes(row[0]) if row and row[0] is not None else None
-        return checkpoint, (row[1] if row else 0), rows
+        """Checkpoint and log in one statement: SQLite runs a statement on one read snapshot, so a concurrent
+        compaction is never half seen, and concurrent loads need no lock (one trip to the database thread)."""
+        rows = await self._read(SNAPSHOT, (doc, doc), what=f"loading {doc!r}")
+        checkpoint, checkpoint_seq = None, 0
+        log_rows = []
+        for kind, seq, data in rows:
+            if kind == 0:
+                checkpoint, checkpoint_seq = (bytes(data) if data is not None else None), seq
+            else:
+                log_rows.append((seq, bytes(data)))
+        return checkpoint, checkpoint_seq, log_rows
 
     async def _compact_in_background(self, doc: str) -> None:
         try:
@@ -227,41 +222,31 @@ class SQLiteStore:
         self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
 
     async def list_docs(self) -> list[DocInfo]:
-        assert self._reader is not None
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "
                  "FROM documents d ORDER BY d.name")
-        try:
-            async with self._reader.execute(query) as cur:
-                return [DocInfo(name, updated, count) for name, updated, count in await cur.fetchall()]
-        except Exception as exc:
-            raise StorageError(f"listing documents failed: {exc}") from exc
+        rows = await self._read(query, what="listing documents")
+        return [DocInfo(name, updated, count) for name, updated, count in rows]
 
     async def updated(self, docs: list[str]) -> dict[str, float]:
-        assert self._reader is not None
         stamps: dict[str, float] = {}
-        try:
-            for start in range(0, len(docs), 500):
-                chunk = docs[start:start + 500]
-                query = f"SELECT name, updated FROM documents WHERE name IN ({','.join('?' * len(chunk))})"
-                async with self._reader.execute(query, chunk) as cur:
-                    stamps.update(await cur.fetchall())
-        except Exception as exc:
-            raise StorageError(f"reading document times failed: {exc}") from exc
+        for start in range(0, len(docs), 500):
+            chunk = docs[start:start + 500]
+            query = f"SELECT name, updated FROM documents WHERE name IN ({','.join('?' * len(chunk))})"
+            stamps.update(await self._read(query, chunk, what="reading document times"))
         return stamps
 
     async def history(self, doc: str) -> list[LogEntry]:
-        assert self._reader is not None
         query = "SELECT id, ts, LENGTH(data) FROM updates WHERE doc = ? ORDER BY id"
-        try:
-            async with self._reader.execute(query, (doc,)) as cur:
-                return [LogEntry(seq, ts, size) for seq, ts, size in await cur.fetchall()]
-        except Exception as exc:
-            raise StorageError(f"reading history of {doc!r} failed: {exc}") from exc
+        rows = await self._read(query, (doc,), what=f"reading history of {doc!r}")
+        return [LogEntry(seq, ts, size) for seq, ts, size in rows]
 
     async def ping(self) -> None:
+        await self._read("SELECT 1", what="sqlite ping")
+
+    async def _read(self, query: str, params: Sequence[object] = (), *, what: str) -> list[Any]:
+        """One query on the read-only connection, in one trip to the database thread."""
         assert self._reader is not None
         try:
-            async with self._reader.execute("SELECT 1") as cur:
-                await cur.fetchone()
+            return list(await self._reader.execute_fetchall(query, params))
         except Exception as exc:
-            raise StorageError(f"sqlite unreachable: {exc}") from exc
+            raise StorageError(f"{what} failed: {exc}") from exc

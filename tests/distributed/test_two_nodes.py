@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from collab_server import protocol as p
 from tests.distributed.cluster import Cluster
 from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.distributed
 
@@ -40,6 +41,20 @@ async def send_all(peer: RawPeer, updates: list[bytes]) -> None:
             await peer.send(p.sync_update(update))
     except ConnectionClosed:  # the node was killed mid-burst
         return
+
+
+async def kill_mid_burst(cluster: Cluster, a: ServerProcess, b: ServerProcess) -> RawPeer:
+    """A writer on node `a` bursts 3,000 updates; `a` is SIGKILLed once a watcher on `b` holds 500 of them.
+    Returns the watcher, still connected to `b`."""
+    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(writer.sync(), watcher.sync())
+    _, updates = text_updates(3000)
+    sender = asyncio.create_task(send_all(writer, updates))
+    await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
+    a.kill()
+    await sender
+    return watcher
 
 
 async def test_clients_on_two_nodes_converge(cluster: Cluster) -> None:
@@ -85,14 +100,7 @@ async def test_late_joiner_on_other_node_gets_everything_committed(cluster: Clus
 
 async def test_sigkill_mid_burst_keeps_everything_the_other_node_served(cluster: Cluster) -> None:
     a, b = cluster.start_node("a"), cluster.start_node("b")
-    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(writer.sync(), watcher.sync())
-    _, updates = text_updates(3000)
-    sender = asyncio.create_task(send_all(writer, updates))
-    await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
-    a.kill()
-    await sender
+    watcher = await kill_mid_burst(cluster, a, b)
     stored = rebuild(await cluster.stored_updates())
     assert len(text(watcher.doc)) >= 500
     assert_contains(stored, watcher.doc)  # b never served an update that is not in PostgreSQL
@@ -101,7 +109,7 @@ async def test_sigkill_mid_burst_keeps_everything_the_other_node_served(cluster:
     fresh_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
     await fresh_a.sync()
     assert text(fresh_a.doc) == text(stored)
-    # b's room stays loaded and may lack what a committed but never published; a fresh load has it all
+    # until its next resync, b's loaded room may lack what a committed but never published; a fresh load has it all
     await watcher.close()
     b.stop()
     b.start()
@@ -114,13 +122,6 @@ async def test_loaded_room_on_other_node_catches_up_after_a_crash(cluster: Clust
     """A node killed between commit and publish: the other node's loaded room catches up from storage (resync),
     and its clients receive what they missed without reconnecting."""
     a, b = cluster.start_node("a"), cluster.start_node("b", "--resync-interval", "0.5")
-    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(writer.sync(), watcher.sync())
-    _, updates = text_updates(3000)
-    sender = asyncio.create_task(send_all(writer, updates))
-    await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
-    a.kill()
-    await sender
+    watcher = await kill_mid_burst(cluster, a, b)
     stored = text(rebuild(await cluster.stored_updates()))
     await watcher.wait_for(lambda: text(watcher.doc) == stored, 10)
