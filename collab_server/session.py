@@ -9,7 +9,7 @@ import time
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, authorize, token_from
+from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, Grant, authorize, token_from
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.protocol import ProtocolError
@@ -53,25 +53,11 @@ class RateLimiter:
 
 
 async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Rooms, settings: Settings) -> None:
-    """Admit (room name, token), join the room and read frames. The raw ASGI receive/send serve every frame
-    after the handshake; Starlette's WebSocket is used for the handshake only."""
-    websocket = WebSocket(scope, receive, send)
-    name = room_name(scope)
-    if name is None:
-        log.info("refused websocket: bad room name path=%r", websocket.url.path)
-        await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
+    """Admit (room name, token), join the room and read frames with the raw ASGI receive/send."""
+    admitted = await _admit(WebSocket(scope, receive, send), rooms, settings)
+    if admitted is None:
         return
-    subprotocols = websocket.scope.get("subprotocols", [])
-    token = token_from(dict(websocket.query_params), subprotocols, websocket.headers.get("authorization"))
-    try:
-        grant = authorize(settings.auth_secret, settings.auth_required, name, token)
-    except AuthError as exc:
-        rooms.metrics.errors.labels("auth").inc()
-        log.info("refused websocket room=%s reason=%s", name, exc)
-        await websocket.close(CloseCode.POLICY_VIOLATION)
-        return
-    chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
-    await websocket.accept(subprotocol=chosen)
+    name, grant = admitted
     conn = Connection(send, rooms.metrics, readonly=grant.readonly, send_queue_limit=settings.send_queue_limit,
                       keepalive_interval=settings.keepalive_interval)
     sender = asyncio.create_task(conn.run_sender(), name=f"sender:{conn.id}")
@@ -94,6 +80,28 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     conn.close(CloseCode.NORMAL, "")
     await sender
     rooms.metrics.connections.dec()
+
+
+async def _admit(websocket: WebSocket, rooms: Rooms, settings: Settings) -> tuple[str, Grant] | None:
+    """Check the room name and token, then accept (choosing the token subprotocol) or refuse with 403.
+    Starlette's WebSocket serves the handshake only and is not kept for the life of the connection."""
+    name = room_name(websocket.scope)
+    if name is None:
+        log.info("refused websocket: bad room name path=%r", websocket.url.path)
+        await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
+        return None
+    subprotocols = websocket.scope.get("subprotocols", [])
+    token = token_from(dict(websocket.query_params), subprotocols, websocket.headers.get("authorization"))
+    try:
+        grant = authorize(settings.auth_secret, settings.auth_required, name, token)
+    except AuthError as exc:
+        rooms.metrics.errors.labels("auth").inc()
+        log.info("refused websocket room=%s reason=%s", name, exc)
+        await websocket.close(CloseCode.POLICY_VIOLATION)
+        return None
+    chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
+    await websocket.accept(subprotocol=chosen)
+    return name, grant
 
 
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
