@@ -25,8 +25,7 @@ FRAMES_PER_TURN = 16  # a client's queued frames handled before other connection
 
 def room_name(scope: Scope) -> str | None:
     """The room is the percent-decoded URL path without its leading slash (query string excluded)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    name = path.removeprefix(root).removeprefix("/") if root and path.startswith(root) else path.removeprefix("/")
+    name = scope["path"].removeprefix(scope.get("root_path", "")).removeprefix("/")
     if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
         return None
     return name
