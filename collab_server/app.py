@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from collab_server.broker import Broker, create_broker
+from collab_server.broker import Broker, BrokerError, create_broker
 from collab_server.config import Settings
 from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
@@ -80,7 +80,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     async def ready(request: Request) -> Response:
         try:
             await store.ping()
-        except StorageError as exc:
+            await broker.ping()
+        except (StorageError, BrokerError) as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "rooms_loaded": len(rooms.loaded)})
 

@@ -43,7 +43,11 @@ class Rooms:
             if room is None:
                 room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
                             on_storage_failure=self._evict)
-                await room.load()
+                try:
+                    await room.load()
+                except BaseException:
+                    await room.close()  # drop a broker subscription the failed load may have made
+                    raise
                 if self.on_load is not None:
                     self.on_load(room)
                 room.after_load()

@@ -10,6 +10,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, Grant, authorize, token_from
+from collab_server.broker import BrokerError
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.protocol import ProtocolError
@@ -69,6 +70,10 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     except StorageError as exc:
         log.error("room load failed name=%s error=%s", name, exc)
         conn.close(CloseCode.INTERNAL_ERROR, "storage failure while loading the document")
+    except BrokerError as exc:
+        rooms.metrics.errors.labels("broker").inc()
+        log.error("room load failed name=%s error=%s", name, exc)
+        conn.close(CloseCode.INTERNAL_ERROR, "broker unavailable: cannot keep the document in sync with other nodes")
     else:
         try:
             room.join(conn)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collab_server.broker.base import Broker, Handler, Kind
+from collab_server.broker.base import Broker, BrokerError, Handler, Kind
 from collab_server.config import Settings
 
-__all__ = ["Broker", "Handler", "Kind", "create_broker"]
+__all__ = ["Broker", "BrokerError", "Handler", "Kind", "create_broker"]
 
 
 def create_broker(settings: Settings) -> Broker:

@@ -12,6 +12,10 @@ class Kind(str, Enum):
     AWARENESS = "awareness"  # an encoded awareness update (payload of a type-1 message)
 
 
+class BrokerError(RuntimeError):
+    """The broker cannot reach the other nodes; a room that cannot be kept in sync with them is not opened."""
+
+
 Handler = Callable[[Kind, bytes, bool], None]
 """handler(kind, payload, local): `local` is True when this node published it (already applied here)."""
 
@@ -21,7 +25,11 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
-    async def subscribe(self, room: str, handler: Handler) -> None: ...
+    async def subscribe(self, room: str, handler: Handler) -> None:
+        """Deliver `room`'s events published after this returns; raises BrokerError when unreachable."""
+
+    async def ping(self) -> None:
+        """Raise BrokerError when the broker is unreachable."""
 
     async def unsubscribe(self, room: str) -> None: ...
 

@@ -15,6 +15,9 @@ class LocalBroker:
     async def close(self) -> None:
         self._handlers.clear()
 
+    async def ping(self) -> None:
+        pass
+
     async def subscribe(self, room: str, handler: Handler) -> None:
         self._handlers[room] = handler
 

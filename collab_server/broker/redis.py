@@ -25,16 +25,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from collab_server.broker.base import Handler, Kind
+from collab_server.broker.base import BrokerError, Handler, Kind
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # stream entries per XADD pipeline and per stream per XREAD
 WAKE_TTL = 3600  # seconds a node's wake stream outlives its last poke (a killed node leaves it behind)
-
-
-class BrokerError(RuntimeError):
-    """Redis is unreachable or refused a command; the room cannot be kept in sync with other nodes."""
 
 
 @dataclass
@@ -126,6 +122,13 @@ class RedisBroker:
                 await pipe.execute()
         except RedisError as exc:  # the reader picks the room up after its current XREAD instead
             log.warning("redis wake failed room=%s error=%s", room, exc)
+
+    async def ping(self) -> None:
+        assert self._client is not None
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            raise BrokerError(f"redis unreachable: {exc}") from exc
 
     async def unsubscribe(self, room: str) -> None:
         self._subs.pop(room, None)  # the reader drops it from its next XREAD; entries in flight are ignored

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio
 
-from collab_server.broker import Broker, Kind
+from collab_server.broker import Broker, BrokerError, Kind
 from collab_server.broker.local import LocalBroker
-from collab_server.broker.redis import BrokerError, RedisBroker
+from collab_server.broker.redis import RedisBroker
 from tests.serverproc import free_port
 
 Event = tuple[Kind, bytes, bool]
@@ -101,6 +101,10 @@ async def test_delivers_in_order_with_the_local_flag(node: Nodes) -> None:
     assert [e[1] for e in events] == payloads
     assert all(local for _, _, local in events)
     assert [kind for kind, _, _ in events[:8]] == [Kind.AWARENESS] + [Kind.UPDATE] * 6 + [Kind.AWARENESS]
+
+
+async def test_ping_answers_while_the_broker_is_reachable(node: Nodes) -> None:
+    await (await node()).ping()
 
 
 async def test_rooms_are_separate_and_unsubscribe_stops_delivery(node: Nodes) -> None:
