@@ -18,6 +18,14 @@ from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
+MAX_AWARENESS_IDS = 16  # awareness client ids one connection may introduce (a y-websocket client uses one)
+MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
+
+
+class LimitExceeded(Exception):
+    """A message within the protocol but beyond what one connection may ask of the room (policy violation)."""
+
+
 class Room:
     """A loaded document and its connections.
 
@@ -251,7 +259,15 @@ class Room:
     # --- awareness -----------------------------------------------------------------------------------
 
     def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
-        accepted = self._merge_awareness(p.decode_awareness(payload), conn)
+        """Merge an awareness update; from a connection, one beyond the limits is refused whole."""
+        entries = p.decode_awareness(payload)
+        if conn is not None:
+            new_ids = {e.client_id for e in entries if not e.removed} - conn.awareness_ids
+            if len(conn.awareness_ids) + len(new_ids) > MAX_AWARENESS_IDS:
+                raise LimitExceeded(f"more than {MAX_AWARENESS_IDS} awareness clients on one connection")
+            if any(len(e.state) > MAX_AWARENESS_STATE for e in entries):
+                raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} characters")
+        accepted = self._merge_awareness(entries, conn)
         if accepted:
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(accepted))
 

@@ -14,7 +14,7 @@ from collab_server.broker import BrokerError
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.protocol import ProtocolError
-from collab_server.room import Room
+from collab_server.room import LimitExceeded, Room
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 
@@ -140,4 +140,9 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             metrics.errors.labels("protocol").inc()
             log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)
             conn.close(CloseCode.INVALID_PAYLOAD, f"malformed message: {exc}")
+            return
+        except LimitExceeded as exc:
+            metrics.errors.labels("limit").inc()
+            log.info("limit exceeded room=%s connection=%d error=%s", room.name, conn.id, exc)
+            conn.close(CloseCode.POLICY_VIOLATION, str(exc))
             return

@@ -82,3 +82,23 @@ async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_foreve
     assert str(fresh.doc.get("t", type=Text)) == str(text)
     assert not writer.closed.is_set() and not reader.closed.is_set()
     await stalled.close()
+
+
+async def test_awareness_beyond_the_limits_is_refused_whole(server) -> None:
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    many = await RawPeer.connect(f"{server.ws_url}/room")
+    await many.send(p.encode_awareness([p.AwarenessEntry(1000 + i, 1, '{"u":1}') for i in range(17)]))
+    code, reason = await many.wait_closed()
+    assert code == 1008 and "awareness clients" in reason
+    huge = await RawPeer.connect(f"{server.ws_url}/room")
+    await huge.send(p.encode_awareness([p.AwarenessEntry(7, 1, '{"u":1}'),
+                                        p.AwarenessEntry(8, 1, '"' + "x" * 70_000 + '"')]))
+    code, reason = await huge.wait_closed()
+    assert code == 1008 and "awareness state" in reason
+    # a normal presence still flows, and nothing from the refused messages was merged
+    normal = await RawPeer.connect(f"{server.ws_url}/room")
+    await normal.send(p.encode_awareness([p.AwarenessEntry(42, 1, '{"user":"ok"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(42) == '{"user":"ok"}')
+    assert set(watcher.awareness) == {42}
+    assert errors(server, "limit") == 2 and not watcher.closed.is_set()
