@@ -146,12 +146,12 @@ class SQLiteStore:
                     if not fut.done():
                         fut.set_exception(error)
                 return
-            first += len(chunk)
-            self._next_id = first
             for i, (doc, _, fut) in enumerate(chunk):
                 self._log_counts[doc] += 1
                 if not fut.done():
-                    fut.set_result(first - len(chunk) + i)
+                    fut.set_result(first + i)
+            first += len(chunk)
+            self._next_id = first
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
 
