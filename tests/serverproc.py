@@ -59,6 +59,12 @@ class ServerProcess:
             time.sleep(0.05)
         raise TimeoutError(f"server did not become healthy:\n{self.log()}")
 
+    def metric(self, sample: str) -> float:
+        """The value of one /metrics sample, named with its labels (`collab_errors_total{kind="limit"}`);
+        0 when it is not there yet, as for a labelled counter never incremented."""
+        lines = httpx.get(f"{self.http_url}/metrics").text.splitlines()
+        return next((float(line.split()[-1]) for line in lines if line.startswith(sample + " ")), 0.0)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

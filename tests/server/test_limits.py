@@ -1,7 +1,6 @@
 """Abuse limits: connections per room, messages per second, and a send queue that never grows unbounded.
 Each closes only the offending connection, with a clear code; everyone else keeps working."""
 
-import httpx
 from pycrdt import Doc, Text
 from websockets.asyncio.client import connect
 
@@ -10,9 +9,7 @@ from tests.rawclient import RawPeer, text_updates
 
 
 def errors(server, kind: str) -> float:
-    metrics = httpx.get(f"{server.http_url}/metrics").text
-    line = next((l for l in metrics.splitlines() if l.startswith(f'collab_errors_total{{kind="{kind}"}}')), None)
-    return float(line.split()[-1]) if line else 0.0
+    return server.metric(f'collab_errors_total{{kind="{kind}"}}')
 
 
 async def test_a_full_room_refuses_the_next_connection_only(server_factory) -> None:
