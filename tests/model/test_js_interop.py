@@ -105,7 +105,7 @@ def test_js_readers_skip_junk_shapes_and_writers_refuse_them() -> None:
             {"index_name": "vector", "model": "m1", "status": "done", "timestamp": 20},
             {"index_name": "proto", "status": "notStarted", "timestamp": 10},
         ]}
-    assert js_json["mixed"] == {"id": "mixed", "type": 3, "content": "", "indexingList": [
+    assert js_json["mixed"] == blocks_to_json(doc)["mixed"] == {"id": "mixed", "type": 3, "content": "", "indexingList": [
         {"index_name": "idx", "status": "done"},
         {"index_name": "idx2", "status": "done", "timestamp": 50},
         {"index_name": "idx3", "status": None},
