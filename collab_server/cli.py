@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from collab_server import logs
 from collab_server.app import create_app
@@ -51,12 +52,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.load(args.config, **overrides)
 
 
-def serve(settings: Settings) -> None:
-    logs.configure(settings.log_level, settings.log_format)
-    config = uvicorn.Config(
-        create_app(settings),
+def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
+    """How the server runs `app`: websockets' sans-I/O protocol (no tasks per connection, a send completes
+    without awaiting a drain unless the peer's buffer is full), our settings for frames and keepalive."""
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
+        ws="websockets-sansio",
         ws_max_size=settings.max_message_size,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
@@ -66,7 +69,11 @@ def serve(settings: Settings) -> None:
         access_log=False,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+
+
+def serve(settings: Settings) -> None:
+    logs.configure(settings.log_level, settings.log_format)
+    uvicorn.Server(uvicorn_config(settings, create_app(settings))).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pycrdt import Text
 
 from collab_server import protocol as p
 from collab_server.app import create_app
+from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
@@ -36,8 +37,8 @@ async def test_no_client_is_served_before_the_room_loads(tmp_path: Path) -> None
     """Defect 8: edits sent while the room loads are applied after the load and stored."""
     store = GatedStore(str(tmp_path / "g.db"))
     port = free_port()
-    app = create_app(Settings(db=store.path, port=port), store=store)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    settings = Settings(db=store.path, host="127.0.0.1", port=port)
+    server = uvicorn.Server(uvicorn_config(settings, create_app(settings, store=store)))
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
