@@ -53,13 +53,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
-    """How the server runs `app`: websockets' sans-I/O protocol (no tasks per connection, a send completes
-    without awaiting a drain unless the peer's buffer is full), our settings for frames and keepalive."""
+    """How the server runs `app`: uvicorn's websockets sans-I/O protocol (no tasks per connection) extended
+    with direct frame writes (transport.py), our settings for frames and keepalive."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws="collab_server.transport:CollabWebSocketProtocol",
         ws_max_size=settings.max_message_size,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

@@ -1,17 +1,17 @@
-"""One peer: a bounded send queue drained by one task, keepalive traffic, close codes."""
+"""One peer: direct frame writes, a bounded queue when the peer is backed up, keepalive traffic, close codes."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Any
 
 from collab_server.metrics import Metrics
 from collab_server.protocol import KEEPALIVE
+from collab_server.transport import FrameWriter, binary_frame
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -31,15 +31,20 @@ class CloseCode(IntEnum):
 
 
 class Connection:
-    """Messages queued with `send` are written in order by `run_sender`; `close` ends the connection.
+    """Messages given to `send` reach the peer in order; `close` ends the connection.
 
-    `asgi_send` is the server's raw ASGI send for an accepted websocket: the hot path skips framework wrappers.
+    With a FrameWriter (see transport.py) a message is written to the socket at once, from pre-encoded frame
+    bytes when the caller has them. When the socket is backed up, or without a writer, messages queue
+    (at most `send_queue_limit`; beyond that the peer is too slow and is closed with 1013) and one drain
+    task writes them through the raw ASGI send. Closing also goes through that task, which ends once the
+    close frame is out; `wait_closed` waits for it.
+
     A connection that sent nothing for half a keepalive interval when the keepalive timer fires gets an empty
     awareness message, so clients' inactivity timers never fire (silence lasts at most 1.5 intervals).
     """
 
-    def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, readonly: bool = False,
-                 send_queue_limit: int = 4096, keepalive_interval: float = 10.0) -> None:
+    def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, frames: FrameWriter | None = None,
+                 readonly: bool = False, send_queue_limit: int = 4096, keepalive_interval: float = 10.0) -> None:
         self.id = next(_ids)
         self.metrics = metrics
         self.readonly = readonly
@@ -47,37 +52,61 @@ class Connection:
         self.send_queue_limit = send_queue_limit
         self.keepalive_interval = keepalive_interval
         self._asgi_send = asgi_send
-        self._queue: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._last_send = 0.0  # loop time of the last write
-        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._frames = frames
+        self._queue: list[bytes] = []
+        self._drain: asyncio.Task[None] | None = None
+        self._more: asyncio.Future[None] | None = None  # the drain task waits here when it has no writer
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
+        self._keepalive_timer: asyncio.TimerHandle | None = loop.call_later(keepalive_interval, self._keepalive_tick)
         self.close_code: int | None = None
         self.send_failed = False
         self.close_reason = ""
+        if frames is None:
+            self._start_drain()
+
+    @property
+    def direct(self) -> bool:
+        """Whether messages are written straight to the socket (see transport.py) rather than through ASGI."""
+        return self._frames is not None
 
     @property
     def closed(self) -> bool:
         return self.close_code is not None
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: bytes, frame: bytes | None = None) -> None:
+        """Send `message`; `frame` is `binary_frame(message)` when the caller already encoded it."""
         if self.closed or self.send_failed:
             return
+        if self._drain is None and self._frames is not None:
+            if self._frames.write_frame(frame if frame is not None else binary_frame(message)):
+                self._last_send = asyncio.get_running_loop().time()
+                self.metrics.bytes_sent.inc(len(message))
+                return
         if len(self._queue) >= self.send_queue_limit:
             self.metrics.errors.labels("slow_client").inc()
             self.close(CloseCode.TRY_AGAIN_LATER, "send queue overflow: client too slow")
             return
         self._queue.append(message)
-        self._wake.set()
+        self._start_drain()
 
     def close(self, code: int, reason: str) -> None:
-        """Ask the sender task to close the socket; queued messages are dropped unless the close is normal."""
+        """Send a close frame after what is queued; queued messages are dropped unless the close is normal."""
         if self.closed:
             return
         self.close_code, self.close_reason = code, reason
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._queue.clear()
             log.info("closing connection id=%d code=%d reason=%s", self.id, code, reason)
-        self._wake.set()
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        self._start_drain()
+
+    async def wait_closed(self) -> None:
+        """Wait until the close frame is sent (or sending failed)."""
+        while self._drain is not None:
+            await asyncio.shield(self._drain)
 
     def _keepalive_tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -85,27 +114,33 @@ class Connection:
             self.send(KEEPALIVE)
         self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keepalive_tick)
 
-    async def run_sender(self) -> None:
-        """Write queued messages until closed."""
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._run_drain(), name=f"drain:{self.id}")
+        elif self._more is not None and not self._more.done():
+            self._more.set_result(None)
+
+    async def _run_drain(self) -> None:
+        """Write queued messages through ASGI; without a FrameWriter keep waiting for more until closed."""
         send = self._asgi_send
         loop = asyncio.get_running_loop()
-        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keepalive_tick)
         try:
             while True:
-                if not self._queue and not self.closed:
-                    await self._wake.wait()
-                    self._wake.clear()
-                sent = 0
                 while self._queue:
-                    message = self._queue.popleft()
-                    await send({"type": "websocket.send", "bytes": message})
-                    sent += len(message)
-                self._last_send = loop.time()
-                self.metrics.bytes_sent.inc(sent)
+                    batch, self._queue = self._queue, []
+                    for message in batch:
+                        await send({"type": "websocket.send", "bytes": message})
+                    self._last_send = loop.time()
+                    self.metrics.bytes_sent.inc(sum(map(len, batch)))
                 if self.closed:
                     await send({"type": "websocket.close", "code": self.close_code or CloseCode.NORMAL,
                                 "reason": self.close_reason[:120]})
                     return
+                if self._frames is not None:
+                    return  # caught up: back to direct writes
+                self._more = loop.create_future()
+                await self._more
+                self._more = None
         except Exception as exc:
             # The peer went away mid-send. Stop sending, but leave the connection open for reading:
             # frames it sent before leaving are still queued and must be applied and stored.
@@ -113,4 +148,4 @@ class Connection:
             self.send_failed = True
             self._queue.clear()
         finally:
-            self._keepalive_timer.cancel()
+            self._drain = None

@@ -13,6 +13,7 @@ from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
+from collab_server.transport import binary_frame
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
 
@@ -253,8 +254,9 @@ class Room:
             self.metrics.updates_broadcast.inc(len(self.connections))
 
     def _fan_out(self, message: bytes) -> None:
+        frame = binary_frame(message)  # framed once for every connection that can take it directly
         for conn in self.connections:
-            conn.send(message)
+            conn.send(message, frame)
 
     # --- awareness -----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from collab_server.protocol import ProtocolError
 from collab_server.room import LimitExceeded, Room
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
+from collab_server.transport import frame_writer
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     if admitted is None:
         return
     name, grant = admitted
-    conn = Connection(send, rooms.metrics, readonly=grant.readonly, send_queue_limit=settings.send_queue_limit,
-                      keepalive_interval=settings.keepalive_interval)
-    sender = asyncio.create_task(conn.run_sender(), name=f"sender:{conn.id}")
+    conn = Connection(send, rooms.metrics, frames=frame_writer(scope), readonly=grant.readonly,
+                      send_queue_limit=settings.send_queue_limit, keepalive_interval=settings.keepalive_interval)
     rooms.metrics.connections.inc()
     try:
         room = await rooms.acquire(name, connection=True)
@@ -82,7 +82,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
             room.leave(conn)
             rooms.release(room)
     conn.close(CloseCode.NORMAL, "")
-    await sender
+    await conn.wait_closed()
     rooms.metrics.connections.dec()
 
 

@@ -1,0 +1,60 @@
+"""Direct frame writes (transport.py): frames equal websockets' own, and both send paths deliver."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycrdt import Text
+from websockets.frames import Frame, Opcode
+
+from collab_server.app import create_app
+from collab_server.cli import uvicorn_config
+from collab_server.config import Settings
+from collab_server.transport import binary_frame
+from tests.rawclient import RawPeer
+from tests.serverproc import free_port
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 70000]) | st.integers(0, 3000), st.binary(max_size=1))
+def test_a_binary_frame_is_what_websockets_would_send(size: int, fill: bytes) -> None:
+    payload = (fill or b"\x07") * size
+    assert binary_frame(payload) == Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])
+
+
+async def _serve(tmp_path: Path, **overrides):
+    port = free_port()
+    cfg = Settings(db=str(tmp_path / "t.db"), host="127.0.0.1", port=port, **overrides)
+    app = create_app(cfg)
+    server = uvicorn.Server(uvicorn_config(cfg, app))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return app, server, task, f"ws://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "permessage-deflate"])
+async def test_broadcasts_arrive_written_directly_or_through_asgi(tmp_path: Path, deflate: bool) -> None:
+    """Plain connections get frames written straight to the socket; with permessage-deflate negotiated
+    every frame is compressed per connection through ASGI. Both deliver every edit."""
+    app, server, task, url = await _serve(tmp_path, per_message_deflate=deflate)
+    try:
+        peers = [await RawPeer.connect(f"{url}/room", compression="deflate") for _ in range(3)]
+        for peer in peers:
+            await peer.sync()
+        conns = app.state.rooms.loaded["room"].connections
+        assert len(conns) == 3 and all(conn.direct is not deflate for conn in conns)
+        for i in range(50):
+            await peers[i % 3].edit(lambda doc, i=i: doc.get("t", type=Text).insert(0, str(i % 10)))
+        for peer in peers:
+            await peer.wait_for(lambda peer=peer: len(peer.doc.get("t", type=Text)) == 50)
+        texts = {str(peer.doc.get("t", type=Text)) for peer in peers}
+        assert len(texts) == 1 and sorted(texts.pop()) == sorted(str(i % 10) for i in range(50))
+        for peer in peers:
+            await peer.close()
+    finally:
+        server.should_exit = True
+        await task
