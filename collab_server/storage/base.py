@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,10 +18,14 @@ def fold_updates(updates: list[bytes]) -> bytes:
     so the checkpoint is small and fast to load. What the document could not integrate (changes whose
     causal dependencies are not among `updates`, as when another node commits an earlier change later) is
     carried over from the merged updates, so it applies once its dependencies arrive.
+
+    Compaction runs this in a worker thread: it offers the GIL back after every update, so the event loop
+    waits for one update's integration at most, not for a whole switch interval (5 ms).
     """
     doc = Doc()
     for update in updates:
         doc.apply_update(update)
+        time.sleep(0)
     pending = get_update(merge_updates(*updates), doc.get_state())  # structs not integrated + delete set
     return merge_updates(doc.get_update(), pending)
 
