@@ -123,8 +123,7 @@ class SQLiteStore:
             async with self._write_lock:
                 await self._commit(batch)
             for doc in {doc for doc, _, _ in batch}:
-                if self._log_counts[doc] >= self.compact_threshold and doc not in self._compactions:
-                    self._compactions[doc] = asyncio.create_task(self._compact_in_background(doc))
+                self._maybe_compact(doc)
             if self._queue or self._closing:
                 self._wake.set()
 
@@ -187,13 +186,23 @@ class SQLiteStore:
                 log_rows.append((seq, bytes(data)))
         return checkpoint, checkpoint_seq, log_rows
 
+    def _maybe_compact(self, doc: str) -> None:
+        if self._log_counts[doc] >= self.compact_threshold and doc not in self._compactions and not self._closing:
+            self._compactions[doc] = asyncio.create_task(self._compact_in_background(doc))
+
     async def _compact_in_background(self, doc: str) -> None:
+        """Compact `doc`, then again while its log is still over the threshold: a burst that committed
+        during the fold, with nothing committed after it, must not leave a long log behind."""
+        failed = False
         try:
             await self.compact(doc)
         except StorageError:
+            failed = True
             log.exception("compaction failed doc=%s", doc)
         finally:
             del self._compactions[doc]
+        if not failed:
+            self._maybe_compact(doc)
 
     async def compact(self, doc: str) -> None:
         """Fold the log into the checkpoint. The fold works on a snapshot in a worker thread; the swap of the

@@ -76,3 +76,47 @@ async def test_commits_proceed_while_a_compaction_folds(tmp_path: Path, monkeypa
     await reopened.close()
     assert len(loaded) == 2  # the checkpoint and the row committed during the fold
     assert rebuild(loaded) == str(doc.get("t", type=Text))
+
+
+async def test_a_burst_committed_during_a_fold_is_folded_without_further_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows committed while a compaction folds (a burst that then stops) are folded by a follow-up
+    compaction; otherwise every later load would replay them one by one."""
+    import threading
+
+    from collab_server.storage import sqlite as sqlite_module
+
+    folds: list[int] = []
+    first_held, release, second_done = threading.Event(), threading.Event(), threading.Event()
+    real_fold = sqlite_module.fold_updates
+
+    def counted_fold(parts: list[bytes]) -> bytes:
+        folds.append(len(parts))
+        if len(folds) == 1:
+            first_held.set()
+            release.wait(5)
+        folded = real_fold(parts)
+        if len(folds) == 2:
+            second_done.set()
+        return folded
+
+    monkeypatch.setattr(sqlite_module, "fold_updates", counted_fold)
+    path = str(tmp_path / "b.db")
+    store = SQLiteStore(path, compact_threshold=10)
+    await store.open()
+    doc, updates = text_updates(40)
+    try:
+        await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))
+        assert await asyncio.to_thread(first_held.wait, 10)
+        await asyncio.gather(*(store.submit("d", u) for u in updates[10:]))  # the burst, during the fold
+        release.set()
+        assert await asyncio.to_thread(second_done.wait, 10)  # no commit after the burst triggers it
+    finally:
+        release.set()
+        await store.close()
+    assert folds == [10, 31]  # the second fold: the first checkpoint plus the 30 rows of the burst
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    loaded = await reopened.load("d")
+    await reopened.close()
+    assert len(loaded) == 1 and rebuild(loaded) == str(doc.get("t", type=Text))
