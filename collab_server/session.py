@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, Grant, authorize, token_from
 from collab_server.broker import BrokerError
@@ -55,7 +55,7 @@ class RateLimiter:
 
 async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Rooms, settings: Settings) -> None:
     """Admit (room name, token), join the room and read frames with the raw ASGI receive/send."""
-    admitted = await _admit(WebSocket(scope, receive, send), rooms, settings)
+    admitted = await _admit(scope, receive, send, rooms, settings)
     if admitted is None:
         return
     name, grant = admitted
@@ -86,26 +86,34 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     rooms.metrics.connections.dec()
 
 
-async def _admit(websocket: WebSocket, rooms: Rooms, settings: Settings) -> tuple[str, Grant] | None:
-    """Check the room name and token, then accept (choosing the token subprotocol) or refuse with 403.
-    Starlette's WebSocket serves the handshake only and is not kept for the life of the connection."""
-    name = room_name(websocket.scope)
+async def _admit(scope: Scope, receive: Receive, send: Send, rooms: Rooms,
+                 settings: Settings) -> tuple[str, Grant] | None:
+    """Check the room name and token, then accept (choosing the token subprotocol) or refuse with 403."""
+    name = room_name(scope)
     if name is None:
-        log.info("refused websocket: bad room name path=%r", websocket.url.path)
-        await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: the upgrade is refused with 403
+        log.info("refused websocket: bad room name path=%r", scope["path"])
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})  # before accept: 403
         return None
-    subprotocols = websocket.scope.get("subprotocols", [])
-    token = token_from(dict(websocket.query_params), subprotocols, websocket.headers.get("authorization"))
+    subprotocols: list[str] = scope.get("subprotocols") or []
+    query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    token = token_from(query, subprotocols, _header(scope, b"authorization"))
     try:
         grant = authorize(settings.auth_secret, settings.auth_required, name, token)
     except AuthError as exc:
         rooms.metrics.errors.labels("auth").inc()
         log.info("refused websocket room=%s reason=%s", name, exc)
-        await websocket.close(CloseCode.POLICY_VIOLATION)
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+        return None
+    if (await receive())["type"] != "websocket.connect":  # the peer left during the handshake
         return None
     chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
-    await websocket.accept(subprotocol=chosen)
+    await send({"type": "websocket.accept", "subprotocol": chosen})
     return name, grant
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first request header `name` (lower case, as ASGI gives header names)."""
+    return next((value.decode("latin-1") for key, value in scope["headers"] if key == name), None)
 
 
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
