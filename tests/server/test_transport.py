@@ -13,7 +13,7 @@ from websockets.frames import Frame, Opcode
 from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
-from collab_server.transport import binary_frame
+from collab_server.transport import _Flag, _Inbox, binary_frame
 from tests.rawclient import RawPeer
 from tests.serverproc import free_port
 
@@ -58,3 +58,29 @@ async def test_broadcasts_arrive_written_directly_or_through_asgi(tmp_path: Path
     finally:
         server.should_exit = True
         await task
+
+
+async def test_the_receive_queue_is_fifo_and_wakes_a_waiting_reader() -> None:
+    inbox = _Inbox()
+    reader = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    assert not reader.done() and inbox.empty()
+    for i in range(3):
+        inbox.put_nowait(i)
+    assert await asyncio.wait_for(reader, 1) == 0
+    assert [await inbox.get(), await inbox.get()] == [1, 2] and inbox.empty()
+
+
+async def test_the_writable_flag_holds_senders_until_set() -> None:
+    flag = _Flag()
+    waiters = [asyncio.create_task(flag.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    flag.clear()
+    late = asyncio.create_task(flag.wait())
+    await asyncio.sleep(0)
+    assert not late.done() and not flag.is_set()
+    flag.set()
+    await asyncio.wait_for(late, 1)
