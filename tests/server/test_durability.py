@@ -12,7 +12,7 @@ from tests.rawclient import RawPeer, text_updates
 def stored_doc(db, room: str = "room") -> Doc:
     """Rebuild a room straight from the SQLite file, as a restarted server would."""
     with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT checkpoint FROM documents WHERE name = ?", (room,)).fetchone()
+        row = conn.execute("SELECT data FROM checkpoints WHERE name = ?", (room,)).fetchone()
         rows = conn.execute("SELECT data FROM updates WHERE doc = ? ORDER BY id", (room,)).fetchall()
     doc = Doc()
     for (data,) in ([row] if row and row[0] else []) + rows:

@@ -120,3 +120,50 @@ async def test_a_burst_committed_during_a_fold_is_folded_without_further_commits
     loaded = await reopened.load("d")
     await reopened.close()
     assert len(loaded) == 1 and rebuild(loaded) == str(doc.get("t", type=Text))
+
+
+OLD_SCHEMA = """
+CREATE TABLE documents (name TEXT PRIMARY KEY, checkpoint BLOB, checkpoint_seq INTEGER NOT NULL DEFAULT 0,
+                        updated REAL NOT NULL);
+CREATE TABLE updates (id INTEGER PRIMARY KEY, doc TEXT NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
+CREATE INDEX updates_doc ON updates (doc, id);
+CREATE TRIGGER updates_touch_document AFTER INSERT ON updates BEGIN
+    INSERT INTO documents (name, updated) VALUES (NEW.doc, NEW.ts)
+    ON CONFLICT (name) DO UPDATE SET updated = excluded.updated;
+END;
+"""
+
+
+async def test_a_database_with_checkpoints_in_the_documents_table_is_migrated(tmp_path: Path) -> None:
+    """Databases written before checkpoints had their own table open with every checkpoint and log row,
+    and keep compacting and committing afterwards."""
+    import sqlite3
+
+    from collab_server.storage.base import fold_updates
+
+    path = str(tmp_path / "old.db")
+    doc, updates = text_updates(30)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+        conn.executemany("INSERT INTO updates (id, doc, ts, data) VALUES (?, 'd', 1.0, ?)",
+                         list(enumerate(updates[20:], start=21)))
+        conn.execute("UPDATE documents SET checkpoint = ?, checkpoint_seq = 20 WHERE name = 'd'",
+                     (fold_updates(updates[:20]),))
+        conn.execute("INSERT INTO documents (name, updated) VALUES ('empty', 1.0)")
+    store = SQLiteStore(path, compact_threshold=10_000)
+    await store.open()
+    try:
+        loaded = await store.load("d")
+        assert len(loaded) == 11 and rebuild(loaded) == str(doc.get("t", type=Text))
+        with pytest.raises(Exception, match="compacted"):
+            await store.load_until("d", 19)
+        _, more = text_updates(35)
+        assert await store.submit("d", more[30]) == 31  # ids continue after the migrated log
+        await store.compact("d")
+        assert len(await store.load("d")) == 1
+        assert {info.name for info in await store.list_docs()} == {"d", "empty"}
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+    assert columns == {"name", "updated"}
