@@ -170,7 +170,9 @@ def _stored_rows(db: Path) -> list[tuple]:
         names = ",".join("?" * len(STABLE_ROOMS))
         return (conn.execute(f"SELECT doc, id, ts, data FROM updates WHERE doc IN ({names}) ORDER BY id",
                              STABLE_ROOMS).fetchall()
-                + conn.execute(f"SELECT name, data, seq FROM checkpoints WHERE name IN ({names})",
+                + conn.execute(f"SELECT name, updated FROM documents WHERE name IN ({names})",
+                               STABLE_ROOMS).fetchall()
+                + conn.execute(f"SELECT name, seq, data FROM checkpoints WHERE name IN ({names})",
                                STABLE_ROOMS).fetchall())
 
 
