@@ -176,9 +176,10 @@ class PostgresStore:
                 if row is not None and rows:
                     parts = ([row["checkpoint"]] if row["checkpoint"] else []) + [r["data"] for r in rows]
                     folded = [r["id"] for r in rows]
+                    checkpoint = await asyncio.to_thread(fold_updates, parts)  # off the event loop thread
                     await conn.execute(
                         "UPDATE documents SET checkpoint = $1, checkpoint_seq = $2 WHERE name = $3",
-                        fold_updates(parts), max(row["checkpoint_seq"], folded[-1]), doc)
+                        checkpoint, max(row["checkpoint_seq"], folded[-1]), doc)
                     # exactly the folded rows: one with a lower id that commits later is kept for the next fold
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded)
         except Exception as exc:
