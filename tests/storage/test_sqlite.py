@@ -2,11 +2,13 @@
 test_store_contract.py)."""
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server.storage import sqlite as sqlite_module
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
 
@@ -16,6 +18,14 @@ def rebuild(updates: list[bytes]) -> str:
     for update in updates:
         doc.apply_update(update)
     return str(doc.get("t", type=Text))
+
+
+async def store_folding_with(monkeypatch: pytest.MonkeyPatch, path: str, fold) -> SQLiteStore:
+    """An open store (compaction at 10 log rows) whose compactions fold with `fold`."""
+    monkeypatch.setattr(sqlite_module, "fold_updates", fold)
+    store = SQLiteStore(path, compact_threshold=10)
+    await store.open()
+    return store
 
 
 @pytest.fixture
@@ -44,10 +54,6 @@ def test_unknown_synchronous_mode_is_refused(tmp_path: Path) -> None:
 async def test_commits_proceed_while_a_compaction_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compaction folds off the commit path: a commit submitted mid-fold is durable before the fold ends,
     and the row it added survives the compaction."""
-    import threading
-
-    from collab_server.storage import sqlite as sqlite_module
-
     folding, release = threading.Event(), threading.Event()
     released: list[bool] = []  # False: the fold gave up waiting, so nothing could commit meanwhile
     real_fold = sqlite_module.fold_updates
@@ -57,10 +63,8 @@ async def test_commits_proceed_while_a_compaction_folds(tmp_path: Path, monkeypa
         released.append(release.wait(5))
         return real_fold(parts)
 
-    monkeypatch.setattr(sqlite_module, "fold_updates", held_fold)
     path = str(tmp_path / "c.db")
-    store = SQLiteStore(path, compact_threshold=10)
-    await store.open()
+    store = await store_folding_with(monkeypatch, path, held_fold)
     doc, updates = text_updates(11)
     try:
         await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))  # reaches the threshold
@@ -82,10 +86,6 @@ async def test_a_burst_committed_during_a_fold_is_folded_without_further_commits
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows committed while a compaction folds (a burst that then stops) are folded by a follow-up
     compaction; otherwise every later load would replay them one by one."""
-    import threading
-
-    from collab_server.storage import sqlite as sqlite_module
-
     folds: list[int] = []
     first_held, release, second_done = threading.Event(), threading.Event(), threading.Event()
     real_fold = sqlite_module.fold_updates
@@ -100,10 +100,8 @@ async def test_a_burst_committed_during_a_fold_is_folded_without_further_commits
             second_done.set()
         return folded
 
-    monkeypatch.setattr(sqlite_module, "fold_updates", counted_fold)
     path = str(tmp_path / "b.db")
-    store = SQLiteStore(path, compact_threshold=10)
-    await store.open()
+    store = await store_folding_with(monkeypatch, path, counted_fold)
     doc, updates = text_updates(40)
     try:
         await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))
