@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from pycrdt import Doc, get_update, merge_updates
 
+
+log = logging.getLogger(__name__)
 
 GIL_TURN = 0.001  # seconds of folding between offers of the GIL to the event loop
 
@@ -38,6 +41,39 @@ def fold_updates(updates: list[bytes]) -> bytes:
 
 class StorageError(RuntimeError):
     """A write or read against the store failed; the caller must not treat the data as durable."""
+
+
+class Compactor:
+    """Runs a store's compactions off its commit path: at most one per document at a time, started when a
+    commit brings the document's log count to the threshold, and again while the count is still over it
+    (a burst committed during a fold, with nothing committed after it, must not stay in the log)."""
+
+    def __init__(self, compact: Callable[[str], Awaitable[None]], log_counts: dict[str, int],
+                 threshold: int) -> None:
+        self._compact = compact
+        self._log_counts = log_counts
+        self.threshold = threshold
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+
+    def after_commit(self, doc: str) -> None:
+        if self._log_counts[doc] >= self.threshold and doc not in self._running and not self._closing:
+            self._running[doc] = asyncio.create_task(self._run(doc), name=f"compact:{doc}")
+
+    async def _run(self, doc: str) -> None:
+        try:
+            await self._compact(doc)
+        except StorageError:
+            log.exception("compaction failed doc=%s", doc)
+            return
+        finally:
+            del self._running[doc]
+        self.after_commit(doc)
+
+    async def close(self) -> None:
+        """Start no more compactions and wait for those running."""
+        self._closing = True
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
 
 
 class HistoryCompacted(StorageError):

@@ -1,9 +1,10 @@
 """PostgreSQL store (asyncpg): the SQLite store's semantics, safe for several nodes sharing one database.
 
 One writer task commits every submitted update in batches (group commit). Log ids come from one sequence, so
-updates committed by different nodes interleave; within a node they keep submit order. Compaction locks the
-document row and deletes exactly the log rows it folded, so a concurrent commit from another node (or a second
-compaction) never loses an update. Loads read checkpoint and log from one REPEATABLE READ snapshot.
+updates committed by different nodes interleave; within a node they keep submit order. Compaction folds a
+snapshot in the background, then swaps it in under the document's row lock, deleting exactly the log rows it
+folded, so a concurrent commit from another node (or a second compaction) never loses an update. Loads read
+checkpoint and log from one REPEATABLE READ snapshot.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
+from collab_server.storage.base import Compactor, DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_doc ON updates (doc, id);
 """
+COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
 
 Pending = tuple[str, bytes, "asyncio.Future[int]"]
@@ -46,7 +48,6 @@ class PostgresStore:
         """`schema` (created if missing) holds the tables; default: the connection's search_path."""
         self.dsn = dsn
         self.schema = schema
-        self.compact_threshold = compact_threshold
         self.pool_size = pool_size
         self.timeout = timeout  # seconds for acquiring a connection and for each statement
         self._pool: asyncpg.Pool | None = None
@@ -55,6 +56,7 @@ class PostgresStore:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._log_counts: dict[str, int] = defaultdict(int)  # this node's appends since its last compaction
+        self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
 
     async def open(self) -> None:
@@ -78,6 +80,7 @@ class PostgresStore:
         self._wake.set()
         if self._task is not None:
             await self._task
+        await self._compactor.close()
         if self._pool is not None:
             await self._pool.close()
 
@@ -101,11 +104,7 @@ class PostgresStore:
             batch, self._queue = self._queue, []
             await self._commit(batch)
             for doc in {doc for doc, _, _ in batch}:
-                if self._log_counts[doc] >= self.compact_threshold:
-                    try:
-                        await self.compact(doc)
-                    except StorageError:
-                        log.exception("compaction failed doc=%s", doc)
+                self._compactor.after_commit(doc)
             if self._queue or self._closing:
                 self._wake.set()
 
@@ -166,25 +165,33 @@ class PostgresStore:
         return checkpoint, (row["checkpoint_seq"] if row else 0), [(r["id"], r["data"]) for r in rows]
 
     async def compact(self, doc: str) -> None:
-        """Fold the log into the checkpoint in one transaction, under the document's row lock."""
+        """Fold the log into the checkpoint. The fold works on a snapshot in a worker thread, holding no lock;
+        the swap (checkpoint written, exactly the folded rows deleted) is one short transaction under the
+        document's row lock. If another node swapped in a checkpoint meanwhile, fold again from a new
+        snapshot. A row with a lower id that commits after the snapshot is kept for the next fold."""
         assert self._pool is not None
-        try:
-            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    "SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1 FOR UPDATE", doc)
-                rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
-                if row is not None and rows:
-                    parts = ([row["checkpoint"]] if row["checkpoint"] else []) + [r["data"] for r in rows]
-                    folded = [r["id"] for r in rows]
-                    checkpoint = await asyncio.to_thread(fold_updates, parts)  # off the event loop thread
+        for _ in range(COMPACT_ATTEMPTS):
+            checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
+            if not rows:
+                break
+            parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
+            folded_ids = [id_ for id_, _ in rows]
+            folded = await asyncio.to_thread(fold_updates, parts)
+            try:
+                async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                    current = await conn.fetchval(
+                        "SELECT checkpoint_seq FROM documents WHERE name = $1 FOR UPDATE", doc)
+                    if current != checkpoint_seq:
+                        continue  # another node compacted since the snapshot
                     await conn.execute(
                         "UPDATE documents SET checkpoint = $1, checkpoint_seq = $2 WHERE name = $3",
-                        checkpoint, max(row["checkpoint_seq"], folded[-1]), doc)
-                    # exactly the folded rows: one with a lower id that commits later is kept for the next fold
-                    await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded)
-        except Exception as exc:
-            raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-        self._log_counts[doc] = 0
+                        folded, max(checkpoint_seq, folded_ids[-1]), doc)
+                    await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
+            except Exception as exc:
+                raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
+            self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
+            return
+        self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "

@@ -20,7 +20,7 @@ from typing import Any
 import aiosqlite
 
 
-from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
+from collab_server.storage.base import Compactor, DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,16 @@ class SQLiteStore:
             raise ValueError(f"sqlite_synchronous must be full, normal or extra, not {synchronous!r}")
         self.path = path
         self.synchronous = synchronous.upper()
-        self.compact_threshold = compact_threshold
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()  # group commits and compaction swaps take turns on the writer
-        self._compactions: dict[str, asyncio.Task[None]] = {}
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._next_id = 1
         self._log_counts: dict[str, int] = defaultdict(int)
+        self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
 
     async def open(self) -> None:
@@ -124,7 +123,7 @@ class SQLiteStore:
         self._wake.set()
         if self._task is not None:
             await self._task
-        await asyncio.gather(*self._compactions.values(), return_exceptions=True)
+        await self._compactor.close()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
@@ -150,7 +149,7 @@ class SQLiteStore:
             async with self._write_lock:
                 await self._commit(batch)
             for doc in {doc for doc, _, _ in batch}:
-                self._maybe_compact(doc)
+                self._compactor.after_commit(doc)
             if self._queue or self._closing:
                 self._wake.set()
 
@@ -213,30 +212,13 @@ class SQLiteStore:
                 log_rows.append((seq, bytes(data)))
         return checkpoint, checkpoint_seq, log_rows
 
-    def _maybe_compact(self, doc: str) -> None:
-        if self._log_counts[doc] >= self.compact_threshold and doc not in self._compactions and not self._closing:
-            self._compactions[doc] = asyncio.create_task(self._compact_in_background(doc))
-
-    async def _compact_in_background(self, doc: str) -> None:
-        """Compact `doc`, then again while its log is still over the threshold: a burst that committed
-        during the fold, with nothing committed after it, must not leave a long log behind."""
-        failed = False
-        try:
-            await self.compact(doc)
-        except StorageError:
-            failed = True
-            log.exception("compaction failed doc=%s", doc)
-        finally:
-            del self._compactions[doc]
-        if not failed:
-            self._maybe_compact(doc)
-
     async def compact(self, doc: str) -> None:
         """Fold the log into the checkpoint. The fold works on a snapshot in a worker thread; the swap of the
         folded rows for the new checkpoint is one transaction, so a crash at any point leaves a whole state."""
         assert self._writer is not None
         checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
         if not rows:
+            self._log_counts[doc] = 0
             return
         parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
         folded = await asyncio.to_thread(fold_updates, parts)

@@ -103,3 +103,40 @@ async def test_load_during_compaction_sees_a_whole_state(nodes: tuple[PostgresSt
     results = await asyncio.gather(a.compact("d"), *loads)
     for loaded in results[1:]:
         assert text_of(rebuild(loaded)) == expected
+
+
+async def test_commits_proceed_while_a_compaction_folds(
+        postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction runs beside the writer: an update submitted while a fold is held is durable before the
+    fold ends, and survives the compaction (it was not in the folded snapshot)."""
+    import threading
+
+    from collab_server.storage import postgres as postgres_module
+
+    folding, release = threading.Event(), threading.Event()
+    real_fold = postgres_module.fold_updates
+
+    def held_fold(parts: list[bytes]) -> bytes:
+        folding.set()
+        release.wait(10)
+        return real_fold(parts)
+
+    monkeypatch.setattr(postgres_module, "fold_updates", held_fold)
+    store = PostgresStore(postgres_dsn, schema=pg_schema, compact_threshold=10)
+    await store.open()
+    doc, updates = text_updates(11)
+    try:
+        await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))  # reaches the threshold
+        assert await asyncio.to_thread(folding.wait, 10)
+        await asyncio.wait_for(store.submit("d", updates[10]), 5)  # committed while the fold is held
+        release.set()
+    finally:
+        release.set()
+        await store.close()  # waits for the compaction
+    reopened = PostgresStore(postgres_dsn, schema=pg_schema)
+    await reopened.open()
+    try:
+        loaded = await reopened.load("d")
+    finally:
+        await reopened.close()
+    assert len(loaded) == 2 and text_of(rebuild(loaded)) == text_of(doc)
