@@ -12,12 +12,16 @@ def errors(server, kind: str) -> float:
     return server.metric(f'collab_errors_total{{kind="{kind}"}}')
 
 
+async def synced_peers(server, count: int, room: str = "room") -> list[RawPeer]:
+    peers = [await RawPeer.connect(f"{server.ws_url}/{room}") for _ in range(count)]
+    for peer in peers:
+        await peer.sync()
+    return peers
+
+
 async def test_a_full_room_refuses_the_next_connection_only(server_factory) -> None:
     server = server_factory("--max-connections-per-room", "2")
-    first = await RawPeer.connect(f"{server.ws_url}/room")
-    second = await RawPeer.connect(f"{server.ws_url}/room")
-    await first.sync()
-    await second.sync()
+    first, second = await synced_peers(server, 2)
     third = await RawPeer.connect(f"{server.ws_url}/room")
     code, reason = await third.wait_closed()
     assert (code, reason) == (1008, "room is full")
@@ -57,10 +61,7 @@ async def test_a_flooding_client_is_cut_off_and_its_accepted_edits_kept(server_f
 
 async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_forever(server_factory) -> None:
     server = server_factory("--send-queue-limit", "8")
-    writer = await RawPeer.connect(f"{server.ws_url}/room")
-    reader = await RawPeer.connect(f"{server.ws_url}/room")
-    await writer.sync()
-    await reader.sync()
+    writer, reader = await synced_peers(server, 2)
     # reads one frame at a time into a one-frame buffer and is never read: TCP backpressure reaches the server
     stalled = await connect(f"{server.ws_url}/room", max_queue=1, max_size=None)
     doc = Doc()
