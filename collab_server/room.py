@@ -13,9 +13,9 @@ from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
-from collab_server.transport import binary_frame
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
+from collab_server.transport import binary_frame
 
 log = logging.getLogger(__name__)
 

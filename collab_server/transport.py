@@ -17,7 +17,6 @@ import struct
 from typing import Any, Protocol
 
 from starlette.types import Scope
-
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Opcode
 from websockets.http11 import Request
