@@ -124,7 +124,15 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if message["type"] == "websocket.accept":
-            self.request = self.response = None  # type: ignore[assignment]
+            self._release_handshake()
+
+    def _release_handshake(self) -> None:
+        """Free the request headers once accepted: collab_server reads them only while admitting. websockets'
+        parser keeps the request alive for the connection's life, so its headers are emptied in place."""
+        if self.request is not None:
+            self.request.headers.clear()
+        self.request = self.response = None  # type: ignore[assignment]
+        self.scope["headers"] = []
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

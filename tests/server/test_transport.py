@@ -84,3 +84,23 @@ async def test_the_writable_flag_holds_senders_until_set() -> None:
     assert not late.done() and not flag.is_set()
     flag.set()
     await asyncio.wait_for(late, 1)
+
+
+async def test_an_accepted_connection_keeps_no_handshake_headers(tmp_path: Path) -> None:
+    """Request headers (a browser sends cookies, user agent...) are read while admitting, then freed: neither
+    the ASGI scope nor websockets' parser, which keeps the request object alive, holds them afterwards."""
+    app, server, task, url = await _serve(tmp_path)
+    try:
+        peer = await RawPeer.connect(f"{url}/room", additional_headers={"X-Padding": "x" * 4000})
+        await peer.sync()
+        (conn,) = app.state.rooms.loaded["room"].connections
+        protocol = conn._frames
+        assert protocol.request is None and protocol.scope["headers"] == []
+        parsed = protocol.conn.parser.gi_frame.f_locals["request"]  # websockets' parse() still refers to it
+        assert len(parsed.headers) == 0
+        await peer.edit(lambda doc: doc.get("t", type=Text).insert(0, "still served"))
+        await peer.wait_for(lambda: app.state.rooms.loaded["room"].doc.get("t", type=Text).to_py() == "still served")
+        await peer.close()
+    finally:
+        server.should_exit = True
+        await task
