@@ -53,7 +53,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     status_events.subscribe(lambda room, change: metrics.resolver_actions.inc())
     rooms = Rooms(store, broker, metrics, idle_unload_seconds=settings.idle_unload_seconds,
                   max_connections_per_room=settings.max_connections_per_room,
-                  awareness_timeout=settings.awareness_timeout, on_load=status_events.attach)
+                  awareness_timeout=settings.awareness_timeout,
+                  keepalive_interval=settings.keepalive_interval, on_load=status_events.attach)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -39,26 +39,27 @@ class Connection:
     task writes them through the raw ASGI send. Closing also goes through that task, which ends once the
     close frame is out; `wait_closed` waits for it.
 
-    A connection that sent nothing for half a keepalive interval when the keepalive timer fires gets an empty
-    awareness message, so clients' inactivity timers never fire (silence lasts at most 1.5 intervals).
+    `keep_alive` (called by the room's keepalive timer) sends an empty awareness message to a peer that got
+    nothing lately, so clients' inactivity timers never fire.
     """
 
+    __slots__ = ("id", "metrics", "readonly", "awareness_ids", "send_queue_limit",
+                 "_asgi_send", "_frames", "_queue", "_drain", "_more", "_last_send",
+                 "close_code", "send_failed", "close_reason")
+
     def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, frames: FrameWriter | None = None,
-                 readonly: bool = False, send_queue_limit: int = 4096, keepalive_interval: float = 10.0) -> None:
+                 readonly: bool = False, send_queue_limit: int = 4096) -> None:
         self.id = next(_ids)
         self.metrics = metrics
         self.readonly = readonly
         self.awareness_ids: set[int] = set()
         self.send_queue_limit = send_queue_limit
-        self.keepalive_interval = keepalive_interval
         self._asgi_send = asgi_send
         self._frames = frames
         self._queue: list[bytes] = []
         self._drain: asyncio.Task[None] | None = None
         self._more: asyncio.Future[None] | None = None  # the drain task waits here when it has no writer
-        loop = asyncio.get_running_loop()
-        self._last_send = loop.time()
-        self._keepalive_timer: asyncio.TimerHandle | None = loop.call_later(keepalive_interval, self._keepalive_tick)
+        self._last_send = asyncio.get_running_loop().time()
         self.close_code: int | None = None
         self.send_failed = False
         self.close_reason = ""
@@ -98,9 +99,6 @@ class Connection:
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._queue.clear()
             log.info("closing connection id=%d code=%d reason=%s", self.id, code, reason)
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
-            self._keepalive_timer = None
         self._start_drain()
 
     async def wait_closed(self) -> None:
@@ -108,11 +106,10 @@ class Connection:
         while self._drain is not None:
             await asyncio.shield(self._drain)
 
-    def _keepalive_tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._last_send >= self.keepalive_interval / 2:
+    def keep_alive(self, since: float) -> None:
+        """Send a keepalive if nothing was sent to the peer since loop time `since`."""
+        if self._last_send <= since:
             self.send(KEEPALIVE)
-        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keepalive_tick)
 
     def _start_drain(self) -> None:
         if self._drain is None:

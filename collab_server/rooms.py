@@ -22,7 +22,7 @@ class RoomFull(Exception):
 class Rooms:
     def __init__(self, store: Store, broker: Broker, metrics: Metrics, *, idle_unload_seconds: float = 30.0,
                  max_connections_per_room: int = 1000, awareness_timeout: float = 30.0,
-                 on_load: Callable[[Room], None] | None = None) -> None:
+                 keepalive_interval: float = 10.0, on_load: Callable[[Room], None] | None = None) -> None:
         self.store = store
         self.broker = broker
         self.metrics = metrics
@@ -30,6 +30,7 @@ class Rooms:
         self.idle_unload_seconds = idle_unload_seconds
         self.max_connections_per_room = max_connections_per_room
         self.awareness_timeout = awareness_timeout
+        self.keepalive_interval = keepalive_interval
         self.on_load = on_load  # installs per-room hooks (resolver, metrics) before the first hook run
         self.loaded: dict[str, Room] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -42,7 +43,7 @@ class Rooms:
             room = self.loaded.get(name)
             if room is None:
                 room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
-                            on_storage_failure=self._evict)
+                            keepalive_interval=self.keepalive_interval, on_storage_failure=self._evict)
                 try:
                     await room.load()
                 except BaseException:

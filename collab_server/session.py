@@ -36,6 +36,8 @@ def room_name(scope: Scope) -> str | None:
 class RateLimiter:
     """Token bucket over incoming messages; rate 0 disables it."""
 
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
         self.tokens = float(burst)
@@ -60,7 +62,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
         return
     name, grant = admitted
     conn = Connection(send, rooms.metrics, frames=frame_writer(scope), readonly=grant.readonly,
-                      send_queue_limit=settings.send_queue_limit, keepalive_interval=settings.keepalive_interval)
+                      send_queue_limit=settings.send_queue_limit)
     rooms.metrics.connections.inc()
     try:
         room = await rooms.acquire(name, connection=True)

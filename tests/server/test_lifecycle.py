@@ -104,6 +104,28 @@ async def test_room_stays_loaded_while_connected(server_factory) -> None:
     assert await _rooms_loaded(server) == 1
 
 
+async def test_keepalives_go_only_to_peers_that_got_nothing_lately(server_factory) -> None:
+    """A peer receiving broadcasts gets no keepalive; an idle peer in another room keeps getting them."""
+    server = server_factory("--keepalive-interval", "1")
+    busy = await RawPeer.connect(f"{server.ws_url}/busy")
+    idle = await RawPeer.connect(f"{server.ws_url}/idle")
+    await busy.sync()
+    await idle.sync()
+    keepalives = lambda peer: sum(m == p.decode_message(p.KEEPALIVE) for m in peer.messages)
+    stop = asyncio.Event()
+
+    async def type_along() -> None:
+        while not stop.is_set():  # every broadcast reaches the sender too, so `busy` is never silent
+            await busy.edit(lambda doc: doc.get("t", type=Text).insert(0, "x"))
+            await asyncio.sleep(0.05)
+
+    typing = asyncio.create_task(type_along())
+    await idle.wait_for(lambda: keepalives(idle) >= 2)
+    stop.set()
+    await typing
+    assert keepalives(busy) == 0
+
+
 async def test_peer_that_stops_answering_pings_is_dropped(server_factory) -> None:
     server = server_factory("--ping-interval", "0.3", "--ping-timeout", "0.3")
     watcher = await RawPeer.connect(f"{server.ws_url}/room")
