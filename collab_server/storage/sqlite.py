@@ -67,6 +67,7 @@ ORDER BY kind, seq
 
 Pending = tuple[str, bytes, "asyncio.Future[int]"]
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
+RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
 
 
 class SQLiteStore:
@@ -83,6 +84,7 @@ class SQLiteStore:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._next_id = 1
+        self._reclaims = False  # whether the database was created with auto_vacuum=INCREMENTAL
         self._log_counts: dict[str, int] = defaultdict(int)
         self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
@@ -90,6 +92,9 @@ class SQLiteStore:
     async def open(self) -> None:
         # autocommit: each statement is its own transaction unless BEGIN opens one explicitly
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        # a new database gives back the pages compaction frees; the mode is fixed before its first table
+        # (and before WAL mode) is written, so an older database keeps reusing them instead
+        await self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
         await self._writer.execute("PRAGMA journal_mode=WAL")
         await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
         await self._writer.execute("PRAGMA busy_timeout=5000")
@@ -100,6 +105,9 @@ class SQLiteStore:
         async with self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints") as cur:
             (max_ck,) = await cur.fetchone()  # type: ignore[misc]
         self._next_id = max(max_id, max_ck) + 1
+        async with self._writer.execute("PRAGMA auto_vacuum") as cur:
+            (mode,) = await cur.fetchone()  # type: ignore[misc]
+        self._reclaims = mode == 2
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=1")
         await self._reader.execute("PRAGMA busy_timeout=5000")
@@ -241,6 +249,23 @@ class SQLiteStore:
                 await self._rollback()
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
         self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
+        if self._reclaims:
+            await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        """Shrink the file by the pages compaction freed, a batch per transaction so commits interleave.
+        A failure only leaves the pages free for reuse."""
+        assert self._writer is not None
+        try:
+            while True:
+                async with self._write_lock:
+                    (free,), = await self._writer.execute_fetchall("PRAGMA freelist_count")
+                    if not free:
+                        return
+                    # executescript steps the pragma to completion (one execute() frees a single page)
+                    await self._writer.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES})")
+        except Exception as exc:
+            log.warning("sqlite: giving back free pages failed path=%s error=%s", self.path, exc)
 
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "

@@ -165,3 +165,32 @@ async def test_a_database_with_checkpoints_in_the_documents_table_is_migrated(tm
     with sqlite3.connect(path) as conn:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
     assert columns == {"name", "updated"}
+
+
+async def test_compaction_gives_freed_pages_back_to_the_file_system(tmp_path: Path) -> None:
+    """A new database shrinks when a long log is folded; a database created without incremental vacuum
+    (before this store chose it) keeps its free pages for reuse and works as before."""
+    import sqlite3
+
+    def pages(path: str) -> tuple[int, int]:
+        with sqlite3.connect(path) as conn:
+            return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+    doc, updates = text_updates(2000)  # 2,000 log rows: dozens of pages once deleted
+    for path, created_before in ((str(tmp_path / "new.db"), False), (str(tmp_path / "old.db"), True)):
+        if created_before:
+            sqlite3.connect(path).execute("CREATE TABLE unrelated (x)").connection.close()
+        store = SQLiteStore(path, compact_threshold=100_000)
+        await store.open()
+        try:
+            await asyncio.gather(*(store.submit("d", u) for u in updates))
+            grown, _ = pages(path)
+            await store.compact("d")
+            size, free = pages(path)
+            assert rebuild(await store.load("d")) == str(doc.get("t", type=Text))
+        finally:
+            await store.close()
+        if created_before:
+            assert size == grown and free > 20
+        else:
+            assert free == 0 and size < grown - 20
