@@ -80,6 +80,7 @@ class Rooms:
             await room.flush()
             await room.close()
             del self.loaded[room.name]
+            self.store.unloaded(room.name)
             log.info("room unloaded name=%s", room.name)
         if not lock.locked() and self._locks.get(room.name) is lock and room.name not in self.loaded:
             del self._locks[room.name]

@@ -46,7 +46,11 @@ class StorageError(RuntimeError):
 class Compactor:
     """Runs a store's compactions off its commit path: at most one per document at a time, started when a
     commit brings the document's log count to the threshold, and again while the count is still over it
-    (a burst committed during a fold, with nothing committed after it, must not stay in the log)."""
+    (a burst committed during a fold, with nothing committed after it, must not stay in the log).
+
+    A document no longer served gets its log folded once it holds a tenth of the threshold, so its next load
+    reads one checkpoint instead of replaying the log (a shorter log is not worth rewriting the checkpoint).
+    """
 
     def __init__(self, compact: Callable[[str], Awaitable[None]], log_counts: dict[str, int],
                  threshold: int) -> None:
@@ -57,7 +61,17 @@ class Compactor:
         self._closing = False
 
     def after_commit(self, doc: str) -> None:
-        if self._log_counts[doc] >= self.threshold and doc not in self._running and not self._closing:
+        if self._log_counts.get(doc, 0) >= self.threshold:
+            self._start(doc)
+
+    def after_unload(self, doc: str) -> None:
+        if self._log_counts.get(doc, 0) >= max(1, self.threshold // 10):
+            self._start(doc)
+        elif doc not in self._running:
+            self._log_counts.pop(doc, None)  # loading counts again: a server that saw many documents keeps none
+
+    def _start(self, doc: str) -> None:
+        if doc not in self._running and not self._closing:
             self._running[doc] = asyncio.create_task(self._run(doc), name=f"compact:{doc}")
 
     async def _run(self, doc: str) -> None:
@@ -68,6 +82,8 @@ class Compactor:
             return
         finally:
             del self._running[doc]
+            if not self._log_counts.get(doc, 1):
+                del self._log_counts[doc]
         self.after_commit(doc)
 
     async def close(self) -> None:
@@ -115,6 +131,9 @@ class Store(Protocol):
 
     async def compact(self, doc: str) -> None:
         """Fold the log into the checkpoint atomically."""
+
+    def unloaded(self, doc: str) -> None:
+        """This node stopped serving `doc`: fold its log in the background if it is long enough to matter."""
 
     async def list_docs(self) -> list[DocInfo]: ...
 

@@ -193,6 +193,9 @@ class PostgresStore:
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 
+    def unloaded(self, doc: str) -> None:
+        self._compactor.after_unload(doc)
+
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "
                  "FROM documents d ORDER BY d.name")

@@ -267,6 +267,9 @@ class SQLiteStore:
         except Exception as exc:
             log.warning("sqlite: giving back free pages failed path=%s error=%s", self.path, exc)
 
+    def unloaded(self, doc: str) -> None:
+        self._compactor.after_unload(doc)
+
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "
                  "FROM documents d ORDER BY d.name")

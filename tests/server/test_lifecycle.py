@@ -92,6 +92,13 @@ async def test_idle_room_is_flushed_and_unloaded(server_factory) -> None:
             break
         await asyncio.sleep(0.05)
     assert await _rooms_loaded(server) == 0
+    async with httpx.AsyncClient() as client:  # unloaded with 50 log entries (a tenth of the threshold): folded
+        for _ in range(100):
+            (entry,) = (await client.get(f"{server.http_url}/api/docs")).json()["docs"]
+            if entry["log_entries"] == 0:
+                break
+            await asyncio.sleep(0.05)
+    assert entry["log_entries"] == 0
     again = await RawPeer.connect(f"{server.ws_url}/room")
     await again.sync()
     assert str(again.doc.get("t", type=Text)) == str(doc.get("t", type=Text))

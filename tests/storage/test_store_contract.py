@@ -95,6 +95,30 @@ async def test_automatic_compaction_past_threshold(backend: Backend) -> None:
     assert rebuild(loaded) == text_of(doc)
 
 
+async def test_an_unloaded_document_gets_its_log_folded(backend: Backend) -> None:
+    """Below the threshold nothing folds on commit; once the document is no longer served, a log of a tenth of
+    the threshold or more is folded, so its next load is one checkpoint. A shorter log is left alone."""
+    s = await backend.open(compact_threshold=100)
+    try:
+        doc, updates = text_updates(30)
+        for u in updates:
+            await s.submit("long", u)
+        for u in updates[:5]:
+            await s.submit("short", u)
+        s.unloaded("long")
+        s.unloaded("short")
+        for _ in range(200):
+            if len(await s.load("long")) == 1:
+                break
+            await asyncio.sleep(0.02)
+        loaded = await s.load("long")
+        assert len(loaded) == 1 and rebuild(loaded) == text_of(doc)
+        logs = {d.name: d.log_entries for d in await s.list_docs()}
+        assert logs == {"long": 0, "short": 5}
+    finally:
+        await s.close()
+
+
 async def test_close_commits_pending_and_reopen_keeps_everything(backend: Backend) -> None:
     s = await backend.open()
     doc, updates = text_updates(30)
