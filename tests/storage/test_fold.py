@@ -56,3 +56,37 @@ def test_a_checkpoint_keeps_what_it_cannot_integrate_yet(ops: list[Op], cut: lis
         doc.apply_update(update)
     assert content(doc) == content(full)
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 50)), min_size=1, max_size=40),
+       st.lists(st.integers(0, 40), min_size=3, max_size=3), st.integers(0, 40))
+def test_a_refolded_checkpoint_keeps_what_it_carried(ops: list[Op], cut: list[int], split: int) -> None:
+    """Compaction folds the previous checkpoint with the newer log: what the first fold carried unintegrated
+    is carried again (or integrated, if its dependencies are now folded too)."""
+    log = edits(ops)
+    seen = [0, 0, 0]
+    early, late = [], []
+    for client, update in log:
+        (early if seen[client] < cut[client] else late).append(update)
+        seen[client] += 1
+    full, doc = Doc(), Doc()
+    for _, update in log:
+        full.apply_update(update)
+    first, second = early[:split], early[split:]
+    checkpoint = fold_updates(first) if first else None
+    if checkpoint is not None or second:
+        doc.apply_update(fold_updates(([checkpoint] if checkpoint else []) + second))
+    for update in late:
+        doc.apply_update(update)
+    assert content(doc) == content(full)
+
+
+def test_a_fold_of_integrated_updates_is_the_document_state() -> None:
+    """With nothing pending (deletions included), the checkpoint is the folded document's own state."""
+    log = [update for _, update in edits([(c % 3, c % 3 == 1, c) for c in range(60)])]
+    doc = Doc()
+    for update in log:
+        doc.apply_update(update)
+    assert fold_updates(log) == doc.get_update()
+    assert fold_updates([fold_updates(log[:30])] + log[30:]) == doc.get_update()
