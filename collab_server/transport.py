@@ -112,14 +112,23 @@ class _Flag:
 
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol that offers itself as the `collab.frames` FrameWriter, with
-    lighter per-connection state: a plain receive queue and writable flag, and the handshake's request and
-    response dropped once the connection is accepted."""
+    lighter per-connection state: a plain receive queue and writable flag, the handshake's request and
+    response dropped once the connection is accepted, and the HTTP protocol it upgrades from freed at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
+        # httptools parser refers back to it, so left alone it waits for the cyclic GC, and a burst of
+        # handshakes piles up ~4 KB of such garbage per connection and leaves the heap fragmented.
+        handed_over = transport.get_protocol()
+        super().connection_made(transport)
+        if handed_over is not self and hasattr(handed_over, "parser"):
+            handed_over.parser = None  # type: ignore[attr-defined]  # freed as soon as the upgrade returns
 
     async def send(self, message: Any) -> None:
         await super().send(message)

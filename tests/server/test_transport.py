@@ -1,6 +1,7 @@
 """Direct frame writes (transport.py): frames equal websockets' own, and both send paths deliver."""
 
 import asyncio
+import gc
 from pathlib import Path
 
 import pytest
@@ -102,5 +103,25 @@ async def test_an_accepted_connection_keeps_no_handshake_headers(tmp_path: Path)
         await peer.wait_for(lambda: app.state.rooms.loaded["room"].doc.get("t", type=Text).to_py() == "still served")
         await peer.close()
     finally:
+        server.should_exit = True
+        await task
+
+
+async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
+    """uvicorn's HTTP protocol and its httptools parser refer to each other. Once a connection is upgraded the
+    cycle is broken, so a burst of handshakes leaves no garbage waiting for the collector."""
+    app, server, task, url = await _serve(tmp_path)
+    gc.collect()
+    gc.disable()
+    try:
+        peers = [await RawPeer.connect(f"{url}/room") for _ in range(5)]
+        for peer in peers:
+            await peer.sync()
+        lingering = [o for o in gc.get_objects() if type(o).__name__ == "HttpToolsProtocol"]
+        assert lingering == []
+        for peer in peers:
+            await peer.close()
+    finally:
+        gc.enable()
         server.should_exit = True
         await task
