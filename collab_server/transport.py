@@ -13,7 +13,9 @@ a uvicorn that does not load this class, it is absent and every send goes throug
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
+import weakref
 from typing import Any, Protocol
 
 from starlette.types import Scope
@@ -110,6 +112,46 @@ class _Flag:
             await waiter
 
 
+class _PingRounds:
+    """Keepalive pings for every connection of one loop and configuration on a single timer, rather than
+    uvicorn's timer per connection. Each round (a quarter of the shorter of interval and timeout) pings a
+    connection whose last ping was answered and is `interval` old, and fails one whose ping has gone
+    unanswered for `timeout` (uvicorn's keepalive_timeout: close 1011)."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[float, float | None], _PingRounds]]
+    _by_loop = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None) -> None:
+        self.loop, self.interval, self.timeout = loop, interval, timeout
+        self.period = min(interval, timeout or interval) / 4
+        self.members: set[CollabWebSocketProtocol] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None) -> "_PingRounds":
+        rounds = cls._by_loop.setdefault(loop, {})
+        if (interval, timeout) not in rounds:
+            rounds[interval, timeout] = cls(loop, interval, timeout)
+        return rounds[interval, timeout]
+
+    def add(self, member: "CollabWebSocketProtocol") -> None:
+        self.members.add(member)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.period, self._round)
+
+    def _round(self) -> None:
+        now = self.loop.time()
+        for member in list(self.members):
+            waited = now - member.ping_sent_at
+            if member.pending_ping_payload is not None and self.timeout is not None:
+                if waited >= self.timeout:
+                    self.members.discard(member)
+                    member.keepalive_timeout()
+            elif waited >= self.interval:  # answered, or no timeout: ping again
+                member.send_keepalive_ping()
+        self._timer = self.loop.call_later(self.period, self._round) if self.members else None
+
+
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol that offers itself as the `collab.frames` FrameWriter, with
     lighter per-connection state: a plain receive queue and writable flag, the handshake's request and
@@ -148,6 +190,25 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)  # absent when the upgrade was rejected
         if scope is not None:
             scope["extensions"][SCOPE_EXTENSION] = self
+
+    # keepalive pings: one _PingRounds timer for all connections; handle_pong (uvicorn's) clears the payload
+    def start_keepalive(self) -> None:
+        if self.ping_interval is not None and self.ping_interval > 0:
+            self.ping_sent_at = self.loop.time()  # the first ping goes out one interval after accepting
+            _PingRounds.of(self.loop, self.ping_interval, self.ping_timeout).add(self)
+
+    def stop_keepalive(self) -> None:
+        if self.ping_interval is not None and self.ping_interval > 0:
+            _PingRounds.of(self.loop, self.ping_interval, self.ping_timeout).members.discard(self)
+        self.pending_ping_payload = None
+
+    def send_keepalive_ping(self) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))  # matched by handle_pong
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(self.pending_ping_payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
 
     def write_frame(self, frame: bytes) -> bool:
         if (self.close_sent or self.disconnected or not self.writable.is_set() or self.conn.state is not State.OPEN

@@ -14,7 +14,7 @@ from websockets.frames import Frame, Opcode
 from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
-from collab_server.transport import _Flag, _Inbox, binary_frame
+from collab_server.transport import _Flag, _Inbox, _PingRounds, binary_frame
 from tests.rawclient import RawPeer
 from tests.serverproc import free_port
 
@@ -123,5 +123,66 @@ async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_colle
             await peer.close()
     finally:
         gc.enable()
+        server.should_exit = True
+        await task
+
+
+class _Member:
+    """Stands in for a connection in a ping round: records pings and the keepalive failure."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, waited: float, pending: bool) -> None:
+        self.loop = loop
+        self.ping_sent_at = loop.time() - waited
+        self.pending_ping_payload = b"ping" if pending else None
+        self.pings = 0
+        self.failed = False
+
+    def send_keepalive_ping(self) -> None:
+        self.pings += 1
+        self.pending_ping_payload, self.ping_sent_at = b"ping", self.loop.time()
+
+    def keepalive_timeout(self) -> None:
+        self.failed = True
+
+
+@pytest.mark.parametrize("timeout", [1.0, None], ids=["timeout", "no-timeout"])
+async def test_a_ping_round_pings_answered_peers_and_fails_unanswered_ones(timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    rounds = _PingRounds(loop, interval=1.0, timeout=timeout)
+    due, fresh = _Member(loop, 1.5, pending=False), _Member(loop, 0.2, pending=False)
+    silent, waiting = _Member(loop, 1.5, pending=True), _Member(loop, 0.2, pending=True)
+    for member in (due, fresh, silent, waiting):
+        rounds.add(member)  # type: ignore[arg-type]
+    rounds._round()
+    rounds._timer.cancel()
+    assert (due.pings, fresh.pings, waiting.pings) == (1, 0, 0) and not waiting.failed
+    if timeout is None:  # as uvicorn does without a timeout: keep pinging, never fail
+        assert silent.pings == 1 and not silent.failed and silent in rounds.members
+    else:
+        assert silent.pings == 0 and silent.failed and silent not in rounds.members
+
+
+async def test_live_peers_are_pinged_on_one_timer_and_stay(tmp_path: Path) -> None:
+    """Peers that answer pings stay connected over many intervals; all of them share one ping timer."""
+    app, server, task, url = await _serve(tmp_path, ping_interval=0.05, ping_timeout=0.05)
+    try:
+        peers = [await RawPeer.connect(f"{url}/room") for _ in range(3)]
+        for peer in peers:
+            await peer.sync()
+        conns = app.state.rooms.loaded["room"].connections
+        protocols = {conn._frames for conn in conns}
+        rounds = _PingRounds.of(asyncio.get_running_loop(), 0.05, 0.05)
+        assert protocols <= rounds.members
+        answered = {protocol: 0 for protocol in protocols}
+        while min(answered.values()) < 5:  # a pong clears the payload; count answered pings per peer
+            before = {protocol: protocol.ping_sent_at for protocol in protocols}
+            await asyncio.sleep(0.02)
+            for protocol in protocols:
+                if protocol.ping_sent_at != before[protocol]:
+                    answered[protocol] += 1
+        assert all(not peer.closed.is_set() for peer in peers) and len(conns) == 3
+        for peer in peers:
+            await peer.close()
+    finally:
         server.should_exit = True
         await task
