@@ -20,7 +20,8 @@ GIL_TURN = 0.001  # seconds of folding between offers of the GIL to the event lo
 
 
 def fold_updates(updates: list[bytes]) -> bytes:
-    """One compact update equivalent to `updates` applied in order (a checkpoint).
+    """One compact update equivalent to `updates` applied in order (a checkpoint). `updates` is the previous
+    checkpoint, if any, then the log: at least one.
 
     Applying through a document, unlike merge_updates, joins adjacent items and drops deleted content,
     so the checkpoint is small and fast to load. What the document could not integrate (changes whose
@@ -31,8 +32,6 @@ def fold_updates(updates: list[bytes]) -> bytes:
     Compaction runs this in a worker thread: it offers the GIL back every millisecond of work, so the event
     loop waits at most that long behind it rather than a whole switch interval (5 ms).
     """
-    if not updates:
-        return Doc().get_update()
     doc = Doc()
     turn = _GilTurn()
     doc.apply_update(updates[0])
@@ -55,6 +54,8 @@ def fold_updates(updates: list[bytes]) -> bytes:
 
 
 class _GilTurn:
+    """Offers the GIL to other threads once per GIL_TURN of work."""
+
     def __init__(self) -> None:
         self.ends = time.perf_counter() + GIL_TURN
 
@@ -128,7 +129,7 @@ class Compactor:
             return
         finally:
             del self._running[doc]
-            if not self._log_counts.get(doc, 1):
+            if self._log_counts.get(doc) == 0:
                 del self._log_counts[doc]
         self.after_commit(doc)
 
