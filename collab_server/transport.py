@@ -121,8 +121,8 @@ class _PingRounds:
     _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[float, float | None], _PingRounds]]
     _by_loop = weakref.WeakKeyDictionary()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None) -> None:
-        self.loop, self.interval, self.timeout = loop, interval, timeout
+    def __init__(self, interval: float, timeout: float | None) -> None:
+        self.interval, self.timeout = interval, timeout  # no reference to the loop: it keys the registry weakly
         self.period = min(interval, timeout or interval) / 4
         self.members: set[CollabWebSocketProtocol] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -131,25 +131,32 @@ class _PingRounds:
     def of(cls, loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None) -> "_PingRounds":
         rounds = cls._by_loop.setdefault(loop, {})
         if (interval, timeout) not in rounds:
-            rounds[interval, timeout] = cls(loop, interval, timeout)
+            rounds[interval, timeout] = cls(interval, timeout)
         return rounds[interval, timeout]
 
     def add(self, member: "CollabWebSocketProtocol") -> None:
         self.members.add(member)
         if self._timer is None:
-            self._timer = self.loop.call_later(self.period, self._round)
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._round)
+
+    def discard(self, member: "CollabWebSocketProtocol") -> None:
+        self.members.discard(member)
+        if not self.members and self._timer is not None:
+            self._timer.cancel()  # a pending timer would keep the loop, and so this registry entry, alive
+            self._timer = None
 
     def _round(self) -> None:
-        now = self.loop.time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for member in list(self.members):
             waited = now - member.ping_sent_at
             if member.pending_ping_payload is not None and self.timeout is not None:
                 if waited >= self.timeout:
-                    self.members.discard(member)
+                    self.discard(member)
                     member.keepalive_timeout()
             elif waited >= self.interval:  # answered, or no timeout: ping again
                 member.send_keepalive_ping()
-        self._timer = self.loop.call_later(self.period, self._round) if self.members else None
+        self._timer = loop.call_later(self.period, self._round) if self.members else None
 
 
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -199,7 +206,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def stop_keepalive(self) -> None:
         if self.ping_interval is not None and self.ping_interval > 0:
-            _PingRounds.of(self.loop, self.ping_interval, self.ping_timeout).members.discard(self)
+            _PingRounds.of(self.loop, self.ping_interval, self.ping_timeout).discard(self)
         self.pending_ping_payload = None
 
     def send_keepalive_ping(self) -> None:

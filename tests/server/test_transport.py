@@ -148,7 +148,7 @@ class _Member:
 @pytest.mark.parametrize("timeout", [1.0, None], ids=["timeout", "no-timeout"])
 async def test_a_ping_round_pings_answered_peers_and_fails_unanswered_ones(timeout: float | None) -> None:
     loop = asyncio.get_running_loop()
-    rounds = _PingRounds(loop, interval=1.0, timeout=timeout)
+    rounds = _PingRounds(interval=1.0, timeout=timeout)
     due, fresh = _Member(loop, 1.5, pending=False), _Member(loop, 0.2, pending=False)
     silent, waiting = _Member(loop, 1.5, pending=True), _Member(loop, 0.2, pending=True)
     for member in (due, fresh, silent, waiting):
@@ -160,6 +160,27 @@ async def test_a_ping_round_pings_answered_peers_and_fails_unanswered_ones(timeo
         assert silent.pings == 1 and not silent.failed and silent in rounds.members
     else:
         assert silent.pings == 0 and silent.failed and silent not in rounds.members
+
+
+def test_a_loop_whose_connections_are_gone_is_not_kept_alive_by_the_ping_registry() -> None:
+    import weakref
+
+    loop = asyncio.new_event_loop()
+
+    async def one_connection() -> None:
+        rounds = _PingRounds.of(asyncio.get_running_loop(), 1.0, 1.0)
+        member = _Member(asyncio.get_running_loop(), 0.0, pending=False)
+        rounds.add(member)  # type: ignore[arg-type]
+        assert rounds._timer is not None
+        rounds.discard(member)  # type: ignore[arg-type]
+        assert rounds._timer is None
+
+    loop.run_until_complete(one_connection())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
 
 
 async def test_live_peers_are_pinged_on_one_timer_and_stay(tmp_path: Path) -> None:
