@@ -13,6 +13,7 @@ a uvicorn that does not load this class, it is absent and every send goes throug
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 import weakref
@@ -23,6 +24,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
+
+log = logging.getLogger(__name__)
 
 SCOPE_EXTENSION = "collab.frames"
 
@@ -150,12 +153,16 @@ class _PingRounds:
         now = loop.time()
         for member in list(self.members):
             waited = now - member.ping_sent_at
-            if member.pending_ping_payload is not None and self.timeout is not None:
-                if waited >= self.timeout:
-                    self.discard(member)
-                    member.keepalive_timeout()
-            elif waited >= self.interval:  # answered, or no timeout: ping again
-                member.send_keepalive_ping()
+            try:
+                if member.pending_ping_payload is not None and self.timeout is not None:
+                    if waited >= self.timeout:
+                        self.discard(member)
+                        member.keepalive_timeout()
+                elif waited >= self.interval:  # answered, or no timeout: ping again
+                    member.send_keepalive_ping()
+            except Exception:  # one connection's failure must not stop the others' pings
+                log.exception("keepalive ping failed; no more pings for this connection")
+                self.discard(member)
         self._timer = loop.call_later(self.period, self._round) if self.members else None
 
 

@@ -153,7 +153,11 @@ async def test_a_ping_round_pings_answered_peers_and_fails_unanswered_ones(timeo
     silent, waiting = _Member(loop, 1.5, pending=True), _Member(loop, 0.2, pending=True)
     for member in (due, fresh, silent, waiting):
         rounds.add(member)  # type: ignore[arg-type]
+    broken = _Member(loop, 1.5, pending=False)
+    broken.send_keepalive_ping = lambda: 1 / 0  # type: ignore[method-assign]
+    rounds.add(broken)  # type: ignore[arg-type]
     rounds._round()
+    assert rounds._timer is not None and broken not in rounds.members  # the others' pings go on
     rounds._timer.cancel()
     assert (due.pings, fresh.pings, waiting.pings) == (1, 0, 0) and not waiting.failed
     if timeout is None:  # as uvicorn does without a timeout: keep pinging, never fail
