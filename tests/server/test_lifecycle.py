@@ -40,8 +40,9 @@ async def test_no_client_is_served_before_the_room_loads(tmp_path: Path) -> None
     settings = Settings(db=store.path, host="127.0.0.1", port=port)
     server = uvicorn.Server(uvicorn_config(settings, create_app(settings, store=store)))
     serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):  # fail rather than hang if the server never starts
+        while not server.started:
+            await asyncio.sleep(0.01)
     try:
         peer = await RawPeer.connect(f"ws://127.0.0.1:{port}/room")
         doc, updates = text_updates(10)

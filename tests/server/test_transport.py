@@ -32,8 +32,9 @@ async def _serve(tmp_path: Path, **overrides):
     app = create_app(cfg)
     server = uvicorn.Server(uvicorn_config(cfg, app))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):  # fail rather than hang if the server never starts
+        while not server.started:
+            await asyncio.sleep(0.01)
     return app, server, task, f"ws://127.0.0.1:{port}"
 
 
@@ -199,12 +200,13 @@ async def test_live_peers_are_pinged_on_one_timer_and_stay(tmp_path: Path) -> No
         rounds = _PingRounds.of(asyncio.get_running_loop(), 0.05, 0.05)
         assert protocols <= rounds.members
         answered = {protocol: 0 for protocol in protocols}
-        while min(answered.values()) < 5:  # a pong clears the payload; count answered pings per peer
-            before = {protocol: protocol.ping_sent_at for protocol in protocols}
-            await asyncio.sleep(0.02)
-            for protocol in protocols:
-                if protocol.ping_sent_at != before[protocol]:
-                    answered[protocol] += 1
+        async with asyncio.timeout(10):  # a new ping goes out only once the previous one was answered
+            while min(answered.values()) < 5:
+                before = {protocol: protocol.ping_sent_at for protocol in protocols}
+                await asyncio.sleep(0.02)
+                for protocol in protocols:
+                    if protocol.ping_sent_at != before[protocol]:
+                        answered[protocol] += 1
         assert all(not peer.closed.is_set() for peer in peers) and len(conns) == 3
         for peer in peers:
             await peer.close()
