@@ -108,6 +108,21 @@ async def test_an_accepted_connection_keeps_no_handshake_headers(tmp_path: Path)
         await task
 
 
+async def test_a_connection_protocol_keeps_its_attributes_in_slots(tmp_path: Path) -> None:
+    """Every attribute uvicorn's protocol sets is a slot, so no connection carries its own attribute hash
+    table (a new uvicorn attribute would land in one: add it to the slots)."""
+    app, server, task, url = await _serve(tmp_path)
+    try:
+        peer = await RawPeer.connect(f"{url}/room")
+        await peer.sync()
+        (conn,) = app.state.rooms.loaded["room"].connections
+        assert vars(conn._frames) == {}
+        await peer.close()
+    finally:
+        server.should_exit = True
+        await task
+
+
 async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
     """uvicorn's HTTP protocol and its httptools parser refer to each other. Once a connection is upgraded the
     cycle is broken, so a burst of handshakes leaves no garbage waiting for the collector."""
