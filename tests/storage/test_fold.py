@@ -57,7 +57,6 @@ def test_a_checkpoint_keeps_what_it_cannot_integrate_yet(ops: list[Op], cut: lis
     assert content(doc) == content(full)
 
 
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 50)), min_size=1, max_size=40),
        st.lists(st.integers(0, 40), min_size=3, max_size=3), st.integers(0, 40))
