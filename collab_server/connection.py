@@ -39,7 +39,7 @@ class Connection:
     task writes them through the raw ASGI send. Closing also goes through that task, which ends once the
     close frame is out; `wait_closed` waits for it.
 
-    `keep_alive` (called by the room's keepalive timer) sends an empty awareness message to a peer that got
+    `keep_alive` (called by the registry's keepalive timer) sends an empty awareness message to a peer that got
     nothing lately, so clients' inactivity timers never fire.
     """
 

@@ -36,11 +36,10 @@ class Room:
     """
 
     def __init__(self, name: str, store: Store, broker: Broker, metrics: Metrics, *,
-                 awareness_timeout: float = 30.0, keepalive_interval: float = 10.0,
+                 awareness_timeout: float = 30.0,
                  on_storage_failure: Callable[["Room"], None] | None = None) -> None:
         self.name = name
         self.awareness_timeout = awareness_timeout
-        self.keepalive_interval = keepalive_interval
         self.metrics = metrics
         self.store = store
         self.broker = broker
@@ -60,8 +59,6 @@ class Room:
         self._awareness: dict[int, p.AwarenessEntry] = {}
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -77,9 +74,6 @@ class Room:
         early, self._early = self._early, None
         for event in early or ():
             self._on_broker(*event)
-        loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(self.awareness_timeout / 2, self._sweep_awareness)
-        self._keepalive = loop.call_later(self.keepalive_interval, self._keep_alive)
         log.info("room loaded name=%s updates=%d", self.name, len(updates))
 
     def after_load(self) -> None:
@@ -93,9 +87,6 @@ class Room:
             await asyncio.wait([self._inflight])
 
     async def close(self) -> None:
-        for timer in (self._sweeper, self._keepalive):
-            if timer is not None:
-                timer.cancel()
         if self.unload_handle is not None:
             self.unload_handle.cancel()
         if self._subscription is not None:
@@ -263,14 +254,10 @@ class Room:
         for conn in self.connections:
             conn.send(message, frame)
 
-    def _keep_alive(self) -> None:
-        """Each interval, a keepalive to every connection sent nothing for half an interval: clients'
-        inactivity timers never fire (silence lasts at most 1.5 intervals). One timer per room, not per peer."""
-        loop = asyncio.get_running_loop()
-        since = loop.time() - self.keepalive_interval / 2
+    def keep_alive(self, since: float) -> None:
+        """A keepalive to every connection that was sent nothing since loop time `since`."""
         for conn in self.connections:
             conn.keep_alive(since)
-        self._keepalive = loop.call_later(self.keepalive_interval, self._keep_alive)
 
     # --- awareness -----------------------------------------------------------------------------------
 
@@ -317,11 +304,11 @@ class Room:
         self._awareness_seen.pop(client_id, None)
         return p.AwarenessEntry(client_id, clock, "null")
 
-    def _sweep_awareness(self) -> None:
+    def sweep_awareness(self) -> None:
+        """Remove the presence of peers not heard from for `awareness_timeout` seconds."""
         deadline = time.monotonic() - self.awareness_timeout
         stale = [self._bump(cid) for cid, seen in list(self._awareness_seen.items()) if seen < deadline]
         if stale:
             for conn in self.connections:
                 conn.awareness_ids.difference_update(e.client_id for e in stale)
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(stale))
-        self._sweeper = asyncio.get_running_loop().call_later(self.awareness_timeout / 2, self._sweep_awareness)

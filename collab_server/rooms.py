@@ -1,4 +1,5 @@
-"""The room registry: lazy load under a per-name lock, idle eviction after a grace period."""
+"""The room registry: lazy load under a per-name lock, idle eviction after a grace period, and the timers
+every loaded room needs (keepalives, awareness expiry): one of each for all rooms, not one per room."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class Rooms:
         self.loaded: dict[str, Room] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unloads: set[asyncio.Task[None]] = set()
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, name: str, *, connection: bool = False) -> Room:
         """The loaded room `name`, loading it first if needed; pair every call with `release`."""
@@ -43,7 +46,7 @@ class Rooms:
             room = self.loaded.get(name)
             if room is None:
                 room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
-                            keepalive_interval=self.keepalive_interval, on_storage_failure=self._evict)
+                            on_storage_failure=self._evict)
                 try:
                     await room.load()
                 except BaseException:
@@ -53,6 +56,7 @@ class Rooms:
                     self.on_load(room)
                 room.after_load()
                 self.loaded[name] = room
+                self._start_timers()
             if connection and len(room.connections) >= self.max_connections_per_room:
                 raise RoomFull(name)
             if room.unload_handle is not None:
@@ -85,6 +89,34 @@ class Rooms:
         if not lock.locked() and self._locks.get(room.name) is lock and room.name not in self.loaded:
             del self._locks[room.name]
 
+    def _start_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._keepalive_timer is None:
+            self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keep_alive)
+        if self._sweep_timer is None:
+            self._sweep_timer = loop.call_later(self.awareness_timeout / 2, self._sweep_awareness)
+
+    def _keep_alive(self) -> None:
+        """Each interval, a keepalive to every connection sent nothing for half an interval: clients'
+        inactivity timers never fire (silence lasts at most 1.5 intervals)."""
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self.keepalive_interval / 2
+        self._each_room(lambda room: room.keep_alive(since))
+        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keep_alive) if self.loaded else None
+
+    def _sweep_awareness(self) -> None:
+        """Every half awareness timeout, expire silent peers' presence (so after at most 1.5 timeouts)."""
+        self._each_room(Room.sweep_awareness)
+        loop = asyncio.get_running_loop()
+        self._sweep_timer = loop.call_later(self.awareness_timeout / 2, self._sweep_awareness) if self.loaded else None
+
+    def _each_room(self, action: Callable[[Room], None]) -> None:
+        for room in list(self.loaded.values()):
+            try:
+                action(room)
+            except Exception:  # one room's failure must not stop the others' timers
+                log.exception("periodic room task failed room=%s", room.name)
+
     def _evict(self, room: Room) -> None:
         """Drop a failed room without flushing; the next connection reloads what is durable."""
         if self.loaded.get(room.name) is room:
@@ -105,5 +137,9 @@ class Rooms:
             await room.flush()
             await room.close()
         self.loaded.clear()
+        for timer in (self._keepalive_timer, self._sweep_timer):
+            if timer is not None:
+                timer.cancel()
+        self._keepalive_timer = self._sweep_timer = None
         if self._unloads:
             await asyncio.gather(*self._unloads, return_exceptions=True)

@@ -1,0 +1,47 @@
+"""The room registry's periodic work: one keepalive and one awareness timer for all loaded rooms."""
+
+import asyncio
+from pathlib import Path
+
+from collab_server.broker.local import LocalBroker
+from collab_server.metrics import Metrics
+from collab_server.room import Room
+from collab_server.rooms import Rooms
+from collab_server.storage.sqlite import SQLiteStore
+
+
+async def test_rooms_share_two_timers_that_stop_when_no_room_is_loaded(tmp_path: Path, monkeypatch) -> None:
+    """Every loaded room is swept on the registry's timer, one failing room does not stop the others', and
+    with no room loaded nothing keeps waking the loop."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    rooms = Rooms(store, LocalBroker(), Metrics(), idle_unload_seconds=0.01, awareness_timeout=0.04,
+                  keepalive_interval=0.02)
+    swept: dict[str, int] = {}
+    kept_alive: dict[str, int] = {}
+
+    def sweep(room: Room) -> None:
+        swept[room.name] = swept.get(room.name, 0) + 1
+        if room.name == "broken":
+            raise RuntimeError("sweep failed")
+
+    monkeypatch.setattr(Room, "sweep_awareness", sweep)
+    monkeypatch.setattr(Room, "keep_alive", lambda room, since: kept_alive.update({room.name: 1}))
+    try:
+        loaded = [await rooms.acquire(name) for name in ("a", "broken", "b")]
+        assert all(room._subscription is not None for room in loaded)
+        async with asyncio.timeout(10):
+            while min(swept.get(name, 0) for name in ("a", "broken", "b")) < 3 or len(kept_alive) < 3:
+                await asyncio.sleep(0.01)
+        for room in loaded:
+            rooms.release(room)
+        async with asyncio.timeout(10):
+            while rooms.loaded or rooms._keepalive_timer or rooms._sweep_timer:
+                await asyncio.sleep(0.01)
+        again = await rooms.acquire("a")  # loading a room starts them again
+        assert rooms._keepalive_timer is not None and rooms._sweep_timer is not None
+        rooms.release(again)
+    finally:
+        await rooms.close()
+        await store.close()
+    assert rooms._keepalive_timer is None and rooms._sweep_timer is None
