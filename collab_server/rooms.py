@@ -90,6 +90,9 @@ class Rooms:
             del self._locks[room.name]
 
     def _start_timers(self) -> None:
+        """Arm whichever of the two timers is not armed, while any room is loaded (the only place they are)."""
+        if not self.loaded:
+            return
         loop = asyncio.get_running_loop()
         if self._keepalive_timer is None:
             self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keep_alive)
@@ -99,16 +102,16 @@ class Rooms:
     def _keep_alive(self) -> None:
         """Each interval, a keepalive to every connection sent nothing for half an interval: clients'
         inactivity timers never fire (silence lasts at most 1.5 intervals)."""
-        loop = asyncio.get_running_loop()
-        since = loop.time() - self.keepalive_interval / 2
+        self._keepalive_timer = None
+        since = asyncio.get_running_loop().time() - self.keepalive_interval / 2
         self._each_room(lambda room: room.keep_alive(since))
-        self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keep_alive) if self.loaded else None
+        self._start_timers()
 
     def _sweep_awareness(self) -> None:
         """Every half awareness timeout, expire silent peers' presence (so after at most 1.5 timeouts)."""
+        self._sweep_timer = None
         self._each_room(Room.sweep_awareness)
-        loop = asyncio.get_running_loop()
-        self._sweep_timer = loop.call_later(self.awareness_timeout / 2, self._sweep_awareness) if self.loaded else None
+        self._start_timers()
 
     def _each_room(self, action: Callable[[Room], None]) -> None:
         for room in list(self.loaded.values()):
