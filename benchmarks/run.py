@@ -5,9 +5,11 @@
     .venv/bin/python benchmarks/run.py --quick         # smoke run, under a minute
     .venv/bin/python benchmarks/run.py --servers ours,yws --scenarios fanout,latency --repeat 5
 
-Every server runs on a free 127.0.0.1 port in its own subprocess, one at a time, with its own scratch
-database; real yjs clients (benchmarks/driver.mjs, one Node process per scenario run) drive it. Results go to
-benchmarks/results/latest.json and a table on stdout. Only the standard library is used here.
+Every server runs on a free 127.0.0.1 port in its own subprocess with its own scratch database. The live
+scenarios (fan-out, latency, rooms) run with every server up and their repeats interleaved; cold load and
+memory run one server at a time. Real yjs clients (benchmarks/driver.mjs, one Node process per scenario
+run) drive them. Results go to benchmarks/results/latest.json and a table on stdout. Only the standard
+library is used here.
 """
 
 from __future__ import annotations
@@ -526,36 +528,24 @@ def _timed_driver(server: ServerProc, scenario: str, opts: dict[str, Any], timeo
     return result
 
 
-def scenario_fanout(ctx: "Ctx", server: ServerProc) -> dict[str, Any]:
-    runs = []
-    for i in range(ctx.sizes["repeat"]):
-        opts = {**ctx.base_opts(server), **ctx.sizes["fanout"], "room": f"fanout-{i}-{ctx.nonce}"}
-        runs.append(_timed_driver(server, "fanout", opts, ctx.timeout_s))
-        ctx.progress(f"fanout run {i + 1}: {_fmt(runs[-1].get('deliveries_per_s'))} deliveries/s"
-                     f"{' ERROR ' + str(runs[-1]['error'])[:200] if runs[-1].get('error') else ''}")
-    return _summarize(runs, ["deliveries_per_s", "elapsed_ms", "server_cpu_s", "delivered", "expected"])
+def live_once(ctx: "Ctx", server: ServerProc, scenario: str, i: int) -> dict[str, Any]:
+    """Repeat `i` of a live scenario (fan-out, latency or rooms) in fresh rooms of a running server."""
+    opts = {**ctx.base_opts(server), **ctx.sizes[scenario], "room": f"{scenario}-{i}-{ctx.nonce}"}
+    r = _timed_driver(server, scenario, opts, ctx.timeout_s)
+    figures = {
+        "fanout": lambda: f"{_fmt(r.get('deliveries_per_s'))} deliveries/s",
+        "latency": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms",
+        "rooms": lambda: f"connect+sync {_fmt(r.get('connect_sync_ms'))} ms, {_fmt(r.get('updates_per_s'))} updates/s",
+    }[scenario]()
+    ctx.progress(f"{scenario} run {i + 1}: {figures}{' ERROR ' + str(r['error'])[:200] if r.get('error') else ''}")
+    return r
 
 
-def scenario_latency(ctx: "Ctx", server: ServerProc) -> dict[str, Any]:
-    runs = []
-    for i in range(ctx.sizes["repeat"]):
-        opts = {**ctx.base_opts(server), **ctx.sizes["latency"], "room": f"latency-{i}-{ctx.nonce}"}
-        runs.append(_timed_driver(server, "latency", opts, ctx.timeout_s))
-        ctx.progress(f"latency run {i + 1}: p50 {_fmt(runs[-1].get('p50_ms'))} ms, "
-                     f"p99 {_fmt(runs[-1].get('p99_ms'))} ms"
-                     f"{' ERROR ' + str(runs[-1]['error'])[:200] if runs[-1].get('error') else ''}")
-    return _summarize(runs, ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "expected"])
-
-
-def scenario_rooms(ctx: "Ctx", server: ServerProc) -> dict[str, Any]:
-    runs = []
-    for i in range(ctx.sizes["repeat"]):
-        opts = {**ctx.base_opts(server), **ctx.sizes["rooms"], "room": f"rooms-{i}-{ctx.nonce}"}
-        runs.append(_timed_driver(server, "rooms", opts, ctx.timeout_s))
-        ctx.progress(f"rooms run {i + 1}: connect+sync {_fmt(runs[-1].get('connect_sync_ms'))} ms, "
-                     f"{_fmt(runs[-1].get('updates_per_s'))} updates/s"
-                     f"{' ERROR ' + str(runs[-1]['error'])[:200] if runs[-1].get('error') else ''}")
-    return _summarize(runs, ["connect_sync_ms", "updates_per_s", "server_cpu_s", "delivered", "expected"])
+LIVE_KEYS = {
+    "fanout": ["deliveries_per_s", "elapsed_ms", "server_cpu_s", "delivered", "expected"],
+    "latency": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "expected"],
+    "rooms": ["connect_sync_ms", "updates_per_s", "server_cpu_s", "delivered", "expected"],
+}
 
 
 def scenario_cold(ctx: "Ctx", spec: ServerSpec) -> dict[str, Any]:
@@ -690,39 +680,65 @@ class Ctx:
         print(line, flush=True)
 
 
-def run_server(ctx: Ctx, spec: ServerSpec, scenarios: list[str]) -> dict[str, Any]:
-    ctx.current = spec.name
-    res: dict[str, Any] = {"label": spec.label, "version": spec.version(), "notes": spec.notes}
-    live = [s for s in scenarios if s in ("fanout", "latency", "rooms")]
-    if live:
-        ctx.current = f"{spec.name}"
+def wait_quiet(servers: list[ServerProc], window_s: float = 0.3, limit_s: float = 30.0) -> None:
+    """Wait until no server uses CPU (at most one clock tick over `window_s`), so work one server defers
+    after its run (a debounced store, a commit backlog) does not land in another server's measurement."""
+    deadline = time.monotonic() + limit_s
+    before = [s.cpu_seconds() for s in servers]
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        after = [s.cpu_seconds() for s in servers]
+        if all(b - a <= 0.011 for a, b in zip(before, after)):
+            return
+        before = after
+
+
+def run_live(ctx: Ctx, specs: list[ServerSpec], live: list[str], results: dict[str, Any]) -> None:
+    """Fan-out, latency and rooms with every server up at once and the repeats interleaved: repeat i runs
+    each server in turn (the order rotated every repeat), after all are idle, so a machine that speeds up or
+    slows down during the run moves every server's figures alike and the per-repeat ratios stay paired."""
+    servers: dict[str, ServerProc] = {}
+    for spec in specs:
+        ctx.current = spec.name
         try:
-            server = ctx.start(spec, ctx.fresh_data(spec, "live"))
+            servers[spec.name] = ctx.start(spec, ctx.fresh_data(spec, "live"))
         except (RuntimeError, TimeoutError) as exc:
             for s in live:
-                res[s] = {"error": str(exc)}
-        else:
-            try:
-                for s in live:
-                    if not server.alive():
-                        server = ctx.start(spec, ctx.fresh_data(spec, "live"))
-                    fn = {"fanout": scenario_fanout, "latency": scenario_latency, "rooms": scenario_rooms}[s]
+                results[spec.name][s] = {"error": str(exc)}
+    names = list(servers)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {s: [] for s in live} for n in names}
+    try:
+        for s in live:
+            for i in range(ctx.sizes["repeat"]):
+                for name in names[i % len(names):] + names[:i % len(names)] if names else []:
+                    ctx.current = name
+                    if not servers[name].alive():
+                        servers[name] = ctx.start(servers[name].spec, ctx.fresh_data(servers[name].spec, "live"))
+                    wait_quiet(list(servers.values()))
                     try:
-                        res[s] = fn(ctx, server)
-                    except Exception as exc:  # keep going: one broken scenario must not hide the rest
-                        res[s] = {"error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                server.stop()
+                        runs[name][s].append(live_once(ctx, servers[name], s, i))
+                    except Exception as exc:  # keep going: one broken run must not hide the rest
+                        runs[name][s].append({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for server in servers.values():
+            server.stop()
+    for name in names:
+        for s in live:
+            results[name][s] = _summarize(runs[name][s], LIVE_KEYS[s])
+
+
+def run_offline(ctx: Ctx, spec: ServerSpec, scenarios: list[str], res: dict[str, Any]) -> None:
+    """Cold load and memory, one server at a time: each starts and restarts its own server processes."""
+    ctx.current = spec.name
     for s in ("cold", "memory"):
         if s in scenarios:
-            fn2 = scenario_cold if s == "cold" else scenario_memory
+            fn = scenario_cold if s == "cold" else scenario_memory
             try:
-                res[s] = fn2(ctx, spec)
+                res[s] = fn(ctx, spec)
             except Exception as exc:
                 res[s] = {"error": f"{type(exc).__name__}: {exc}"}
             finally:
                 _kill_all()
-    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -737,7 +753,19 @@ def _get(*path: str) -> Callable[[dict[str, Any]], Any]:
                 return None
             cur = cur.get(key)
         return cur
+    getter.path = path  # type: ignore[attr-defined]
     return getter
+
+
+def paired_ratios(ours: dict[str, Any], other: dict[str, Any], path: tuple[str, ...], higher: bool) -> list[float]:
+    """Per-repeat ratios of a live figure (repeat i of every server ran back to back), > 1 when ours is better."""
+    if len(path) != 2 or path[0] not in LIVE_KEYS:
+        return []
+    scenario, key = path
+    pairs = zip(ours.get(scenario, {}).get("runs", []), other.get(scenario, {}).get("runs", []))
+    values = [(a.get(key), b.get(key)) for a, b in pairs]
+    return [a / b if higher else b / a for a, b in values
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0]
 
 
 def metric_rows(sizes: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], Any], bool, str, list[str]]]:
@@ -803,7 +831,10 @@ def render_table(results: dict[str, Any], sizes: dict[str, Any], servers: list[s
         if has_ours:
             for s in others:
                 a, b = values.get("ours"), values.get(s)
-                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
+                paired = paired_ratios(results["ours"], results[s], getattr(getter, "path", ()), higher)
+                if len(paired) > 1:
+                    row.append(f"{statistics.median(paired):.2f}× ({min(paired):.2f}–{max(paired):.2f})")
+                elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
                     ratio = a / b if higher else b / a
                     row.append(f"{ratio:.2f}×")
                 else:
@@ -818,8 +849,10 @@ def render_table(results: dict[str, Any], sizes: dict[str, Any], servers: list[s
             out.append("|" + "|".join("-" * (w + 2) if j == 0 else "-" * (w + 1) + ":" for j, w in enumerate(widths))
                        + "|")
     out.append("")
-    out.append("↑ higher is better, ↓ lower is better. Ratio columns: > 1× means ours is better "
-               "(ours÷other for ↑, other÷ours for ↓). Values are medians over the repeats.")
+    out.append("↑ higher is better, ↓ lower is better. Values are medians over the repeats. Ratio columns: > 1× "
+               "means ours is better (ours÷other for ↑, other÷ours for ↓). For fan-out, latency and rooms, where "
+               "repeat i of every server runs back to back, the ratio is the median of the per-repeat ratios, "
+               "their range in brackets; elsewhere it is the ratio of the medians.")
     if flagged:
         out.append("")
         out.append("! = the run reported a problem:")
@@ -919,10 +952,16 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"label": spec.label, "version": "not available", "skipped": why, "notes": spec.notes}
                 continue
             print(f"== {name}: {spec.version()}", flush=True)
-            t0 = time.monotonic()
-            results[name] = run_server(ctx, spec, scenarios)
-            results[name]["wall_s"] = time.monotonic() - t0
+            results[name] = {"label": spec.label, "version": spec.version(), "notes": spec.notes}
             ran.append(name)
+        live = [s for s in scenarios if s in LIVE_KEYS]
+        if live and ran:
+            print(f"== live scenarios, every server up, repeats interleaved: {', '.join(live)}", flush=True)
+            run_live(ctx, [SERVERS[name] for name in ran], live, results)
+        for name in ran:
+            if {"cold", "memory"} & set(scenarios):
+                print(f"== {name}: cold load and memory", flush=True)
+                run_offline(ctx, SERVERS[name], scenarios, results[name])
     finally:
         _kill_all()
         report["wall_s"] = time.monotonic() - started
