@@ -53,7 +53,7 @@ RSS_CAP_KB = int(os.environ.get("BENCH_RSS_CAP_MB", "4096")) * 1024  # per serve
 # scenario sizes
 
 FULL = {
-    "repeat": 3,
+    "repeat": 5,
     "fanout": {"readers": 20, "updates": 2000},
     "latency": {"readers": 20, "rate": 100, "seconds": 5},
     "rooms": {"rooms": 200, "updatesPerRoom": 20},
