@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import sys
 from dataclasses import fields
 
@@ -14,6 +16,9 @@ from collab_server import logs
 from collab_server.app import create_app
 from collab_server.auth import issue_token
 from collab_server.config import Settings
+
+log = logging.getLogger(__name__)
+NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited (setting the soft one to infinity is refused)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +76,24 @@ def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
     )
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard limit. Every connection is a file descriptor, and the
+    usual soft default of 1024 would turn clients away long before memory or CPU run out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open file limit stays at %d (raising it to %d failed: %s)", soft, target, exc)
+        return
+    log.info("open file limit raised from %d to %d", soft, target)
+
+
 def serve(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
+    raise_open_file_limit()
     uvicorn.Server(uvicorn_config(settings, create_app(settings))).run()
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,8 +26,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m collab_server serve` on 127.0.0.1 with its own database file and port."""
 
-    def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.db = db
+        self.preexec = preexec  # runs in the child before the server starts (e.g. to set resource limits)
         self.args = list(args)
         self.env = env or {}
         self.port = port or free_port()
@@ -46,7 +49,7 @@ class ServerProcess:
                "--db", str(self.db), *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env})
+                                     env={**os.environ, **self.env}, preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import os
+import resource
 import socket
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
-from tests.serverproc import free_port
+from tests.serverproc import ServerProcess, free_port
 
 
 class GatedStore(SQLiteStore):
@@ -165,3 +166,22 @@ async def test_room_name_is_the_decoded_path_without_query(server) -> None:
     c = await RawPeer.connect(f"{server.ws_url}/team/other")
     await c.sync()
     assert str(c.doc.get("t", type=Text)) == ""
+
+
+async def test_the_server_lifts_a_low_open_file_limit_to_serve_more_clients(tmp_path: Path) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= 1024, "this test needs a hard limit of at least 1024 open files"
+    server = ServerProcess(tmp_path / "collab.db",
+                           preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))).start()
+    peers: list[RawPeer] = []
+    try:
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text().splitlines()
+        soft = next(line.split()[3] for line in limits if line.startswith("Max open files"))
+        assert int(soft) == hard
+        for _ in range(200):  # each one a descriptor in the server: more than the 128 it was started with
+            peers.append(await RawPeer.connect(f"{server.ws_url}/crowd"))
+        await asyncio.gather(*(peer.sync() for peer in peers))
+        assert "open file limit raised from 128" in server.log()
+    finally:
+        await asyncio.gather(*(peer.close() for peer in peers))
+        server.stop()
