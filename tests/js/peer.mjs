@@ -172,12 +172,14 @@ const burstEdit = (kind, name, tag, i) => {
 }
 
 // `sent` counts the updates y-websocket handed to an open socket (the others stay local until a resync).
-const burst = async ({ n, kind = 'text', name = kind, tag = '', yield_every = 1, then_disconnect = false }) => {
+const burst = async ({ n, kind = 'text', name = kind, tag = '', yield_every = 1, pause_ms = 0, then_disconnect = false }) => {
   let sent = 0
   for (let i = 0; i < n; i++) {
     if (socketOpen()) sent++
     burstEdit(kind, name, tag, i)
-    if (yield_every > 0 && (i + 1) % yield_every === 0) await new Promise(setImmediate)
+    if (yield_every > 0 && (i + 1) % yield_every === 0) {
+      await new Promise(resolve => pause_ms > 0 ? setTimeout(resolve, pause_ms) : setImmediate(resolve))
+    }
   }
   if (then_disconnect) await disconnect()
   return { n, sent }
