@@ -21,6 +21,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class OneLine(logging.Filter):
+    """For a library that logs each retry with a traceback (asyncpg's pool while the database is away):
+    keep the message and the error, on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {error}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+QUIET_RETRIES = ("asyncpg.pool",)
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -32,3 +47,5 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_RETRIES:
+        logging.getLogger(name).filters[:] = [OneLine()]
