@@ -94,6 +94,10 @@ class Room:
             self._subscription = None
         for callback in self.on_close:
             callback()
+        # hooks (the resolver) refer back to the room: dropped, so the room and its document are freed as soon
+        # as the registry lets go, not at the next full collection of the cyclic GC
+        self.hooks.clear()
+        self.on_close.clear()
         await self.broker.unsubscribe(self.name)
 
     # --- connections ---------------------------------------------------------------------------------

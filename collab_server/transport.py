@@ -218,6 +218,14 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][SCOPE_EXTENSION] = self
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # the scope offers this protocol as its frame writer: a cycle the cyclic GC alone would free, so every
+        # closed connection (its buffers and parser included) would wait for a collection
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"].pop(SCOPE_EXTENSION, None)
+
     # keepalive pings: one _PingRounds timer for all connections; handle_pong (uvicorn's) clears the payload
     def start_keepalive(self) -> None:
         if self.ping_interval is not None and self.ping_interval > 0:

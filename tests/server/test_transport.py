@@ -1,7 +1,9 @@
 """Direct frame writes (transport.py): frames equal websockets' own, and both send paths deliver."""
 
 import asyncio
+import contextlib
 import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from websockets.frames import Frame, Opcode
 from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
-from collab_server.transport import _Flag, _Inbox, _PingRounds, binary_frame
+from collab_server.transport import CollabWebSocketProtocol, _Flag, _Inbox, _PingRounds, binary_frame
 from tests.rawclient import RawPeer
 from tests.serverproc import free_port
 
@@ -137,6 +139,40 @@ async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_colle
         assert lingering == []
         for peer in peers:
             await peer.close()
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await task
+
+
+async def test_closed_connections_and_unloaded_rooms_are_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
+    """A connection, however it ends, and a room once unloaded (its document, observers and status resolver)
+    are freed by reference counting, so neither their memory nor the collector's work grows with churn."""
+    app, server, task, url = await _serve(tmp_path, idle_unload_seconds=0.2)
+    gc.collect()
+    gc.disable()
+    try:
+        peers = [await RawPeer.connect(f"{url}/room-{i % 2}") for i in range(6)]
+        for peer in peers:
+            await peer.sync()
+        await peers[0].edit(lambda doc: doc.get("t", type=Text).insert(0, "observed and resolved"))
+        await peers[2].wait_for(lambda: str(peers[2].doc.get("t", type=Text)) == "observed and resolved")
+        freed = [weakref.ref(o) for o in gc.get_objects() if isinstance(o, CollabWebSocketProtocol)]
+        freed += [weakref.ref(room) for room in app.state.rooms.loaded.values()]
+        freed += [weakref.ref(room.doc) for room in app.state.rooms.loaded.values()]
+        assert len(freed) == 6 + 2 + 2
+
+        await peers[0].close()  # closing handshake
+        await peers[1].send("text frames are refused")  # closed by the server (1003)
+        assert (await peers[1].wait_closed())[0] == 1003
+        for peer in peers[2:]:
+            peer.ws.transport.abort()  # vanished
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while app.state.rooms.loaded or any(ref() is not None for ref in freed):
+                    await asyncio.sleep(0.02)
+        assert not app.state.rooms.loaded
+        assert [type(ref()).__name__ for ref in freed if ref() is not None] == []
     finally:
         gc.enable()
         server.should_exit = True
