@@ -15,6 +15,7 @@ from collab_server.transport import FrameWriter, binary_frame
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+KEEPALIVE_FRAME = binary_frame(KEEPALIVE)
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -66,6 +67,9 @@ class Connection:
         if frames is None:
             self._start_drain()
 
+    def __repr__(self) -> str:
+        return f"Connection(id={self.id})"
+
     @property
     def direct(self) -> bool:
         """Whether messages are written straight to the socket (see transport.py) rather than through ASGI."""
@@ -109,7 +113,7 @@ class Connection:
     def keep_alive(self, since: float) -> None:
         """Send a keepalive if nothing was sent to the peer since loop time `since`."""
         if self._last_send <= since:
-            self.send(KEEPALIVE)
+            self.send(KEEPALIVE, KEEPALIVE_FRAME)
 
     def _start_drain(self) -> None:
         if self._drain is None:

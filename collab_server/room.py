@@ -61,6 +61,9 @@ class Room:
         self._awareness_seen: dict[int, float] = {}
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
 
+    def __repr__(self) -> str:
+        return f"Room({self.name!r})"
+
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def load(self) -> None:
@@ -257,11 +260,6 @@ class Room:
         frame = binary_frame(message)  # framed once for every connection that can take it directly
         for conn in self.connections:
             conn.send(message, frame)
-
-    def keep_alive(self, since: float) -> None:
-        """A keepalive to every connection that was sent nothing since loop time `since`."""
-        for conn in self.connections:
-            conn.keep_alive(since)
 
     # --- awareness -----------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from collab_server.broker import Broker
 from collab_server.connection import CloseCode
 from collab_server.metrics import Metrics
+from collab_server.pacing import in_slices
 from collab_server.room import Room
 from collab_server.storage import Store
 
@@ -104,21 +105,15 @@ class Rooms:
         inactivity timers never fire (silence lasts at most 1.5 intervals)."""
         self._keepalive_timer = None
         since = asyncio.get_running_loop().time() - self.keepalive_interval / 2
-        self._each_room(lambda room: room.keep_alive(since))
+        connections = [conn for room in self.loaded.values() for conn in room.connections]
+        in_slices(connections, lambda conn: conn.keep_alive(since), what="keepalive")
         self._start_timers()
 
     def _sweep_awareness(self) -> None:
         """Every half awareness timeout, expire silent peers' presence (so after at most 1.5 timeouts)."""
         self._sweep_timer = None
-        self._each_room(Room.sweep_awareness)
+        in_slices(list(self.loaded.values()), Room.sweep_awareness, what="awareness sweep")
         self._start_timers()
-
-    def _each_room(self, action: Callable[[Room], None]) -> None:
-        for room in list(self.loaded.values()):
-            try:
-                action(room)
-            except Exception:  # one room's failure must not stop the others' timers
-                log.exception("periodic room task failed room=%s", room.name)
 
     def _evict(self, room: Room) -> None:
         """Drop a failed room without flushing; the next connection reloads what is durable."""

@@ -25,6 +25,8 @@ from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from collab_server.pacing import in_slices
+
 log = logging.getLogger(__name__)
 
 SCOPE_EXTENSION = "collab.frames"
@@ -150,20 +152,24 @@ class _PingRounds:
 
     def _round(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        for member in list(self.members):
-            waited = now - member.ping_sent_at
-            try:
-                if member.pending_ping_payload is not None and self.timeout is not None:
-                    if waited >= self.timeout:
-                        self.discard(member)
-                        member.keepalive_timeout()
-                elif waited >= self.interval:  # answered, or no timeout: ping again
-                    member.send_keepalive_ping()
-            except Exception:  # one connection's failure must not stop the others' pings
-                log.exception("keepalive ping failed; no more pings for this connection")
-                self.discard(member)
+        due = loop.time() - min(self.interval, self.timeout or self.interval)
+        in_slices([member for member in self.members if member.ping_sent_at <= due], self._visit, what="ping")
         self._timer = loop.call_later(self.period, self._round) if self.members else None
+
+    def _visit(self, member: "CollabWebSocketProtocol") -> None:
+        if member not in self.members:  # closed since the round began
+            return
+        waited = asyncio.get_running_loop().time() - member.ping_sent_at
+        try:
+            if member.pending_ping_payload is not None and self.timeout is not None:
+                if waited >= self.timeout:
+                    self.discard(member)
+                    member.keepalive_timeout()
+            elif waited >= self.interval:  # answered, or no timeout: ping again
+                member.send_keepalive_ping()
+        except Exception:  # one connection's failure must not stop the others' pings
+            log.exception("keepalive ping failed; no more pings for this connection")
+            self.discard(member)
 
 
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):

@@ -1,4 +1,5 @@
-"""The room registry's periodic work: one keepalive and one awareness timer for all loaded rooms."""
+"""The room registry's periodic work: one keepalive and one awareness timer for all loaded rooms, each pass
+done in slices."""
 
 import asyncio
 from pathlib import Path
@@ -10,9 +11,19 @@ from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
 
 
+class _Peer:
+    """Stands in for a connection: counts the keepalive passes that reached it."""
+
+    def __init__(self, name: str, kept_alive: dict[str, int]) -> None:
+        self.name, self.kept_alive = name, kept_alive
+
+    def keep_alive(self, since: float) -> None:
+        self.kept_alive[self.name] = self.kept_alive.get(self.name, 0) + 1
+
+
 async def test_rooms_share_two_timers_that_stop_when_no_room_is_loaded(tmp_path: Path, monkeypatch) -> None:
-    """Every loaded room is swept on the registry's timer, one failing room does not stop the others', and
-    with no room loaded nothing keeps waking the loop."""
+    """Every loaded room is swept and every connection kept alive on the registry's timers, one failing room
+    does not stop the others', and with no room loaded nothing keeps waking the loop."""
     store = SQLiteStore(str(tmp_path / "r.db"))
     await store.open()
     rooms = Rooms(store, LocalBroker(), Metrics(), idle_unload_seconds=0.01, awareness_timeout=0.04,
@@ -26,14 +37,16 @@ async def test_rooms_share_two_timers_that_stop_when_no_room_is_loaded(tmp_path:
             raise RuntimeError("sweep failed")
 
     monkeypatch.setattr(Room, "sweep_awareness", sweep)
-    monkeypatch.setattr(Room, "keep_alive", lambda room, since: kept_alive.update({room.name: 1}))
     try:
         loaded = [await rooms.acquire(name) for name in ("a", "broken", "b")]
+        for room in loaded:
+            room.connections.add(_Peer(room.name, kept_alive))  # type: ignore[arg-type]
         assert all(room._subscription is not None for room in loaded)
         async with asyncio.timeout(10):
             while min(swept.get(name, 0) for name in ("a", "broken", "b")) < 3 or len(kept_alive) < 3:
                 await asyncio.sleep(0.01)
         for room in loaded:
+            room.connections.clear()
             rooms.release(room)
         async with asyncio.timeout(10):
             while rooms.loaded or rooms._keepalive_timer or rooms._sweep_timer:

@@ -1,0 +1,33 @@
+"""Periodic passes over every connection or room, in slices. A keepalive pass over 5,000 idle connections
+takes ~0.1 s; done in one callback, every message that arrives meanwhile waits for all of it. In slices,
+the event loop handles what is ready between them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SLICE = 128  # items per turn of the event loop: a few milliseconds of sends at most
+
+
+def in_slices(items: Sequence[T], action: Callable[[T], None], *, what: str, size: int = SLICE) -> None:
+    """Apply `action` to every item, `size` of them per turn of the running loop, starting now. An item
+    whose action raises is logged and skipped; the others still get theirs."""
+    loop = asyncio.get_running_loop()
+
+    def run(start: int) -> None:
+        for item in items[start:start + size]:
+            try:
+                action(item)
+            except Exception:
+                log.exception("%s failed for %r", what, item)
+        if start + size < len(items):
+            loop.call_soon(run, start + size)
+
+    run(0)
