@@ -112,8 +112,12 @@ class Rooms:
     def _sweep_awareness(self) -> None:
         """Every half awareness timeout, expire silent peers' presence (so after at most 1.5 timeouts)."""
         self._sweep_timer = None
-        in_slices(list(self.loaded.values()), Room.sweep_awareness, what="awareness sweep")
+        in_slices(list(self.loaded.values()), self._sweep_room, what="awareness sweep")
         self._start_timers()
+
+    def _sweep_room(self, room: Room) -> None:
+        if self.loaded.get(room.name) is room:  # not unloaded since the pass began
+            room.sweep_awareness()
 
     def _evict(self, room: Room) -> None:
         """Drop a failed room without flushing; the next connection reloads what is durable."""
