@@ -36,28 +36,31 @@ class Connection:
 
     With a FrameWriter (see transport.py) a message is written to the socket at once, from pre-encoded frame
     bytes when the caller has them. When the socket is backed up, or without a writer, messages queue
-    (at most `send_queue_limit`; beyond that the peer is too slow and is closed with 1013) and one drain
-    task writes them through the raw ASGI send. Closing also goes through that task, which ends once the
-    close frame is out; `wait_closed` waits for it.
+    (at most `send_queue_limit` messages and `send_queue_bytes` bytes; beyond either the peer is too slow
+    and is closed with 1013) and one drain task writes them through the raw ASGI send. Closing also goes
+    through that task, which ends once the close frame is out; `wait_closed` waits for it.
 
     `keep_alive` (called by the registry's keepalive timer) sends an empty awareness message to a peer that got
     nothing lately, so clients' inactivity timers never fire.
     """
 
-    __slots__ = ("id", "metrics", "readonly", "awareness_ids", "send_queue_limit",
-                 "_asgi_send", "_frames", "_queue", "_drain", "_more", "_last_send",
+    __slots__ = ("id", "metrics", "readonly", "awareness_ids", "send_queue_limit", "send_queue_bytes",
+                 "_asgi_send", "_frames", "_queue", "_queued_bytes", "_drain", "_more", "_last_send",
                  "close_code", "send_failed", "close_reason")
 
     def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, frames: FrameWriter | None = None,
-                 readonly: bool = False, send_queue_limit: int = 4096) -> None:
+                 readonly: bool = False, send_queue_limit: int = 4096,
+                 send_queue_bytes: int = 64 * 1024 * 1024) -> None:
         self.id = next(_ids)
         self.metrics = metrics
         self.readonly = readonly
         self.awareness_ids: set[int] = set()
         self.send_queue_limit = send_queue_limit
+        self.send_queue_bytes = send_queue_bytes
         self._asgi_send = asgi_send
         self._frames = frames
         self._queue: list[bytes] = []
+        self._queued_bytes = 0
         self._drain: asyncio.Task[None] | None = None
         self._more: asyncio.Future[None] | None = None  # the drain task waits here when it has no writer
         self._last_send = asyncio.get_running_loop().time()
@@ -88,11 +91,13 @@ class Connection:
                 self._last_send = asyncio.get_running_loop().time()
                 self.metrics.bytes_sent.inc(len(message))
                 return
-        if len(self._queue) >= self.send_queue_limit:
+        if self._queue and (len(self._queue) >= self.send_queue_limit
+                            or self._queued_bytes + len(message) > self.send_queue_bytes):
             self.metrics.errors.labels("slow_client").inc()
             self.close(CloseCode.TRY_AGAIN_LATER, "send queue overflow: client too slow")
             return
         self._queue.append(message)
+        self._queued_bytes += len(message)
         self._start_drain()
 
     def close(self, code: int, reason: str) -> None:
@@ -102,6 +107,7 @@ class Connection:
         self.close_code, self.close_reason = code, reason
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._queue.clear()
+            self._queued_bytes = 0
             log.info("closing connection id=%d code=%d reason=%s", self.id, code, reason)
         self._start_drain()
 
@@ -128,7 +134,7 @@ class Connection:
         try:
             while True:
                 while self._queue:
-                    batch, self._queue = self._queue, []
+                    batch, self._queue, self._queued_bytes = self._queue, [], 0
                     for message in batch:
                         await send({"type": "websocket.send", "bytes": message})
                     self._last_send = loop.time()
@@ -148,5 +154,6 @@ class Connection:
             log.debug("sender stopped id=%d error=%r", self.id, exc)
             self.send_failed = True
             self._queue.clear()
+            self._queued_bytes = 0
         finally:
             self._drain = None

@@ -62,7 +62,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
         return
     name, grant = admitted
     conn = Connection(send, rooms.metrics, frames=frame_writer(scope), readonly=grant.readonly,
-                      send_queue_limit=settings.send_queue_limit)
+                      send_queue_limit=settings.send_queue_limit,
+                      send_queue_bytes=settings.send_queue_bytes)
     rooms.metrics.connections.inc()
     try:
         room = await rooms.acquire(name, connection=True)

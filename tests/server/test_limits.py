@@ -1,6 +1,7 @@
 """Abuse limits: connections per room, messages per second, and a send queue that never grows unbounded.
 Each closes only the offending connection, with a clear code; everyone else keeps working."""
 
+import pytest
 from pycrdt import Doc, Text
 from websockets.asyncio.client import connect
 
@@ -59,8 +60,10 @@ async def test_a_flooding_client_is_cut_off_and_its_accepted_edits_kept(server_f
     assert errors(server, "rate_limit") == 1 and not calm.closed.is_set()
 
 
-async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_forever(server_factory) -> None:
-    server = server_factory("--send-queue-limit", "8")
+@pytest.mark.parametrize("limit", [("--send-queue-limit", "8"), ("--send-queue-bytes", "1000000")],
+                         ids=["messages", "bytes"])
+async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_forever(server_factory, limit) -> None:
+    server = server_factory(*limit)
     writer, reader = await synced_peers(server, 2)
     # reads one frame at a time into a one-frame buffer and is never read: TCP backpressure reaches the server
     stalled = await connect(f"{server.ws_url}/room", max_queue=1, max_size=None)
