@@ -185,13 +185,17 @@ def _need_py(module: str, dist: str) -> Callable[[], str | None]:
     return check
 
 
+def _ours_command(port: int, db: Path, *flags: str) -> tuple[list[str], dict[str, str]]:
+    return ([PYTHON, "-m", "collab_server", "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(db),
+             "--log-level", "warning", *flags], {})
+
+
 SERVERS: dict[str, ServerSpec] = {
     "ours": ServerSpec(
         name="ours",
         label="ours",
         client="yws",
-        command=lambda port, db: ([PYTHON, "-m", "collab_server", "serve", "--host", "127.0.0.1", "--port",
-                                   str(port), "--db", str(db), "--log-level", "warning"], {}),
+        command=_ours_command,
         available=_ours_available,
         version=_ours_version,
         persisted_count=_ours_count,
@@ -201,9 +205,7 @@ SERVERS: dict[str, ServerSpec] = {
         name="ours-normal",
         label="ours (synchronous=normal)",
         client="yws",
-        command=lambda port, db: ([PYTHON, "-m", "collab_server", "serve", "--host", "127.0.0.1", "--port",
-                                   str(port), "--db", str(db), "--log-level", "warning",
-                                   "--sqlite-synchronous", "normal"], {}),
+        command=lambda port, db: _ours_command(port, db, "--sqlite-synchronous", "normal"),
         available=_ours_available,
         version=_ours_version,
         persisted_count=_ours_count,
