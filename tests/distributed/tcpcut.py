@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class TcpCut:
@@ -39,7 +43,8 @@ class TcpCut:
     def restore(self) -> None:
         self._run(self._set_online(True))
 
-    def _run(self, coro):  # noqa: ANN001, ANN202
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the forwarder's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(5)
 
     async def _set_online(self, online: bool) -> None:
