@@ -1,4 +1,4 @@
-"""Command line: `collab-server serve` and `collab-server token`."""
+"""Command line: `collab-server serve`, `collab-server token` and `collab-server backup`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from collab_server import logs
 from collab_server.app import create_app
 from collab_server.auth import issue_token
 from collab_server.config import Settings
+from collab_server.storage import StorageError
+from collab_server.storage.sqlite import backup as sqlite_backup
 
 log = logging.getLogger(__name__)
 NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited (setting the soft one to infinity is refused)
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--prefix", help="grant every document whose name starts with this")
     token.add_argument("--access", choices=("rw", "ro"), default="rw")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry (default 3600)")
+    backup = sub.add_parser("backup", help="copy the SQLite database to a new file, safe while the server runs")
+    backup.add_argument("--db", default=os.environ.get("COLLAB_DB", Settings().db),
+                        help="the server's database (default: env COLLAB_DB or ./collab.db)")
+    backup.add_argument("dest", help="the new file to write")
     return parser
 
 
@@ -105,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"collab-server: {exc}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "backup":
+        try:
+            docs = sqlite_backup(args.db, args.dest)
+        except StorageError as exc:
+            print(f"collab-server: {exc}", file=sys.stderr)
+            return 2
+        print(f"backed up {args.db} to {args.dest}: {docs} documents")
         return 0
     try:
         settings = settings_from_args(args)

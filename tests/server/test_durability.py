@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+import sys
 
 from pycrdt import Doc, Text
 
@@ -158,3 +159,57 @@ async def test_compaction_through_the_server_keeps_documents(server_factory) -> 
     fresh = await RawPeer.connect(f"{server.ws_url}/room")
     await fresh.sync()
     assert str(fresh.doc.get("t", type=Text)) == expected
+
+
+async def test_a_backup_taken_mid_burst_is_a_consistent_copy_a_server_can_serve(server_factory, tmp_path) -> None:
+    """`collab-server backup` copies the database while a client writes and folds run: the copy holds what
+    was seen before it began, is one snapshot (a prefix of the writer's text), and a server serves it."""
+    server = server_factory("--compact-threshold", "50")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    doc, updates = text_updates(20000)
+    done = asyncio.Event()
+
+    async def write_until_done() -> int:
+        for i, update in enumerate(updates):
+            if done.is_set():
+                return i
+            await writer.send(p.sync_update(update))
+            if i % 20 == 19:
+                await asyncio.sleep(0.005)
+        return len(updates)
+
+    sender = asyncio.create_task(write_until_done())
+    await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) >= 500, 20)
+    seen = str(watcher.doc.get("t", type=Text))
+    dest = tmp_path / "backup.db"
+    backup = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collab_server", "backup", "--db", str(server.db), str(dest),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await backup.communicate()
+    assert (backup.returncode, err) == (0, b"") and b": 1 documents" in out
+    after = len(str(watcher.doc.get("t", type=Text)))
+    await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) >= after + 200, 20)
+    done.set()
+    sent = await sender
+    assert sent < len(updates), "the writer must still be writing after the backup"
+
+    copied = stored_text(dest)
+    assert copied.startswith(seen) and str(doc.get("t", type=Text))[:sent].startswith(copied)
+    assert len(copied) < sent
+    restored = server_factory(db=dest)
+    fresh = await RawPeer.connect(f"{restored.ws_url}/room")
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == copied
+
+    again = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collab_server", "backup", "--db", str(server.db), str(dest),
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await again.communicate()
+    assert again.returncode == 2 and b"exists" in err  # never overwrites
+    missing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collab_server", "backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "b2.db"),
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await missing.communicate()
+    assert missing.returncode == 2 and b"no database at" in err and not (tmp_path / "none.db").exists()
