@@ -3,6 +3,7 @@
 import asyncio
 import sqlite3
 import sys
+from pathlib import Path
 
 from pycrdt import Doc, Text
 
@@ -161,6 +162,15 @@ async def test_compaction_through_the_server_keeps_documents(server_factory) -> 
     assert str(fresh.doc.get("t", type=Text)) == expected
 
 
+async def run_backup(db: Path, dest: Path) -> tuple[int | None, bytes, bytes]:
+    """`collab-server backup --db DB DEST` in a subprocess: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collab_server", "backup", "--db", str(db), str(dest),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out, err
+
+
 async def test_a_backup_taken_mid_burst_is_a_consistent_copy_a_server_can_serve(server_factory, tmp_path) -> None:
     """`collab-server backup` copies the database while a client writes and folds run: the copy holds what
     was seen before it began, is one snapshot (a prefix of the writer's text), and a server serves it."""
@@ -184,11 +194,8 @@ async def test_a_backup_taken_mid_burst_is_a_consistent_copy_a_server_can_serve(
     await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) >= 500, 20)
     seen = str(watcher.doc.get("t", type=Text))
     dest = tmp_path / "backup.db"
-    backup = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "collab_server", "backup", "--db", str(server.db), str(dest),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await backup.communicate()
-    assert (backup.returncode, err) == (0, b"") and b": 1 documents" in out
+    code, out, err = await run_backup(server.db, dest)
+    assert (code, err) == (0, b"") and b": 1 documents" in out
     after = len(str(watcher.doc.get("t", type=Text)))
     await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) >= after + 200, 20)
     done.set()
@@ -203,13 +210,7 @@ async def test_a_backup_taken_mid_burst_is_a_consistent_copy_a_server_can_serve(
     await fresh.sync()
     assert str(fresh.doc.get("t", type=Text)) == copied
 
-    again = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "collab_server", "backup", "--db", str(server.db), str(dest),
-        stderr=asyncio.subprocess.PIPE)
-    _, err = await again.communicate()
-    assert again.returncode == 2 and b"exists" in err  # never overwrites
-    missing = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "collab_server", "backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "b2.db"),
-        stderr=asyncio.subprocess.PIPE)
-    _, err = await missing.communicate()
-    assert missing.returncode == 2 and b"no database at" in err and not (tmp_path / "none.db").exists()
+    code, _, err = await run_backup(server.db, dest)
+    assert code == 2 and b"exists" in err  # never overwrites
+    code, _, err = await run_backup(tmp_path / "none.db", tmp_path / "b2.db")
+    assert code == 2 and b"no database at" in err and not (tmp_path / "none.db").exists()
