@@ -41,7 +41,7 @@ class Settings:
     # bigger than the byte limit still goes out when nothing else waits
     send_queue_limit: int = 4096
     send_queue_bytes: int = 64 * 1024 * 1024
-    max_connections_per_room: int = 1000
+    max_connections_per_room: int = 10_000
     rate_limit_per_second: float = 0.0  # incoming messages per connection; 0 = unlimited
     rate_limit_burst: int = 2000
     # access control

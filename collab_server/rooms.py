@@ -23,7 +23,7 @@ class RoomFull(Exception):
 
 class Rooms:
     def __init__(self, store: Store, broker: Broker, metrics: Metrics, *, idle_unload_seconds: float = 30.0,
-                 max_connections_per_room: int = 1000, awareness_timeout: float = 30.0,
+                 max_connections_per_room: int = 10_000, awareness_timeout: float = 30.0,
                  keepalive_interval: float = 10.0, on_load: Callable[[Room], None] | None = None) -> None:
         self.store = store
         self.broker = broker

@@ -1,6 +1,8 @@
 """Abuse limits: connections per room, messages per second, and a send queue that never grows unbounded.
 Each closes only the offending connection, with a clear code; everyone else keeps working."""
 
+import asyncio
+
 import pytest
 from pycrdt import Doc, Text
 from websockets.asyncio.client import connect
@@ -35,6 +37,26 @@ async def test_a_full_room_refuses_the_next_connection_only(server_factory) -> N
     await again.sync()
     assert str(again.doc.get("t", type=Text)) == "still fine" and not again.closed.is_set()
     assert errors(server, "room_full") == 1
+
+
+async def test_the_default_limits_let_one_room_hold_thousands_of_peers(server) -> None:
+    """Benchmarks and big rooms (a lecture, a dashboard) open more than a thousand connections to one room."""
+    count = 1500
+    sockets = [await connect(f"{server.ws_url}/hall", max_size=None) for _ in range(count)]
+    doc, updates = text_updates(1)
+
+    async def receives_the_update(ws) -> None:
+        async for frame in ws:
+            msg = p.decode_message(frame)
+            if isinstance(msg, p.SyncMessage) and msg.kind == p.SyncType.UPDATE:
+                return
+
+    waiting = [asyncio.create_task(asyncio.wait_for(receives_the_update(ws), 30)) for ws in sockets]
+    await sockets[0].send(p.sync_update(updates[0]))
+    await asyncio.gather(*waiting)
+    assert server.metric("collab_connections") == count and errors(server, "room_full") == 0
+    for ws in sockets:
+        await ws.close()
 
 
 async def test_a_flooding_client_is_cut_off_and_its_accepted_edits_kept(server_factory) -> None:
