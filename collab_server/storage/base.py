@@ -133,6 +133,13 @@ class Compactor:
                 del self._log_counts[doc]
         self.after_commit(doc)
 
+    async def forget(self, doc: str) -> None:
+        """Wait until no compaction of `doc` runs, then drop its count: the document is being deleted, and
+        nothing commits to it meanwhile (its room is closed), so no compaction starts again."""
+        while (task := self._running.get(doc)) is not None:
+            await asyncio.wait([task])
+        self._log_counts.pop(doc, None)
+
     async def close(self) -> None:
         """Start no more compactions and wait for those running."""
         self._closing = True
@@ -181,6 +188,10 @@ class Store(Protocol):
 
     def unloaded(self, doc: str) -> None:
         """This node stopped serving `doc`: fold its log in the background if it is long enough to matter."""
+
+    async def delete(self, doc: str) -> bool:
+        """Erase the checkpoint and log of `doc` in one transaction; returns whether it had any. The caller has
+        closed the document's room, so nothing commits to it meanwhile."""
 
     async def list_docs(self) -> list[DocInfo]: ...
 

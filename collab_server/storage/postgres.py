@@ -196,6 +196,19 @@ class PostgresStore:
     def unloaded(self, doc: str) -> None:
         self._compactor.after_unload(doc)
 
+    async def delete(self, doc: str) -> bool:
+        """A compaction another node swaps in afterwards finds no document row and folds nothing; a commit
+        another node makes afterwards starts the document again."""
+        assert self._pool is not None
+        await self._compactor.forget(doc)
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                row = await conn.fetchval("DELETE FROM documents WHERE name = $1 RETURNING 1", doc)
+                status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
+        except Exception as exc:
+            raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
+        return row is not None or status != "DELETE 0"
+
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "
                  "FROM documents d ORDER BY d.name")

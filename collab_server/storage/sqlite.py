@@ -243,10 +243,12 @@ class SQLiteStore:
                 else:
                     swap = ("UPDATE checkpoints SET data = ?, seq = ? WHERE name = ? AND seq = ?",
                             (folded, last, doc, checkpoint_seq))
+                async with self._writer.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, last)) as cur:
+                    if cur.rowcount != len(rows):  # e.g. the document was deleted: no checkpoint brings it back
+                        raise StorageError("the log changed during compaction")
                 async with self._writer.execute(*swap) as cur:
                     if cur.rowcount != 1:
                         raise StorageError("the checkpoint changed during compaction")
-                await self._writer.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, last))
                 await self._writer.execute("COMMIT")
             except Exception as exc:
                 await self._rollback()
@@ -272,6 +274,25 @@ class SQLiteStore:
 
     def unloaded(self, doc: str) -> None:
         self._compactor.after_unload(doc)
+
+    async def delete(self, doc: str) -> bool:
+        assert self._writer is not None
+        await self._compactor.forget(doc)
+        removed = 0
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                for sql in ("DELETE FROM updates WHERE doc = ?", "DELETE FROM checkpoints WHERE name = ?",
+                            "DELETE FROM documents WHERE name = ?"):
+                    async with self._writer.execute(sql, (doc,)) as cur:
+                        removed += cur.rowcount
+                await self._writer.execute("COMMIT")
+            except Exception as exc:
+                await self._rollback()
+                raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
+        if removed and self._reclaims:
+            await self._reclaim()
+        return removed > 0
 
     async def list_docs(self) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "
