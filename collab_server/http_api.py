@@ -3,6 +3,7 @@
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
 fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/history``, ``/at/{seq}``. A name that
 itself ends in such a suffix is still unambiguous, because each route matches only its own suffix.
+``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
 
 Tokens follow the websocket rules (``?token=`` or ``Authorization: Bearer``): with auth on, a missing
@@ -31,7 +32,7 @@ from collab_server.config import Settings
 from collab_server.model import blocks_to_json
 from collab_server.openapi import openapi_spec
 from collab_server.protocol import ProtocolError
-from collab_server.room import Room
+from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store
@@ -158,6 +159,9 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
                 await room.apply(update, origin="http")
             except ProtocolError as exc:
                 raise ApiError(400, str(exc)) from exc
+            except RoomClosed as exc:
+                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
+                                    "update not saved") from exc
             await room.flush()
             if room.failed:
                 raise ApiError(503, "storage failure: update not saved")
@@ -190,6 +194,12 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             return Response(doc.get_update(), media_type=BINARY)
         return JSONResponse({"name": name, "seq": seq, "blocks": export_json(doc)})
 
+    async def delete_doc(request: Request) -> Response:
+        name = doc_name(request, write=True)
+        if not await _storage(rooms.delete(name)):
+            raise ApiError(404, "no such document")
+        return Response(status_code=204)
+
     async def get_openapi(request: Request) -> Response:
         return JSONResponse(openapi_spec())
 
@@ -197,6 +207,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         raise ApiError(404, "no such API route")
 
     return [
+        # first: a DELETE takes the whole rest of the path as the name, even one ending in "/json"
+        _route("/api/docs/{name:path}", _Endpoint(delete=delete_doc), methods=["DELETE"]),
         _route("/api/openapi.json", _Endpoint(get=get_openapi)),
         _route("/api/docs", _Endpoint(get=list_docs)),
         _route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
@@ -207,9 +219,9 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
     ]
 
 
-def _route(path: str, endpoint: _Endpoint) -> Route:
+def _route(path: str, endpoint: _Endpoint, methods: list[str] | None = None) -> Route:
     """A Route whose path parameters also match newlines, so names like "a\\nb" get a JSON 400, not a miss."""
-    route = Route(path, endpoint)
+    route = Route(path, endpoint, methods=methods)
     route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
     return route
 

@@ -89,6 +89,20 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json("Every stored document", "DocList"), **AUTH_ERRORS,
                       "503": _error("Storage unavailable")},
     }},
+    "/api/docs/{name}": {"delete": {
+        "summary": "Delete the document: its connections are closed (code 4410), its log and checkpoint erased",
+        "description": "The whole rest of the path is the name. Connected clients hold replicas: one that "
+                       "reconnects sends its copy back, as to any empty document, so revoke their tokens "
+                       "first to keep a document deleted.",
+        "parameters": [NAME],
+        "responses": {
+            "204": {"description": "Deleted"},
+            "400": _error("Invalid document name"),
+            **AUTH_ERRORS,
+            "404": _error("No such document: nothing stored and nobody connected"),
+            "503": _error("Storage unavailable: nothing was deleted"),
+        },
+    }},
     "/api/docs/{name}/json": {"get": {
         "summary": "The document as JSON: blocks with resolved statuses (committed changes only)",
         "parameters": [NAME],

@@ -27,6 +27,11 @@ class LimitExceeded(Exception):
     """A message within the protocol but beyond what one connection may ask of the room (policy violation)."""
 
 
+class RoomClosed(Exception):
+    """The room was closed (unloaded, dropped after a failure, deleted, or the server is stopping): it applies
+    and stores nothing more."""
+
+
 class Room:
     """A loaded document and its connections.
 
@@ -37,7 +42,7 @@ class Room:
 
     def __init__(self, name: str, store: Store, broker: Broker, metrics: Metrics, *,
                  awareness_timeout: float = 30.0,
-                 on_storage_failure: Callable[["Room"], None] | None = None) -> None:
+                 on_discard: Callable[["Room"], None] | None = None) -> None:
         self.name = name
         self.awareness_timeout = awareness_timeout
         self.metrics = metrics
@@ -46,11 +51,12 @@ class Room:
         self.doc = Doc()
         self.connections: set[Connection] = set()
         self.holders = 0  # connections and API calls currently using the room
-        self.failed = False
+        self.failed = False  # discarded (storage failure, deleted): connections closed, dropped unflushed
+        self.closed = False  # applies and stores nothing more
         self.unload_handle: asyncio.TimerHandle | None = None
         self.hooks: list[Callable[[Room], None]] = []  # run after every applied change (e.g. the resolver)
         self.on_close: list[Callable[[], None]] = []
-        self._on_storage_failure = on_storage_failure
+        self._on_discard = on_discard
         self._observed: list[bytes] = []
         self._subscription = None
         self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
@@ -90,6 +96,7 @@ class Room:
             await asyncio.wait([self._inflight])
 
     async def close(self) -> None:
+        self.closed = True
         if self.unload_handle is not None:
             self.unload_handle.cancel()
         if self._subscription is not None:
@@ -139,9 +146,12 @@ class Room:
     async def apply(self, update: bytes, origin: object = None) -> None:
         """Apply an update under `origin`, then persist (and later broadcast) what it changed.
 
-        Waits while a sync answer is being prepared, so that answer holds committed changes only."""
+        Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
+        RoomClosed once the room is closed: a deleted document must not be written again by a late message."""
         while self._hold is not None:
             await asyncio.shield(self._hold)
+        if self.closed:
+            raise RoomClosed(self.name)
         try:
             with self.doc.transaction(origin=origin):
                 self.doc.apply_update(update)
@@ -207,13 +217,20 @@ class Room:
             sender.close(CloseCode.INTERNAL_ERROR, "storage failure: update not saved")
         if self.failed:
             return
-        self.failed = True
         self.metrics.errors.labels("storage").inc()
         log.error("room failed name=%s error=%s", self.name, exc)
+        self.discard(CloseCode.INTERNAL_ERROR, "storage failure")
+
+    def discard(self, code: int, reason: str) -> None:
+        """Close every connection and have the registry drop this room without flushing it."""
+        if self.failed:
+            return
+        self.failed = True
+        self.closed = True  # from now on, nothing is applied or stored
         for conn in list(self.connections):
-            conn.close(CloseCode.INTERNAL_ERROR, "storage failure")
-        if self._on_storage_failure is not None:
-            self._on_storage_failure(self)
+            conn.close(code, reason)
+        if self._on_discard is not None:
+            self._on_discard(self)
 
     # --- fan-out -------------------------------------------------------------------------------------
 
@@ -233,7 +250,11 @@ class Room:
         if self._early is not None:
             self._early.append((kind, payload, local))
             return
-        if kind is Kind.UPDATE:
+        if kind is Kind.DELETED:
+            if not local:  # the deleting node discarded its own room already
+                log.info("room deleted by another node name=%s", self.name)
+                self.discard(CloseCode.DELETED, "document deleted")
+        elif kind is Kind.UPDATE:
             if not local:  # committed by another node: apply here without persisting again
                 with self.doc.transaction(origin="broker"):
                     self.doc.apply_update(payload)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from collab_server.broker import Broker
+from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode
 from collab_server.metrics import Metrics
 from collab_server.pacing import in_slices
@@ -47,7 +47,7 @@ class Rooms:
             room = self.loaded.get(name)
             if room is None:
                 room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
-                            on_storage_failure=self._evict)
+                            on_discard=self._evict)
                 try:
                     await room.load()
                 except BaseException:
@@ -90,6 +90,26 @@ class Rooms:
         if not lock.locked() and self._locks.get(room.name) is lock and room.name not in self.loaded:
             del self._locks[room.name]
 
+    async def delete(self, name: str) -> bool:
+        """Delete document `name`: close its connections (4410), drop its room, erase what storage holds, and
+        tell other nodes to drop their copy. Returns False if there was nothing: not stored, not loaded.
+
+        Clients hold replicas: one that reconnects sends its copy back, as to any empty document. Revoke their
+        tokens first to keep a document deleted."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            room = self.loaded.pop(name, None)
+            in_use = room is not None and (bool(room.connections) or room.doc.get_state() != b"\x00")
+            if room is not None:
+                room.discard(CloseCode.DELETED, "document deleted")  # applies nothing more from here on
+                await room.flush()  # what it committed before is erased below, not after
+            existed = await self.store.delete(name)
+            self.broker.publish(name, Kind.DELETED, b"")
+            log.info("document deleted name=%s", name)
+        if not lock.locked() and self._locks.get(name) is lock and name not in self.loaded:
+            del self._locks[name]
+        return existed or in_use
+
     def _start_timers(self) -> None:
         """Arm whichever of the two timers is not armed, while any room is loaded (the only place they are)."""
         if not self.loaded:
@@ -120,7 +140,7 @@ class Rooms:
             room.sweep_awareness()
 
     def _evict(self, room: Room) -> None:
-        """Drop a failed room without flushing; the next connection reloads what is durable."""
+        """Drop a discarded room without flushing; the next connection reloads what is durable."""
         if self.loaded.get(room.name) is room:
             del self.loaded[room.name]
         self._start_close(room)

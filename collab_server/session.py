@@ -14,7 +14,7 @@ from collab_server.broker import BrokerError
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.protocol import ProtocolError
-from collab_server.room import LimitExceeded, Room
+from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.transport import frame_writer
@@ -156,4 +156,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             metrics.errors.labels("limit").inc()
             log.info("limit exceeded room=%s connection=%d error=%s", room.name, conn.id, exc)
             conn.close(CloseCode.POLICY_VIOLATION, str(exc))
+            return
+        except RoomClosed:  # whoever closed the room closed its connections with the reason
+            conn.close(CloseCode.GOING_AWAY, "document closed")
             return

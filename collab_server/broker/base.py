@@ -10,6 +10,7 @@ from typing import Protocol
 class Kind(str, Enum):
     UPDATE = "update"  # a committed document update (v1 encoding)
     AWARENESS = "awareness"  # an encoded awareness update (payload of a type-1 message)
+    DELETED = "deleted"  # the document was deleted (empty payload): nodes serving it drop their copy
 
 
 class BrokerError(RuntimeError):

@@ -181,7 +181,7 @@ async def test_oversized_update_is_refused(server_factory) -> None:
 
 
 async def test_wrong_method_is_405(http: httpx.AsyncClient) -> None:
-    response = await http.delete("/api/docs/x/update")
+    response = await http.put("/api/docs/x/update")
     assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD, POST"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
+
 import pytest
 from pycrdt import Doc, Text
 from websockets.exceptions import ConnectionClosed
@@ -125,3 +127,22 @@ async def test_loaded_room_on_other_node_catches_up_after_a_crash(cluster: Clust
     watcher = await kill_mid_burst(cluster, a, b)
     stored = text(rebuild(await cluster.stored_updates()))
     await watcher.wait_for(lambda: text(watcher.doc) == stored, 10)
+
+
+async def test_a_document_deleted_on_one_node_is_dropped_by_the_other(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    on_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    on_b = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(on_a.sync(), on_b.sync())
+    doc, updates = text_updates(50)
+    await send_all(on_a, updates)
+    await on_b.wait_for(lambda: text(on_b.doc) == text(doc), 20)
+    async with httpx.AsyncClient(base_url=a.http_url, timeout=10) as http:
+        assert (await http.delete(f"/api/docs/{cluster.room}")).status_code == 204
+    assert await on_a.wait_closed() == (4410, "document deleted")
+    assert await on_b.wait_closed() == (4410, "document deleted")  # node b heard of it through the broker
+    assert await cluster.stored_updates() == []
+    fresh = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")  # node b reloads the document: empty
+    await fresh.sync()
+    assert text(fresh.doc) == "" and fresh.doc.get_state() == b"\x00"
+    await fresh.close()

@@ -4,11 +4,14 @@ done in slices."""
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
-from collab_server.room import Room
+from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
+from tests.rawclient import text_updates
 
 
 class _Peer:
@@ -58,3 +61,28 @@ async def test_rooms_share_two_timers_that_stop_when_no_room_is_loaded(tmp_path:
         await rooms.close()
         await store.close()
     assert rooms._keepalive_timer is None and rooms._sweep_timer is None
+
+
+async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -> None:
+    """An API request or a session can still hold a room the document was deleted from under: whatever it
+    applies afterwards is refused, so a late message never writes the deleted document back."""
+    store = SQLiteStore(str(tmp_path / "d.db"))
+    await store.open()
+    rooms = Rooms(store, LocalBroker(), Metrics())
+    try:
+        _, updates = text_updates(3)
+        room = await rooms.acquire("d")
+        await room.apply(updates[0])
+        await room.flush()
+        assert await rooms.delete("d") is True
+        with pytest.raises(RoomClosed):
+            await room.apply(updates[1])
+        rooms.release(room)
+        assert await store.load("d") == [] and "d" not in rooms.loaded
+        assert await rooms.delete("d") is False
+        reloaded = await rooms.acquire("d")  # the name starts over
+        assert reloaded is not room and reloaded.doc.get_state() == b"\x00"
+        rooms.release(reloaded)
+    finally:
+        await rooms.close()
+        await store.close()

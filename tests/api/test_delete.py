@@ -1,0 +1,102 @@
+"""Deleting a document over the HTTP API: its connections closed, its rows erased, other documents untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import httpx
+from pycrdt import Doc, Text
+
+from collab_server.auth import issue_token
+from tests.rawclient import RawPeer
+from tests.serverproc import ServerProcess
+
+SECRET = "s3cret"
+
+
+def text(peer: RawPeer) -> str:
+    return str(peer.doc.get("t", type=Text))
+
+
+def stored_rows(db, name: str) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return {table: conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (name,)).fetchone()[0]
+                for table, column in (("updates", "doc"), ("checkpoints", "name"), ("documents", "name"))}
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_deleting_a_document_closes_its_connections_and_erases_it(server_factory) -> None:
+    server: ServerProcess = server_factory("--compact-threshold", "5")
+    name = "team/gone"
+    writer = await RawPeer.connect(f"{server.ws_url}/{name}")
+    await writer.sync()
+    for word in "one two three four five six seven".split():  # a checkpoint and a log
+        await writer.edit(lambda d, w=word: d.get("t", type=Text).insert(0, w))
+    await writer.wait_for(lambda: text(writer).startswith("seven"))
+    await wait_until(lambda: stored_rows(server.db, name)["checkpoints"] == 1)
+    bystander = await RawPeer.connect(f"{server.ws_url}/kept")
+    await bystander.sync()
+    await bystander.edit(lambda d: d.get("t", type=Text).insert(0, "kept"))
+    await bystander.wait_for(lambda: text(bystander) == "kept")
+
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        assert (await http.delete(f"/api/docs/{name}")).status_code == 204
+        assert await writer.wait_closed() == (4410, "document deleted")
+        assert stored_rows(server.db, name) == {"updates": 0, "checkpoints": 0, "documents": 0}
+        assert (await http.get(f"/api/docs/{name}/json")).status_code == 404
+        assert [d["name"] for d in (await http.get("/api/docs")).json()["docs"]] == ["kept"]
+        again = await http.delete(f"/api/docs/{name}")
+        assert again.status_code == 404 and again.json() == {"error": "no such document"}
+
+        await bystander.edit(lambda d: d.get("t", type=Text).insert(4, "!"))  # another room never noticed
+        await bystander.wait_for(lambda: text(bystander) == "kept!")
+        assert not bystander.closed.is_set()
+
+        fresh = await RawPeer.connect(f"{server.ws_url}/{name}")  # the name starts over, empty
+        await fresh.sync()
+        assert text(fresh) == "" and fresh.doc.get_state() == b"\x00"
+        await fresh.edit(lambda d: d.get("t", type=Text).insert(0, "anew"))
+        await fresh.wait_for(lambda: text(fresh) == "anew")
+        await fresh.close()
+    await bystander.close()
+    server.stop()
+    server.start()
+    after_restart = await RawPeer.connect(f"{server.ws_url}/{name}")
+    await after_restart.sync()
+    assert text(after_restart) == "anew"  # nothing of the deleted document came back from storage
+    await after_restart.close()
+
+
+async def test_a_name_ending_in_an_operation_is_deleted_whole(server) -> None:
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "x")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        for name in ("notes", "notes/json"):
+            assert (await http.post(f"/api/docs/{name}/update", content=doc.get_update())).status_code == 204
+        assert (await http.delete("/api/docs/notes/json")).status_code == 204
+        assert [d["name"] for d in (await http.get("/api/docs")).json()["docs"]] == ["notes"]
+        assert (await http.get("/api/docs/notes/json")).status_code == 200
+
+
+async def test_deleting_needs_a_read_write_token(server_factory) -> None:
+    server = server_factory("--auth-required", "--auth-secret", SECRET)
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "x")
+    rw, ro = issue_token(SECRET, doc="d"), issue_token(SECRET, doc="d", access="ro")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        await http.post("/api/docs/d/update", params={"token": rw}, content=doc.get_update())
+        assert (await http.delete("/api/docs/d")).status_code == 401
+        for token in (ro, issue_token(SECRET, doc="other")):
+            refused = await http.delete("/api/docs/d", params={"token": token})
+            assert refused.status_code == 403 and refused.json()["error"]
+        assert (await http.get("/api/docs/d/json", params={"token": ro})).status_code == 200
+        assert (await http.delete("/api/docs/d", headers={"authorization": f"Bearer {rw}"})).status_code == 204
+        assert (await http.get("/api/docs/d/json", params={"token": ro})).status_code == 404
