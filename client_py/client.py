@@ -40,6 +40,11 @@ STORE = "client_py:store"
 """Transaction origin of updates loaded from the local store: already stored, sent only via the handshake."""
 
 _NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
+DELETED_CODE = 4410  # collab_server closes a deleted document's connections with this code
+
+
+class DocumentDeleted(Exception):
+    """The server deleted the document; reconnecting would upload our replica again, so the client stops."""
 
 
 class _Link:
@@ -53,7 +58,8 @@ class _Link:
 
 
 class CollabClient:
-    """Sync ``self.doc`` with ``<url>/<room>``; reconnects forever until closed.
+    """Sync ``self.doc`` with ``<url>/<room>``; reconnects forever until closed, or until the server closes
+    the connection because it deleted the document (then ``deleted`` is True and nothing is sent again).
 
     Local edits (any transaction origin except REMOTE/STORE) are stored, then sent while connected;
     remote updates are applied under REMOTE and stored, never echoed. On every (re)connect we answer the
@@ -73,6 +79,7 @@ class CollabClient:
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
         self.last_error: BaseException | None = None
+        self.deleted = False  # the server deleted the document: the client no longer connects
         self._store_path = store
         self._compact_every = compact_every
         self._store: LocalStore | None = None
@@ -223,6 +230,7 @@ class CollabClient:
         attempt = 0
         while not self._closing:
             link = _Link()
+            ws: ClientConnection | None = None
             try:
                 async with connect(self.url, open_timeout=self.open_timeout, max_size=None) as ws:
                     await self._session(ws, link)
@@ -233,7 +241,13 @@ class CollabClient:
                 self._link = None
                 self._synced.clear()
                 self.awareness.forget_peers()
+                if ws is not None and ws.close_code == DELETED_CODE:
+                    self.deleted = True
+                    self.last_error = DocumentDeleted(f"the server deleted {self.room!r}")
+                    log.warning("%s: the server deleted the document; not reconnecting", self.url)
                 self._notify()
+            if self.deleted:
+                return
             if link.synced:
                 attempt = 0
             if self._closing:

@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from pycrdt import Text
 
-from client_py import Backoff, CollabClient
+from client_py import Backoff, CollabClient, DocumentDeleted
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from collab_server.protocol import AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message
 from tests.client.refserver import RefServer
@@ -149,6 +150,25 @@ async def test_reconnects_with_backoff_after_server_restart(upstream: RefServer 
     async with CollabClient(upstream.ws_url, name) as fresh:
         await fresh.synced()
         assert text(fresh) == "before during"
+
+
+async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess) -> None:
+    """Reconnecting after the server deleted the document would send the whole replica back: the client stops."""
+    name = room()
+    backoff = RecordingBackoff(base=0.02, max=0.2, jitter=0)
+    async with CollabClient(server.ws_url, name, backoff=backoff) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "doomed")
+        await client.flush()
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            assert (await http.delete(f"/api/docs/{name}")).status_code == 204
+            # the client reconnecting would have asked its backoff for a delay before this wait returns
+            await client.wait_until(lambda: client.deleted)
+            assert isinstance(client.last_error, DocumentDeleted) and not client.connected
+            assert backoff.delays == []
+            assert (await http.get(f"/api/docs/{name}/json")).status_code == 404
+        client.doc.get("t", type=Text).insert(0, "offline ")  # still a local document; nothing is sent
+    assert text(client) == "offline doomed"
 
 
 async def test_block_model_works_on_client_doc(upstream: RefServer | ServerProcess) -> None:
