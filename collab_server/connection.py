@@ -29,7 +29,7 @@ class CloseCode(IntEnum):
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # storage failure
     TRY_AGAIN_LATER = 1013  # the client cannot keep up with its send queue
-    DELETED = 4410  # the document was deleted (as HTTP 410 Gone)
+    DELETED = 4410  # the document was deleted (HTTP 410 Gone); 4400-4499 tell y-websocket not to reconnect
 
 
 class Connection:

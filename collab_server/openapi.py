@@ -92,8 +92,9 @@ PATHS: dict[str, Any] = {
     "/api/docs/{name}": {"delete": {
         "summary": "Delete the document: its connections are closed (code 4410), its log and checkpoint erased",
         "description": "The whole rest of the path is the name. Connected clients hold replicas: one that "
-                       "reconnects sends its copy back, as to any empty document, so revoke their tokens "
-                       "first to keep a document deleted.",
+                       "reconnected would send its copy back. 4410 is a permanent close code for y-websocket "
+                       "providers (4400-4499): they stop reconnecting. Revoke the tokens of clients that "
+                       "reconnect regardless.",
         "parameters": [NAME],
         "responses": {
             "204": {"description": "Deleted"},

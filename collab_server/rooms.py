@@ -94,8 +94,8 @@ class Rooms:
         """Delete document `name`: close its connections (4410), drop its room, erase what storage holds, and
         tell other nodes to drop their copy. Returns False if there was nothing: not stored, not loaded.
 
-        Clients hold replicas: one that reconnects sends its copy back, as to any empty document. Revoke their
-        tokens first to keep a document deleted."""
+        Clients hold replicas: one that reconnected would send its copy back, as to any empty document. 4410
+        is in the range y-websocket's provider treats as permanent (4400-4499): it stops reconnecting."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             room = self.loaded.pop(name, None)

@@ -10,6 +10,7 @@ import httpx
 from pycrdt import Doc, Text
 
 from collab_server.auth import issue_token
+from tests.jspeer import JsPeer
 from tests.rawclient import RawPeer
 from tests.serverproc import ServerProcess
 
@@ -100,3 +101,22 @@ async def test_deleting_needs_a_read_write_token(server_factory) -> None:
         assert (await http.get("/api/docs/d/json", params={"token": ro})).status_code == 200
         assert (await http.delete("/api/docs/d", headers={"authorization": f"Bearer {rw}"})).status_code == 204
         assert (await http.get("/api/docs/d/json", params={"token": ro})).status_code == 404
+
+
+async def test_y_websocket_clients_stop_for_good_and_do_not_bring_it_back(server) -> None:
+    """y-websocket treats close codes 4400-4499 as permanent: the provider stops reconnecting (its `closed`
+    event), so the replicas it holds are not sent back to the empty document."""
+    async with JsPeer("alice") as alice, JsPeer("bob") as bob:
+        for peer in (alice, bob):
+            await peer.connect(server.ws_url, "shared/notes")
+        await alice.call("text_insert", index=0, text="written before the delete")
+        await bob.wait_for("doc.text === 'written before the delete'")
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            assert (await http.delete("/api/docs/shared/notes")).status_code == 204
+            for peer in (alice, bob):
+                closed = await peer.wait_event("closed")
+                assert (closed["code"], closed["reason"]) == (4410, "document deleted")
+            await alice.call("text_insert", index=0, text="after ")  # stays local
+            assert (await alice.state()).status == "disconnected"
+            assert (await http.get("/api/docs/shared/notes/json")).status_code == 404
+            assert (await http.get("/api/docs")).json()["docs"] == []
