@@ -237,6 +237,30 @@ const scenarios = {
     await waitForStatus(alice, blockId, 'embeddings', 'done')
     await alice.page.click('details.json summary')
     await screenshot([alice], 'status', 'overview')
+  },
+
+  async 'deleted' (browser, errors) {
+    const room = newRoom('deleted')
+    const alice = await openUser(browser, room, 'Alice', errors)
+    const bob = await openUser(browser, room, 'Bob', errors)
+    const blockId = await addBlock(alice, 'soon gone')
+    await waitForContent(bob, blockId, 'soon gone')
+    await Promise.all([waitSavedLocally(alice), waitSavedLocally(bob)])
+
+    const deleted = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}`, { method: 'DELETE' })
+    assert.equal(deleted.status, 204)
+    await Promise.all([waitConnection(alice.page, 'deleted'), waitConnection(bob.page, 'deleted')])
+    const cleared = `${byTestId('local-save')}[data-state="cleared"]`
+    await Promise.all([alice.page.waitForSelector(cleared), bob.page.waitForSelector(cleared)])
+    await screenshot([alice, bob], 'deleted', 'closed')
+
+    // the next visit starts from nothing: no local copy to upload, and nothing on the server
+    await alice.page.reload()
+    await waitConnection(alice.page, 'online')
+    await alice.page.waitForSelector(`${byTestId('local-save')}[data-state="saved"]`)
+    assert.equal(await alice.page.$$eval(byTestId('block'), (els) => els.length), 0, 'the deleted block came back')
+    const after = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}/json`)
+    assert.equal(after.status, 404, 'the document was uploaded again')
   }
 }
 

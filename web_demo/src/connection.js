@@ -5,28 +5,42 @@ const OFFLINE_KEY = 'collab-demo:offline'
 
 export const offlinePreferred = () => localStorage.getItem(OFFLINE_KEY) === '1'
 
-/** [state, label]: state is 'online' (connected and synced), 'syncing' (connecting or catching up) or 'offline'. */
-export function connectionState (provider) {
+/** The server closes a deleted document's connections with this code; y-websocket does not reconnect. */
+export const DELETED_CODE = 4410
+
+/**
+ * [state, label]: state is 'online' (connected and synced), 'syncing' (connecting or catching up), 'offline',
+ * or, after the server closed the connection for good (`closed`: y-websocket's event), 'deleted' / 'closed'.
+ */
+export function connectionState (provider, closed = null) {
   if (provider.wsconnected) return provider.synced ? ['online', 'Online'] : ['syncing', 'Syncing…']
   if (provider.shouldConnect) return ['syncing', 'Connecting…']
+  if (closed?.code === DELETED_CODE) return ['deleted', 'Deleted on the server']
+  if (closed) return ['closed', `Closed by the server: ${closed.reason || closed.code}`]
   return ['offline', 'Offline']
 }
 
 /** Wire the indicator element and the offline checkbox to the provider. */
 export function bindConnection (provider, { indicator, toggle }) {
+  let closed = null
   const render = () => {
-    const [state, label] = connectionState(provider)
+    const [state, label] = connectionState(provider, closed)
     indicator.dataset.state = state
     indicator.textContent = label
     toggle.checked = !provider.shouldConnect
   }
   toggle.addEventListener('change', () => {
     localStorage.setItem(OFFLINE_KEY, toggle.checked ? '1' : '0')
+    closed = null // going online again is deliberate, even after the server closed us for good
     if (toggle.checked) provider.disconnect()
     else provider.connect()
     render()
   })
   provider.on('status', render)
   provider.on('sync', render)
+  provider.on('closed', (event) => {
+    closed = event
+    render()
+  })
   render()
 }

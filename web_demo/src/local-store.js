@@ -11,26 +11,37 @@ function afterPendingWrites (db) {
   })
 }
 
-/** Persist `doc` as `name` in IndexedDB; `indicator` shows data-state loading|saving|saved|error. */
+/**
+ * Persist `doc` as `name` in IndexedDB; `indicator` shows data-state loading|saving|saved|error|cleared.
+ * Returns the persistence and `forget()`, which deletes the local copy and stops saving (the document was
+ * deleted on the server: a copy kept here would be uploaded again on the next visit).
+ */
 export function persistLocally (name, doc, indicator) {
   const persistence = new IndexeddbPersistence(name, doc)
   let pending = 0
+  let forgotten = false
   const show = (state, text) => {
     indicator.dataset.state = state
     indicator.textContent = text
   }
   show('loading', 'Loading local copy…')
-  persistence.whenSynced.then(() => { if (pending === 0) show('saved', 'Saved locally') })
+  persistence.whenSynced.then(() => { if (pending === 0 && !forgotten) show('saved', 'Saved locally') })
+
+  const forget = async () => {
+    forgotten = true
+    await persistence.clearData()
+    show('cleared', 'Local copy deleted')
+  }
 
   // registered after y-indexeddb's own handler, so our read-only transaction queues behind its write
   doc.on('update', (_update, origin) => {
-    if (origin === persistence) return
+    if (origin === persistence || forgotten) return
     pending++
     show('saving', 'Saving locally…')
     persistence.whenSynced
       .then(() => afterPendingWrites(persistence.db))
-      .then(() => { if (--pending === 0) show('saved', 'Saved locally') },
-        (err) => { pending--; show('error', `Local save failed: ${err}`) })
+      .then(() => { if (--pending === 0 && !forgotten) show('saved', 'Saved locally') },
+        (err) => { pending--; if (!forgotten) show('error', `Local save failed: ${err}`) })
   })
-  return persistence
+  return { persistence, forget }
 }

@@ -4,7 +4,7 @@ import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { blocksToJSON } from './model.js'
 import { addBlock, mountBlocks } from './blocks-view.js'
-import { bindConnection, offlinePreferred } from './connection.js'
+import { DELETED_CODE, bindConnection, offlinePreferred } from './connection.js'
 import { persistLocally } from './local-store.js'
 import { bindPresence, refreshPresenceOnReconnect } from './presence.js'
 
@@ -14,8 +14,10 @@ const room = new URLSearchParams(location.search).get('room') || 'demo'
 const serverUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`
 
 const doc = new Y.Doc()
-const persistence = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
+const { persistence, forget } = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
 const provider = new WebsocketProvider(serverUrl, encodeURIComponent(room), doc, { connect: !offlinePreferred() })
+// deleted on the server: y-websocket stops reconnecting; drop the local copy too, or the next visit uploads it
+provider.on('closed', ({ code }) => { if (code === DELETED_CODE) forget() })
 
 document.title = `${room} · collab demo`
 byTestId('room-name').textContent = room
