@@ -47,6 +47,10 @@ class Settings:
     # access control
     auth_secret: str = ""
     auth_required: bool = False
+    # refused websockets: by default the upgrade is refused with 403, which a browser sees only as a failed
+    # connection (y-websocket retries forever); on, the upgrade is accepted and closed at once with 4401 (no
+    # token) or 4403 (invalid, expired or not covering) and the reason, which y-websocket treats as permanent
+    auth_close_codes: bool = False
     # static web demo, served at / when the directory exists
     web_demo_dir: str = str(Path(__file__).resolve().parent.parent / "web_demo" / "dist")
     log_level: str = "info"

@@ -29,7 +29,10 @@ class CloseCode(IntEnum):
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # storage failure
     TRY_AGAIN_LATER = 1013  # the client cannot keep up with its send queue
-    DELETED = 4410  # the document was deleted (HTTP 410 Gone); 4400-4499 tell y-websocket not to reconnect
+    # 4400-4499 tell y-websocket not to reconnect (HTTP mnemonics)
+    NO_TOKEN = 4401  # with auth_close_codes
+    FORBIDDEN = 4403  # with auth_close_codes: invalid, expired or not covering the document
+    DELETED = 4410  # the document was deleted (Gone)
 
 
 class Connection:

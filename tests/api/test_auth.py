@@ -52,6 +52,25 @@ async def test_refused_upgrade_is_403(server: ServerProcess, query: str) -> None
     assert refused.value.response.status_code == 403
 
 
+@pytest.mark.parametrize(("how", "code", "reason"), [
+    ({}, 4401, "missing token"),
+    ({"query": f"?token={issue_token(SECRET, doc='doc', ttl=-5)}"}, 4403, "token expired"),
+    ({"subprotocols": ["collab-token.garbage"]}, 4403, "malformed token"),
+    ({"headers": {"Authorization": f"Bearer {issue_token(SECRET, doc='other')}"}}, 4403,
+     "token does not cover this document"),
+], ids=["missing", "expired-query", "malformed-subprotocol", "other-doc-header"])
+async def test_with_auth_close_codes_a_refused_client_learns_why(server_factory, how: dict, code: int,
+                                                                 reason: str) -> None:
+    """Browsers hide a refused upgrade's status; accepting and closing with 44xx tells y-websocket to stop."""
+    server = server_factory("--auth-required", "--auth-secret", SECRET, "--auth-close-codes")
+    peer = await RawPeer.connect(f"{server.ws_url}/doc{how.get('query', '')}",
+                                 subprotocols=how.get("subprotocols"), additional_headers=how.get("headers"))
+    assert peer.ws.subprotocol == (how.get("subprotocols") or [None])[0]  # a browser requires the echo
+    assert await peer.wait_closed() == (code, reason)
+    assert not peer.messages  # not a byte of the document
+    assert server.metric('collab_errors_total{kind="auth"}') == 1
+
+
 async def test_token_via_query_subprotocol_or_header(server: ServerProcess) -> None:
     prefix = issue_token(SECRET, prefix="team/")
     ways = {

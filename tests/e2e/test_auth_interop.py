@@ -50,3 +50,20 @@ async def test_refused_yjs_client_never_syncs(server, peer, token):
     await intruder.wait_event("connection-close")  # the upgrade is refused; y-websocket would retry
     state = await intruder.state()
     assert not state.synced and state.status != "connected"
+
+
+@pytest.mark.parametrize(("token", "code"), [(None, 4401), (issue_token(SECRET, doc=ROOM, ttl=-5), 4403)],
+                         ids=["missing", "expired"])
+async def test_with_auth_close_codes_a_refused_yjs_client_stops_and_hears_why(server_factory, peer, token, code):
+    """y-websocket treats 4400-4499 as permanent: no retry storm, and the app gets the reason (to refresh
+    the token and call connect() again)."""
+    server = server_factory("--auth-required", "--auth-secret", SECRET, "--auth-close-codes")
+    intruder = await peer("intruder")
+    await intruder.connect(server.ws_url, ROOM, wait_synced=False, params={"token": token} if token else {})
+    closed = await intruder.wait_event("closed")
+    assert closed["code"] == code and closed["reason"] in ("missing token", "token expired")
+    state = await intruder.state()
+    assert not state.synced and state.status == "disconnected"
+    # the app refreshes the token and resumes the same provider: it syncs
+    await intruder.connect(server.ws_url, ROOM, params={"token": issue_token(SECRET, doc=ROOM)})
+    assert (await intruder.state()).synced

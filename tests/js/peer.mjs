@@ -137,6 +137,7 @@ const connect = ({ url, room, params = {}, options = {} }) => {
     if ((url !== undefined && url !== boundUrl) || (room !== undefined && room !== provider.roomname)) {
       throw new Error('this peer is bound to another url/room; start a new peer')
     }
+    if (Object.keys(params).length) provider.params = params // e.g. a refreshed token, as an app would set it
     provider.connect()
   }
   return { status: status() }
