@@ -43,6 +43,16 @@ async function openUser (browser, room, name, errors) {
   return { name, context, page }
 }
 
+/** Alice and Bob in a new room, where Alice added a block with `text` and Bob sees it. */
+async function twoUsersSharingABlock (browser, roomPrefix, text, errors) {
+  const room = newRoom(roomPrefix)
+  const alice = await openUser(browser, room, 'Alice', errors)
+  const bob = await openUser(browser, room, 'Bob', errors)
+  const blockId = await addBlock(alice, text)
+  await waitForContent(bob, blockId, text)
+  return { room, alice, bob, blockId }
+}
+
 const waitConnection = (page, state) =>
   page.waitForSelector(`${byTestId('connection-status')}[data-state="${state}"]`)
 
@@ -156,11 +166,7 @@ const scenarios = {
   },
 
   async 'offline-reload' (browser, errors) {
-    const room = newRoom('offline')
-    const alice = await openUser(browser, room, 'Alice', errors)
-    const bob = await openUser(browser, room, 'Bob', errors)
-    const blockId = await addBlock(alice, 'shared text')
-    await waitForContent(bob, blockId, 'shared text')
+    const { alice, bob, blockId } = await twoUsersSharingABlock(browser, 'offline', 'shared text', errors)
 
     await setOffline(alice, true)
     await waitPresence(bob, ['Bob'])
@@ -206,10 +212,7 @@ const scenarios = {
   },
 
   async 'status-conflict' (browser, errors) {
-    const room = newRoom('status')
-    const alice = await openUser(browser, room, 'Alice', errors)
-    const bob = await openUser(browser, room, 'Bob', errors)
-    const blockId = await addBlock(alice, 'a block to index')
+    const { alice, bob, blockId } = await twoUsersSharingABlock(browser, 'status', 'a block to index', errors)
     await addIndex(alice, blockId, 'search')
     await waitForStatus(bob, blockId, 'search', 'notStarted')
 
@@ -240,11 +243,7 @@ const scenarios = {
   },
 
   async 'deleted' (browser, errors) {
-    const room = newRoom('deleted')
-    const alice = await openUser(browser, room, 'Alice', errors)
-    const bob = await openUser(browser, room, 'Bob', errors)
-    const blockId = await addBlock(alice, 'soon gone')
-    await waitForContent(bob, blockId, 'soon gone')
+    const { room, alice, bob } = await twoUsersSharingABlock(browser, 'deleted', 'soon gone', errors)
     await Promise.all([waitSavedLocally(alice), waitSavedLocally(bob)])
 
     const deleted = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}`, { method: 'DELETE' })

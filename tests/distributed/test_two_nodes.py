@@ -45,12 +45,18 @@ async def send_all(peer: RawPeer, updates: list[bytes]) -> None:
         return
 
 
+async def peer_on_each(cluster: Cluster, a: ServerProcess, b: ServerProcess) -> tuple[RawPeer, RawPeer]:
+    """A peer on node `a` and one on node `b`, both in the test's room and synced."""
+    on_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    on_b = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await asyncio.gather(on_a.sync(), on_b.sync())
+    return on_a, on_b
+
+
 async def kill_mid_burst(cluster: Cluster, a: ServerProcess, b: ServerProcess) -> RawPeer:
     """A writer on node `a` bursts 3,000 updates; `a` is SIGKILLed once a watcher on `b` holds 500 of them.
     Returns the watcher, still connected to `b`."""
-    writer = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    watcher = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(writer.sync(), watcher.sync())
+    writer, watcher = await peer_on_each(cluster, a, b)
     _, updates = text_updates(3000)
     sender = asyncio.create_task(send_all(writer, updates))
     await watcher.wait_for(lambda: len(text(watcher.doc)) >= 500, 30)
@@ -61,9 +67,7 @@ async def kill_mid_burst(cluster: Cluster, a: ServerProcess, b: ServerProcess) -
 
 async def test_clients_on_two_nodes_converge(cluster: Cluster) -> None:
     a, b = cluster.start_node("a"), cluster.start_node("b")
-    alice = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    bob = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(alice.sync(), bob.sync())
+    alice, bob = await peer_on_each(cluster, a, b)
     doc_a, updates_a = text_updates(200)
     doc_b, updates_b = text_updates(200)
     await asyncio.gather(send_all(alice, updates_a), send_all(bob, updates_b))
@@ -77,9 +81,7 @@ async def test_clients_on_two_nodes_converge(cluster: Cluster) -> None:
 
 async def test_awareness_crosses_nodes(cluster: Cluster) -> None:
     a, b = cluster.start_node("a"), cluster.start_node("b")
-    alice = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    bob = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(alice.sync(), bob.sync())
+    alice, bob = await peer_on_each(cluster, a, b)
     state = json.dumps({"user": "alice"})
     await alice.send(p.encode_awareness([p.AwarenessEntry(111, 1, state)]))
     await bob.wait_for(lambda: bob.awareness.get(111) == state)
