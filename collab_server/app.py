@@ -22,8 +22,10 @@ from collab_server.metrics import Metrics
 from collab_server.status_events import StatusEvents
 from collab_server.session import serve_websocket
 from collab_server.resync import Resync
+from collab_server.room import Room
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
+from collab_server.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,20 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     store.on_commit = metrics.observe_commit
     status_events = StatusEvents()
     status_events.subscribe(lambda room, change: metrics.resolver_actions.inc())
+    webhooks = None
+    if settings.webhook_url:
+        webhooks = Webhooks(settings.webhook_url, metrics, secret=settings.webhook_secret,
+                            debounce=settings.webhook_debounce, max_wait=settings.webhook_max_wait)
+
+    def on_load(room: Room) -> None:
+        status_events.attach(room)
+        if webhooks is not None:
+            webhooks.attach(room)
+
     rooms = Rooms(store, broker, metrics, idle_unload_seconds=settings.idle_unload_seconds,
                   max_connections_per_room=settings.max_connections_per_room,
-                  awareness_timeout=settings.awareness_timeout,
-                  keepalive_interval=settings.keepalive_interval, on_load=status_events.attach)
+                  awareness_timeout=settings.awareness_timeout, keepalive_interval=settings.keepalive_interval,
+                  on_load=on_load, on_delete=webhooks.deleted if webhooks is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,6 +83,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                 resync.cancel()
                 await asyncio.gather(resync, return_exceptions=True)
             await rooms.close()
+            if webhooks is not None:  # after the last commits, so their events go out too
+                await webhooks.close(settings.shutdown_timeout)
             await broker.close()
             await store.close()
             log.info("collab server stopped; everything committed")

@@ -51,6 +51,12 @@ class Settings:
     # connection (y-websocket retries forever); on, the upgrade is accepted and closed at once with 4401 (no
     # token) or 4403 (invalid, expired or not covering) and the reason, which y-websocket treats as permanent
     auth_close_codes: bool = False
+    # webhooks (webhooks.py): POST document.changed (after `webhook_debounce` quiet seconds, at least every
+    # `webhook_max_wait` while changes go on) and document.deleted events to this URL; "" = off
+    webhook_url: str = ""
+    webhook_secret: str = ""  # signs each body: X-Collab-Signature: sha256=<HMAC-SHA256 hex>
+    webhook_debounce: float = 2.0
+    webhook_max_wait: float = 10.0
     # static web demo, served at / when the directory exists
     web_demo_dir: str = str(Path(__file__).resolve().parent.parent / "web_demo" / "dist")
     log_level: str = "info"

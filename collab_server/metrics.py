@@ -29,6 +29,8 @@ class Metrics:
                                         registry=r)
         self.resync_catch_ups = Counter("collab_resync_catch_ups", "Loaded rooms that caught up from storage "
                                         "with changes another node committed but never published", registry=r)
+        self.webhooks_delivered = Counter("collab_webhooks_delivered", "Webhook events the receiver accepted",
+                                          registry=r)
         self.errors = Counter("collab_errors", "Errors by kind", ["kind"], registry=r)
 
     def observe_commit(self, batch: int, seconds: float) -> None:

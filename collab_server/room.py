@@ -56,6 +56,7 @@ class Room:
         self.unload_handle: asyncio.TimerHandle | None = None
         self.hooks: list[Callable[[Room], None]] = []  # run after every applied change (e.g. the resolver)
         self.on_close: list[Callable[[], None]] = []
+        self.on_committed: list[Callable[[], None]] = []  # after each commit of a change made here
         self._on_discard = on_discard
         self._observed: list[bytes] = []
         self._subscription = None
@@ -108,6 +109,7 @@ class Room:
         # as the registry lets go, not at the next full collection of the cyclic GC
         self.hooks.clear()
         self.on_close.clear()
+        self.on_committed.clear()
         await self.broker.unsubscribe(self.name)
 
     # --- connections ---------------------------------------------------------------------------------
@@ -207,6 +209,8 @@ class Room:
             return
         self.metrics.updates_applied.inc()
         self.broker.publish(self.name, Kind.UPDATE, update)
+        for callback in self.on_committed:
+            callback()
 
     def _fail(self, exc: BaseException, sender: Connection | None) -> None:
         """A write failed: the in-memory document is ahead of storage, so drop it and every connection.

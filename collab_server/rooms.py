@@ -24,7 +24,8 @@ class RoomFull(Exception):
 class Rooms:
     def __init__(self, store: Store, broker: Broker, metrics: Metrics, *, idle_unload_seconds: float = 30.0,
                  max_connections_per_room: int = 10_000, awareness_timeout: float = 30.0,
-                 keepalive_interval: float = 10.0, on_load: Callable[[Room], None] | None = None) -> None:
+                 keepalive_interval: float = 10.0, on_load: Callable[[Room], None] | None = None,
+                 on_delete: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.broker = broker
         self.metrics = metrics
@@ -33,7 +34,8 @@ class Rooms:
         self.max_connections_per_room = max_connections_per_room
         self.awareness_timeout = awareness_timeout
         self.keepalive_interval = keepalive_interval
-        self.on_load = on_load  # installs per-room hooks (resolver, metrics) before the first hook run
+        self.on_load = on_load  # installs per-room hooks (resolver, webhooks) before the first hook run
+        self.on_delete = on_delete  # told the name of each document deleted here
         self.loaded: dict[str, Room] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unloads: set[asyncio.Task[None]] = set()
@@ -106,6 +108,8 @@ class Rooms:
             existed = await self.store.delete(name)
             self.broker.publish(name, Kind.DELETED, b"")
             log.info("document deleted name=%s", name)
+            if self.on_delete is not None and (existed or in_use):
+                self.on_delete(name)
         if not lock.locked() and self._locks.get(name) is lock and name not in self.loaded:
             del self._locks[name]
         return existed or in_use

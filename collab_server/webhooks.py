@@ -1,0 +1,108 @@
+"""Webhooks: tell another service, by an HTTP POST, that a document changed or was deleted.
+
+``document.changed`` goes out once a document has been quiet for `debounce` seconds after a commit, and at
+least every `max_wait` seconds while it keeps changing; ``document.deleted`` at once. The body is JSON
+``{"event", "document", "time"}``; with a secret, ``X-Collab-Signature: sha256=<hex>`` is the HMAC-SHA256
+of the body. A POST that fails (network error, timeout, a status other than 2xx) is retried with backoff.
+Delivery is at least once: a receiver may see an event twice, and with several nodes each node reports the
+changes it committed. Only commits are reported, never a change that storage refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+
+import httpx
+
+from collab_server.metrics import Metrics
+from collab_server.room import Room
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY = 0.5  # seconds before the first retry; doubled for each next one
+
+
+class Webhooks:
+    """Debounces each document's commits into change events and delivers events in background tasks."""
+
+    def __init__(self, url: str, metrics: Metrics, *, secret: str = "", debounce: float = 2.0,
+                 max_wait: float = 10.0, attempts: int = 4, timeout: float = 5.0) -> None:
+        self.url = url
+        self.metrics = metrics
+        self.secret = secret.encode()
+        self.debounce = debounce
+        self.max_wait = max(max_wait, debounce)
+        self.attempts = attempts
+        self.timeout = timeout
+        self._client = httpx.AsyncClient(timeout=timeout)
+        self._pending: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # document: (first change, timer)
+        self._deliveries: set[asyncio.Task[None]] = set()
+
+    def attach(self, room: Room) -> None:
+        """Report the room's commits (call as each room loads)."""
+        room.on_committed.append(lambda: self.changed(room.name))
+
+    def changed(self, doc: str) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        first = now
+        if (pending := self._pending.get(doc)) is not None:
+            first, timer = pending
+            timer.cancel()
+        due = min(now + self.debounce, first + self.max_wait)
+        self._pending[doc] = (first, loop.call_at(due, self._fire, doc))
+
+    def deleted(self, doc: str) -> None:
+        if (pending := self._pending.pop(doc, None)) is not None:
+            pending[1].cancel()
+        self._send("document.deleted", doc)
+
+    def _fire(self, doc: str) -> None:
+        del self._pending[doc]
+        self._send("document.changed", doc)
+
+    def _send(self, event: str, doc: str) -> None:
+        task = asyncio.create_task(self._deliver(event, doc), name=f"webhook:{event}:{doc}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, event: str, doc: str) -> None:
+        body = json.dumps({"event": event, "document": doc, "time": time.time()}).encode()
+        headers = {"content-type": "application/json", "x-collab-event": event}
+        if self.secret:
+            headers["x-collab-signature"] = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+        error = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(RETRY_DELAY * 2 ** (attempt - 1))
+            try:
+                response = await self._client.post(self.url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                continue
+            if 200 <= response.status_code < 300:
+                self.metrics.webhooks_delivered.inc()
+                return
+            error = f"status {response.status_code}"
+        self.metrics.errors.labels("webhook").inc()
+        log.warning("webhook not delivered event=%s document=%s attempts=%d error=%s",
+                    event, doc, self.attempts, error)
+
+    async def close(self, timeout: float) -> None:
+        """Send what waits for its quiet period now, and give deliveries `timeout` seconds to finish."""
+        for doc in list(self._pending):
+            self._pending[doc][1].cancel()
+            self._fire(doc)
+        if self._deliveries:
+            _, late = await asyncio.wait(self._deliveries, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("webhooks: %d deliveries cut short by shutdown", len(late))
+                await asyncio.wait(late)
+        await self._client.aclose()

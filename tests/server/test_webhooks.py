@@ -1,0 +1,165 @@
+"""Webhooks against a real receiver: debounced change events, signatures, retries, deletes and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from pycrdt import Text
+
+from tests.rawclient import RawPeer
+
+SECRET = "hook-secret"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """An HTTP server in a thread that records every POST and answers with the next of `statuses` (then 204)."""
+
+    def __init__(self) -> None:
+        self.posts: list[Delivery] = []
+        self.statuses: list[int] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with receiver._lock:
+                    receiver.posts.append(Delivery({k.lower(): v for k, v in self.headers.items()}, body))
+                    status = receiver.statuses.pop(0) if receiver.statuses else 204
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def events(self, document: str | None = None) -> list[dict]:
+        with self._lock:
+            return [d.event for d in self.posts if document is None or d.event["document"] == document]
+
+    async def wait_for(self, predicate, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"webhook condition not met; received {self.events()}"
+            await asyncio.sleep(0.02)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def hooked(server_factory, receiver: Receiver, *flags: str):
+    return server_factory("--webhook-url", receiver.url, "--webhook-secret", SECRET, *flags)
+
+
+async def edit(peer: RawPeer, text: str) -> None:
+    await peer.edit(lambda d: d.get("t", type=Text).insert(0, text))
+
+
+async def test_a_burst_of_changes_is_one_signed_event_once_the_document_is_quiet(server_factory,
+                                                                                 receiver: Receiver) -> None:
+    server = hooked(server_factory, receiver, "--webhook-debounce", "0.3")
+    peer = await RawPeer.connect(f"{server.ws_url}/team/notes")
+    await peer.sync()
+    for i in range(30):
+        await edit(peer, str(i % 10))
+    await peer.wait_for(lambda: len(str(peer.doc.get("t", type=Text))) == 30)
+    await receiver.wait_for(lambda: receiver.events("team/notes"))
+    delivery = receiver.posts[0]
+    assert delivery.event["event"] == "document.changed" and abs(delivery.event["time"] - time.time()) < 60
+    assert delivery.headers["x-collab-event"] == "document.changed"
+    expected = "sha256=" + hmac.new(SECRET.encode(), delivery.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(delivery.headers["x-collab-signature"], expected)
+
+    other = await RawPeer.connect(f"{server.ws_url}/later")  # a later burst elsewhere, as a clock
+    await other.sync()
+    await edit(other, "x")
+    await receiver.wait_for(lambda: receiver.events("later"))
+    assert len(receiver.events("team/notes")) == 1  # the whole burst, once
+    assert server.metric("collab_webhooks_delivered_total") == 2
+
+
+async def test_a_document_that_keeps_changing_is_reported_every_max_wait(server_factory,
+                                                                         receiver: Receiver) -> None:
+    server = hooked(server_factory, receiver, "--webhook-debounce", "0.4", "--webhook-max-wait", "0.6")
+    peer = await RawPeer.connect(f"{server.ws_url}/busy")
+    await peer.sync()
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:  # never quiet for the debounce
+        await edit(peer, "x")
+        await asyncio.sleep(0.1)
+    assert len(receiver.events("busy")) >= 2  # not one event at the very end
+
+
+async def test_a_failing_receiver_is_retried_and_deletes_are_reported(server_factory, receiver: Receiver) -> None:
+    receiver.statuses = [500, 503]
+    server = hooked(server_factory, receiver, "--webhook-debounce", "0.1")
+    peer = await RawPeer.connect(f"{server.ws_url}/flaky")
+    await peer.sync()
+    await edit(peer, "x")
+    await receiver.wait_for(lambda: server.metric("collab_webhooks_delivered_total") == 1)
+    assert [e["event"] for e in receiver.events("flaky")] == ["document.changed"] * 3  # two failures, a success
+    assert len({d.body for d in receiver.posts}) == 1  # the same event each time
+
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.delete("/api/docs/flaky")).status_code == 204
+        assert (await http.delete("/api/docs/never-existed")).status_code == 404
+    await receiver.wait_for(lambda: len(receiver.events()) == 4)
+    assert receiver.events()[-1]["event"] == "document.deleted" and receiver.events()[-1]["document"] == "flaky"
+    assert server.metric('collab_errors_total{kind="webhook"}') == 0
+
+
+async def test_shutdown_sends_what_waits_for_its_quiet_period(server_factory, receiver: Receiver) -> None:
+    server = hooked(server_factory, receiver, "--webhook-debounce", "60")
+    peer = await RawPeer.connect(f"{server.ws_url}/late")
+    await peer.sync()
+    await edit(peer, "x")
+    await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "x")  # committed (echoed)
+    assert receiver.events() == []
+    await asyncio.to_thread(server.stop)
+    assert [(e["event"], e["document"]) for e in receiver.events()] == [("document.changed", "late")]
+
+
+async def test_an_unreachable_receiver_is_counted_and_never_disturbs_editing(server_factory) -> None:
+    server = server_factory("--webhook-url", "http://127.0.0.1:9/unreachable", "--webhook-debounce", "0")
+    peer = await RawPeer.connect(f"{server.ws_url}/doc")
+    await peer.sync()
+    await edit(peer, "x")
+    deadline = time.monotonic() + 15
+    while server.metric('collab_errors_total{kind="webhook"}') < 1:  # four attempts, 3.5 s of backoff
+        assert time.monotonic() < deadline, "the failed delivery was not counted"
+        await asyncio.sleep(0.05)
+    await edit(peer, "y")
+    await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "yx")
