@@ -3,7 +3,9 @@
 With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while
 Redis was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query
 reads the last-write time of every loaded room; a room whose time changed since the last look is read from
-storage and given what it lacks, which is broadcast to its local connections.
+storage and given what it lacks, which is broadcast to its local connections. A loaded room that holds
+committed changes while storage holds no such document was deleted by another node: it is dropped, as the
+deletion event would have done.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from collab_server.connection import CloseCode
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store
 
@@ -37,7 +40,15 @@ class Resync:
         """One check of every loaded room; returns the rooms that were missing something."""
         for name in set(self._seen) - set(self.rooms.loaded):
             del self._seen[name]
+        # a room holding something, all of it committed before the query, must find its document stored
+        stored_before = {name for name, room in self.rooms.loaded.items()
+                         if room.settled and room.doc.get_state() != b"\x00"}
         stamps = await self.store.updated(list(self.rooms.loaded))
+        for name in stored_before - set(stamps):
+            room = self.rooms.loaded.get(name)
+            if room is not None and not room.failed:
+                log.warning("room deleted by another node, whose event never arrived name=%s", name)
+                room.discard(CloseCode.DELETED, "document deleted")
         caught = []
         for name, stamp in stamps.items():
             if self._seen.get(name) == stamp:

@@ -91,6 +91,11 @@ class Room:
         self._run_hooks()
         self._persist(None)
 
+    @property
+    def settled(self) -> bool:
+        """Whether every change applied here so far has been committed (or has failed)."""
+        return self._inflight is None or self._inflight.done()
+
     async def flush(self) -> None:
         """Wait until everything applied so far is committed (errors are handled by the commit callback)."""
         while self._inflight is not None and not self._inflight.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncpg
 import httpx
 
 import pytest
@@ -133,9 +134,7 @@ async def test_loaded_room_on_other_node_catches_up_after_a_crash(cluster: Clust
 
 async def test_a_document_deleted_on_one_node_is_dropped_by_the_other(cluster: Cluster) -> None:
     a, b = cluster.start_node("a"), cluster.start_node("b")
-    on_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
-    on_b = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
-    await asyncio.gather(on_a.sync(), on_b.sync())
+    on_a, on_b = await peer_on_each(cluster, a, b)
     doc, updates = text_updates(50)
     await send_all(on_a, updates)
     await on_b.wait_for(lambda: text(on_b.doc) == text(doc), 20)
@@ -148,3 +147,21 @@ async def test_a_document_deleted_on_one_node_is_dropped_by_the_other(cluster: C
     await fresh.sync()
     assert text(fresh.doc) == "" and fresh.doc.get_state() == b"\x00"
     await fresh.close()
+
+
+async def test_a_deletion_whose_event_was_lost_is_found_by_resync(cluster: Cluster) -> None:
+    """The deleting node's broker event never arrived (Redis was away): the periodic resync sees the stored
+    document gone and drops the loaded room as the event would have."""
+    b = cluster.start_node("b", "--resync-interval", "0.3")
+    peer = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await peer.sync()
+    doc, updates = text_updates(20)
+    await send_all(peer, updates)
+    await peer.wait_for(lambda: text(peer.doc) == text(doc), 20)  # echoed, so stored
+    conn = await asyncpg.connect(cluster.dsn)
+    try:  # what another node's delete does, without its event
+        await conn.execute("DELETE FROM documents WHERE name = $1", cluster.room)
+        await conn.execute("DELETE FROM updates WHERE doc = $1", cluster.room)
+    finally:
+        await conn.close()
+    assert await peer.wait_closed() == (4410, "document deleted")
