@@ -2,7 +2,8 @@
 
 from client_py.awareness import Awareness
 from client_py.backoff import Backoff
-from client_py.client import REMOTE, STORE, CollabClient, DocumentDeleted
+from client_py.client import REMOTE, STORE, CollabClient, DocumentDeleted, ServerClosed
 from client_py.store import LocalStore, StoreError
 
-__all__ = ["REMOTE", "STORE", "Awareness", "Backoff", "CollabClient", "DocumentDeleted", "LocalStore", "StoreError"]
+__all__ = ["REMOTE", "STORE", "Awareness", "Backoff", "CollabClient", "DocumentDeleted", "LocalStore", "ServerClosed",
+           "StoreError"]

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 
 from pycrdt import Doc
 
-from client_py.client import CollabClient
+from client_py.client import CollabClient, ServerClosed
 from collab_server.model import (
     add_index_entry,
     block_content,
@@ -67,12 +68,14 @@ def read_updates(path: str) -> list[bytes]:
 
 async def _connected(args: argparse.Namespace, edit: Callable[[Doc], None] | None = None) -> Doc:
     """Sync with the room, apply ``edit`` to the synced doc and wait until the server has it."""
-    async with CollabClient(args.url, args.room) as client:
+    async with CollabClient(args.url, args.room, token=args.token) as client:
         try:
             await client.synced(args.timeout)
             if edit is not None:
                 edit(client.doc)
                 await client.flush(args.timeout)
+        except ServerClosed as exc:
+            raise CliError(f"the server refused {client.url}: {exc}") from None
         except TimeoutError:
             reason = f": {client.last_error}" if client.last_error else ""
             raise CliError(f"no sync with {client.url} within {args.timeout:g} s{reason}") from None
@@ -147,6 +150,8 @@ def _json_object(text: str) -> dict[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collab-client", description="Read a room, edit its blocks, or replay updates into it.")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for sync (default 10)")
+    parser.add_argument("--token", default=os.environ.get("COLLAB_TOKEN"),
+                        help="access token for a server with auth on (default: env COLLAB_TOKEN)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(sub: argparse._SubParsersAction, name: str, handler: Callable[..., Awaitable[None]],

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 
 from pycrdt import Doc, Subscription, TransactionEvent
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from collab_server.protocol import (
     AuthMessage,
@@ -41,10 +41,20 @@ STORE = "client_py:store"
 
 _NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
 DELETED_CODE = 4410  # collab_server closes a deleted document's connections with this code
+REFUSED_STATUSES = (401, 403)  # a refused upgrade: the token is missing or not good for this room
 
 
-class DocumentDeleted(Exception):
-    """The server deleted the document; reconnecting would upload our replica again, so the client stops."""
+class ServerClosed(Exception):
+    """The server ended the link for good: a close code in 4400-4499 (permanent, as y-websocket treats them)
+    or a refused upgrade (401/403). Retrying would get the same answer, so the client stops."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}" if reason else str(code))
+        self.code, self.reason = code, reason
+
+
+class DocumentDeleted(ServerClosed):
+    """The server deleted the document; reconnecting would upload our replica again."""
 
 
 class _Link:
@@ -58,8 +68,10 @@ class _Link:
 
 
 class CollabClient:
-    """Sync ``self.doc`` with ``<url>/<room>``; reconnects forever until closed, or until the server closes
-    the connection because it deleted the document (then ``deleted`` is True and nothing is sent again).
+    """Sync ``self.doc`` with ``<url>/<room>``; reconnects until closed, or until the server ends the link
+    for good (``stopped`` is then a ServerClosed, a DocumentDeleted when the document was deleted; waiting
+    methods raise it). ``token`` goes in an ``Authorization: Bearer`` header; set ``client.token`` to use a
+    new one from the next connection attempt on.
 
     Local edits (any transaction origin except REMOTE/STORE) are stored, then sent while connected;
     remote updates are applied under REMOTE and stored, never echoed. On every (re)connect we answer the
@@ -68,7 +80,7 @@ class CollabClient:
     With ``store`` the document (including unsent edits) survives restarts of this process.
     """
 
-    def __init__(self, url: str, room: str, *, store: str | Path | None = None,
+    def __init__(self, url: str, room: str, *, store: str | Path | None = None, token: str | None = None,
                  backoff: Backoff | None = None, open_timeout: float = 5.0, compact_every: int = 500) -> None:
         if urlsplit(url).scheme not in ("ws", "wss"):
             raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -78,8 +90,9 @@ class CollabClient:
         self.awareness = Awareness(self.doc.client_id)
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
+        self.token = token
         self.last_error: BaseException | None = None
-        self.deleted = False  # the server deleted the document: the client no longer connects
+        self.stopped: ServerClosed | None = None  # why the server ended the link for good
         self._store_path = store
         self._compact_every = compact_every
         self._store: LocalStore | None = None
@@ -135,6 +148,11 @@ class CollabClient:
             raise RuntimeError("client stopped") from exc
 
     @property
+    def deleted(self) -> bool:
+        """The server deleted the document: the client no longer connects."""
+        return isinstance(self.stopped, DocumentDeleted)
+
+    @property
     def connected(self) -> bool:
         return self._link is not None
 
@@ -178,6 +196,8 @@ class CollabClient:
         if self._task is None:
             raise RuntimeError("client is not open")
         if self._task.done():
+            if self.stopped is not None:
+                raise self.stopped
             if not self._task.cancelled() and (exc := self._task.exception()) is not None:
                 raise RuntimeError("client stopped") from exc
             raise RuntimeError("client is closed")
@@ -231,9 +251,15 @@ class CollabClient:
         while not self._closing:
             link = _Link()
             ws: ClientConnection | None = None
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             try:
-                async with connect(self.url, open_timeout=self.open_timeout, max_size=None) as ws:
+                async with connect(self.url, open_timeout=self.open_timeout, max_size=None,
+                                   additional_headers=headers) as ws:
                     await self._session(ws, link)
+            except InvalidStatus as exc:
+                self.last_error = exc
+                if exc.response.status_code in REFUSED_STATUSES:
+                    self.stopped = ServerClosed(exc.response.status_code, "connection refused")
             except _NETWORK_ERRORS as exc:
                 self.last_error = exc
                 log.info("%s: connection failed or lost: %s", self.url, exc)
@@ -241,12 +267,15 @@ class CollabClient:
                 self._link = None
                 self._synced.clear()
                 self.awareness.forget_peers()
-                if ws is not None and ws.close_code == DELETED_CODE:
-                    self.deleted = True
-                    self.last_error = DocumentDeleted(f"the server deleted {self.room!r}")
-                    log.warning("%s: the server deleted the document; not reconnecting", self.url)
+                if ws is not None and ws.close_code is not None and 4400 <= ws.close_code < 4500:
+                    kind = DocumentDeleted if ws.close_code == DELETED_CODE else ServerClosed
+                    self.stopped = kind(ws.close_code, ws.close_reason or "")
+                if self.stopped is not None:
+                    self.last_error = self.stopped
+                    # raised to whoever waits on the client; a log line would repeat it
+                    log.info("%s: the server ended the link for good (%s); not reconnecting", self.url, self.stopped)
                 self._notify()
-            if self.deleted:
+            if self.stopped is not None:
                 return
             if link.synced:
                 attempt = 0

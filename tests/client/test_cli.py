@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pycrdt import Doc
 
+from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, create_block, set_status
 from tests.client.refserver import RefServer
 from tests.serverproc import ROOT, ServerProcess, free_port
@@ -103,3 +104,13 @@ def test_bad_replay_files(tmp_path: Path) -> None:
     bad.write_text(base64.b64encode(b"\x05\x01garbage").decode() + "\n")
     assert "line 1: not a base64 Yjs update" in fails(1, "replay", url, "room", str(bad))
     assert "cannot read" in fails(1, "replay", url, "room", str(tmp_path / "missing.txt"))
+
+
+def test_a_token_for_a_server_with_auth_on(server_factory) -> None:
+    server = server_factory("--auth-required", "--auth-secret", "k")
+    url, room = server.ws_url, f"cli-{uuid.uuid4().hex[:8]}"
+    token = issue_token("k", doc=room)
+    ok("--token", token, "block", "add", url, room, "b1", "--content", "secured")
+    assert json.loads(ok("--token", token, "get", url, room))["blocks"]["b1"]["content"] == "secured"
+    refused = fails(1, "get", url, room)
+    assert "refused" in refused and "403" in refused

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from pycrdt import Text
 
-from client_py import Backoff, CollabClient, DocumentDeleted
+from client_py import Backoff, CollabClient, DocumentDeleted, ServerClosed
+from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from collab_server.protocol import AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message
 from tests.client.refserver import RefServer
@@ -169,6 +170,26 @@ async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess) -
             assert (await http.get(f"/api/docs/{name}/json")).status_code == 404
         client.doc.get("t", type=Text).insert(0, "offline ")  # still a local document; nothing is sent
     assert text(client) == "offline doomed"
+
+
+@pytest.mark.parametrize("close_codes", [False, True], ids=["refused-upgrade", "close-code"])
+async def test_tokens_and_a_refusal_that_stops_the_client(server_factory, close_codes: bool) -> None:
+    """A token reaches an auth-on server; without one the server's answer is final (a 403 refusal, or 4401
+    with --auth-close-codes): the client stops, and waiting raises at once instead of timing out."""
+    flags = ["--auth-required", "--auth-secret", "k"] + (["--auth-close-codes"] if close_codes else [])
+    server = server_factory(*flags)
+    name = room()
+    async with CollabClient(server.ws_url, name, token=issue_token("k", prefix="")) as writer:
+        await writer.synced()
+        writer.doc.get("t", type=Text).insert(0, "with a token")
+        await writer.flush()
+    backoff = RecordingBackoff(base=0.02, max=0.2, jitter=0)
+    async with CollabClient(server.ws_url, name, backoff=backoff) as anonymous:
+        with pytest.raises(ServerClosed) as stopped:
+            await anonymous.synced(timeout=10)
+        expected = (4401, "missing token") if close_codes else (403, "connection refused")
+        assert (stopped.value.code, stopped.value.reason) == expected
+        assert anonymous.stopped is stopped.value and backoff.delays == [] and text(anonymous) == ""
 
 
 async def test_block_model_works_on_client_doc(upstream: RefServer | ServerProcess) -> None:
