@@ -101,7 +101,7 @@ PATHS: dict[str, Any] = {
             "400": _error("Invalid document name"),
             **AUTH_ERRORS,
             "404": _error("No such document: nothing stored and nobody connected"),
-            "503": _error("Storage unavailable: nothing was deleted"),
+            "503": _error("Storage unavailable: nothing was deleted (connections were closed with 1011)"),
         },
     }},
     "/api/docs/{name}/json": {"get": {

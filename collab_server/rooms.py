@@ -93,8 +93,9 @@ class Rooms:
             del self._locks[room.name]
 
     async def delete(self, name: str) -> bool:
-        """Delete document `name`: close its connections (4410), drop its room, erase what storage holds, and
-        tell other nodes to drop their copy. Returns False if there was nothing: not stored, not loaded.
+        """Delete document `name`: stop its room applying changes, erase what storage holds, close the room's
+        connections (4410; 1011 if storage refused, and nothing is deleted) and tell other nodes to drop their
+        copy. Returns False if there was nothing: not stored, not loaded.
 
         Clients hold replicas: one that reconnected would send its copy back, as to any empty document. 4410
         is in the range y-websocket's provider treats as permanent (4400-4499): it stops reconnecting."""
@@ -102,10 +103,17 @@ class Rooms:
         async with lock:
             room = self.loaded.pop(name, None)
             in_use = room is not None and (bool(room.connections) or room.doc.get_state() != b"\x00")
+            try:
+                if room is not None:
+                    room.closed = True  # applies nothing more; its connections hear the outcome below
+                    await room.flush()  # what it committed before is erased below, not after
+                existed = await self.store.delete(name)
+            except BaseException:
+                if room is not None:  # clients reconnect and find the document as storage holds it
+                    room.discard(CloseCode.INTERNAL_ERROR, "storage failure: document not deleted")
+                raise
             if room is not None:
-                room.discard(CloseCode.DELETED, "document deleted")  # applies nothing more from here on
-                await room.flush()  # what it committed before is erased below, not after
-            existed = await self.store.delete(name)
+                room.discard(CloseCode.DELETED, "document deleted")
             self.broker.publish(name, Kind.DELETED, b"")
             log.info("document deleted name=%s", name)
             if self.on_delete is not None and (existed or in_use):

@@ -164,6 +164,5 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             log.info("limit exceeded room=%s connection=%d error=%s", room.name, conn.id, exc)
             conn.close(CloseCode.POLICY_VIOLATION, str(exc))
             return
-        except RoomClosed:  # whoever closed the room closed its connections with the reason
-            conn.close(CloseCode.GOING_AWAY, "document closed")
-            return
+        except RoomClosed:  # being deleted or discarded: the room closes this connection with the outcome
+            continue

@@ -120,3 +120,25 @@ async def test_y_websocket_clients_stop_for_good_and_do_not_bring_it_back(server
             assert (await alice.state()).status == "disconnected"
             assert (await http.get("/api/docs/shared/notes/json")).status_code == 404
             assert (await http.get("/api/docs")).json()["docs"] == []
+
+
+async def test_a_delete_that_storage_refuses_deletes_nothing(server_factory) -> None:
+    """The outcome reaches the clients only once storage has answered: a failed delete closes them with
+    1011, which clients retry, and the document is still there when they do."""
+    server = server_factory()
+    peer = await RawPeer.connect(f"{server.ws_url}/kept")
+    await peer.sync()
+    await peer.edit(lambda d: d.get("t", type=Text).insert(0, "still here"))
+    await peer.wait_for(lambda: text(peer) == "still here")
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("CREATE TRIGGER no_delete BEFORE DELETE ON documents BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        refused = await http.delete("/api/docs/kept")
+        assert refused.status_code == 503 and "disk says no" in refused.json()["error"]
+    assert await peer.wait_closed() == (1011, "storage failure: document not deleted")
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("DROP TRIGGER no_delete")
+    again = await RawPeer.connect(f"{server.ws_url}/kept")
+    await again.sync()
+    assert text(again) == "still here"
+    await again.close()
