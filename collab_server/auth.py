@@ -53,6 +53,24 @@ def _sign(secret: str, payload: str) -> str:
 
 def verify_token(secret: str, token: str, document: str, *, now: float | None = None) -> Grant:
     """The access `token` grants to `document`; raises AuthError when it grants none."""
+    claims, readonly = _verified_claims(secret, token, now)
+    if "doc" in claims and claims["doc"] == document:
+        return Grant(readonly=readonly)
+    if "prefix" in claims and isinstance(claims["prefix"], str) and document.startswith(claims["prefix"]):
+        return Grant(readonly=readonly)
+    raise AuthError("token does not cover this document")
+
+
+def verify_listing(secret: str, token: str, prefix: str, *, now: float | None = None) -> None:
+    """Raise AuthError unless `token` covers every document whose name starts with `prefix`: a prefix token
+    whose prefix begins `prefix`."""
+    claims, _ = _verified_claims(secret, token, now)
+    if not ("prefix" in claims and isinstance(claims["prefix"], str) and prefix.startswith(claims["prefix"])):
+        raise AuthError(f'token does not cover every document starting with "{prefix}"')
+
+
+def _verified_claims(secret: str, token: str, now: float | None) -> tuple[dict, bool]:
+    """The claims of a well-formed, authentic, unexpired token, and whether it is read-only."""
     try:
         payload, signature = token.split(".")
         expected = _sign(secret, payload)
@@ -69,11 +87,7 @@ def verify_token(secret: str, token: str, document: str, *, now: float | None = 
         raise AuthError("token expired")
     if access not in ("rw", "ro"):
         raise AuthError("unknown access level")
-    if "doc" in claims and claims["doc"] == document:
-        return Grant(readonly=access == "ro")
-    if "prefix" in claims and isinstance(claims["prefix"], str) and document.startswith(claims["prefix"]):
-        return Grant(readonly=access == "ro")
-    raise AuthError("token does not cover this document")
+    return claims, access == "ro"
 
 
 def token_from(query: dict[str, str], subprotocols: list[str], authorization: str | None = None) -> str | None:

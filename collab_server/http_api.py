@@ -8,7 +8,9 @@ Characters such as '?', '#' and '%' in a name must be percent-encoded.
 
 Tokens follow the websocket rules (``?token=`` or ``Authorization: Bearer``): with auth on, a missing
 token is 401; an invalid, expired or non-covering token, or a read-only token on a write, is 403.
-Listing documents needs a token that covers every document (``prefix=""``). Errors are ``{"error": ...}``.
+Listing documents (``?prefix=&after=&limit=``, pages in name order) needs a prefix token whose prefix begins
+the listed prefix: ``prefix=""`` lists everything, ``prefix="team/"`` that team's documents. Errors are
+``{"error": ...}``.
 Reads answer committed changes only; reading a document that was never written is 404.
 """
 
@@ -27,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from collab_server.auth import AuthError, Grant, authorize, token_from
+from collab_server.auth import AuthError, Grant, authorize, token_from, verify_listing
 from collab_server.config import Settings
 from collab_server.model import blocks_to_json
 from collab_server.openapi import openapi_spec
@@ -38,6 +40,7 @@ from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store
 
 BINARY = "application/octet-stream"
+LIST_LIMIT, LIST_MAX = 1000, 10_000  # documents per page of GET /api/docs: default, most
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 T = TypeVar("T")
@@ -126,15 +129,22 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             rooms.release(room)
 
     async def list_docs(request: Request) -> Response:
-        try:
-            grant(request, "")
-        except ApiError as exc:
-            if exc.status == 403:
-                raise ApiError(403, f'listing documents needs a token with prefix "": {exc}') from exc
-            raise
-        docs = await _storage(store.list_docs())
-        return JSONResponse({"docs": [
-            {"name": d.name, "updated": d.updated, "log_entries": d.log_entries} for d in docs]})
+        prefix, after = request.query_params.get("prefix", ""), request.query_params.get("after", "")
+        limit = _int_param(request, "limit", LIST_LIMIT, 1, LIST_MAX)
+        if settings.auth_required:
+            token = token_from(dict(request.query_params), [], request.headers.get("authorization"))
+            if not token:
+                raise ApiError(401, "missing token", {"WWW-Authenticate": "Bearer"})
+            try:
+                verify_listing(settings.auth_secret, token, prefix)
+            except AuthError as exc:
+                raise ApiError(403, f'listing needs a token with prefix "{prefix}" or a start of it: {exc}') from exc
+        docs = await _storage(store.list_docs(prefix, after, limit + 1))  # one more: is there a next page?
+        page = docs[:limit]
+        return JSONResponse({
+            "docs": [{"name": d.name, "updated": d.updated, "log_entries": d.log_entries} for d in page],
+            "next": page[-1].name if len(docs) > limit else None,
+        })
 
     async def get_json(request: Request) -> Response:
         name = doc_name(request)
@@ -232,6 +242,15 @@ async def _storage(call: Awaitable[T]) -> T:
         return await call
     except StorageError as exc:
         raise ApiError(503, f"storage unavailable: {exc}") from exc
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}")
+    return int(text)
 
 
 def _state_vector(text: str) -> bytes:

@@ -46,8 +46,10 @@ SCHEMAS: dict[str, Any] = {
             "log_entries": {"type": "integer", "description": "Updates not yet folded into the checkpoint"},
         },
     },
-    "DocList": {"type": "object", "required": ["docs"],
-                "properties": {"docs": {"type": "array", "items": _ref("DocInfo")}}},
+    "DocList": {"type": "object", "required": ["docs", "next"],
+                "properties": {"docs": {"type": "array", "items": _ref("DocInfo")},
+                               "next": {"type": ["string", "null"],
+                                        "description": "Pass as `after` for the next page; null on the last"}}},
     "IndexEntry": {
         "type": "object", "required": ["index_name", "status"],
         "properties": {"index_name": {"type": "string"}, "status": {"type": ["string", "null"]},
@@ -84,10 +86,19 @@ PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
     }},
     "/api/docs": {"get": {
-        "summary": "List stored documents",
-        "description": 'With auth on, needs a token covering every document (issued with prefix "").',
-        "responses": {"200": _json("Every stored document", "DocList"), **AUTH_ERRORS,
-                      "503": _error("Storage unavailable")},
+        "summary": "List stored documents, a page at a time, in name order",
+        "description": "With auth on, needs a prefix token whose prefix begins `prefix` "
+                       '(issued with prefix "" for every document).',
+        "parameters": [
+            {"name": "prefix", "in": "query", "required": False, "schema": {"type": "string", "default": ""},
+             "description": "Only documents whose name starts with this"},
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "string", "default": ""},
+             "description": "Only documents whose name sorts after this (the previous page's `next`)"},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
+        ],
+        "responses": {"200": _json("A page of stored documents", "DocList"),
+                      "400": _error("Invalid limit"), **AUTH_ERRORS, "503": _error("Storage unavailable")},
     }},
     "/api/docs/{name}": {"delete": {
         "summary": "Delete the document: its connections are closed (code 4410), its log and checkpoint erased",

@@ -193,7 +193,9 @@ class Store(Protocol):
         """Erase the checkpoint and log of `doc` in one transaction; returns whether it had any. The caller has
         closed the document's room, so nothing commits to it meanwhile."""
 
-    async def list_docs(self) -> list[DocInfo]: ...
+    async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
+        """Stored documents whose name starts with `prefix` and sorts after `after`, in name order, at most
+        `limit` of them."""
 
     async def updated(self, docs: list[str]) -> dict[str, float]:
         """Time of the last write to each of `docs` that has one (changes whenever any node commits)."""

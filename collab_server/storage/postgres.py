@@ -209,10 +209,11 @@ class PostgresStore:
             raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
         return row is not None or status != "DELETE 0"
 
-    async def list_docs(self) -> list[DocInfo]:
+    async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "
-                 "FROM documents d ORDER BY d.name")
-        rows = await self._fetch(query, what="listing documents")
+                 'FROM documents d WHERE d.name COLLATE "C" > $1 AND starts_with(d.name, $2) '
+                 'ORDER BY d.name COLLATE "C" LIMIT $3')  # code point order, whatever the database's locale
+        rows = await self._fetch(query, after, prefix, limit, what="listing documents")
         return [DocInfo(r["name"], r["updated"], r["n"]) for r in rows]
 
     async def updated(self, docs: list[str]) -> dict[str, float]:

@@ -294,10 +294,12 @@ class SQLiteStore:
             await self._reclaim()
         return removed > 0
 
-    async def list_docs(self) -> list[DocInfo]:
+    async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "
-                 "FROM documents d ORDER BY d.name")
-        rows = await self._read(query, what="listing documents")
+                 "FROM documents d WHERE d.name > ? AND d.name >= ? AND substr(d.name, 1, length(?)) = ? "
+                 "ORDER BY d.name LIMIT ?")
+        rows = await self._read(query, (after, prefix, prefix, prefix, -1 if limit is None else limit),
+                                what="listing documents")
         return [DocInfo(name, updated, count) for name, updated, count in rows]
 
     async def updated(self, docs: list[str]) -> dict[str, float]:

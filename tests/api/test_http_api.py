@@ -209,6 +209,37 @@ async def test_auth_tokens_via_query_and_bearer(auth_http: httpx.AsyncClient) ->
     assert [d["name"] for d in listed.json()["docs"]] == ["team/a"]
 
 
+async def test_listing_in_pages_by_prefix(http: httpx.AsyncClient) -> None:
+    for i in range(5):
+        await http.post(f"/api/docs/paged/{i}/update", content=text_doc(str(i)).get_update())
+    pages, after = [], ""
+    while True:
+        page = (await http.get("/api/docs", params={"prefix": "paged/", "after": after, "limit": 2})).json()
+        pages.append([d["name"] for d in page["docs"]])
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert pages == [["paged/0", "paged/1"], ["paged/2", "paged/3"], ["paged/4"]]
+    for limit in ("0", "10001", "two"):
+        bad = await http.get("/api/docs", params={"limit": limit})
+        assert bad.status_code == 400 and "limit" in bad.json()["error"]
+
+
+async def test_a_prefix_token_lists_its_own_documents_only(auth_http: httpx.AsyncClient) -> None:
+    rw = issue_token(SECRET, prefix="")
+    for name in ("team/a", "team/b", "other"):
+        await auth_http.post(f"/api/docs/{name}/update", params={"token": rw}, content=text_doc("x").get_update())
+    team = issue_token(SECRET, prefix="team/", access="ro")
+    listed = await auth_http.get("/api/docs", params={"prefix": "team/", "token": team})
+    assert [d["name"] for d in listed.json()["docs"]] == ["team/a", "team/b"]
+    narrower = await auth_http.get("/api/docs", params={"prefix": "team/a", "token": team})
+    assert [d["name"] for d in narrower.json()["docs"]] == ["team/a"]
+    for params in ({"token": team}, {"prefix": "other", "token": team},
+                   {"prefix": "team/a", "token": issue_token(SECRET, doc="team/a")}):
+        refused = await auth_http.get("/api/docs", params=params)
+        assert refused.status_code == 403 and "listing needs" in refused.json()["error"]
+
+
 async def test_read_only_token_cannot_post(auth_http: httpx.AsyncClient) -> None:
     rw, ro = issue_token(SECRET, doc="r"), issue_token(SECRET, doc="r", access="ro")
     await auth_http.post("/api/docs/r/update", params={"token": rw}, content=text_doc("kept").get_update())

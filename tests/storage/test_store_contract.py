@@ -237,3 +237,18 @@ async def test_a_compaction_that_ends_after_a_delete_brings_nothing_back(
     except StorageError:
         pass  # a store may report that the log changed under the fold; it must not write anything
     assert await store.load("d") == [] and await store.list_docs() == []
+
+
+async def test_listing_by_prefix_in_pages(store: Store) -> None:
+    names = [f"team/{i:02d}" for i in range(7)] + ["other", "team", "teams/x", "tëam/ü"]
+    _, updates = text_updates(1)
+    await asyncio.gather(*(store.submit(name, updates[0]) for name in names))
+    assert [d.name for d in await store.list_docs()] == sorted(names)
+    assert [d.name for d in await store.list_docs(prefix="team/")] == [f"team/{i:02d}" for i in range(7)]
+    pages, after = [], ""
+    while page := await store.list_docs(prefix="team/", after=after, limit=3):
+        pages.append([d.name for d in page])
+        after = page[-1].name
+    assert pages == [["team/00", "team/01", "team/02"], ["team/03", "team/04", "team/05"], ["team/06"]]
+    assert [d.name for d in await store.list_docs(prefix="tëam/")] == ["tëam/ü"]
+    assert await store.list_docs(prefix="nobody") == [] and await store.list_docs(limit=0) == []
