@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 from dataclasses import fields
+from functools import partial
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -18,6 +19,7 @@ from collab_server.auth import issue_token
 from collab_server.config import Settings
 from collab_server.storage import StorageError
 from collab_server.storage.sqlite import backup as sqlite_backup
+from collab_server.transport import CollabHttpProtocol
 
 log = logging.getLogger(__name__)
 NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited (setting the soft one to infinity is refused)
@@ -64,12 +66,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
-    """How the server runs `app`: uvicorn's websockets sans-I/O protocol (no tasks per connection) extended
-    with direct frame writes (transport.py), our settings for frames and keepalive."""
+    """How the server runs `app`: uvicorn's HTTP protocol with a deadline for request heads and its websockets
+    sans-I/O protocol (no tasks per connection) extended with direct frame writes (transport.py), our
+    settings for frames and keepalive."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=partial(CollabHttpProtocol, header_timeout=settings.request_header_timeout),
         ws="collab_server.transport:CollabWebSocketProtocol",
         ws_max_size=settings.max_message_size,
         ws_ping_interval=settings.ping_interval,

@@ -31,6 +31,7 @@ class Settings:
     # rooms with no connection for this long are flushed and unloaded
     idle_unload_seconds: float = 30.0
     # connections
+    request_header_timeout: float = 20.0  # seconds to send a request's line and headers (websocket upgrades too)
     max_message_size: int = 16 * 1024 * 1024
     ping_interval: float = 20.0
     ping_timeout: float = 20.0

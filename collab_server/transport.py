@@ -1,4 +1,5 @@
-"""The websocket transport: uvicorn's sans-I/O websocket protocol, plus direct writes of encoded frames.
+"""The transport: uvicorn's sans-I/O websocket protocol, plus direct writes of encoded frames, and its HTTP
+protocol with a deadline for a request's head.
 
 A broadcast goes to every connection of a room with the same bytes. Through ASGI, each `websocket.send`
 re-frames the message per connection and needs a task per connection to await it. Server frames are never
@@ -20,6 +21,7 @@ import weakref
 from typing import Any, Protocol
 
 from starlette.types import Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Opcode
 from websockets.http11 import Request
@@ -170,6 +172,48 @@ class _PingRounds:
         except Exception:  # one connection's failure must not stop the others' pings
             log.exception("keepalive ping failed; no more pings for this connection")
             self.discard(member)
+
+
+class CollabHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for each request's head (request line and headers, a websocket
+    upgrade included). uvicorn has none for a new connection, so a client that connects and never finishes
+    its request (a slowloris, a stuck scanner) held a socket for ever; now it is disconnected once
+    `header_timeout` seconds pass. Between requests uvicorn's keep-alive timeout applies as before."""
+
+    def __init__(self, *args: Any, header_timeout: float = 20.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_message_begin(self) -> None:  # the next request on a keep-alive connection
+        super().on_message_begin()
+        if self._head_deadline is None:
+            self._arm_head_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        log.info("closing a connection that sent no complete request within %g s", self.header_timeout)
+        self.transport.close()
 
 
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):

@@ -3,6 +3,7 @@ Each closes only the offending connection, with a clear code; everyone else keep
 
 import asyncio
 
+import httpx
 import pytest
 from pycrdt import Doc, Text
 from websockets.asyncio.client import connect
@@ -125,3 +126,34 @@ async def test_awareness_beyond_the_limits_is_refused_whole(server) -> None:
     await watcher.wait_for(lambda: watcher.awareness.get(42) == '{"user":"ok"}')
     assert set(watcher.awareness) == {42}
     assert errors(server, "limit") == 2 and not watcher.closed.is_set()
+
+
+async def test_a_client_that_never_finishes_its_request_is_disconnected(server_factory) -> None:
+    """A socket that sends nothing, or trickles a request's headers (slowloris), cannot hold the connection
+    for ever; a keep-alive HTTP client and websocket clients are unaffected."""
+    server = server_factory("--request-header-timeout", "0.5")
+
+    async def closed_by_server(first_bytes: bytes, trickle: bytes = b"") -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = asyncio.get_running_loop().time()
+        writer.write(first_bytes)
+        for byte in trickle:  # one header byte every 0.1 s: always some data, never a whole head
+            await asyncio.sleep(0.1)
+            if reader.at_eof():
+                break
+            writer.write(bytes([byte]))
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF: the server closed it
+        writer.close()
+        return asyncio.get_running_loop().time() - started
+
+    assert await closed_by_server(b"") < 5
+    assert await closed_by_server(b"GET /room HTTP/1.1\r\n", b"Host: example\r\nUpgrade: websocket\r\n" * 4) < 5
+    async with httpx.AsyncClient(base_url=server.http_url) as http:  # one connection, kept alive
+        assert (await http.get("/health")).status_code == 200
+        await asyncio.sleep(0.8)  # longer than the deadline, shorter than uvicorn's keep-alive
+        assert (await http.get("/health")).status_code == 200
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    await peer.sync()
+    await asyncio.sleep(0.8)  # an open websocket has no head deadline
+    await peer.edit(lambda d: d.get("t", type=Text).insert(0, "still here"))
+    await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "still here")
