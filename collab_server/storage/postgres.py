@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS updates (
     data BYTEA NOT NULL
 );
 CREATE INDEX IF NOT EXISTS updates_doc ON updates (doc, id);
+CREATE INDEX IF NOT EXISTS documents_name_c ON documents (name COLLATE "C");
 """
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
@@ -211,8 +212,8 @@ class PostgresStore:
 
     async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) AS n "
-                 'FROM documents d WHERE d.name COLLATE "C" > $1 AND starts_with(d.name, $2) '
-                 'ORDER BY d.name COLLATE "C" LIMIT $3')  # code point order, whatever the database's locale
+                 'FROM documents d WHERE d.name COLLATE "C" > $1 AND d.name COLLATE "C" >= $2 '
+                 'AND starts_with(d.name, $2) ORDER BY d.name COLLATE "C" LIMIT $3')  # code point order, any locale
         rows = await self._fetch(query, after, prefix, limit, what="listing documents")
         return [DocInfo(r["name"], r["updated"], r["n"]) for r in rows]
 
