@@ -295,11 +295,11 @@ class SQLiteStore:
         return removed > 0
 
     async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
+        # GLOB on a BINARY-collated key: SQLite turns the prefix into an index range (LIKE would not)
+        pattern = "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
         query = ("SELECT d.name, d.updated, (SELECT COUNT(*) FROM updates u WHERE u.doc = d.name) "
-                 "FROM documents d WHERE d.name > ? AND d.name >= ? AND substr(d.name, 1, length(?)) = ? "
-                 "ORDER BY d.name LIMIT ?")
-        rows = await self._read(query, (after, prefix, prefix, prefix, -1 if limit is None else limit),
-                                what="listing documents")
+                 "FROM documents d WHERE d.name > ? AND d.name GLOB ? ORDER BY d.name LIMIT ?")
+        rows = await self._read(query, (after, pattern, -1 if limit is None else limit), what="listing documents")
         return [DocInfo(name, updated, count) for name, updated, count in rows]
 
     async def updated(self, docs: list[str]) -> dict[str, float]:

@@ -252,3 +252,8 @@ async def test_listing_by_prefix_in_pages(store: Store) -> None:
     assert pages == [["team/00", "team/01", "team/02"], ["team/03", "team/04", "team/05"], ["team/06"]]
     assert [d.name for d in await store.list_docs(prefix="tëam/")] == ["tëam/ü"]
     assert await store.list_docs(prefix="nobody") == [] and await store.list_docs(limit=0) == []
+    wild = ["a*b", "a*c", "axb", "a?", "a[1]", "a%_", "a_b"]  # pattern characters of GLOB and LIKE
+    await asyncio.gather(*(store.submit(name, updates[0]) for name in wild))
+    for prefix, expected in (("a*", ["a*b", "a*c"]), ("a?", ["a?"]), ("a[", ["a[1]"]), ("a%", ["a%_"]),
+                             ("a_", ["a_b"])):
+        assert [d.name for d in await store.list_docs(prefix=prefix)] == expected, prefix
