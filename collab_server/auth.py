@@ -54,9 +54,8 @@ def _sign(secret: str, payload: str) -> str:
 def verify_token(secret: str, token: str, document: str, *, now: float | None = None) -> Grant:
     """The access `token` grants to `document`; raises AuthError when it grants none."""
     claims, readonly = _verified_claims(secret, token, now)
-    if "doc" in claims and claims["doc"] == document:
-        return Grant(readonly=readonly)
-    if "prefix" in claims and isinstance(claims["prefix"], str) and document.startswith(claims["prefix"]):
+    prefix = _prefix_claim(claims)
+    if ("doc" in claims and claims["doc"] == document) or (prefix is not None and document.startswith(prefix)):
         return Grant(readonly=readonly)
     raise AuthError("token does not cover this document")
 
@@ -64,9 +63,14 @@ def verify_token(secret: str, token: str, document: str, *, now: float | None = 
 def verify_listing(secret: str, token: str, prefix: str, *, now: float | None = None) -> None:
     """Raise AuthError unless `token` covers every document whose name starts with `prefix`: a prefix token
     whose prefix begins `prefix`."""
-    claims, _ = _verified_claims(secret, token, now)
-    if not ("prefix" in claims and isinstance(claims["prefix"], str) and prefix.startswith(claims["prefix"])):
+    granted = _prefix_claim(_verified_claims(secret, token, now)[0])
+    if granted is None or not prefix.startswith(granted):
         raise AuthError(f'token does not cover every document starting with "{prefix}"')
+
+
+def _prefix_claim(claims: dict) -> str | None:
+    prefix = claims.get("prefix")
+    return prefix if isinstance(prefix, str) else None
 
 
 def _verified_claims(secret: str, token: str, now: float | None) -> tuple[dict, bool]:

@@ -94,12 +94,16 @@ def export_json(doc: Doc) -> dict[str, Any]:
 def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute]:
     """Routes of the /api/ namespace; put them before the websocket catch-all route."""
 
-    def grant(request: Request, document: str) -> Grant:
-        token = token_from(dict(request.query_params), [], request.headers.get("authorization"))
-        if settings.auth_required and not token:
+    def token(request: Request) -> str | None:
+        """The request's token; 401 if auth is on and there is none."""
+        found = token_from(dict(request.query_params), [], request.headers.get("authorization"))
+        if settings.auth_required and not found:
             raise ApiError(401, "missing token", {"WWW-Authenticate": "Bearer"})
+        return found
+
+    def grant(request: Request, document: str) -> Grant:
         try:
-            return authorize(settings.auth_secret, settings.auth_required, document, token)
+            return authorize(settings.auth_secret, settings.auth_required, document, token(request))
         except AuthError as exc:
             raise ApiError(403, str(exc)) from exc
 
@@ -132,11 +136,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         prefix, after = request.query_params.get("prefix", ""), request.query_params.get("after", "")
         limit = _int_param(request, "limit", LIST_LIMIT, 1, LIST_MAX)
         if settings.auth_required:
-            token = token_from(dict(request.query_params), [], request.headers.get("authorization"))
-            if not token:
-                raise ApiError(401, "missing token", {"WWW-Authenticate": "Bearer"})
             try:
-                verify_listing(settings.auth_secret, token, prefix)
+                verify_listing(settings.auth_secret, token(request) or "", prefix)
             except AuthError as exc:
                 raise ApiError(403, f'listing needs a token with prefix "{prefix}" or a start of it: {exc}') from exc
         docs = await _storage(store.list_docs(prefix, after, limit + 1))  # one more: is there a next page?
