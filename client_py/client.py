@@ -256,13 +256,12 @@ class CollabClient:
                 async with connect(self.url, open_timeout=self.open_timeout, max_size=None,
                                    additional_headers=headers) as ws:
                     await self._session(ws, link)
-            except InvalidStatus as exc:
-                self.last_error = exc
-                if exc.response.status_code in REFUSED_STATUSES:
-                    self.stopped = ServerClosed(exc.response.status_code, "connection refused")
             except _NETWORK_ERRORS as exc:
                 self.last_error = exc
-                log.info("%s: connection failed or lost: %s", self.url, exc)
+                if isinstance(exc, InvalidStatus) and exc.response.status_code in REFUSED_STATUSES:
+                    self.stopped = ServerClosed(exc.response.status_code, "connection refused")
+                else:
+                    log.info("%s: connection failed or lost: %s", self.url, exc)
             finally:
                 self._link = None
                 self._synced.clear()
