@@ -11,6 +11,7 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Text
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.frames import Frame, Opcode
 
 from collab_server.app import create_app
@@ -135,7 +136,7 @@ async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_colle
         peers = [await RawPeer.connect(f"{url}/room") for _ in range(5)]
         for peer in peers:
             await peer.sync()
-        lingering = [o for o in gc.get_objects() if type(o).__name__ == "HttpToolsProtocol"]
+        lingering = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
         assert lingering == []
         for peer in peers:
             await peer.close()
