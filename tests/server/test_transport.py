@@ -41,6 +41,20 @@ async def _serve(tmp_path: Path, **overrides):
     return app, server, task, f"ws://127.0.0.1:{port}"
 
 
+@contextlib.asynccontextmanager
+async def _serving_without_cyclic_gc(tmp_path: Path, **overrides):
+    """A served app while the cyclic collector is off: whatever is freed meanwhile, reference counting freed."""
+    app, server, task, url = await _serve(tmp_path, **overrides)
+    gc.collect()
+    gc.disable()
+    try:
+        yield app, url
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await task
+
+
 @pytest.mark.parametrize("deflate", [False, True], ids=["plain", "permessage-deflate"])
 async def test_broadcasts_arrive_written_directly_or_through_asgi(tmp_path: Path, deflate: bool) -> None:
     """Plain connections get frames written straight to the socket; with permessage-deflate negotiated
@@ -129,10 +143,7 @@ async def test_a_connection_protocol_keeps_its_attributes_in_slots(tmp_path: Pat
 async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
     """uvicorn's HTTP protocol and its httptools parser refer to each other. Once a connection is upgraded the
     cycle is broken, so a burst of handshakes leaves no garbage waiting for the collector."""
-    app, server, task, url = await _serve(tmp_path)
-    gc.collect()
-    gc.disable()
-    try:
+    async with _serving_without_cyclic_gc(tmp_path) as (app, url):
         peers = [await RawPeer.connect(f"{url}/room") for _ in range(5)]
         for peer in peers:
             await peer.sync()
@@ -140,19 +151,12 @@ async def test_the_http_protocol_that_upgraded_is_freed_without_the_cyclic_colle
         assert lingering == []
         for peer in peers:
             await peer.close()
-    finally:
-        gc.enable()
-        server.should_exit = True
-        await task
 
 
 async def test_closed_connections_and_unloaded_rooms_are_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
     """A connection, however it ends, and a room once unloaded (its document, observers and status resolver)
     are freed by reference counting, so neither their memory nor the collector's work grows with churn."""
-    app, server, task, url = await _serve(tmp_path, idle_unload_seconds=0.2)
-    gc.collect()
-    gc.disable()
-    try:
+    async with _serving_without_cyclic_gc(tmp_path, idle_unload_seconds=0.2) as (app, url):
         peers = [await RawPeer.connect(f"{url}/room-{i % 2}") for i in range(6)]
         for peer in peers:
             await peer.sync()
@@ -174,10 +178,6 @@ async def test_closed_connections_and_unloaded_rooms_are_freed_without_the_cycli
                     await asyncio.sleep(0.02)
         assert not app.state.rooms.loaded
         assert [type(ref()).__name__ for ref in freed if ref() is not None] == []
-    finally:
-        gc.enable()
-        server.should_exit = True
-        await task
 
 
 class _Member:
