@@ -89,8 +89,7 @@ class Rooms:
             del self.loaded[room.name]
             self.store.unloaded(room.name)
             log.info("room unloaded name=%s", room.name)
-        if not lock.locked() and self._locks.get(room.name) is lock and room.name not in self.loaded:
-            del self._locks[room.name]
+        self._forget_lock(room.name, lock)
 
     async def delete(self, name: str) -> bool:
         """Delete document `name`: stop its room applying changes, erase what storage holds, close the room's
@@ -118,9 +117,13 @@ class Rooms:
             log.info("document deleted name=%s", name)
             if self.on_delete is not None and (existed or in_use):
                 self.on_delete(name)
+        self._forget_lock(name, lock)
+        return existed or in_use
+
+    def _forget_lock(self, name: str, lock: asyncio.Lock) -> None:
+        """Drop the per-name lock of a room no longer loaded, unless someone holds or replaced it."""
         if not lock.locked() and self._locks.get(name) is lock and name not in self.loaded:
             del self._locks[name]
-        return existed or in_use
 
     def _start_timers(self) -> None:
         """Arm whichever of the two timers is not armed, while any room is loaded (the only place they are)."""
