@@ -38,8 +38,8 @@ class Settings:
     keepalive_interval: float = 10.0
     per_message_deflate: bool = False  # compress frames: saves bandwidth on slow links, costs server CPU
     awareness_timeout: float = 30.0  # presence not renewed for this long is removed (clients renew every 15 s)
-    # a peer too slow to read is closed (1013) once this many messages, or bytes, wait for it; a message
-    # bigger than the byte limit still goes out when nothing else waits
+    # a peer too slow to read is closed (1013) once this many messages, or bytes, wait for it even after
+    # merging them (coalesce.py); a message bigger than the byte limit still goes out when nothing else waits
     send_queue_limit: int = 4096
     send_queue_bytes: int = 64 * 1024 * 1024
     max_connections_per_room: int = 10_000

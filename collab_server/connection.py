@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Any
 
+from collab_server.coalesce import coalesce
 from collab_server.metrics import Metrics
 from collab_server.protocol import KEEPALIVE
 from collab_server.transport import FrameWriter, binary_frame
@@ -39,10 +40,12 @@ class Connection:
     """Messages given to `send` reach the peer in order; `close` ends the connection.
 
     With a FrameWriter (see transport.py) a message is written to the socket at once, from pre-encoded frame
-    bytes when the caller has them. When the socket is backed up, or without a writer, messages queue
-    (at most `send_queue_limit` messages and `send_queue_bytes` bytes; beyond either the peer is too slow
-    and is closed with 1013) and one drain task writes them through the raw ASGI send. Closing also goes
-    through that task, which ends once the close frame is out; `wait_closed` waits for it.
+    bytes when the caller has them. When the socket is backed up, or without a writer, messages queue and one
+    drain task writes them through the raw ASGI send, merging what waited (see coalesce.py): a peer that falls
+    behind catches up with one update instead of thousands. The queue holds at most `send_queue_limit` messages
+    and `send_queue_bytes` bytes; when it is full it is merged, and a peer still beyond either limit is too slow
+    and is closed with 1013. Closing also goes through the drain task, which ends once the close frame is out;
+    `wait_closed` waits for it.
 
     `keep_alive` (called by the registry's keepalive timer) sends an empty awareness message to a peer that got
     nothing lately, so clients' inactivity timers never fire.
@@ -95,11 +98,13 @@ class Connection:
                 self._last_send = asyncio.get_running_loop().time()
                 self.metrics.bytes_sent.inc(len(message))
                 return
-        if self._queue and (len(self._queue) >= self.send_queue_limit
-                            or self._queued_bytes + len(message) > self.send_queue_bytes):
-            self.metrics.errors.labels("slow_client").inc()
-            self.close(CloseCode.TRY_AGAIN_LATER, "send queue overflow: client too slow")
-            return
+        if self._queue and self._over_limits(len(message)):
+            self._queue = self._coalesced(self._queue)
+            self._queued_bytes = sum(map(len, self._queue))
+            if self._over_limits(len(message)):
+                self.metrics.errors.labels("slow_client").inc()
+                self.close(CloseCode.TRY_AGAIN_LATER, "send queue overflow: client too slow")
+                return
         self._queue.append(message)
         self._queued_bytes += len(message)
         self._start_drain()
@@ -125,6 +130,21 @@ class Connection:
         if self._last_send <= since:
             self.send(KEEPALIVE, KEEPALIVE_FRAME)
 
+    def _over_limits(self, adding: int) -> bool:
+        return len(self._queue) >= self.send_queue_limit or self._queued_bytes + adding > self.send_queue_bytes
+
+    def _coalesced(self, messages: list[bytes]) -> list[bytes]:
+        """`messages` merged (see coalesce.py); unchanged, and logged, if a message cannot be read."""
+        if len(messages) < 2:
+            return messages
+        try:
+            merged = coalesce(messages)
+        except ValueError as exc:
+            log.warning("messages to connection id=%d not merged: %r", self.id, exc)
+            return messages
+        self.metrics.messages_coalesced.inc(len(messages) - len(merged))
+        return merged
+
     def _start_drain(self) -> None:
         if self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._run_drain(), name=f"drain:{self.id}")
@@ -138,7 +158,7 @@ class Connection:
         try:
             while True:
                 while self._queue:
-                    batch, self._queue, self._queued_bytes = self._queue, [], 0
+                    batch, self._queue, self._queued_bytes = self._coalesced(self._queue), [], 0
                     for message in batch:
                         await send({"type": "websocket.send", "bytes": message})
                     self._last_send = loop.time()

@@ -18,6 +18,8 @@ class Metrics:
                                        registry=r)
         self.updates_broadcast = Counter("collab_updates_broadcast",
                                          "Update messages queued to connections", registry=r)
+        self.messages_coalesced = Counter("collab_messages_coalesced", "Messages queued for backed-up peers "
+                                          "that were merged into others", registry=r)
         self.bytes_received = Counter("collab_bytes_received", "Websocket payload bytes received", registry=r)
         self.bytes_sent = Counter("collab_bytes_sent", "Websocket payload bytes sent", registry=r)
         self.commit_seconds = Histogram(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -15,6 +16,14 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `predicate` (a server's metrics or files: nothing to wait on) until it holds; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
 
 import httpx
 from pycrdt import Doc, Text
@@ -12,7 +10,7 @@ from pycrdt import Doc, Text
 from collab_server.auth import issue_token
 from tests.jspeer import JsPeer
 from tests.rawclient import RawPeer
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, wait_until
 
 SECRET = "s3cret"
 
@@ -25,13 +23,6 @@ def stored_rows(db, name: str) -> dict[str, int]:
     with sqlite3.connect(db) as conn:
         return {table: conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (name,)).fetchone()[0]
                 for table, column in (("updates", "doc"), ("checkpoints", "name"), ("documents", "name"))}
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_deleting_a_document_closes_its_connections_and_erases_it(server_factory) -> None:
