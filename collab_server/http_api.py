@@ -1,7 +1,7 @@
 """The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
-fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/history``, ``/at/{seq}``. A name that
+fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/history``, ``/at/{seq}``. A name that
 itself ends in such a suffix is still unambiguous, because each route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
@@ -19,8 +19,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from pycrdt import Doc
@@ -31,7 +33,8 @@ from starlette.types import Receive, Scope, Send
 
 from collab_server.auth import AuthError, Grant, authorize, token_from, verify_listing
 from collab_server.config import Settings
-from collab_server.model import blocks_to_json
+from collab_server.edits import EditError, apply_ops, parse_ops
+from collab_server.model import block_to_json, blocks_to_json, get_block
 from collab_server.openapi import openapi_spec
 from collab_server.protocol import ProtocolError
 from collab_server.room import Room, RoomClosed
@@ -178,6 +181,24 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
                 raise ApiError(503, "storage failure: update not saved")
         return Response(status_code=204)
 
+    async def post_blocks(request: Request) -> Response:
+        name = doc_name(request, write=True)
+        body = _json_body(await _read_body(request, settings.max_message_size, "JSON edits"))
+        async with room_of(name, existing=False) as room:
+            try:
+                touched = await room.edit(partial(apply_ops, ops=parse_ops(body)))
+            except EditError as exc:
+                raise ApiError(exc.status, str(exc)) from exc
+            except RoomClosed as exc:
+                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
+                                    "edits not saved") from exc
+            await room.flush()
+            if room.failed:
+                raise ApiError(503, "storage failure: edits not saved")
+            blocks = {block_id: get_block(room.doc, block_id) for block_id in touched}
+            return JSONResponse({"name": name, "blocks": {
+                block_id: None if block is None else block_to_json(block) for block_id, block in blocks.items()}})
+
     async def get_history(request: Request) -> Response:
         name = doc_name(request)
         async with room_of(name):
@@ -224,6 +245,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         _route("/api/docs", _Endpoint(get=list_docs)),
         _route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
         _route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
+        _route("/api/docs/{name:path}/blocks", _Endpoint(post=post_blocks)),
         _route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
         _route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
         _route("/api/{rest:path}", _Endpoint(**{m: no_route for m in ALL_METHODS})),
@@ -264,16 +286,23 @@ def _state_vector(text: str) -> bytes:
         raise ApiError(400, "sv must be a base64url-encoded state vector") from exc
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, expected: str = "a binary Yjs v1 update") -> bytes:
     """The request body, refused with 413 beyond `limit` bytes and 400 when empty."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"update exceeds {limit} bytes")
+        raise ApiError(413, f"body exceeds {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"update exceeds {limit} bytes")
+            raise ApiError(413, f"body exceeds {limit} bytes")
     if not body:
-        raise ApiError(400, "empty body: expected a binary Yjs v1 update")
+        raise ApiError(400, f"empty body: expected {expected}")
     return bytes(body)
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"body is not JSON: {exc}") from exc

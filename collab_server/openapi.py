@@ -23,6 +23,18 @@ def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
+STRING = {"type": "string"}
+ID = {"type": "string", "minLength": 1}
+STATUS = {"type": "string", "enum": ["notStarted", "processing", "done", "error"]}
+RESERVED = ("index_name", "status", "timestamp", "statusWrites")
+
+
+def _op(name: str, description: str, fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "description": description, "additionalProperties": False,
+            "required": ["op", "id", *required],
+            "properties": {"op": {"const": name}, "id": ID, **fields}}
+
+
 BASE64URL = "^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2}(==)?|[A-Za-z0-9_-]{3}=?)?$"  # padding optional
 BINARY_UPDATE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 AUTH_ERRORS = {
@@ -71,6 +83,43 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["name", "seq", "blocks"],
         "properties": {"name": {"type": "string"}, "seq": {"type": "integer"},
                        "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
+    },
+    "JsonValue": {
+        "description": "Any JSON value Yjs clients can hold: integers within ±(2^53-1), nesting up to 32 deep",
+        "oneOf": [{"type": "string"}, {"type": "boolean"}, {"type": "null"},
+                  {"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1},
+                  {"type": "number", "not": {"type": "integer"}},
+                  {"type": "array", "items": _ref("JsonValue")},
+                  {"type": "object", "additionalProperties": _ref("JsonValue")}],
+    },
+    "EditOp": {"oneOf": [
+        _op("create_block", "Create the block unless one with this id exists (then nothing changes)",
+            {"type": STRING, "content": STRING}, ["type"]),
+        _op("delete_block", "Delete the block, if there is one", {}, []),
+        _op("set_content", "Make the block's text this, replacing only the span that differs",
+            {"content": STRING}, ["content"]),
+        _op("add_index", "Add an index entry unless one with this name exists",
+            {"index_name": ID, "status": STATUS,
+             "metadata": {"type": "object", "additionalProperties": _ref("JsonValue"),
+                          "not": {"anyOf": [{"required": [key]} for key in RESERVED]}}}, ["index_name"]),
+        _op("remove_index", "Remove the first index entry with this name, if there is one",
+            {"index_name": ID}, ["index_name"]),
+        _op("set_status", "Write a status that supersedes every status write the server holds for the entry",
+            {"index_name": ID, "status": STATUS}, ["index_name", "status"]),
+        _op("set_metadata", "Set metadata keys of the entry; null removes a key",
+            {"index_name": ID,
+             "metadata": {"type": "object", "additionalProperties": _ref("JsonValue"),
+                          "not": {"anyOf": [{"required": [key]} for key in RESERVED]}}},
+            ["index_name", "metadata"]),
+    ]},
+    "Edits": {"type": "object", "required": ["ops"], "additionalProperties": False,
+              "properties": {"ops": {"type": "array", "minItems": 1, "maxItems": 1000, "items": _ref("EditOp")}}},
+    "EditedBlocks": {
+        "type": "object", "required": ["name", "blocks"],
+        "properties": {"name": {"type": "string"},
+                       "blocks": {"type": "object", "description": "Each block the ops named, after them; "
+                                  "null if it does not exist", "additionalProperties": {
+                                      "oneOf": [_ref("Block"), {"type": "null"}]}}},
     },
     "LogEntry": {
         "type": "object", "required": ["seq", "time", "size"],
@@ -144,6 +193,22 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/api/docs/{name}/blocks": {"post": {
+        "summary": "Edit the document's blocks with JSON ops: all of them, in order, in one change, or none",
+        "description": "The ops are tried on a copy of the document first: when one cannot apply, nothing "
+                       "changes. The change is committed and broadcast before the response, like any other. "
+                       "Creates the document if it does not exist.",
+        "parameters": [NAME],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Edits")}}},
+        "responses": {
+            "200": _json("Applied, committed and broadcast: the blocks the ops named", "EditedBlocks"),
+            "400": _error("Invalid document name, body or op"),
+            **AUTH_ERRORS,
+            "404": _error("An op needs a block or index entry that does not exist: nothing changed"),
+            "413": _error("Body larger than max_message_size"),
+            "503": _error("Storage failure: the edits were not saved"),
+        },
+    }},
     "/api/docs/{name}/history": {"get": {
         "summary": "The update log entries not yet compacted into the checkpoint",
         "parameters": [NAME],

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
@@ -18,6 +19,7 @@ from collab_server.storage import StorageError, Store
 from collab_server.transport import binary_frame
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids one connection may introduce (a y-websocket client uses one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
@@ -170,6 +172,22 @@ class Room:
             log.exception("observer failed room=%s", self.name)
         self._run_hooks()
         self._persist(origin if isinstance(origin, Connection) else None)
+
+    async def edit(self, change: Callable[[Doc], T], origin: object = "http") -> T:
+        """Run `change` on the document in one transaction under `origin`, then persist what it changed, as
+        `apply` does; returns what `change` returns. A change that raises keeps what it did before raising
+        (stored like any other change), so it should check first (see edits.py). Raises RoomClosed as
+        `apply` does."""
+        while self._hold is not None:
+            await asyncio.shield(self._hold)
+        if self.closed:
+            raise RoomClosed(self.name)
+        try:
+            with self.doc.transaction(origin=origin):
+                return change(self.doc)
+        finally:
+            self._run_hooks()
+            self._persist(None)
 
     async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
         """The update a peer with `state_vector` lacks, containing committed changes only."""

@@ -3,6 +3,7 @@
 from collab_server.model.blocks import (
     add_index_entry,
     block_content,
+    block_to_json,
     blocks_map,
     blocks_to_json,
     create_block,
@@ -13,6 +14,8 @@ from collab_server.model.blocks import (
     get_block,
     remove_index_entry,
     resolved_status,
+    set_content,
+    set_entry_metadata,
     set_status,
 )
 from collab_server.model.resolver import StatusChange, StatusResolver
@@ -29,6 +32,7 @@ __all__ = [
     "StatusResolver",
     "add_index_entry",
     "block_content",
+    "block_to_json",
     "blocks_map",
     "blocks_to_json",
     "create_block",
@@ -42,5 +46,7 @@ __all__ = [
     "remove_index_entry",
     "resolve_writes",
     "resolved_status",
+    "set_content",
+    "set_entry_metadata",
     "set_status",
 ]

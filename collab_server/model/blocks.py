@@ -62,6 +62,27 @@ def block_content(doc: Doc, block_id: str) -> Text:
     return _require_block(doc, block_id)["content"]
 
 
+def set_content(doc: Doc, block_id: str, content: str) -> None:
+    """Make the block's content `content`, replacing only the span that differs (text around it, and other
+    clients' concurrent edits there, stay as they are)."""
+    text = block_content(doc, block_id)
+    old = str(text)
+    if old == content:
+        return
+    start = 0
+    while start < min(len(old), len(content)) and old[start] == content[start]:
+        start += 1
+    end = 0  # common suffix, not overlapping the prefix
+    while end < min(len(old), len(content)) - start and old[-1 - end] == content[-1 - end]:
+        end += 1
+    first = len(old[:start].encode())  # pycrdt indexes Text in UTF-8 bytes
+    with doc.transaction():
+        if len(old) - end > start:
+            del text[first:len(old[:len(old) - end].encode())]
+        if len(content) - end > start:
+            text.insert(first, content[start:len(content) - end])
+
+
 def _indexing_list(block: Any) -> Array | None:
     value = block.get("indexingList") if isinstance(block, Map) else None
     return value if isinstance(value, Array) else None
@@ -133,6 +154,22 @@ def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "not
     return entry
 
 
+def set_entry_metadata(doc: Doc, block_id: str, index_name: str, metadata: Mapping[str, Any]) -> None:
+    """Set metadata keys of an index entry; a None value removes the key."""
+    entry = find_index_entry(doc, block_id, index_name)
+    if entry is None:
+        raise KeyError(f"no index entry {block_id}/{index_name}")
+    if clash := RESERVED_ENTRY_KEYS & metadata.keys():
+        raise ValueError(f"reserved entry keys {sorted(clash)}")
+    with doc.transaction():
+        for key, value in metadata.items():
+            if value is None:
+                if key in entry:
+                    del entry[key]
+            else:
+                entry[key] = value
+
+
 def remove_index_entry(doc: Doc, block_id: str, index_name: str) -> bool:
     """Remove the first entry named ``index_name``; returns whether one existed."""
     indexing_list = _indexing_list(get_block(doc, block_id))
@@ -184,15 +221,16 @@ def _content_text(content: Any) -> str:
     return str(content) if isinstance(content, Text) else ""
 
 
-def blocks_to_json(doc: Doc) -> dict[str, dict[str, Any]]:
-    """Plain JSON of all blocks with resolved statuses (write records omitted)."""
+def block_to_json(block: Map) -> dict[str, Any]:
+    """Plain JSON of one block with resolved statuses (write records omitted)."""
     return {
-        block_id: {
-            "id": _plain(block.get("id")),
-            "type": _plain(block.get("type")),
-            "content": _content_text(block.get("content")),
-            "indexingList": [_entry_json(entry) for entry in entries(block)],
-        }
-        for block_id, block in blocks_map(doc).items()
-        if isinstance(block, Map)
+        "id": _plain(block.get("id")),
+        "type": _plain(block.get("type")),
+        "content": _content_text(block.get("content")),
+        "indexingList": [_entry_json(entry) for entry in entries(block)],
     }
+
+
+def blocks_to_json(doc: Doc) -> dict[str, dict[str, Any]]:
+    """Plain JSON of all blocks (see block_to_json)."""
+    return {block_id: block_to_json(block) for block_id, block in blocks_map(doc).items() if isinstance(block, Map)}

@@ -1,0 +1,165 @@
+"""JSON edits of the block model, as `POST /api/docs/{name}/blocks` takes them: checked, tried, then applied.
+
+A request is ``{"ops": [op, ...]}``; each op is an object with an ``op`` name and its fields (see OPS). Ops
+run in order, in one transaction, all or nothing: they are tried on a copy of the document first, so an op
+that cannot apply (no such block: 404; a malformed field: 400) leaves the document untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from pycrdt import Doc
+
+from collab_server.model import (
+    STATUS_PRIORITY,
+    add_index_entry,
+    create_block,
+    delete_block,
+    find_index_entry,
+    get_block,
+    remove_index_entry,
+    set_content,
+    set_entry_metadata,
+    set_status,
+)
+
+MAX_OPS = 1000
+MAX_DEPTH = 32  # nesting of metadata values
+MAX_SAFE_INTEGER = 2**53 - 1  # JavaScript's: yjs clients read numbers as doubles
+
+
+class EditError(ValueError):
+    """An edit request that cannot apply; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise EditError(400, f"{name} must be a string")
+    return value
+
+
+def _id(value: Any, name: str) -> str:
+    if not _str(value, name):
+        raise EditError(400, f"{name} must not be empty")
+    return value
+
+
+def _status(value: Any, name: str) -> str:
+    if not isinstance(value, str) or value not in STATUS_PRIORITY:
+        raise EditError(400, f"{name} must be one of {', '.join(STATUS_PRIORITY)}")
+    return value
+
+
+def _json_value(value: Any, name: str, depth: int = 0) -> None:
+    """Refuse what Yjs clients cannot hold: integers beyond 2^53, non-finite numbers, deep nesting."""
+    if depth > MAX_DEPTH:
+        raise EditError(400, f"{name}: nested deeper than {MAX_DEPTH}")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise EditError(400, f"{name}: integer beyond 2^53")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise EditError(400, f"{name}: number must be finite")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _json_value(item, f"{name}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _json_value(item, f"{name}.{key}", depth + 1)
+    else:
+        raise EditError(400, f"{name}: not a JSON value")
+
+
+def _metadata(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise EditError(400, f"{name} must be an object")
+    _json_value(value, name)
+    return value
+
+
+# op name -> {field: (checker, required)}; "id" is the block id
+FIELDS: dict[str, dict[str, tuple[Callable[[Any, str], Any], bool]]] = {
+    "create_block": {"id": (_id, True), "type": (_str, True), "content": (_str, False)},
+    "delete_block": {"id": (_id, True)},
+    "set_content": {"id": (_id, True), "content": (_str, True)},
+    "add_index": {"id": (_id, True), "index_name": (_id, True), "status": (_status, False),
+                  "metadata": (_metadata, False)},
+    "remove_index": {"id": (_id, True), "index_name": (_id, True)},
+    "set_status": {"id": (_id, True), "index_name": (_id, True), "status": (_status, True)},
+    "set_metadata": {"id": (_id, True), "index_name": (_id, True), "metadata": (_metadata, True)},
+}
+
+
+def parse_ops(body: Any) -> list[dict[str, Any]]:
+    """The ops of a request body, each checked against its fields; raises EditError(400)."""
+    if not isinstance(body, dict) or set(body) != {"ops"} or not isinstance(body["ops"], list):
+        raise EditError(400, 'expected {"ops": [...]}')
+    ops = body["ops"]
+    if not 1 <= len(ops) <= MAX_OPS:
+        raise EditError(400, f"expected 1 to {MAX_OPS} ops")
+    parsed = []
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str) or op["op"] not in FIELDS:
+            raise EditError(400, f"ops[{i}]: op must be one of {', '.join(FIELDS)}")
+        fields = FIELDS[op["op"]]
+        if unknown := set(op) - set(fields) - {"op"}:
+            raise EditError(400, f"ops[{i}] ({op['op']}): unknown fields {sorted(unknown)}")
+        checked = {"op": op["op"]}
+        for name, (check, required) in fields.items():
+            if name in op:
+                checked[name] = check(op[name], f"ops[{i}].{name}")
+            elif required:
+                raise EditError(400, f"ops[{i}] ({op['op']}): missing {name}")
+        parsed.append(checked)
+    return parsed
+
+
+def _apply(doc: Doc, i: int, op: dict[str, Any]) -> None:
+    kind, block_id = op["op"], op["id"]
+    if kind == "create_block":
+        create_block(doc, block_id, op["type"], op.get("content", ""))
+        return
+    if kind == "delete_block":
+        delete_block(doc, block_id)
+        return
+    if get_block(doc, block_id) is None:
+        raise EditError(404, f"ops[{i}] ({kind}): no block {block_id!r}")
+    if kind == "set_content":
+        set_content(doc, block_id, op["content"])
+    elif kind == "add_index":
+        add_index_entry(doc, block_id, op["index_name"], op.get("status", "notStarted"), op.get("metadata"))
+    elif kind == "remove_index":
+        remove_index_entry(doc, block_id, op["index_name"])
+    elif find_index_entry(doc, block_id, op["index_name"]) is None:
+        raise EditError(404, f"ops[{i}] ({kind}): no index entry {op['index_name']!r} in block {block_id!r}")
+    elif kind == "set_status":
+        set_status(doc, block_id, op["index_name"], op["status"])
+    else:
+        set_entry_metadata(doc, block_id, op["index_name"], op["metadata"])
+
+
+def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
+    """Apply parsed ops to `doc` (call it inside one transaction); returns the ids of the blocks they touch.
+
+    They are tried on a copy first, so when one cannot apply EditError is raised with `doc` untouched."""
+    trial = Doc()
+    trial.apply_update(doc.get_update())
+    for i, op in enumerate(ops):
+        try:
+            _apply(trial, i, op)
+        except EditError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:  # the model or pycrdt refuses a value
+            raise EditError(400, f"ops[{i}] ({op['op']}): {exc}") from exc
+    for i, op in enumerate(ops):
+        _apply(doc, i, op)
+    return list(dict.fromkeys(op["id"] for op in ops))
