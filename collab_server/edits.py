@@ -1,30 +1,34 @@
-"""JSON edits of the block model, as `POST /api/docs/{name}/blocks` takes them: checked, tried, then applied.
+"""JSON edits of the block model, as `POST /api/docs/{name}/blocks` takes them: checked, then applied.
 
-A request is ``{"ops": [op, ...]}``; each op is an object with an ``op`` name and its fields (see OPS). Ops
-run in order, in one transaction, all or nothing: they are tried on a copy of the document first, so an op
-that cannot apply (no such block: 404; a malformed field: 400) leaves the document untouched.
+A request is ``{"ops": [op, ...]}``; each op is an object with an ``op`` name and its fields (see FIELDS). Ops
+run in order, in one transaction, all or nothing: they are checked first against what the document holds and
+what the ops before them do, so an op that cannot apply (no such block: 404; a malformed field: 400) leaves
+the document untouched. Checking reads only the blocks the ops name, never a copy of the document.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Doc
+from pycrdt import Array, Doc, Text
 
 from collab_server.model import (
     STATUS_PRIORITY,
     add_index_entry,
     create_block,
     delete_block,
-    find_index_entry,
+    entries,
     get_block,
     remove_index_entry,
     set_content,
     set_entry_metadata,
     set_status,
 )
+from collab_server.model.blocks import RESERVED_ENTRY_KEYS
 
 MAX_OPS = 1000
 MAX_DEPTH = 32  # nesting of metadata values
@@ -82,6 +86,8 @@ def _json_value(value: Any, name: str, depth: int = 0) -> None:
 def _metadata(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise EditError(400, f"{name} must be an object")
+    if clash := RESERVED_ENTRY_KEYS & value.keys():
+        raise EditError(400, f"{name}: reserved entry keys {sorted(clash)}")
     _json_value(value, name)
     return value
 
@@ -123,43 +129,71 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
     return parsed
 
 
-def _apply(doc: Doc, i: int, op: dict[str, Any]) -> None:
-    kind, block_id = op["op"], op["id"]
-    if kind == "create_block":
-        create_block(doc, block_id, op["type"], op.get("content", ""))
-        return
-    if kind == "delete_block":
-        delete_block(doc, block_id)
-        return
-    if get_block(doc, block_id) is None:
-        raise EditError(404, f"ops[{i}] ({kind}): no block {block_id!r}")
-    if kind == "set_content":
-        set_content(doc, block_id, op["content"])
-    elif kind == "add_index":
-        add_index_entry(doc, block_id, op["index_name"], op.get("status", "notStarted"), op.get("metadata"))
-    elif kind == "remove_index":
-        remove_index_entry(doc, block_id, op["index_name"])
-    elif find_index_entry(doc, block_id, op["index_name"]) is None:
-        raise EditError(404, f"ops[{i}] ({kind}): no index entry {op['index_name']!r} in block {block_id!r}")
-    elif kind == "set_status":
-        set_status(doc, block_id, op["index_name"], op["status"])
-    else:
-        set_entry_metadata(doc, block_id, op["index_name"], op["metadata"])
+@dataclass
+class _Block:
+    """What checking needs to know of a block: whether it can hold text and entries, and its entry names."""
+
+    has_text: bool
+    has_list: bool
+    names: Counter[str]
+
+
+def _view(doc: Doc, block_id: str) -> _Block | None:
+    block = get_block(doc, block_id)
+    if block is None:
+        return None
+    return _Block(isinstance(block.get("content"), Text), isinstance(block.get("indexingList"), Array),
+                  Counter(name for entry in entries(block) if isinstance(name := entry.get("index_name"), str)))
+
+
+def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
+    """Raise EditError if an op would not apply after the ops before it; reads `doc`, changes nothing."""
+    blocks: dict[str, _Block | None] = {}
+    for i, op in enumerate(ops):
+        kind, block_id = op["op"], op["id"]
+        if block_id not in blocks:
+            blocks[block_id] = _view(doc, block_id)
+        block = blocks[block_id]
+        if kind == "create_block":
+            blocks[block_id] = block or _Block(True, True, Counter())
+            continue
+        if kind == "delete_block":
+            blocks[block_id] = None
+            continue
+        where = f"ops[{i}] ({kind})"
+        if block is None:
+            raise EditError(404, f"{where}: no block {block_id!r}")
+        name = op.get("index_name", "")
+        if kind == "set_content" and not block.has_text:
+            raise EditError(400, f"{where}: block {block_id!r} has no content text")
+        if kind == "add_index":
+            if not block.has_list:
+                raise EditError(400, f"{where}: block {block_id!r} has no indexingList array")
+            block.names[name] = block.names[name] or 1
+        elif kind == "remove_index":
+            block.names[name] = max(block.names[name] - 1, 0)
+        elif kind in ("set_status", "set_metadata") and not block.names[name]:
+            raise EditError(404, f"{where}: no index entry {name!r} in block {block_id!r}")
 
 
 def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
-    """Apply parsed ops to `doc` (call it inside one transaction); returns the ids of the blocks they touch.
-
-    They are tried on a copy first, so when one cannot apply EditError is raised with `doc` untouched."""
-    trial = Doc()
-    trial.apply_update(doc.get_update())
-    for i, op in enumerate(ops):
-        try:
-            _apply(trial, i, op)
-        except EditError:
-            raise
-        except (ValueError, TypeError, OverflowError) as exc:  # the model or pycrdt refuses a value
-            raise EditError(400, f"ops[{i}] ({op['op']}): {exc}") from exc
-    for i, op in enumerate(ops):
-        _apply(doc, i, op)
+    """Check parsed ops, then apply them to `doc` (call it inside one transaction); returns the ids of the
+    blocks they touch. When one cannot apply EditError is raised with `doc` untouched."""
+    check_ops(doc, ops)
+    for op in ops:
+        kind, block_id = op["op"], op["id"]
+        if kind == "create_block":
+            create_block(doc, block_id, op["type"], op.get("content", ""))
+        elif kind == "delete_block":
+            delete_block(doc, block_id)
+        elif kind == "set_content":
+            set_content(doc, block_id, op["content"])
+        elif kind == "add_index":
+            add_index_entry(doc, block_id, op["index_name"], op.get("status", "notStarted"), op.get("metadata"))
+        elif kind == "remove_index":
+            remove_index_entry(doc, block_id, op["index_name"])
+        elif kind == "set_status":
+            set_status(doc, block_id, op["index_name"], op["status"])
+        else:
+            set_entry_metadata(doc, block_id, op["index_name"], op["metadata"])
     return list(dict.fromkeys(op["id"] for op in ops))

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pycrdt import Doc
+from pycrdt import Array, Doc, Map, Text
 
 from collab_server.edits import EditError, apply_ops, parse_ops
-from collab_server.model import block_content, blocks_to_json, create_block, set_content
+from collab_server.model import (
+    add_index_entry,
+    block_content,
+    blocks_map,
+    blocks_to_json,
+    create_block,
+    delete_block,
+    get_block,
+    remove_index_entry,
+    set_content,
+    set_entry_metadata,
+    set_status,
+)
 
 TEXT = st.text(alphabet=st.sampled_from(list("ab é😀\u0301")), max_size=12)
 
@@ -33,22 +46,66 @@ def test_set_content_gives_the_new_text_and_keeps_a_concurrent_insert_outside_th
     assert len(merged) == len(new) + len(extra)
 
 
+IDS = st.sampled_from(["x", "x", "x", "y", "text-less", "list-less", "not-a-map"])
 OPS = st.lists(st.one_of(
-    st.fixed_dictionaries({"op": st.just("create_block"), "id": st.sampled_from("xyz"), "type": st.just("p")}),
-    st.fixed_dictionaries({"op": st.just("delete_block"), "id": st.sampled_from("xyz")}),
-    st.fixed_dictionaries({"op": st.just("set_content"), "id": st.sampled_from("xyz"), "content": TEXT}),
-    st.fixed_dictionaries({"op": st.just("add_index"), "id": st.sampled_from("xyz"), "index_name": st.just("i")}),
-    st.fixed_dictionaries({"op": st.just("remove_index"), "id": st.sampled_from("xyz"), "index_name": st.just("i")}),
-    st.fixed_dictionaries({"op": st.just("set_status"), "id": st.sampled_from("xyz"), "index_name": st.just("i"),
+    st.fixed_dictionaries({"op": st.just("create_block"), "id": IDS, "type": st.just("p")}),
+    st.fixed_dictionaries({"op": st.just("delete_block"), "id": IDS}),
+    st.fixed_dictionaries({"op": st.just("set_content"), "id": IDS, "content": TEXT}),
+    st.fixed_dictionaries({"op": st.just("add_index"), "id": IDS, "index_name": st.just("i")}),
+    st.fixed_dictionaries({"op": st.just("remove_index"), "id": IDS, "index_name": st.just("i")}),
+    st.fixed_dictionaries({"op": st.just("set_status"), "id": IDS, "index_name": st.just("i"),
                            "status": st.sampled_from(["notStarted", "processing", "done", "error"])}),
+    st.fixed_dictionaries({"op": st.just("set_metadata"), "id": IDS, "index_name": st.just("i"),
+                           "metadata": st.fixed_dictionaries({"k": st.one_of(st.none(), st.integers(0, 9))})}),
 ), min_size=1, max_size=8)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS, OPS)
-def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
+def unchecked(doc: Doc, op: dict) -> None:
+    """An op through the model's functions alone, which raise (or misbehave) where it cannot apply."""
+    block = get_block(doc, op["id"])
+    if op["op"] == "create_block":
+        create_block(doc, op["id"], op["type"])
+    elif op["op"] == "delete_block":
+        delete_block(doc, op["id"])
+    elif block is None:
+        raise KeyError(op["id"])
+    elif op["op"] == "set_content":
+        set_content(doc, op["id"], op["content"])
+    elif op["op"] == "add_index":
+        add_index_entry(doc, op["id"], op["index_name"])
+    elif op["op"] == "remove_index":
+        remove_index_entry(doc, op["id"], op["index_name"])
+    elif op["op"] == "set_status":
+        set_status(doc, op["id"], op["index_name"], op["status"])
+    else:
+        set_entry_metadata(doc, op["id"], op["index_name"], op["metadata"])
+
+
+def malformed_doc() -> Doc:
+    """A document with a block holding two entries of one name (added concurrently on two replicas), and
+    blocks other clients shaped wrongly."""
     doc = Doc()
     create_block(doc, "x", "p", "start")
+    replicas = [Doc(), Doc()]
+    for replica in replicas:
+        replica.apply_update(doc.get_update())
+        add_index_entry(replica, "x", "i")
+    for replica in replicas:
+        doc.apply_update(replica.get_update(doc.get_state()))
+    assert len(blocks_to_json(doc)["x"]["indexingList"]) == 2
+    blocks = blocks_map(doc)
+    blocks["text-less"] = Map({"id": "text-less", "content": "plain", "indexingList": Array()})
+    blocks["list-less"] = Map({"id": "list-less", "content": Text("t")})
+    blocks["not-a-map"] = "oops"
+    return doc
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, OPS)
+def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
+    """Checking predicts exactly whether applying succeeds: when it refuses, nothing changed; when it accepts,
+    every op applies (as it does alone, one after another)."""
+    doc = malformed_doc()
     try:
         with doc.transaction():
             apply_ops(doc, parse_ops({"ops": setup}))
@@ -60,9 +117,11 @@ def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
     try:
         with doc.transaction():
             touched = apply_ops(doc, parse_ops({"ops": batch}))
-    except EditError as exc:
-        assert exc.status == 404
+    except EditError:
         assert (blocks_to_json(doc), doc.get_state()) == before
+        with pytest.raises((KeyError, ValueError, AttributeError, TypeError)):  # the refusal was needed
+            for op in batch:
+                unchecked(expected, op)
         return
     assert touched == list(dict.fromkeys(op["id"] for op in batch))
     # the same ops, one by one on a copy, give the same blocks
