@@ -195,7 +195,7 @@ PATHS: dict[str, Any] = {
     },
     "/api/docs/{name}/blocks": {"post": {
         "summary": "Edit the document's blocks with JSON ops: all of them, in order, in one change, or none",
-        "description": "The ops are tried on a copy of the document first: when one cannot apply, nothing "
+        "description": "All ops are checked before any applies: when one cannot apply, nothing "
                        "changes. The change is committed and broadcast before the response, like any other. "
                        "Creates the document if it does not exist.",
         "parameters": [NAME],
