@@ -31,9 +31,7 @@ class TcpCut:
 
     def __exit__(self, *exc_info: object) -> None:
         self.cut()
-        assert self._server is not None
-        self._server.close()
-        self._run(self._server.wait_closed())
+        self._run(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -46,6 +44,13 @@ class TcpCut:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the forwarder's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(5)
+
+    async def _close(self) -> None:
+        """Close the listener on its own loop: asyncio's Server is not thread-safe (closed from another thread
+        while a cut connection detached, both woke its waiters and the second call failed)."""
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
 
     async def _set_online(self, online: bool) -> None:
         self._online = online
