@@ -19,6 +19,7 @@ from pycrdt import Array, Doc, Text
 from collab_server.model import (
     STATUS_PRIORITY,
     add_index_entry,
+    blocks_to_json,
     create_block,
     delete_block,
     entries,
@@ -197,3 +198,51 @@ def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
         else:
             set_entry_metadata(doc, block_id, op["index_name"], op["metadata"])
     return list(dict.fromkeys(op["id"] for op in ops))
+
+
+def restore_ops(doc: Doc, target: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ops that make the blocks of `doc` those of `target` (``blocks_to_json`` of a saved version): blocks
+    created, deleted or edited, index entries added, removed or given the saved status and metadata.
+    A block whose type changed, or that lacks its content text or entry list, is created anew. Entries are
+    matched by name; duplicates are left alone."""
+    current = blocks_to_json(doc)
+    ops: list[dict[str, Any]] = [{"op": "delete_block", "id": bid} for bid in current.keys() - target.keys()]
+    for bid, block in target.items():
+        have, shape = current.get(bid), _view(doc, bid)
+        if have is None or have["type"] != block["type"] or not (shape and shape.has_text and shape.has_list):
+            if have is not None:
+                ops.append({"op": "delete_block", "id": bid})
+            ops.append({"op": "create_block", "id": bid, "type": block["type"] or "", "content": block["content"]})
+            have = {"indexingList": []}
+        elif have["content"] != block["content"]:
+            ops.append({"op": "set_content", "id": bid, "content": block["content"]})
+        ops += _entry_ops(bid, have["indexingList"], block["indexingList"])
+    return ops
+
+
+def _entry_ops(bid: str, have: list[dict[str, Any]], want: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ops: list[dict[str, Any]] = []
+    had: dict[str, dict[str, Any]] = {}
+    for entry in have:
+        had.setdefault(entry["index_name"], entry)
+    wanted: dict[str, dict[str, Any]] = {}
+    for entry in want:
+        wanted.setdefault(entry["index_name"], entry)
+    for entry in have:
+        if entry["index_name"] not in wanted:
+            ops.append({"op": "remove_index", "id": bid, "index_name": entry["index_name"]})
+    for name, entry in wanted.items():
+        metadata = {k: v for k, v in entry.items() if k not in RESERVED_ENTRY_KEYS}
+        status = entry["status"]
+        if name not in had:
+            ops.append({"op": "add_index", "id": bid, "index_name": name, "metadata": metadata,
+                        **({"status": status} if status is not None else {})})
+            continue
+        old = had[name]
+        if status is not None and old["status"] != status:
+            ops.append({"op": "set_status", "id": bid, "index_name": name, "status": status})
+        changed = {k: v for k, v in metadata.items() if old.get(k) != v}
+        changed.update({k: None for k in old.keys() - metadata.keys() - RESERVED_ENTRY_KEYS})
+        if changed:
+            ops.append({"op": "set_metadata", "id": bid, "index_name": name, "metadata": changed})
+    return ops

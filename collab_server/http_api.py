@@ -1,7 +1,8 @@
 """The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
-fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/history``, ``/at/{seq}``. A name that
+fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/versions[/{id}[/restore]]``,
+``/history``, ``/at/{seq}``. A name that
 itself ends in such a suffix is still unambiguous, because each route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
@@ -33,14 +34,14 @@ from starlette.types import Receive, Scope, Send
 
 from collab_server.auth import AuthError, Grant, authorize, token_from, verify_listing
 from collab_server.config import Settings
-from collab_server.edits import EditError, apply_ops, parse_ops
+from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
 from collab_server.model import block_to_json, blocks_to_json, get_block
-from collab_server.openapi import openapi_spec
+from collab_server.openapi import MAX_LABEL, openapi_spec
 from collab_server.protocol import ProtocolError
 from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
-from collab_server.storage import HistoryCompacted, StorageError, Store
+from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
 
 BINARY = "application/octet-stream"
 LIST_LIMIT, LIST_MAX = 1000, 10_000  # documents per page of GET /api/docs: default, most
@@ -199,6 +200,52 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             return JSONResponse({"name": name, "blocks": {
                 block_id: None if block is None else block_to_json(block) for block_id, block in blocks.items()}})
 
+    async def list_versions(request: Request) -> Response:
+        name = doc_name(request)
+        async with room_of(name):
+            versions = await _storage(store.versions(name))
+        return JSONResponse({"name": name, "versions": [_version_json(v) for v in versions]})
+
+    async def save_version(request: Request) -> Response:
+        name = doc_name(request, write=True)
+        label = _label(await _read_body(request, 4096, None))
+        async with room_of(name) as room:
+            state = await room.encode_state()
+            version = await _storage(store.save_version(name, label, state))
+        return JSONResponse(_version_json(version), status_code=201)
+
+    async def get_version(request: Request) -> Response:
+        name = doc_name(request)
+        form = _format(request)
+        async with room_of(name):
+            state = await _storage(store.load_version(name, request.path_params["version"]))
+        if state is None:
+            raise ApiError(404, "no such version")
+        if form == "update":
+            return Response(state, media_type=BINARY)
+        doc: Doc = Doc()
+        doc.apply_update(state)
+        return JSONResponse({"name": name, "version": request.path_params["version"], "blocks": export_json(doc)})
+
+    async def restore_version(request: Request) -> Response:
+        name = doc_name(request, write=True)
+        async with room_of(name) as room:
+            state = await _storage(store.load_version(name, request.path_params["version"]))
+            if state is None:
+                raise ApiError(404, "no such version")
+            saved: Doc = Doc()
+            saved.apply_update(state)
+            target = export_json(saved)
+            try:
+                await room.edit(lambda doc: apply_ops(doc, restore_ops(doc, target)))
+            except RoomClosed as exc:
+                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
+                                    "not restored") from exc
+            await room.flush()
+            if room.failed:
+                raise ApiError(503, "storage failure: not restored")
+            return JSONResponse({"name": name, "blocks": export_json(room.doc)})
+
     async def get_history(request: Request) -> Response:
         name = doc_name(request)
         async with room_of(name):
@@ -209,9 +256,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
     async def get_at(request: Request) -> Response:
         name = doc_name(request)
         seq: int = request.path_params["seq"]
-        form = request.query_params.get("format", "json")
-        if form not in ("json", "update"):
-            raise ApiError(400, "format must be json or update")
+        form = _format(request)
         async with room_of(name):
             try:
                 updates = await store.load_until(name, seq)
@@ -246,6 +291,9 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         _route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
         _route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
         _route("/api/docs/{name:path}/blocks", _Endpoint(post=post_blocks)),
+        _route("/api/docs/{name:path}/versions", _Endpoint(get=list_versions, post=save_version)),
+        _route("/api/docs/{name:path}/versions/{version:int}", _Endpoint(get=get_version)),
+        _route("/api/docs/{name:path}/versions/{version:int}/restore", _Endpoint(post=restore_version)),
         _route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
         _route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
         _route("/api/{rest:path}", _Endpoint(**{m: no_route for m in ALL_METHODS})),
@@ -267,6 +315,34 @@ async def _storage(call: Awaitable[T]) -> T:
         raise ApiError(503, f"storage unavailable: {exc}") from exc
 
 
+def _format(request: Request) -> str:
+    form = request.query_params.get("format", "json")
+    if form not in ("json", "update"):
+        raise ApiError(400, "format must be json or update")
+    return form
+
+
+def _label(body: bytes) -> str:
+    """The label of a version to save: ``{"label": "..."}``, or "" for an empty body."""
+    if not body.strip():
+        return ""
+    value = _json_body(body)
+    if not isinstance(value, dict) or set(value) - {"label"} or not isinstance(value.get("label", ""), str):
+        raise ApiError(400, 'expected {"label": "..."} or an empty body')
+    label = value.get("label", "")
+    if len(label) > MAX_LABEL:
+        raise ApiError(400, f"label longer than {MAX_LABEL} characters")
+    try:
+        label.encode()
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "label is not valid Unicode (a lone surrogate)") from exc
+    return label
+
+
+def _version_json(version: VersionInfo) -> dict[str, Any]:
+    return {"id": version.id, "time": version.time, "label": version.label, "size": version.size}
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query_params.get(name)
     if text is None:
@@ -286,8 +362,9 @@ def _state_vector(text: str) -> bytes:
         raise ApiError(400, "sv must be a base64url-encoded state vector") from exc
 
 
-async def _read_body(request: Request, limit: int, expected: str = "a binary Yjs v1 update") -> bytes:
-    """The request body, refused with 413 beyond `limit` bytes and 400 when empty."""
+async def _read_body(request: Request, limit: int, expected: str | None = "a binary Yjs v1 update") -> bytes:
+    """The request body, refused with 413 beyond `limit` bytes and with 400 when empty, unless `expected` is
+    None (an empty body is fine)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body exceeds {limit} bytes")
@@ -296,7 +373,7 @@ async def _read_body(request: Request, limit: int, expected: str = "a binary Yjs
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"body exceeds {limit} bytes")
-    if not body:
+    if not body and expected is not None:
         raise ApiError(400, f"empty body: expected {expected}")
     return bytes(body)
 

@@ -23,6 +23,8 @@ def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
+MAX_LABEL = 200
+VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 STRING = {"type": "string"}
 ID = {"type": "string", "minLength": 1}
 STATUS = {"type": "string", "enum": ["notStarted", "processing", "done", "error"]}
@@ -121,6 +123,19 @@ SCHEMAS: dict[str, Any] = {
                                   "null if it does not exist", "additionalProperties": {
                                       "oneOf": [_ref("Block"), {"type": "null"}]}}},
     },
+    "Version": {
+        "type": "object", "required": ["id", "time", "label", "size"],
+        "properties": {"id": {"type": "integer"}, "time": {"type": "number", "description": "Unix seconds"},
+                       "label": {"type": "string"}, "size": {"type": "integer", "description": "Bytes saved"}},
+    },
+    "VersionList": {"type": "object", "required": ["name", "versions"],
+                    "properties": {"name": {"type": "string"},
+                                   "versions": {"type": "array", "items": _ref("Version")}}},
+    "VersionJson": {
+        "type": "object", "required": ["name", "version", "blocks"],
+        "properties": {"name": {"type": "string"}, "version": {"type": "integer"},
+                       "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
+    },
     "LogEntry": {
         "type": "object", "required": ["seq", "time", "size"],
         "properties": {"seq": {"type": "integer"}, "time": {"type": "number"}, "size": {"type": "integer"}},
@@ -208,6 +223,43 @@ PATHS: dict[str, Any] = {
             "413": _error("Body larger than max_message_size"),
             "503": _error("Storage failure: the edits were not saved"),
         },
+    }},
+    "/api/docs/{name}/versions": {
+        "get": {
+            "summary": "The versions saved of the document, oldest first",
+            "parameters": [NAME],
+            "responses": {"200": _json("Saved versions", "VersionList"), **READ_ERRORS},
+        },
+        "post": {
+            "summary": "Save the document's committed state as a version; compaction never removes it",
+            "parameters": [NAME],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"label": {"type": "string", "maxLength": MAX_LABEL}}}}}},
+            "responses": {"201": _json("Saved", "Version"), **READ_ERRORS, "413": _error("Body too large")},
+        },
+    },
+    "/api/docs/{name}/versions/{version}": {"get": {
+        "summary": "A saved version, as JSON or as a Yjs v1 update",
+        "parameters": [NAME, VERSION,
+                       {"name": "format", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["json", "update"], "default": "json"}}],
+        "responses": {
+            "200": {"description": "The saved version as JSON or as a Yjs v1 update",
+                    "content": {"application/json": {"schema": _ref("VersionJson")}, **BINARY_UPDATE}},
+            **READ_ERRORS,
+            "422": _error("The saved version does not follow the block model"),
+        },
+    }},
+    "/api/docs/{name}/versions/{version}/restore": {"post": {
+        "summary": "Make the document's blocks those of a saved version, as one change that is committed and "
+                   "broadcast before the response",
+        "description": "Blocks are created, deleted or edited, index entries added, removed or given the saved "
+                       "status and metadata; entries are matched by name. Later versions stay saved, so a "
+                       "restore can be undone by restoring another.",
+        "parameters": [NAME, VERSION],
+        "responses": {"200": _json("Restored: the document's blocks now", "DocJson"), **READ_ERRORS,
+                      "422": _error("The saved version does not follow the block model")},
     }},
     "/api/docs/{name}/history": {"get": {
         "summary": "The update log entries not yet compacted into the checkpoint",

@@ -164,6 +164,14 @@ class LogEntry:
     size: int  # bytes
 
 
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    id: int  # unique in the store, increasing
+    time: float  # unix seconds
+    label: str
+    size: int  # bytes of the saved state
+
+
 class Store(Protocol):
     """Append-only update log per document, compacted into a checkpoint.
 
@@ -190,8 +198,8 @@ class Store(Protocol):
         """This node stopped serving `doc`: fold its log in the background if it is long enough to matter."""
 
     async def delete(self, doc: str) -> bool:
-        """Erase the checkpoint and log of `doc` in one transaction; returns whether it had any. The caller has
-        closed the document's room, so nothing commits to it meanwhile."""
+        """Erase the checkpoint, log and saved versions of `doc` in one transaction; returns whether it had a
+        checkpoint or log. The caller has closed the document's room, so nothing commits to it meanwhile."""
 
     async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
         """Stored documents whose name starts with `prefix` and sorts after `after`, in name order, at most
@@ -204,6 +212,16 @@ class Store(Protocol):
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         """The updates needed to rebuild `doc` as it was after log entry `seq` (HistoryCompacted if gone)."""
+
+    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
+        """Keep `state` (the whole document as one update) as a named version of `doc`; compaction never
+        touches it."""
+
+    async def versions(self, doc: str) -> list[VersionInfo]:
+        """The saved versions of `doc`, oldest first."""
+
+    async def load_version(self, doc: str, version: int) -> bytes | None:
+        """The state saved as `version` of `doc`, or None."""
 
     async def ping(self) -> None:
         """Raise StorageError when the store is unreachable."""

@@ -17,7 +17,15 @@ from collections.abc import Callable
 
 import asyncpg
 
-from collab_server.storage.base import Compactor, DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
+from collab_server.storage.base import (
+    Compactor,
+    DocInfo,
+    HistoryCompacted,
+    LogEntry,
+    StorageError,
+    VersionInfo,
+    fold_updates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,14 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_doc ON updates (doc, id);
 CREATE INDEX IF NOT EXISTS documents_name_c ON documents (name COLLATE "C");
+CREATE TABLE IF NOT EXISTS versions (
+    id BIGSERIAL PRIMARY KEY,
+    doc TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    label TEXT NOT NULL,
+    data BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
 """
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
@@ -206,6 +222,7 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 row = await conn.fetchval("DELETE FROM documents WHERE name = $1 RETURNING 1", doc)
                 status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
+                await conn.execute("DELETE FROM versions WHERE doc = $1", doc)
         except Exception as exc:
             raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
         return row is not None or status != "DELETE 0"
@@ -226,6 +243,22 @@ class PostgresStore:
         query = "SELECT id, ts, octet_length(data) AS size FROM updates WHERE doc = $1 ORDER BY id"
         rows = await self._fetch(query, doc, what=f"reading history of {doc!r}")
         return [LogEntry(r["id"], r["ts"], r["size"]) for r in rows]
+
+    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
+        now = time.time()
+        rows = await self._fetch("INSERT INTO versions (doc, ts, label, data) VALUES ($1, $2, $3, $4) RETURNING id",
+                                 doc, now, label, state, what=f"saving a version of {doc!r}")
+        return VersionInfo(rows[0]["id"], now, label, len(state))
+
+    async def versions(self, doc: str) -> list[VersionInfo]:
+        query = "SELECT id, ts, label, octet_length(data) AS size FROM versions WHERE doc = $1 ORDER BY id"
+        rows = await self._fetch(query, doc, what=f"listing versions of {doc!r}")
+        return [VersionInfo(r["id"], r["ts"], r["label"], r["size"]) for r in rows]
+
+    async def load_version(self, doc: str, version: int) -> bytes | None:
+        rows = await self._fetch("SELECT data FROM versions WHERE doc = $1 AND id = $2", doc, version,
+                                 what=f"reading version {version} of {doc!r}")
+        return rows[0]["data"] if rows else None
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1", what="postgres ping")

@@ -23,7 +23,15 @@ from typing import Any
 import aiosqlite
 
 
-from collab_server.storage.base import Compactor, DocInfo, HistoryCompacted, LogEntry, StorageError, fold_updates
+from collab_server.storage.base import (
+    Compactor,
+    DocInfo,
+    HistoryCompacted,
+    LogEntry,
+    StorageError,
+    VersionInfo,
+    fold_updates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,14 @@ CREATE TABLE IF NOT EXISTS updates (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS updates_doc ON updates (doc, id);
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    doc TEXT NOT NULL,
+    ts REAL NOT NULL,
+    label TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
 CREATE TRIGGER IF NOT EXISTS updates_touch_document AFTER INSERT ON updates BEGIN
     INSERT INTO documents (name, updated) VALUES (NEW.doc, NEW.ts)
     ON CONFLICT (name) DO UPDATE SET updated = excluded.updated;
@@ -286,6 +302,7 @@ class SQLiteStore:
                             "DELETE FROM documents WHERE name = ?"):
                     async with self._writer.execute(sql, (doc,)) as cur:
                         removed += cur.rowcount
+                await self._writer.execute("DELETE FROM versions WHERE doc = ?", (doc,))
                 await self._writer.execute("COMMIT")
             except Exception as exc:
                 await self._rollback()
@@ -314,6 +331,29 @@ class SQLiteStore:
         query = "SELECT id, ts, LENGTH(data) FROM updates WHERE doc = ? ORDER BY id"
         rows = await self._read(query, (doc,), what=f"reading history of {doc!r}")
         return [LogEntry(seq, ts, size) for seq, ts, size in rows]
+
+    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
+        assert self._writer is not None
+        now = time.time()
+        async with self._write_lock:
+            try:
+                async with self._writer.execute("INSERT INTO versions (doc, ts, label, data) VALUES (?, ?, ?, ?)",
+                                                (doc, now, label, state)) as cur:
+                    version = cur.lastrowid
+            except Exception as exc:
+                raise StorageError(f"saving a version of {doc!r} failed: {exc}") from exc
+        assert version is not None
+        return VersionInfo(version, now, label, len(state))
+
+    async def versions(self, doc: str) -> list[VersionInfo]:
+        query = "SELECT id, ts, label, LENGTH(data) FROM versions WHERE doc = ? ORDER BY id"
+        rows = await self._read(query, (doc,), what=f"listing versions of {doc!r}")
+        return [VersionInfo(*row) for row in rows]
+
+    async def load_version(self, doc: str, version: int) -> bytes | None:
+        rows = await self._read("SELECT data FROM versions WHERE doc = ? AND id = ?", (doc, version),
+                                what=f"reading version {version} of {doc!r}")
+        return rows[0][0] if rows else None
 
     async def ping(self) -> None:
         await self._read("SELECT 1", what="sqlite ping")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
-from collab_server.edits import EditError, apply_ops, parse_ops
+from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
 from collab_server.model import (
     add_index_entry,
     block_content,
@@ -48,7 +48,7 @@ def test_set_content_gives_the_new_text_and_keeps_a_concurrent_insert_outside_th
 
 IDS = st.sampled_from(["x", "x", "x", "y", "text-less", "list-less", "not-a-map"])
 OPS = st.lists(st.one_of(
-    st.fixed_dictionaries({"op": st.just("create_block"), "id": IDS, "type": st.just("p")}),
+    st.fixed_dictionaries({"op": st.just("create_block"), "id": IDS, "type": st.just("p"), "content": TEXT}),
     st.fixed_dictionaries({"op": st.just("delete_block"), "id": IDS}),
     st.fixed_dictionaries({"op": st.just("set_content"), "id": IDS, "content": TEXT}),
     st.fixed_dictionaries({"op": st.just("add_index"), "id": IDS, "index_name": st.just("i")}),
@@ -94,7 +94,7 @@ def malformed_doc() -> Doc:
         doc.apply_update(replica.get_update(doc.get_state()))
     assert len(blocks_to_json(doc)["x"]["indexingList"]) == 2
     blocks = blocks_map(doc)
-    blocks["text-less"] = Map({"id": "text-less", "content": "plain", "indexingList": Array()})
+    blocks["text-less"] = Map({"id": "text-less", "type": "p", "content": "plain", "indexingList": Array()})
     blocks["list-less"] = Map({"id": "list-less", "content": Text("t")})
     blocks["not-a-map"] = "oops"
     return doc
@@ -132,3 +132,34 @@ def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
     assert strip == {bid: {**b, "indexingList": [{k: v for k, v in e.items() if k != "timestamp"}
                                                  for e in b["indexingList"]]}
                      for bid, b in blocks_to_json(expected).items()}
+
+
+def entries_by_name(blocks: dict) -> dict:
+    """Blocks JSON with each entry name's first entry (as lookups by name see them), without timestamps."""
+    def first(entries: list) -> dict:
+        named: dict = {}
+        for e in entries:
+            named.setdefault(e["index_name"], {k: v for k, v in e.items() if k != "timestamp"})
+        return named
+    return {bid: {**block, "indexingList": first(block["indexingList"])} for bid, block in blocks.items()}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, OPS, st.booleans(), st.booleans())
+def test_restoring_gives_the_saved_blocks_back(saved_ops, current_ops, saved_malformed, current_malformed) -> None:
+    """From any document, restore_ops lead to any saved version's blocks (statuses and metadata included,
+    entries matched by name), even when a block of either was shaped wrongly by some client."""
+    saved_doc, doc = (malformed_doc() if bad else Doc() for bad in (saved_malformed, current_malformed))
+    for target, ops in ((saved_doc, saved_ops), (doc, current_ops)):
+        try:
+            with target.transaction():
+                apply_ops(target, parse_ops({"ops": ops}))
+        except EditError:
+            pass
+    saved = blocks_to_json(saved_doc)
+    with doc.transaction():
+        apply_ops(doc, restore_ops(doc, saved))  # never refused
+    restored = entries_by_name(blocks_to_json(doc))
+    typed = {bid for bid, b in saved.items() if b["type"] is not None}  # a block without a type gets ""
+    assert {bid: restored.get(bid) for bid in typed} == {bid: entries_by_name(saved)[bid] for bid in typed}
+    assert set(restored) == set(saved)

@@ -210,6 +210,29 @@ async def test_delete_erases_checkpoint_and_log(store: Store) -> None:
     assert await store.submit("d", updates[0]) and await store.load("d") == [updates[0]]  # the name starts over
 
 
+async def test_saved_versions_outlive_compaction_and_go_with_the_document(backend: Backend) -> None:
+    store = await backend.open()
+    doc, updates = text_updates(30)
+    await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))
+    first = await store.save_version("d", "draft", fold_updates(updates[:10]))
+    await asyncio.gather(*(store.submit("d", u) for u in updates[10:]))
+    await store.compact("d")
+    second = await store.save_version("d", "", fold_updates(updates))
+    other = await store.save_version("other", "x", updates[0])
+    assert first.id < second.id < other.id and first.label == "draft" and first.size > 0
+    assert await store.versions("d") == [first, second] and await store.versions("never") == []
+    assert rebuild([await store.load_version("d", first.id)]) == rebuild(updates[:10])
+    assert rebuild([await store.load_version("d", second.id)]) == text_of(doc)
+    assert await store.load_version("d", other.id) is None and await store.load_version("d", 10**9) is None
+    await store.close()
+    store = await backend.open()
+    assert await store.versions("d") == [first, second]
+    await store.delete("d")
+    assert await store.versions("d") == [] and await store.load_version("d", first.id) is None
+    assert await store.versions("other") == [other]
+    await store.close()
+
+
 @pytest.mark.parametrize("compacted_before", [False, True])
 async def test_a_compaction_that_ends_after_a_delete_brings_nothing_back(
         store: Store, monkeypatch: pytest.MonkeyPatch, compacted_before: bool) -> None:

@@ -1,0 +1,125 @@
+"""Saved versions over HTTP: save, list, read, restore, and what deletion and compaction do to them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from collab_server.auth import issue_token
+from collab_server.model import blocks_to_json, resolved_status
+from tests.rawclient import RawPeer
+from tests.serverproc import ServerProcess
+
+
+@pytest.fixture
+async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as client:
+        yield client
+
+
+async def edit(http: httpx.AsyncClient, name: str, *ops: dict) -> dict:
+    response = await http.post(f"/api/docs/{name}/blocks", json={"ops": list(ops)})
+    assert response.status_code == 200, response.text
+    return response.json()["blocks"]
+
+
+def without_timestamps(blocks: dict) -> dict:
+    """Blocks JSON with entries keyed by name and no timestamps (a restore writes statuses anew)."""
+    return {bid: {**block, "indexingList": {e["index_name"]: {k: v for k, v in e.items() if k != "timestamp"}
+                                            for e in block["indexingList"]}} for bid, block in blocks.items()}
+
+
+async def test_a_saved_version_is_read_back_and_restored_while_a_client_watches(server: ServerProcess, http) -> None:
+    await edit(http, "doc",
+               {"op": "create_block", "id": "keep", "type": "paragraph", "content": "The quick fox"},
+               {"op": "add_index", "id": "keep", "index_name": "search", "metadata": {"model": "v1"}},
+               {"op": "add_index", "id": "keep", "index_name": "embed", "status": "done"},
+               {"op": "create_block", "id": "gone", "type": "heading", "content": "Title"})
+    saved = (await http.post("/api/docs/doc/versions", json={"label": "before the rewrite"})).json()
+    assert saved["label"] == "before the rewrite" and saved["size"] > 0
+    version_json = (await http.get("/api/docs/doc/json")).json()["blocks"]
+
+    await edit(http, "doc",
+               {"op": "set_content", "id": "keep", "content": "The slow fox"},
+               {"op": "set_status", "id": "keep", "index_name": "search", "status": "error"},
+               {"op": "set_metadata", "id": "keep", "index_name": "search", "metadata": {"model": "v2", "n": 1}},
+               {"op": "remove_index", "id": "keep", "index_name": "embed"},
+               {"op": "add_index", "id": "keep", "index_name": "new"},
+               {"op": "delete_block", "id": "gone"},
+               {"op": "create_block", "id": "extra", "type": "p"})
+    second = (await http.post("/api/docs/doc/versions")).json()
+    listed = (await http.get("/api/docs/doc/versions")).json()
+    assert listed == {"name": "doc", "versions": [saved, second]} and second["label"] == ""
+
+    read = (await http.get(f"/api/docs/doc/versions/{saved['id']}")).json()
+    assert read == {"name": "doc", "version": saved["id"], "blocks": version_json}
+    as_update = await http.get(f"/api/docs/doc/versions/{saved['id']}", params={"format": "update"})
+    assert as_update.headers["content-type"] == "application/octet-stream"
+
+    watcher = await RawPeer.connect(f"{server.ws_url}/doc")
+    await watcher.sync()
+    restored = await http.post(f"/api/docs/doc/versions/{saved['id']}/restore")
+    assert restored.status_code == 200, restored.text
+    assert without_timestamps(restored.json()["blocks"]) == without_timestamps(version_json)
+    await watcher.wait_for(lambda: without_timestamps(blocks_to_json(watcher.doc)) == without_timestamps(version_json))
+    assert resolved_status(watcher.doc, "keep", "search") == "notStarted"
+    # restoring is a change like any other: the later version is still there, and can be restored in turn
+    assert (await http.get("/api/docs/doc/versions")).json()["versions"] == [saved, second]
+    again = await http.post(f"/api/docs/doc/versions/{second['id']}/restore")
+    assert set(again.json()["blocks"]) == {"keep", "extra"}
+
+
+async def test_versions_outlive_compaction_and_restarts_and_go_with_the_document(server_factory) -> None:
+    server = server_factory("--compact-threshold", "5")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        await edit(http, "d", {"op": "create_block", "id": "b", "type": "p", "content": "v1"})
+        saved = (await http.post("/api/docs/d/versions", json={"label": "one"})).json()
+        for i in range(12):  # several compactions fold the log the version was taken from
+            await edit(http, "d", {"op": "set_content", "id": "b", "content": f"v{i + 2}"})
+        server.stop()
+        server.start()
+        read = (await http.get(f"/api/docs/d/versions/{saved['id']}")).json()
+        assert read["blocks"]["b"]["content"] == "v1"
+        assert (await http.delete("/api/docs/d")).status_code == 204
+        await edit(http, "d", {"op": "create_block", "id": "b", "type": "p", "content": "new life"})
+        assert (await http.get("/api/docs/d/versions")).json()["versions"] == []
+        assert (await http.get(f"/api/docs/d/versions/{saved['id']}")).status_code == 404
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error"), [
+    ("POST", "/api/docs/never/versions", b"", 404, "no such document"),
+    ("GET", "/api/docs/never/versions", None, 404, "no such document"),
+    ("GET", "/api/docs/v/versions/999999", None, 404, "no such version"),
+    ("POST", "/api/docs/v/versions/999999/restore", None, 404, "no such version"),
+    ("GET", "/api/docs/v/versions/1", {"format": "xml"}, 400, "format must be"),
+    ("POST", "/api/docs/v/versions", b'{"label": 3}', 400, "expected {"),
+    ("POST", "/api/docs/v/versions", b'{"label": "' + b"x" * 201 + b'"}', 400, "longer than 200"),
+    ("POST", "/api/docs/v/versions", b"not json", 400, "not JSON"),
+    ("POST", "/api/docs/v/versions", b'{"label": "\\ud800"}', 400, "lone surrogate"),
+    ("POST", "/api/docs/v/versions", b"x" * 5000, 413, "exceeds"),
+])
+async def test_bad_version_requests(http, method, path, body, status, error) -> None:
+    await edit(http, "v", {"op": "create_block", "id": "b", "type": "p"})
+    if method == "GET":
+        response = await http.get(path, params=body or {})
+    else:
+        response = await http.post(path, content=body or b"")
+    assert response.status_code == status and error in response.json()["error"], response.text
+
+
+async def test_saving_and_restoring_need_a_read_write_token(server_factory) -> None:
+    server = server_factory("--auth-required", "--auth-secret", "k")
+    rw = {"Authorization": f"Bearer {issue_token('k', doc='a')}"}
+    ro = {"Authorization": f"Bearer {issue_token('k', doc='a', access='ro')}"}
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        ops = {"ops": [{"op": "create_block", "id": "b", "type": "p"}]}
+        assert (await http.post("/api/docs/a/blocks", json=ops, headers=rw)).status_code == 200
+        assert (await http.post("/api/docs/a/versions", headers=ro)).status_code == 403
+        version = (await http.post("/api/docs/a/versions", headers=rw)).json()
+        assert (await http.get("/api/docs/a/versions", headers=ro)).status_code == 200
+        assert (await http.get(f"/api/docs/a/versions/{version['id']}", headers=ro)).status_code == 200
+        assert (await http.post(f"/api/docs/a/versions/{version['id']}/restore", headers=ro)).status_code == 403
+        assert (await http.post(f"/api/docs/a/versions/{version['id']}/restore", headers=rw)).status_code == 200
+        assert (await http.get("/api/docs/a/versions")).status_code == 401
