@@ -2,8 +2,8 @@
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
 fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/versions[/{id}[/restore]]``,
-``/history``, ``/at/{seq}``. A name that
-itself ends in such a suffix is still unambiguous, because each route matches only its own suffix.
+``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is still unambiguous, because each
+route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
 
@@ -136,6 +136,18 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         finally:
             rooms.release(room)
 
+    async def committed_edit(room: Room, change: Callable[[Doc], T], what: str) -> T:
+        """Run `change` on the room's document (see Room.edit) and wait until it is committed; 503 if not."""
+        try:
+            result = await room.edit(change)
+        except RoomClosed as exc:
+            raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
+                                f"{what} not saved") from exc
+        await room.flush()
+        if room.failed:
+            raise ApiError(503, f"storage failure: {what} not saved")
+        return result
+
     async def list_docs(request: Request) -> Response:
         prefix, after = request.query_params.get("prefix", ""), request.query_params.get("after", "")
         limit = _int_param(request, "limit", LIST_LIMIT, 1, LIST_MAX)
@@ -187,15 +199,9 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         body = _json_body(await _read_body(request, settings.max_message_size, "JSON edits"))
         async with room_of(name, existing=False) as room:
             try:
-                touched = await room.edit(partial(apply_ops, ops=parse_ops(body)))
+                touched = await committed_edit(room, partial(apply_ops, ops=parse_ops(body)), "edits")
             except EditError as exc:
                 raise ApiError(exc.status, str(exc)) from exc
-            except RoomClosed as exc:
-                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
-                                    "edits not saved") from exc
-            await room.flush()
-            if room.failed:
-                raise ApiError(503, "storage failure: edits not saved")
             blocks = {block_id: get_block(room.doc, block_id) for block_id in touched}
             return JSONResponse({"name": name, "blocks": {
                 block_id: None if block is None else block_to_json(block) for block_id, block in blocks.items()}})
@@ -229,22 +235,19 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
 
     async def restore_version(request: Request) -> Response:
         name = doc_name(request, write=True)
+        version: int = request.path_params["version"]
         async with room_of(name) as room:
-            state = await _storage(store.load_version(name, request.path_params["version"]))
+            state = await _storage(store.load_version(name, version))
             if state is None:
                 raise ApiError(404, "no such version")
             saved: Doc = Doc()
             saved.apply_update(state)
             target = export_json(saved)
-            try:
-                await room.edit(lambda doc: apply_ops(doc, restore_ops(doc, target)))
-            except RoomClosed as exc:
-                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
-                                    "not restored") from exc
-            await room.flush()
-            if room.failed:
-                raise ApiError(503, "storage failure: not restored")
-            return JSONResponse({"name": name, "blocks": export_json(room.doc)})
+            backup = await _storage(store.save_version(name, f"before restoring version {version}",
+                                                       await room.encode_state()))
+            await committed_edit(room, lambda doc: apply_ops(doc, restore_ops(doc, target)), "restore")
+            return JSONResponse({"name": name, "saved_before": _version_json(backup),
+                                 "blocks": export_json(room.doc)})
 
     async def get_history(request: Request) -> Response:
         name = doc_name(request)

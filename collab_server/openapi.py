@@ -136,6 +136,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"name": {"type": "string"}, "version": {"type": "integer"},
                        "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
     },
+    "Restored": {
+        "type": "object", "required": ["name", "saved_before", "blocks"],
+        "properties": {"name": {"type": "string"}, "saved_before": _ref("Version"),
+                       "blocks": {"type": "object", "additionalProperties": _ref("Block")}},
+    },
     "LogEntry": {
         "type": "object", "required": ["seq", "time", "size"],
         "properties": {"seq": {"type": "integer"}, "time": {"type": "number"}, "size": {"type": "integer"}},
@@ -255,10 +260,11 @@ PATHS: dict[str, Any] = {
         "summary": "Make the document's blocks those of a saved version, as one change that is committed and "
                    "broadcast before the response",
         "description": "Blocks are created, deleted or edited, index entries added, removed or given the saved "
-                       "status and metadata; entries are matched by name. Later versions stay saved, so a "
-                       "restore can be undone by restoring another.",
+                       "status and metadata; entries are matched by name. The state before is saved as a "
+                       "version first (`saved_before`), so restoring that one undoes the restore.",
         "parameters": [NAME, VERSION],
-        "responses": {"200": _json("Restored: the document's blocks now", "DocJson"), **READ_ERRORS,
+        "responses": {"200": _json("Restored: the version saved just before, and the document's blocks now",
+                                   "Restored"), **READ_ERRORS,
                       "422": _error("The saved version does not follow the block model")},
     }},
     "/api/docs/{name}/history": {"get": {

@@ -65,10 +65,13 @@ async def test_a_saved_version_is_read_back_and_restored_while_a_client_watches(
     assert without_timestamps(restored.json()["blocks"]) == without_timestamps(version_json)
     await watcher.wait_for(lambda: without_timestamps(blocks_to_json(watcher.doc)) == without_timestamps(version_json))
     assert resolved_status(watcher.doc, "keep", "search") == "notStarted"
-    # restoring is a change like any other: the later version is still there, and can be restored in turn
-    assert (await http.get("/api/docs/doc/versions")).json()["versions"] == [saved, second]
-    again = await http.post(f"/api/docs/doc/versions/{second['id']}/restore")
-    assert set(again.json()["blocks"]) == {"keep", "extra"}
+    # the state before was saved first, so the restore can be undone
+    before = restored.json()["saved_before"]
+    assert before["label"] == f"before restoring version {saved['id']}"
+    assert (await http.get("/api/docs/doc/versions")).json()["versions"] == [saved, second, before]
+    undone = await http.post(f"/api/docs/doc/versions/{before['id']}/restore")
+    assert without_timestamps(undone.json()["blocks"]) == without_timestamps(
+        (await http.get(f"/api/docs/doc/versions/{second['id']}")).json()["blocks"])
 
 
 async def test_versions_outlive_compaction_and_restarts_and_go_with_the_document(server_factory) -> None:
