@@ -25,6 +25,7 @@ from collab_server.resync import Resync
 from collab_server.room import Room
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
+from collab_server.versions import AutoVersions
 from collab_server.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     settings = settings or Settings()
     if settings.auth_required and not settings.auth_secret:
         raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
+    if settings.version_interval > 0 and settings.versions_keep < 1:
+        raise ValueError("version_interval needs versions_keep of at least 1")
     store = store or create_store(settings)
     broker = broker or create_broker(settings)
     metrics = Metrics()
@@ -58,10 +61,16 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         webhooks = Webhooks(settings.webhook_url, metrics, secret=settings.webhook_secret,
                             debounce=settings.webhook_debounce, max_wait=settings.webhook_max_wait)
 
+    versions = None
+    if settings.version_interval > 0:
+        versions = AutoVersions(store, metrics, interval=settings.version_interval, keep=settings.versions_keep)
+
     def on_load(room: Room) -> None:
         status_events.attach(room)
         if webhooks is not None:
             webhooks.attach(room)
+        if versions is not None:
+            versions.attach(room)
 
     rooms = Rooms(store, broker, metrics, idle_unload_seconds=settings.idle_unload_seconds,
                   max_connections_per_room=settings.max_connections_per_room,
@@ -83,6 +92,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                 resync.cancel()
                 await asyncio.gather(resync, return_exceptions=True)
             await rooms.close()
+            if versions is not None:
+                await versions.close()
             if webhooks is not None:  # after the last commits, so their events go out too
                 await webhooks.close(settings.shutdown_timeout)
             await broker.close()

@@ -52,6 +52,10 @@ class Settings:
     # connection (y-websocket retries forever); on, the upgrade is accepted and closed at once with 4401 (no
     # token) or 4403 (invalid, expired or not covering) and the reason, which y-websocket treats as permanent
     auth_close_codes: bool = False
+    # automatic versions (versions.py): a document that changes gets a saved version at most every this many
+    # seconds (its first at its first change); the newest `versions_keep` automatic ones are kept; 0 = off
+    version_interval: float = 0.0
+    versions_keep: int = 24
     # webhooks (webhooks.py): POST document.changed (after `webhook_debounce` quiet seconds, at least every
     # `webhook_max_wait` while changes go on) and document.deleted events to this URL; "" = off
     webhook_url: str = ""

@@ -343,7 +343,8 @@ def _label(body: bytes) -> str:
 
 
 def _version_json(version: VersionInfo) -> dict[str, Any]:
-    return {"id": version.id, "time": version.time, "label": version.label, "size": version.size}
+    return {"id": version.id, "time": version.time, "label": version.label, "size": version.size,
+            "auto": version.auto}
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -33,6 +33,7 @@ class Metrics:
                                         "with changes another node committed but never published", registry=r)
         self.webhooks_delivered = Counter("collab_webhooks_delivered", "Webhook events the receiver accepted",
                                           registry=r)
+        self.versions_saved = Counter("collab_versions_saved", "Automatic versions saved", registry=r)
         self.errors = Counter("collab_errors", "Errors by kind", ["kind"], registry=r)
 
     def observe_commit(self, batch: int, seconds: float) -> None:

@@ -124,9 +124,11 @@ SCHEMAS: dict[str, Any] = {
                                       "oneOf": [_ref("Block"), {"type": "null"}]}}},
     },
     "Version": {
-        "type": "object", "required": ["id", "time", "label", "size"],
+        "type": "object", "required": ["id", "time", "label", "size", "auto"],
         "properties": {"id": {"type": "integer"}, "time": {"type": "number", "description": "Unix seconds"},
-                       "label": {"type": "string"}, "size": {"type": "integer", "description": "Bytes saved"}},
+                       "label": {"type": "string"}, "size": {"type": "integer", "description": "Bytes saved"},
+                       "auto": {"type": "boolean", "description": "Saved on the --version-interval schedule; "
+                                "only the newest --versions-keep of these are kept"}},
     },
     "VersionList": {"type": "object", "required": ["name", "versions"],
                     "properties": {"name": {"type": "string"},

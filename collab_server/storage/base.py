@@ -170,6 +170,7 @@ class VersionInfo:
     time: float  # unix seconds
     label: str
     size: int  # bytes of the saved state
+    auto: bool = False  # saved by the server on a schedule (see versions.py), not on request
 
 
 class Store(Protocol):
@@ -213,9 +214,12 @@ class Store(Protocol):
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         """The updates needed to rebuild `doc` as it was after log entry `seq` (HistoryCompacted if gone)."""
 
-    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
+    async def save_version(self, doc: str, label: str, state: bytes, *, auto: bool = False) -> VersionInfo:
         """Keep `state` (the whole document as one update) as a named version of `doc`; compaction never
         touches it."""
+
+    async def prune_versions(self, doc: str, keep: int) -> int:
+        """Delete all but the newest `keep` automatic versions of `doc`; returns how many were deleted."""
 
     async def versions(self, doc: str) -> list[VersionInfo]:
         """The saved versions of `doc`, oldest first."""

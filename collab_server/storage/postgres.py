@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS versions (
     doc TEXT NOT NULL,
     ts DOUBLE PRECISION NOT NULL,
     label TEXT NOT NULL,
+    auto BOOLEAN NOT NULL DEFAULT FALSE,
     data BYTEA NOT NULL
 );
 CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
@@ -244,16 +245,23 @@ class PostgresStore:
         rows = await self._fetch(query, doc, what=f"reading history of {doc!r}")
         return [LogEntry(r["id"], r["ts"], r["size"]) for r in rows]
 
-    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
+    async def save_version(self, doc: str, label: str, state: bytes, *, auto: bool = False) -> VersionInfo:
         now = time.time()
-        rows = await self._fetch("INSERT INTO versions (doc, ts, label, data) VALUES ($1, $2, $3, $4) RETURNING id",
-                                 doc, now, label, state, what=f"saving a version of {doc!r}")
-        return VersionInfo(rows[0]["id"], now, label, len(state))
+        rows = await self._fetch("INSERT INTO versions (doc, ts, label, auto, data) VALUES ($1, $2, $3, $4, $5) "
+                                 "RETURNING id", doc, now, label, auto, state, what=f"saving a version of {doc!r}")
+        return VersionInfo(rows[0]["id"], now, label, len(state), auto)
+
+    async def prune_versions(self, doc: str, keep: int) -> int:
+        rows = await self._fetch("DELETE FROM versions WHERE doc = $1 AND auto AND id NOT IN "
+                                 "(SELECT id FROM versions WHERE doc = $1 AND auto ORDER BY id DESC LIMIT $2) "
+                                 "RETURNING id", doc, keep, what=f"pruning versions of {doc!r}")
+        return len(rows)
 
     async def versions(self, doc: str) -> list[VersionInfo]:
-        query = "SELECT id, ts, label, octet_length(data) AS size FROM versions WHERE doc = $1 ORDER BY id"
+        query = ("SELECT id, ts, label, octet_length(data) AS size, auto FROM versions WHERE doc = $1 "
+                 "ORDER BY id")
         rows = await self._fetch(query, doc, what=f"listing versions of {doc!r}")
-        return [VersionInfo(r["id"], r["ts"], r["label"], r["size"]) for r in rows]
+        return [VersionInfo(r["id"], r["ts"], r["label"], r["size"], r["auto"]) for r in rows]
 
     async def load_version(self, doc: str, version: int) -> bytes | None:
         rows = await self._fetch("SELECT data FROM versions WHERE doc = $1 AND id = $2", doc, version,

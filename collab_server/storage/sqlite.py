@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS versions (
     doc TEXT NOT NULL,
     ts REAL NOT NULL,
     label TEXT NOT NULL,
+    auto INTEGER NOT NULL DEFAULT 0,
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
@@ -332,23 +333,33 @@ class SQLiteStore:
         rows = await self._read(query, (doc,), what=f"reading history of {doc!r}")
         return [LogEntry(seq, ts, size) for seq, ts, size in rows]
 
-    async def save_version(self, doc: str, label: str, state: bytes) -> VersionInfo:
-        assert self._writer is not None
+    async def save_version(self, doc: str, label: str, state: bytes, *, auto: bool = False) -> VersionInfo:
         now = time.time()
+        version = await self._write("INSERT INTO versions (doc, ts, label, auto, data) VALUES (?, ?, ?, ?, ?)",
+                                    (doc, now, label, auto, state), what=f"saving a version of {doc!r}")
+        return VersionInfo(version, now, label, len(state), auto)
+
+    async def prune_versions(self, doc: str, keep: int) -> int:
+        return await self._write("DELETE FROM versions WHERE doc = ? AND auto AND id NOT IN "
+                                 "(SELECT id FROM versions WHERE doc = ? AND auto ORDER BY id DESC LIMIT ?)",
+                                 (doc, doc, keep), what=f"pruning versions of {doc!r}", rows=True)
+
+    async def _write(self, sql: str, params: Sequence[object], *, what: str, rows: bool = False) -> int:
+        """One statement on the writer, in its own transaction; returns the new row id (or the rows changed)."""
+        assert self._writer is not None
         async with self._write_lock:
             try:
-                async with self._writer.execute("INSERT INTO versions (doc, ts, label, data) VALUES (?, ?, ?, ?)",
-                                                (doc, now, label, state)) as cur:
-                    version = cur.lastrowid
+                async with self._writer.execute(sql, params) as cur:
+                    result = cur.rowcount if rows else cur.lastrowid
             except Exception as exc:
-                raise StorageError(f"saving a version of {doc!r} failed: {exc}") from exc
-        assert version is not None
-        return VersionInfo(version, now, label, len(state))
+                raise StorageError(f"{what} failed: {exc}") from exc
+        assert result is not None
+        return result
 
     async def versions(self, doc: str) -> list[VersionInfo]:
-        query = "SELECT id, ts, label, LENGTH(data) FROM versions WHERE doc = ? ORDER BY id"
+        query = "SELECT id, ts, label, LENGTH(data), auto FROM versions WHERE doc = ? ORDER BY id"
         rows = await self._read(query, (doc,), what=f"listing versions of {doc!r}")
-        return [VersionInfo(*row) for row in rows]
+        return [VersionInfo(id_, ts, label, size, bool(auto)) for id_, ts, label, size, auto in rows]
 
     async def load_version(self, doc: str, version: int) -> bytes | None:
         rows = await self._read("SELECT data FROM versions WHERE doc = ? AND id = ?", (doc, version),

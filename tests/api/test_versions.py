@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -10,7 +12,7 @@ import pytest
 from collab_server.auth import issue_token
 from collab_server.model import blocks_to_json, resolved_status
 from tests.rawclient import RawPeer
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, wait_until
 
 
 @pytest.fixture
@@ -126,3 +128,43 @@ async def test_saving_and_restoring_need_a_read_write_token(server_factory) -> N
         assert (await http.post(f"/api/docs/a/versions/{version['id']}/restore", headers=ro)).status_code == 403
         assert (await http.post(f"/api/docs/a/versions/{version['id']}/restore", headers=rw)).status_code == 200
         assert (await http.get("/api/docs/a/versions")).status_code == 401
+
+
+async def test_automatic_versions_come_an_interval_apart_and_only_the_newest_are_kept(server_factory) -> None:
+    server = server_factory("--version-interval", "1", "--versions-keep", "2")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        async def versions() -> list[dict]:
+            return (await http.get("/api/docs/auto/versions")).json()["versions"]
+
+        await edit(http, "auto", {"op": "create_block", "id": "b", "type": "p", "content": "0"})
+        mine = (await http.post("/api/docs/auto/versions", json={"label": "mine"})).json()
+        started = time.time()
+        for i in range(35):  # ~3.5 s of changes, 0.1 s apart
+            await edit(http, "auto", {"op": "set_content", "id": "b", "content": str(i + 1)})
+            await asyncio.sleep(0.1)
+        await edit(http, "auto", {"op": "set_content", "id": "b", "content": "last"})
+        elapsed = time.time() - started
+        await wait_until(lambda: server.metric("collab_versions_saved_total") >= 3)
+        saved = server.metric("collab_versions_saved_total")
+        assert saved <= 2 + elapsed  # the first at the first change, then at most one a second
+        listed = await versions()
+        automatic = [v for v in listed if v["auto"]]
+        assert mine in listed and len(automatic) == 2 and {v["label"] for v in automatic} == {"automatic"}
+        assert automatic[1]["time"] - automatic[0]["time"] >= 1
+        newest = (await http.get(f"/api/docs/auto/versions/{automatic[1]['id']}")).json()
+        assert newest["blocks"]["b"]["content"] != "0"
+
+
+async def test_the_interval_counts_from_the_stored_versions_across_restarts(server_factory) -> None:
+    server = server_factory("--version-interval", "3600")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        await edit(http, "kept", {"op": "create_block", "id": "b", "type": "p", "content": "first"})
+        await wait_until(lambda: server.metric("collab_versions_saved_total") == 1)
+        server.stop()
+        server.start()
+        await edit(http, "kept", {"op": "set_content", "id": "b", "content": "second"})
+        await edit(http, "other", {"op": "create_block", "id": "b", "type": "p"})  # a new document: saved
+        await wait_until(lambda: server.metric("collab_versions_saved_total") == 1)
+        versions = (await http.get("/api/docs/kept/versions")).json()["versions"]
+        assert [v["auto"] for v in versions] == [True]
+        assert (await http.get("/api/docs/other/versions")).json()["versions"][0]["auto"]

@@ -233,6 +233,18 @@ async def test_saved_versions_outlive_compaction_and_go_with_the_document(backen
     await store.close()
 
 
+async def test_pruning_keeps_the_newest_automatic_versions_and_every_requested_one(store: Store) -> None:
+    _, updates = text_updates(8)
+    saved = [await store.save_version("d", f"v{i}", u, auto=i % 2 == 0) for i, u in enumerate(updates)]
+    await store.save_version("other", "auto", updates[0], auto=True)
+    assert [v.auto for v in saved] == [True, False] * 4 and await store.versions("d") == saved
+    assert await store.prune_versions("d", 2) == 2
+    assert [v.label for v in await store.versions("d")] == ["v1", "v3", "v4", "v5", "v6", "v7"]
+    assert await store.prune_versions("d", 2) == 0 and await store.prune_versions("d", 0) == 2
+    assert [v.label for v in await store.versions("d")] == ["v1", "v3", "v5", "v7"]
+    assert len(await store.versions("other")) == 1
+
+
 @pytest.mark.parametrize("compacted_before", [False, True])
 async def test_a_compaction_that_ends_after_a_delete_brings_nothing_back(
         store: Store, monkeypatch: pytest.MonkeyPatch, compacted_before: bool) -> None:
