@@ -242,6 +242,29 @@ const scenarios = {
     await screenshot([alice], 'status', 'overview')
   },
 
+  async 'versions' (browser, errors) {
+    const { alice, bob, blockId } = await twoUsersSharingABlock(browser, 'versions', 'first draft', errors)
+    const versions = (user) => user.page.$$eval(byTestId('version'), (els) => els.map((el) => el.dataset.label))
+    await alice.page.click(`${byTestId('versions')} summary`)
+    await alice.page.fill(byTestId('version-label'), 'v1')
+    await alice.page.click(byTestId('save-version'))
+    await alice.page.waitForSelector(`${byTestId('version')}[data-label="v1"]`)
+
+    await typeAt(alice, blockId, 'End', ', then rewritten')
+    await waitForContent(bob, blockId, 'first draft, then rewritten')
+    await alice.page.click(`${byTestId('version')}[data-label="v1"] ${byTestId('restore-version')}`)
+    // the server's restore reaches both pages over the websocket
+    await Promise.all([waitForContent(alice, blockId, 'first draft'), waitForContent(bob, blockId, 'first draft')])
+    await alice.page.waitForSelector(`${byTestId('version')}[data-label^="before restoring version"]`)
+    assert.deepEqual((await versions(alice)).length, 2)
+    await screenshot([alice, bob], 'versions', 'restored')
+
+    // and the restore is undone from the version saved before it
+    await alice.page.click(`${byTestId('version')}[data-label^="before restoring"] ${byTestId('restore-version')}`)
+    await Promise.all([waitForContent(alice, blockId, 'first draft, then rewritten'),
+      waitForContent(bob, blockId, 'first draft, then rewritten')])
+  },
+
   async 'deleted' (browser, errors) {
     const { room, alice, bob } = await twoUsersSharingABlock(browser, 'deleted', 'soon gone', errors)
     await Promise.all([waitSavedLocally(alice), waitSavedLocally(bob)])

@@ -52,7 +52,7 @@ def demo_dist() -> Path:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("scenario", ["concurrent-typing", "offline-reload", "presence-reconnect", "status-conflict",
-                                      "deleted"])
+                                      "deleted", "versions"])
 def test_web_demo(demo_dist, server, scenario):
     assert "collab demo" in _get(server.http_url + "/"), "server does not serve web_demo/dist at /"
     result = subprocess.run(["node", str(SPEC), server.http_url, scenario], cwd=ROOT,

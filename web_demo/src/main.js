@@ -7,6 +7,7 @@ import { addBlock, mountBlocks } from './blocks-view.js'
 import { DELETED_CODE, bindConnection, offlinePreferred } from './connection.js'
 import { persistLocally } from './local-store.js'
 import { bindPresence, refreshPresenceOnReconnect } from './presence.js'
+import { bindVersions } from './versions.js'
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`)
 
@@ -25,6 +26,14 @@ bindConnection(provider, { indicator: byTestId('connection-status'), toggle: byT
 bindPresence(provider.awareness, { list: byTestId('presence-list'), nameInput: byTestId('user-name') })
 refreshPresenceOnReconnect(provider)
 mountBlocks(doc, byTestId('blocks'))
+
+const refreshVersions = bindVersions(room, {
+  form: byTestId('save-version-form'),
+  label: byTestId('version-label'),
+  list: byTestId('version-list'),
+  message: byTestId('version-message')
+})
+byTestId('versions').addEventListener('toggle', (event) => { if (event.target.open) refreshVersions() })
 
 byTestId('add-block-form').addEventListener('submit', (event) => {
   event.preventDefault()
