@@ -24,6 +24,8 @@ def _json(description: str, schema: str) -> dict[str, Any]:
 
 
 MAX_LABEL = 200
+FORMAT = {"name": "format", "in": "query", "required": False,
+          "schema": {"type": "string", "enum": ["json", "update"], "default": "json"}}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 STRING = {"type": "string"}
 ID = {"type": "string", "minLength": 1}
@@ -249,8 +251,7 @@ PATHS: dict[str, Any] = {
     "/api/docs/{name}/versions/{version}": {"get": {
         "summary": "A saved version, as JSON or as a Yjs v1 update",
         "parameters": [NAME, VERSION,
-                       {"name": "format", "in": "query", "required": False,
-                        "schema": {"type": "string", "enum": ["json", "update"], "default": "json"}}],
+                       FORMAT],
         "responses": {
             "200": {"description": "The saved version as JSON or as a Yjs v1 update",
                     "content": {"application/json": {"schema": _ref("VersionJson")}, **BINARY_UPDATE}},
@@ -278,8 +279,7 @@ PATHS: dict[str, Any] = {
         "summary": "The document as it was after log entry seq",
         "parameters": [NAME,
                        {"name": "seq", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
-                       {"name": "format", "in": "query", "required": False,
-                        "schema": {"type": "string", "enum": ["json", "update"], "default": "json"}}],
+                       FORMAT],
         "responses": {
             "200": {"description": "The past version as JSON or as a Yjs v1 update",
                     "content": {"application/json": {"schema": _ref("DocAtJson")}, **BINARY_UPDATE}},

@@ -157,10 +157,7 @@ class Room:
 
         Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message."""
-        while self._hold is not None:
-            await asyncio.shield(self._hold)
-        if self.closed:
-            raise RoomClosed(self.name)
+        await self._writable()
         try:
             with self.doc.transaction(origin=origin):
                 self.doc.apply_update(update)
@@ -178,16 +175,20 @@ class Room:
         `apply` does; returns what `change` returns. A change that raises keeps what it did before raising
         (stored like any other change), so it should check first (see edits.py). Raises RoomClosed as
         `apply` does."""
-        while self._hold is not None:
-            await asyncio.shield(self._hold)
-        if self.closed:
-            raise RoomClosed(self.name)
+        await self._writable()
         try:
             with self.doc.transaction(origin=origin):
                 return change(self.doc)
         finally:
             self._run_hooks()
             self._persist(None)
+
+    async def _writable(self) -> None:
+        """Wait while a sync answer is being prepared; RoomClosed once the room is closed."""
+        while self._hold is not None:
+            await asyncio.shield(self._hold)
+        if self.closed:
+            raise RoomClosed(self.name)
 
     async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
         """The update a peer with `state_vector` lacks, containing committed changes only."""
