@@ -250,8 +250,7 @@ PATHS: dict[str, Any] = {
     },
     "/api/docs/{name}/versions/{version}": {"get": {
         "summary": "A saved version, as JSON or as a Yjs v1 update",
-        "parameters": [NAME, VERSION,
-                       FORMAT],
+        "parameters": [NAME, VERSION, FORMAT],
         "responses": {
             "200": {"description": "The saved version as JSON or as a Yjs v1 update",
                     "content": {"application/json": {"schema": _ref("VersionJson")}, **BINARY_UPDATE}},
