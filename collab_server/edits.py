@@ -47,6 +47,10 @@ class EditError(ValueError):
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise EditError(400, f"{name} must be a string")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:  # JSON can escape a lone surrogate; no Yjs document can hold one
+        raise EditError(400, f"{name}: not valid Unicode (a lone surrogate)") from exc
     return value
 
 
@@ -66,9 +70,11 @@ def _json_value(value: Any, name: str, depth: int = 0) -> None:
     """Refuse what Yjs clients cannot hold: integers beyond 2^53, non-finite numbers, deep nesting."""
     if depth > MAX_DEPTH:
         raise EditError(400, f"{name}: nested deeper than {MAX_DEPTH}")
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool) or value is None:
         return
-    if isinstance(value, int):
+    if isinstance(value, str):
+        _str(value, name)
+    elif isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
             raise EditError(400, f"{name}: integer beyond 2^53")
     elif isinstance(value, float):
@@ -79,7 +85,7 @@ def _json_value(value: Any, name: str, depth: int = 0) -> None:
             _json_value(item, f"{name}[{i}]", depth + 1)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _json_value(item, f"{name}.{key}", depth + 1)
+            _json_value(item, f"{name}.{_str(key, f'{name} key')}", depth + 1)
     else:
         raise EditError(400, f"{name}: not a JSON value")
 

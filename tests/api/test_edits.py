@@ -131,6 +131,11 @@ async def test_a_batch_with_an_op_that_cannot_apply_changes_nothing(http, ops, s
     (b'{"ops": [], "x": 1}', 'expected {"ops"'), (b'{"ops": [{"op": "set_metadata", "id": "b", '
                                                   b'"index_name": "i", "metadata": {"n": NaN}}]}', "finite"),
     (b"[" * 100_000, "not JSON"), (b"", "empty body"),
+    (b'{"ops": [{"op": "create_block", "id": "b\\ud800", "type": "p"}]}', "lone surrogate"),
+    (b'{"ops": [{"op": "create_block", "id": "b", "type": "p", "content": "\\udc00"}]}', "lone surrogate"),
+    (b'{"ops": [{"op": "add_index", "id": "b", "index_name": "i", "metadata": {"k\\ud800": 1}}]}', "lone surrogate"),
+    (b'{"ops": [{"op": "add_index", "id": "b", "index_name": "i", "metadata": {"k": ["\\ud800"]}}]}',
+     "lone surrogate"),
 ])
 async def test_malformed_bodies_are_refused(http, body, error) -> None:
     response = await http.post("/api/docs/bad/blocks", content=body)
