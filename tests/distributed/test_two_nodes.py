@@ -13,6 +13,7 @@ from pycrdt import Doc, Text
 from websockets.exceptions import ConnectionClosed
 
 from collab_server import protocol as p
+from collab_server.model import blocks_to_json
 from tests.distributed.cluster import Cluster
 from tests.rawclient import RawPeer, text_updates
 from tests.serverproc import ServerProcess
@@ -165,3 +166,23 @@ async def test_a_deletion_whose_event_was_lost_is_found_by_resync(cluster: Clust
     finally:
         await conn.close()
     assert await peer.wait_closed() == (4410, "document deleted")
+
+
+async def test_a_version_saved_on_one_node_is_restored_from_the_other(cluster: Cluster) -> None:
+    """Versions live in the shared store; a restore on node b reaches a client of node a through the broker."""
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    watcher = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    await watcher.sync()
+    ops = {"ops": [{"op": "create_block", "id": "b1", "type": "p", "content": "saved"}]}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(f"{a.http_url}/api/docs/{cluster.room}/blocks", json=ops)).status_code == 200
+        saved = (await http.post(f"{a.http_url}/api/docs/{cluster.room}/versions")).json()
+        ops = {"ops": [{"op": "set_content", "id": "b1", "content": "changed"}, {"op": "create_block", "id": "b2",
+                                                                                  "type": "p"}]}
+        assert (await http.post(f"{a.http_url}/api/docs/{cluster.room}/blocks", json=ops)).status_code == 200
+        listed = (await http.get(f"{b.http_url}/api/docs/{cluster.room}/versions")).json()["versions"]
+        assert listed == [saved]
+        restored = await http.post(f"{b.http_url}/api/docs/{cluster.room}/versions/{saved['id']}/restore")
+        assert restored.status_code == 200 and set(restored.json()["blocks"]) == {"b1"}
+    await watcher.wait_for(lambda: set(blocks_to_json(watcher.doc)) == {"b1"}
+                           and blocks_to_json(watcher.doc)["b1"]["content"] == "saved", 20)
