@@ -29,14 +29,14 @@ const entrySel = (blockId, indexName) => `${blockSel(blockId)} [data-testid="ind
 
 const newRoom = (name) => `${name}-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 6)}`
 
-/** A user: own browser context (own IndexedDB/localStorage), one page on `room`. */
-async function openUser (browser, room, name, errors) {
+/** A user: own browser context (own IndexedDB/localStorage), one page on `room` (with `token`, if given). */
+async function openUser (browser, room, name, errors, token = null) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 760 } })
   const page = await context.newPage()
   page.setDefaultTimeout(TIMEOUT)
   page.on('pageerror', (err) => errors.push(`${name}: ${err.message}`))
   page.on('console', (msg) => { if (msg.type() === 'error') console.log(`  [${name} console] ${msg.text()}`) })
-  await page.goto(`${baseUrl}/?room=${encodeURIComponent(room)}`)
+  await page.goto(`${baseUrl}/?room=${encodeURIComponent(room)}${token ? `&token=${token}` : ''}`)
   await page.fill(byTestId('user-name'), name)
   await page.press(byTestId('user-name'), 'Enter')
   await waitConnection(page, 'online')
@@ -263,6 +263,35 @@ const scenarios = {
     await alice.page.click(`${byTestId('version')}[data-label^="before restoring"] ${byTestId('restore-version')}`)
     await Promise.all([waitForContent(alice, blockId, 'first draft, then rewritten'),
       waitForContent(bob, blockId, 'first draft, then rewritten')])
+  },
+
+  async 'read-only' (browser, errors) {
+    const [rw, ro] = [process.env.RW_TOKEN, process.env.RO_TOKEN]
+    assert.ok(rw && ro, 'needs RW_TOKEN and RO_TOKEN for a server run with --auth-required')
+    const room = newRoom('read-only')
+    const alice = await openUser(browser, room, 'Alice', errors, rw)
+    const blockId = await addBlock(alice, 'written by Alice')
+    const bob = await openUser(browser, room, 'Bob', errors, ro)
+    await waitForContent(bob, blockId, 'written by Alice')
+    await bob.page.waitForSelector(`${byTestId('access')}:text("Read-only")`)
+    for (const sel of [contentSel(blockId), byTestId('add-block'), byTestId('save-version')]) {
+      assert.ok(await bob.page.$eval(sel, (el) => el.matches(':disabled')), `a read-only page offers ${sel}`)
+    }
+    const api = `${baseUrl}/api/docs/${encodeURIComponent(room)}`
+    const saved = await fetch(`${api}/versions`, { method: 'POST', headers: { Authorization: `Bearer ${rw}` } })
+    assert.equal(saved.status, 201)
+    await bob.page.click(`${byTestId('versions')} summary`)
+    const restore = `${byTestId('version')} ${byTestId('restore-version')}`
+    await bob.page.waitForSelector(restore)
+    assert.ok(await bob.page.$eval(restore, (el) => el.matches(':disabled')), 'a read-only page offers restore')
+    await screenshot([bob], 'read-only', 'viewer')
+
+    // an edit made anyway (from the devtools console) is refused by the server: nobody else gets it
+    await bob.page.evaluate((id) => window.collabDemo.doc.getMap('blocks').delete(id), blockId)
+    await typeAt(alice, blockId, 'End', ', still here')
+    const stored = await fetch(`${api}/json`, { headers: { Authorization: `Bearer ${rw}` } })
+    assert.equal((await stored.json()).blocks[blockId]?.content, 'written by Alice, still here')
+    await waitForContent(alice, blockId, 'written by Alice, still here')
   },
 
   async 'deleted' (browser, errors) {

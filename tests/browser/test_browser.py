@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from collab_server.auth import issue_token
 from tests.serverproc import ROOT
+
+SECRET = "browser-secret"
 
 SPEC = ROOT / "tests" / "browser" / "demo.spec.mjs"
 DEMO = ROOT / "web_demo"
@@ -60,6 +63,19 @@ def test_web_demo(demo_dist, server, scenario):
     print(result.stdout, result.stderr, sep="\n")
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- server log ---\n{server.log()[-5000:]}"
     assert f"ok - {scenario}" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_web_demo_with_access_tokens(demo_dist, server_factory):
+    """With --auth-required the page passes ?token= on: a read-write user edits, a read-only one watches."""
+    server = server_factory("--auth-required", "--auth-secret", SECRET)
+    env = {**os.environ, "RW_TOKEN": issue_token(SECRET, prefix=""),
+           "RO_TOKEN": issue_token(SECRET, prefix="", access="ro")}
+    result = subprocess.run(["node", str(SPEC), server.http_url, "read-only"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=150)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- server log ---\n{server.log()[-5000:]}"
+    assert "ok - read-only" in result.stdout
 
 
 def _get(url: str) -> str:

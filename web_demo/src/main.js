@@ -8,6 +8,7 @@ import { DELETED_CODE, bindConnection, offlinePreferred } from './connection.js'
 import { persistLocally } from './local-store.js'
 import { bindPresence, refreshPresenceOnReconnect } from './presence.js'
 import { bindVersions } from './versions.js'
+import { pageToken, readOnlyToken } from './access.js'
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`)
 
@@ -16,7 +17,15 @@ const serverUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location
 
 const doc = new Y.Doc()
 const { persistence, forget } = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
-const provider = new WebsocketProvider(serverUrl, encodeURIComponent(room), doc, { connect: !offlinePreferred() })
+const token = pageToken()
+const provider = new WebsocketProvider(serverUrl, encodeURIComponent(room), doc,
+  { connect: !offlinePreferred(), params: token ? { token } : {} })
+// a read-only token: the server refuses this page's edits, so the editor is not offered
+const readOnly = token !== null && readOnlyToken(token)
+if (readOnly) {
+  byTestId('editor').disabled = true
+  byTestId('access').textContent = 'Read-only'
+}
 // deleted on the server: y-websocket stops reconnecting; drop the local copy too, or the next visit uploads it
 provider.on('closed', ({ code }) => { if (code === DELETED_CODE) forget() })
 
@@ -27,7 +36,7 @@ bindPresence(provider.awareness, { list: byTestId('presence-list'), nameInput: b
 refreshPresenceOnReconnect(provider)
 mountBlocks(doc, byTestId('blocks'))
 
-const refreshVersions = bindVersions(room, {
+const refreshVersions = bindVersions(room, { token, readOnly }, {
   form: byTestId('save-version-form'),
   label: byTestId('version-label'),
   list: byTestId('version-list'),
