@@ -29,11 +29,10 @@ from collab_server.model import (
     set_entry_metadata,
     set_status,
 )
-from collab_server.model.blocks import RESERVED_ENTRY_KEYS
+from collab_server.model.blocks import MAX_SAFE_INTEGER, RESERVED_ENTRY_KEYS
 
 MAX_OPS = 1000
 MAX_DEPTH = 32  # nesting of metadata values
-MAX_SAFE_INTEGER = 2**53 - 1  # JavaScript's: yjs clients read numbers as doubles
 
 
 class EditError(ValueError):

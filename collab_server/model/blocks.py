@@ -7,6 +7,7 @@ Every mutation runs in one transaction (joining the caller's if one is open).
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from collab_server.model.status import WriteRecord, frontier, is_record, resolve_writes
 
+MAX_SAFE_INTEGER = 2**53 - 1  # JavaScript's: yjs clients read numbers as doubles
 RESERVED_ENTRY_KEYS = frozenset({"index_name", "status", "timestamp", "statusWrites"})
 
 
@@ -198,13 +200,16 @@ def resolved_status(doc: Doc, block_id: str, index_name: str) -> str | None:
 
 
 def _plain(value: Any) -> Any:
-    """JSON value with integral floats as ints (pycrdt stores ints as floats); shared types as plain data."""
+    """JSON value with integral floats as ints (pycrdt stores ints as floats) where JavaScript holds them exactly,
+    NaN and infinities as None (as JSON.stringify does); shared types as plain data."""
     if isinstance(value, Text):
         return str(value)
     if isinstance(value, (Map, Array)):
         value = value.to_py()
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):

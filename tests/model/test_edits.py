@@ -163,3 +163,21 @@ def test_restoring_gives_the_saved_blocks_back(saved_ops, current_ops, saved_mal
     typed = {bid for bid, b in saved.items() if b["type"] is not None}  # a block without a type gets ""
     assert {bid: restored.get(bid) for bid in typed} == {bid: entries_by_name(saved)[bid] for bid in typed}
     assert set(restored) == set(saved)
+
+
+def test_numbers_beyond_what_javascript_holds_exactly_export_as_floats_and_restore() -> None:
+    """A client can store any double: integral ones past 2^53 stay floats in JSON (as ints they would not fit
+    pycrdt when restored), and NaN or infinities become null, as JSON.stringify makes them."""
+    doc = Doc()
+    create_block(doc, "b", "p")
+    add_index_entry(doc, "b", "i", metadata={"big": 1e300, "past": -(2.0**60), "small": 3.0, "nan": float("nan"),
+                                             "inf": float("inf")})
+    saved = blocks_to_json(doc)
+    entry = saved["b"]["indexingList"][0]
+    assert (entry["big"], entry["past"], entry["small"], entry["nan"], entry["inf"]) == (1e300, -(2.0**60), 3, None,
+                                                                                         None)
+    assert isinstance(entry["small"], int) and isinstance(entry["past"], float)
+    fresh = Doc()
+    with fresh.transaction():
+        apply_ops(fresh, restore_ops(fresh, saved))
+    assert entries_by_name(blocks_to_json(fresh)) == entries_by_name(saved)
