@@ -1,8 +1,8 @@
 """The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
-fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/versions[/{id}[/restore]]``,
-``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is still unambiguous, because each
+fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/copy``,
+``/versions[/{id}[/restore]]``, ``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is still unambiguous, because each
 route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
@@ -44,6 +44,7 @@ from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
 
 BINARY = "application/octet-stream"
+SMALL_BODY = 64 * 1024  # bytes of the JSON bodies that only name things (a label, a copy's target)
 LIST_LIMIT, LIST_MAX = 1000, 10_000  # documents per page of GET /api/docs: default, most
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -111,10 +112,10 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         except AuthError as exc:
             raise ApiError(403, str(exc)) from exc
 
-    def doc_name(request: Request, *, write: bool = False) -> str:
-        """The path's document name, once the request's token allows reading (or writing) it."""
-        name = request.path_params["name"]
-        if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
+    def doc_name(request: Request, *, write: bool = False, name: str | None = None) -> str:
+        """The path's document name (or `name`), once the request's token allows reading (or writing) it."""
+        name = request.path_params["name"] if name is None else name
+        if not isinstance(name, str) or not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
             raise ApiError(400, "invalid document name")
         if grant(request, name).readonly and write:
             raise ApiError(403, "read-only token: document changes are not accepted")
@@ -206,6 +207,13 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             return JSONResponse({"name": name, "blocks": {
                 block_id: None if block is None else block_to_json(block) for block_id, block in blocks.items()}})
 
+    async def saved_state(name: str, version: int) -> bytes:
+        """The state saved as `version` of `name`; 404 if there is none."""
+        state = await _storage(store.load_version(name, version)) if 0 <= version < 2**63 else None
+        if state is None:
+            raise ApiError(404, "no such version")
+        return state
+
     async def list_versions(request: Request) -> Response:
         name = doc_name(request)
         async with room_of(name):
@@ -214,7 +222,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
 
     async def save_version(request: Request) -> Response:
         name = doc_name(request, write=True)
-        label = _label(await _read_body(request, 4096, None))
+        label = _label(await _read_body(request, SMALL_BODY, None))
         async with room_of(name) as room:
             state = await room.encode_state()
             version = await _storage(store.save_version(name, label, state))
@@ -224,9 +232,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         name = doc_name(request)
         form = _format(request)
         async with room_of(name):
-            state = await _storage(store.load_version(name, request.path_params["version"]))
-        if state is None:
-            raise ApiError(404, "no such version")
+            state = await saved_state(name, request.path_params["version"])
         if form == "update":
             return Response(state, media_type=BINARY)
         doc: Doc = Doc()
@@ -237,9 +243,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         name = doc_name(request, write=True)
         version: int = request.path_params["version"]
         async with room_of(name) as room:
-            state = await _storage(store.load_version(name, version))
-            if state is None:
-                raise ApiError(404, "no such version")
+            state = await saved_state(name, version)
             saved: Doc = Doc()
             saved.apply_update(state)
             target = export_json(saved)
@@ -248,6 +252,25 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             await committed_edit(room, lambda doc: apply_ops(doc, restore_ops(doc, target)), "restore")
             return JSONResponse({"name": name, "saved_before": _version_json(backup),
                                  "blocks": export_json(room.doc)})
+
+    async def copy_doc(request: Request) -> Response:
+        name = doc_name(request)
+        body = _json_body(await _read_body(request, SMALL_BODY, '{"to": ...}'))
+        if not isinstance(body, dict) or set(body) - {"to", "version"} or "to" not in body or not isinstance(
+                body.get("version", 0), int) or isinstance(body.get("version"), bool):
+            raise ApiError(400, 'expected {"to": "<new document>", "version": <id, optional>}')
+        target = doc_name(request, write=True, name=body["to"])
+        async with room_of(name) as source:
+            if "version" in body:
+                state = await saved_state(name, body["version"])
+            else:
+                state = await source.encode_state()
+        async with room_of(target, existing=False) as room:
+            await room.flush()
+            if room.doc.get_state() != b"\x00":
+                raise ApiError(409, f"document {target!r} exists; copies go to new documents only")
+            await committed_edit(room, lambda doc: doc.apply_update(state), "copy")
+        return JSONResponse({"name": target, "from": name}, status_code=201)
 
     async def get_history(request: Request) -> Response:
         name = doc_name(request)
@@ -294,6 +317,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         _route("/api/docs/{name:path}/json", _Endpoint(get=get_json)),
         _route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
         _route("/api/docs/{name:path}/blocks", _Endpoint(post=post_blocks)),
+        _route("/api/docs/{name:path}/copy", _Endpoint(post=copy_doc)),
         _route("/api/docs/{name:path}/versions", _Endpoint(get=list_versions, post=save_version)),
         _route("/api/docs/{name:path}/versions/{version:int}", _Endpoint(get=get_version)),
         _route("/api/docs/{name:path}/versions/{version:int}/restore", _Endpoint(post=restore_version)),
@@ -339,6 +363,8 @@ def _label(body: bytes) -> str:
         label.encode()
     except UnicodeEncodeError as exc:
         raise ApiError(400, "label is not valid Unicode (a lone surrogate)") from exc
+    if any(ord(c) < 32 for c in label):  # PostgreSQL text cannot hold NUL; none of them belongs in a label
+        raise ApiError(400, "label holds a control character")
     return label
 
 

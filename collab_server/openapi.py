@@ -233,6 +233,25 @@ PATHS: dict[str, Any] = {
             "503": _error("Storage failure: the edits were not saved"),
         },
     }},
+    "/api/docs/{name}/copy": {"post": {
+        "summary": "Copy the document (or one of its saved versions) to a new document",
+        "description": "Needs read access to the document and write access to the new one. The copy is "
+                       "committed before the response and is a document of its own from then on.",
+        "parameters": [NAME],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["to"], "additionalProperties": False,
+            "properties": {"to": {**NAME["schema"], "description": "The new document's name"},
+                           "version": {"type": "integer", "description": "Copy this saved version instead"}}}}}},
+        "responses": {
+            "201": {"description": "Copied", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["name", "from"],
+                "properties": {"name": {"type": "string"}, "from": {"type": "string"}}}}}},
+            **READ_ERRORS,
+            "404": _error("No such document, or no such version"),
+            "409": _error("The target document exists"),
+            "413": _error("Body too large"),
+        },
+    }},
     "/api/docs/{name}/versions": {
         "get": {
             "summary": "The versions saved of the document, oldest first",
@@ -244,7 +263,8 @@ PATHS: dict[str, Any] = {
             "parameters": [NAME],
             "requestBody": {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": False,
-                "properties": {"label": {"type": "string", "maxLength": MAX_LABEL}}}}}},
+                "properties": {"label": {"type": "string", "maxLength": MAX_LABEL,
+                                         "pattern": "^[^\\x00-\\x1f]*$"}}}}}},
             "responses": {"201": _json("Saved", "Version"), **READ_ERRORS, "413": _error("Body too large")},
         },
     },

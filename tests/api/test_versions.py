@@ -97,13 +97,15 @@ async def test_versions_outlive_compaction_and_restarts_and_go_with_the_document
     ("POST", "/api/docs/never/versions", b"", 404, "no such document"),
     ("GET", "/api/docs/never/versions", None, 404, "no such document"),
     ("GET", "/api/docs/v/versions/999999", None, 404, "no such version"),
+    ("GET", f"/api/docs/v/versions/{2**65}", None, 404, "no such version"),
     ("POST", "/api/docs/v/versions/999999/restore", None, 404, "no such version"),
     ("GET", "/api/docs/v/versions/1", {"format": "xml"}, 400, "format must be"),
     ("POST", "/api/docs/v/versions", b'{"label": 3}', 400, "expected {"),
     ("POST", "/api/docs/v/versions", b'{"label": "' + b"x" * 201 + b'"}', 400, "longer than 200"),
     ("POST", "/api/docs/v/versions", b"not json", 400, "not JSON"),
     ("POST", "/api/docs/v/versions", b'{"label": "\\ud800"}', 400, "lone surrogate"),
-    ("POST", "/api/docs/v/versions", b"x" * 5000, 413, "exceeds"),
+    ("POST", "/api/docs/v/versions", b'{"label": "a\\u0000b"}', 400, "control character"),
+    ("POST", "/api/docs/v/versions", b"x" * 70_000, 413, "exceeds"),
 ])
 async def test_bad_version_requests(http, method, path, body, status, error) -> None:
     await edit(http, "v", {"op": "create_block", "id": "b", "type": "p"})
@@ -168,3 +170,58 @@ async def test_the_interval_counts_from_the_stored_versions_across_restarts(serv
         versions = (await http.get("/api/docs/kept/versions")).json()["versions"]
         assert [v["auto"] for v in versions] == [True]
         assert (await http.get("/api/docs/other/versions")).json()["versions"][0]["auto"]
+
+
+async def test_a_document_or_one_of_its_versions_is_copied_to_a_new_document(server: ServerProcess, http) -> None:
+    await edit(http, "template", {"op": "create_block", "id": "b", "type": "p", "content": "v1"},
+               {"op": "add_index", "id": "b", "index_name": "search", "status": "done"})
+    first = (await http.post("/api/docs/template/versions")).json()
+    await edit(http, "template", {"op": "set_content", "id": "b", "content": "v2"})
+    watcher = await RawPeer.connect(f"{server.ws_url}/team/copy")
+    await watcher.sync()
+
+    copied = await http.post("/api/docs/template/copy", json={"to": "team/copy"})
+    assert copied.status_code == 201 and copied.json() == {"name": "team/copy", "from": "template"}
+    source = (await http.get("/api/docs/template/json")).json()["blocks"]
+    assert (await http.get("/api/docs/team/copy/json")).json()["blocks"] == source
+    await watcher.wait_for(lambda: blocks_to_json(watcher.doc) == source)
+    # the copy is a document of its own
+    await edit(http, "team/copy", {"op": "set_content", "id": "b", "content": "changed in the copy"})
+    assert (await http.get("/api/docs/template/json")).json()["blocks"] == source
+
+    old = await http.post("/api/docs/template/copy", json={"to": "from-v1", "version": first["id"]})
+    assert old.status_code == 201
+    assert (await http.get("/api/docs/from-v1/json")).json()["blocks"]["b"]["content"] == "v1"
+
+
+@pytest.mark.parametrize(("source", "body", "status", "error"), [
+    ("template", {"to": "taken"}, 409, "exists"),
+    ("never", {"to": "new"}, 404, "no such document"),
+    ("template", {"to": "new", "version": 999999}, 404, "no such version"),
+    ("template", {"to": "new", "version": -(2**70)}, 404, "no such version"),
+    ("template", {"to": "template"}, 409, "exists"),
+    ("template", {}, 400, "expected"),
+    ("template", {"to": 3}, 400, "invalid document name"),
+    ("template", {"to": "new", "version": "1"}, 400, "expected"),
+    ("template", {"to": "new", "extra": 1}, 400, "expected"),
+])
+async def test_bad_copies(http, source, body, status, error) -> None:
+    await edit(http, "template", {"op": "create_block", "id": "b", "type": "p"})
+    await edit(http, "taken", {"op": "create_block", "id": "t", "type": "p"})
+    response = await http.post(f"/api/docs/{source}/copy", json=body)
+    assert response.status_code == status and error in response.json()["error"], response.text
+    assert (await http.get("/api/docs/new/json")).status_code == 404
+    assert set((await http.get("/api/docs/taken/json")).json()["blocks"]) == {"t"}
+
+
+async def test_a_copy_needs_read_access_to_the_source_and_write_access_to_the_target(server_factory) -> None:
+    server = server_factory("--auth-required", "--auth-secret", "k")
+    team = {"Authorization": f"Bearer {issue_token('k', prefix='team/')}"}
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        ops = {"ops": [{"op": "create_block", "id": "b", "type": "p"}]}
+        assert (await http.post("/api/docs/team/a/blocks", json=ops, headers=team)).status_code == 200
+        outside = await http.post("/api/docs/team/a/copy", json={"to": "elsewhere/a"}, headers=team)
+        assert outside.status_code == 403
+        viewer = {"Authorization": f"Bearer {issue_token('k', prefix='team/', access='ro')}"}
+        assert (await http.post("/api/docs/team/a/copy", json={"to": "team/b"}, headers=viewer)).status_code == 403
+        assert (await http.post("/api/docs/team/a/copy", json={"to": "team/b"}, headers=team)).status_code == 201
