@@ -123,7 +123,7 @@ async def test_a_client_that_stops_reading_is_dropped_instead_of_queueing_foreve
     asks for them without reading overflows the message limit."""
     server = server_factory(*limit)
     writer, reader = await synced_peers(server, 2)
-    doc, stalled = await stall_behind(f"{server.ws_url}/room", writer, reader, 60 if limit[0] == "--send-queue-bytes" else 30)
+    doc, stalled = await stall_behind(f"{server.ws_url}/room", writer, reader, 60)
     for _ in range(20):
         await stalled.send(p.sync_step1(doc.get_state()))  # answered with an empty SyncStep2
     await wait_until(lambda: errors(server, "slow_client") == 1, 30)
