@@ -1,7 +1,7 @@
 """The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
-fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/copy``,
+fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/copy``, ``/presence``,
 ``/versions[/{id}[/restore]]``, ``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is still unambiguous, because each
 route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
@@ -272,6 +272,18 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             await committed_edit(room, lambda doc: doc.apply_update(state), "copy")
         return JSONResponse({"name": target, "from": name}, status_code=201)
 
+    async def get_presence(request: Request) -> Response:
+        name = doc_name(request)
+        room = rooms.loaded.get(name)  # not loaded: nobody is connected to this node
+        entries = room.presence() if room is not None else []
+        return JSONResponse({
+            "name": name,
+            "connections": len(room.connections) if room is not None else 0,
+            # states are JSON text a client sent; a NaN or Infinity literal in one is shown as null
+            "presence": [{"client_id": e.client_id, "state": json.loads(e.state, parse_constant=lambda _: None)}
+                         for e in entries],
+        })
+
     async def get_history(request: Request) -> Response:
         name = doc_name(request)
         async with room_of(name):
@@ -318,6 +330,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         _route("/api/docs/{name:path}/update", _Endpoint(get=get_update, post=post_update)),
         _route("/api/docs/{name:path}/blocks", _Endpoint(post=post_blocks)),
         _route("/api/docs/{name:path}/copy", _Endpoint(post=copy_doc)),
+        _route("/api/docs/{name:path}/presence", _Endpoint(get=get_presence)),
         _route("/api/docs/{name:path}/versions", _Endpoint(get=list_versions, post=save_version)),
         _route("/api/docs/{name:path}/versions/{version:int}", _Endpoint(get=get_version)),
         _route("/api/docs/{name:path}/versions/{version:int}/restore", _Endpoint(post=restore_version)),

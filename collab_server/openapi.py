@@ -252,6 +252,24 @@ PATHS: dict[str, Any] = {
             "413": _error("Body too large"),
         },
     }},
+    "/api/docs/{name}/presence": {"get": {
+        "summary": "Who is in the document now: connections to this node and everyone's awareness states",
+        "description": "Awareness states come from the clients of every node; connections counts this "
+                       "node's. A document nobody has open answers with none of either.",
+        "parameters": [NAME],
+        "responses": {
+            "200": {"description": "Presence", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["name", "connections", "presence"],
+                "properties": {
+                    "name": {"type": "string"}, "connections": {"type": "integer"},
+                    "presence": {"type": "array", "items": {
+                        "type": "object", "required": ["client_id", "state"],
+                        "properties": {"client_id": {"type": "integer"},
+                                       "state": {"description": "The client's awareness state (JSON)"}}}}}}}}},
+            "400": _error("Invalid document name"),
+            **AUTH_ERRORS,
+        },
+    }},
     "/api/docs/{name}/versions": {
         "get": {
             "summary": "The versions saved of the document, oldest first",

@@ -312,6 +312,10 @@ class Room:
 
     # --- awareness -----------------------------------------------------------------------------------
 
+    def presence(self) -> list[p.AwarenessEntry]:
+        """The awareness states the room holds now (from every node's clients), one per client id."""
+        return list(self._awareness.values())
+
     def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
         """Merge an awareness update; from a connection, one beyond the limits is refused whole."""
         entries = p.decode_awareness(payload)

@@ -164,3 +164,4 @@ async def test_edits_survive_a_restart(server: ServerProcess, http) -> None:
     peer = await RawPeer.connect(f"{server.ws_url}/kept")
     await peer.sync()
     assert str(block_content(peer.doc, "b")) == "durable" and resolved_status(peer.doc, "b", "ix") == "done"
+

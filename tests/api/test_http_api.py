@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server import protocol as p
 from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from tests.rawclient import RawPeer
@@ -257,3 +258,23 @@ async def test_read_only_token_cannot_post(auth_http: httpx.AsyncClient) -> None
     await peer.wait_for(lambda: "!" in str(peer.doc.get("t", type=Text)))
     assert "intruder" not in str(peer.doc.get("t", type=Text))
     await peer.close()
+
+
+async def test_presence_lists_the_awareness_states_and_connections_of_a_document(
+        shared_server: ServerProcess, http: httpx.AsyncClient) -> None:
+    alice = await RawPeer.connect(f"{shared_server.ws_url}/presence/p")
+    bob = await RawPeer.connect(f"{shared_server.ws_url}/presence/p")
+    await alice.send(p.encode_awareness([p.AwarenessEntry(11, 1, '{"user": {"name": "Alice"}}')]))
+    await bob.send(p.encode_awareness([p.AwarenessEntry(22, 1, '{"user": {"name": "Bob"}, "odd": NaN}')]))
+    await alice.wait_for(lambda: set(alice.awareness) == {11, 22})
+    answer = (await http.get("/api/docs/presence/p/presence")).json()
+    assert answer["name"] == "presence/p" and answer["connections"] == 2
+    assert sorted(answer["presence"], key=lambda e: e["client_id"]) == [
+        {"client_id": 11, "state": {"user": {"name": "Alice"}}},
+        {"client_id": 22, "state": {"user": {"name": "Bob"}, "odd": None}}]
+    await bob.close()
+    await alice.wait_for(lambda: set(alice.awareness) == {11})
+    answer = (await http.get("/api/docs/presence/p/presence")).json()
+    assert answer["connections"] == 1 and [e["client_id"] for e in answer["presence"]] == [11]
+    assert (await http.get("/api/docs/nobody/presence")).json() == {"name": "nobody", "connections": 0,
+                                                                     "presence": []}

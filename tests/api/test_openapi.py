@@ -42,6 +42,7 @@ def test_served_spec_covers_every_api_route(api_server: ServerProcess) -> None:
     assert spec == openapi_spec()
     assert set(spec["paths"]) == {"/api/openapi.json", "/api/docs", "/api/docs/{name}", "/api/docs/{name}/json",
                                   "/api/docs/{name}/update", "/api/docs/{name}/blocks", "/api/docs/{name}/copy",
+                                  "/api/docs/{name}/presence",
                                   "/api/docs/{name}/versions", "/api/docs/{name}/versions/{version}",
                                   "/api/docs/{name}/versions/{version}/restore",
                                   "/api/docs/{name}/history",
