@@ -1,9 +1,10 @@
-"""The JSON/binary HTTP API under /api/: list documents, read and write state, history, past versions.
+"""The JSON/binary HTTP API under /api/: list documents, read and write state, JSON block edits, copies,
+presence, saved versions, history, past versions.
 
 Document names may contain '/', so the name is the greedy middle of every path and the operation is its
 fixed last segment(s): ``/api/docs/{name}/json``, ``/update``, ``/blocks``, ``/copy``, ``/presence``,
-``/versions[/{id}[/restore]]``, ``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is still unambiguous, because each
-route matches only its own suffix.
+``/versions[/{id}[/restore]]``, ``/history``, ``/at/{seq}``. A name that itself ends in such a suffix is
+still unambiguous, because each route matches only its own suffix.
 ``DELETE /api/docs/{name}`` takes the whole rest of the path as the name.
 Characters such as '?', '#' and '%' in a name must be percent-encoded.
 
