@@ -209,7 +209,7 @@ def restore_ops(doc: Doc, target: dict[str, dict[str, Any]]) -> list[dict[str, A
     """Ops that make the blocks of `doc` those of `target` (``blocks_to_json`` of a saved version): blocks
     created, deleted or edited, index entries added, removed or given the saved status and metadata.
     A block whose type changed, or that lacks its content text or entry list, is created anew. Entries are
-    matched by name; duplicates are left alone."""
+    matched by name; duplicates, and entries without a name, are left alone."""
     current = blocks_to_json(doc)
     ops: list[dict[str, Any]] = [{"op": "delete_block", "id": bid} for bid in current.keys() - target.keys()]
     for bid, block in target.items():
@@ -227,14 +227,9 @@ def restore_ops(doc: Doc, target: dict[str, dict[str, Any]]) -> list[dict[str, A
 
 def _entry_ops(bid: str, have: list[dict[str, Any]], want: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ops: list[dict[str, Any]] = []
-    had: dict[str, dict[str, Any]] = {}
+    had, wanted = _by_name(have), _by_name(want)
     for entry in have:
-        had.setdefault(entry["index_name"], entry)
-    wanted: dict[str, dict[str, Any]] = {}
-    for entry in want:
-        wanted.setdefault(entry["index_name"], entry)
-    for entry in have:
-        if entry["index_name"] not in wanted:
+        if isinstance(entry.get("index_name"), str) and entry["index_name"] not in wanted:
             ops.append({"op": "remove_index", "id": bid, "index_name": entry["index_name"]})
     for name, entry in wanted.items():
         metadata = {k: v for k, v in entry.items() if k not in RESERVED_ENTRY_KEYS}
@@ -251,3 +246,12 @@ def _entry_ops(bid: str, have: list[dict[str, Any]], want: list[dict[str, Any]])
         if changed:
             ops.append({"op": "set_metadata", "id": bid, "index_name": name, "metadata": changed})
     return ops
+
+
+def _by_name(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first entry of each name, as lookups by name find them; entries without a name are left out."""
+    named: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(name := entry.get("index_name"), str):
+            named.setdefault(name, entry)
+    return named

@@ -97,6 +97,8 @@ def malformed_doc() -> Doc:
     blocks["text-less"] = Map({"id": "text-less", "type": "p", "content": "plain", "indexingList": Array()})
     blocks["list-less"] = Map({"id": "list-less", "content": Text("t")})
     blocks["not-a-map"] = "oops"
+    indexing_list = blocks["x"]["indexingList"]
+    indexing_list.append(Map({"status": "done"}))  # an entry without a name
     return doc
 
 
@@ -135,11 +137,13 @@ def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
 
 
 def entries_by_name(blocks: dict) -> dict:
-    """Blocks JSON with each entry name's first entry (as lookups by name see them), without timestamps."""
+    """Blocks JSON with each entry name's first entry (as lookups by name see them), without timestamps;
+    entries without a name, which restoring leaves alone, are left out."""
     def first(entries: list) -> dict:
         named: dict = {}
         for e in entries:
-            named.setdefault(e["index_name"], {k: v for k, v in e.items() if k != "timestamp"})
+            if "index_name" in e:
+                named.setdefault(e["index_name"], {k: v for k, v in e.items() if k != "timestamp"})
         return named
     return {bid: {**block, "indexingList": first(block["indexingList"])} for bid, block in blocks.items()}
 
