@@ -25,6 +25,12 @@ MAX_AWARENESS_IDS = 16  # awareness client ids one connection may introduce (a y
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
 
 
+def _refusal(exc: BaseException) -> bool:
+    """Whether pycrdt refused an update: ValueError (cannot decode it), RuntimeError (cannot integrate it, maybe
+    after integrating a part) or a panic inside yrs, raised as pyo3's PanicException, which is not an Exception."""
+    return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
+
+
 class LimitExceeded(Exception):
     """A message within the protocol but beyond what one connection may ask of the room (policy violation)."""
 
@@ -156,19 +162,26 @@ class Room:
         """Apply an update under `origin`, then persist (and later broadcast) what it changed.
 
         Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
-        RoomClosed once the room is closed: a deleted document must not be written again by a late message."""
+        RoomClosed once the room is closed: a deleted document must not be written again by a late message.
+        Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
         await self._writable()
+        refused: BaseException | None = None
         try:
             with self.doc.transaction(origin=origin):
-                self.doc.apply_update(update)
-        except ValueError as exc:
-            self._observed.clear()
-            raise p.ProtocolError(f"invalid update: {exc}") from exc
+                try:
+                    self.doc.apply_update(update)
+                except BaseException as exc:
+                    if not _refusal(exc):
+                        raise
+                    refused = exc
         except Exception:  # an observer failed after the update was applied: keep going, it must be stored
             self.metrics.errors.labels("observer").inc()
             log.exception("observer failed room=%s", self.name)
         self._run_hooks()
+        # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
         self._persist(origin if isinstance(origin, Connection) else None)
+        if refused is not None:
+            raise p.ProtocolError(f"invalid update: {refused}") from None
 
     async def edit(self, change: Callable[[Doc], T], origin: object = "http") -> T:
         """Run `change` on the document in one transaction under `origin`, then persist what it changed, as

@@ -100,3 +100,11 @@ def text_updates(count: int, name: str = "t") -> tuple[Doc, list[bytes]]:
     for i in range(count):
         text += chr(ord("a") + i % 26)
     return doc, updates
+
+
+def state_vector(doc: Doc) -> dict[int, int]:
+    """A document's state vector as {client id: clock}, without clients at clock 0 (the same as absent): its
+    encoding lists clients in hash order."""
+    reader = p.Reader(doc.get_state())
+    clocks = dict((reader.varuint(), reader.varuint()) for _ in range(reader.varuint()))
+    return {client: clock for client, clock in clocks.items() if clock}

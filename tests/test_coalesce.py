@@ -11,6 +11,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from collab_server import protocol as p
 from collab_server.coalesce import coalesce
+from tests.rawclient import state_vector
 
 
 @dataclass
@@ -41,11 +42,6 @@ class Receiver:
     def seen(self) -> tuple:
         return (self.doc.get("t", type=Text).to_py(), self.doc.get("m", type=Map).to_py(),
                 self.doc.get("a", type=Array).to_py(), state_vector(self.doc), self.clocks, self.states, self.others)
-
-
-def state_vector(doc: Doc) -> dict[int, int]:
-    reader = p.Reader(doc.get_state())
-    return dict((reader.varuint(), reader.varuint()) for _ in range(reader.varuint()))
 
 
 EDIT = st.tuples(st.just("edit"), st.integers(0, 2), st.sampled_from(["text", "delete", "map", "array"]),
