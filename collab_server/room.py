@@ -164,6 +164,7 @@ class Room:
         Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message.
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
+        p.check_update(update)
         await self._writable()
         refused: BaseException | None = None
         try:
@@ -205,6 +206,7 @@ class Room:
 
     async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
         """The update a peer with `state_vector` lacks, containing committed changes only."""
+        p.check_state_vector(state_vector)
         try:
             while self._inflight is not None and not self._inflight.done():
                 if self._hold is None:

@@ -1,6 +1,7 @@
 """Bad input closes only the offending connection, with a clear code; nothing accepted is lost."""
 
 import asyncio
+import base64
 
 import httpx
 import pytest
@@ -105,3 +106,27 @@ async def test_websocket_to_bare_root_is_refused_with_403_not_500(server) -> Non
             pass
     assert info.value.response.status_code == 403
     assert server.alive()
+
+
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+async def test_a_few_bytes_claiming_millions_of_clients_never_reach_yrs(server) -> None:
+    """yrs reserves memory for the client count an update or state vector claims before reading any entry:
+    2^28 in a 5-byte frame cost the process 550 MB. Such frames are refused before yrs sees them."""
+    good, expected = await _accepted_text(server, "room", 5)
+    peak = _peak_rss_kb(server.proc.pid)
+    huge = p.write_varuint(2**28)
+    for frame in (p.sync_update(huge), p.sync_step2(huge), p.sync_step1(huge)):
+        bad = await RawPeer.connect(f"{server.ws_url}/room")
+        await bad.send(frame)
+        code, reason = await bad.wait_closed()
+        assert code == 1007 and "claims 268435456 clients" in reason
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        assert (await http.post("/api/docs/room/update", content=huge)).status_code == 400
+        sv = base64.urlsafe_b64encode(huge).rstrip(b"=").decode()
+        assert (await http.get("/api/docs/room/update", params={"sv": sv})).status_code == 400
+    assert _peak_rss_kb(server.proc.pid) - peak < 64 * 1024
+    assert not good.closed.is_set()
