@@ -136,25 +136,6 @@ def decode_message(data: bytes) -> Message:
     return msg
 
 
-def check_update(update: bytes) -> None:
-    """Refuse a v1 update that claims more clients than its bytes can hold (each takes at least 3: a struct
-    count, a client id, a clock). yrs reserves memory for the claimed count before reading any: a 5-byte
-    update claiming 2^28 clients took 550 MB and 0.36 s."""
-    _check_count(update, 3, "update")
-
-
-def check_state_vector(state_vector: bytes) -> None:
-    """Refuse a state vector that claims more entries than its bytes can hold (2 each); see check_update."""
-    _check_count(state_vector, 2, "state vector")
-
-
-def _check_count(data: bytes, least: int, what: str) -> None:
-    reader = Reader(data)
-    count = reader.varuint()
-    if count * least > len(data) - reader.pos:
-        raise ProtocolError(f"{what} claims {count} clients in {len(data)} bytes")
-
-
 def sync_step1(state_vector: bytes) -> bytes:
     return bytes((MessageType.SYNC, SyncType.STEP1)) + write_bytes(state_vector)
 
@@ -199,6 +180,8 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
             json.loads(state)
         except ValueError as exc:
             raise ProtocolError("awareness state is not JSON") from exc
+        except RecursionError as exc:
+            raise ProtocolError("awareness state nests too deep") from exc
         entries.append(AwarenessEntry(client_id, clock, state))
     if not reader.at_end():
         raise ProtocolError("trailing bytes after awareness update")

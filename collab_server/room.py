@@ -17,6 +17,7 @@ from collab_server.connection import CloseCode, Connection
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
 from collab_server.transport import binary_frame
+from collab_server.updatecheck import check_state_vector, check_update
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,7 +165,7 @@ class Room:
         Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message.
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
-        p.check_update(update)
+        check_update(update)
         await self._writable()
         refused: BaseException | None = None
         try:
@@ -206,7 +207,7 @@ class Room:
 
     async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
         """The update a peer with `state_vector` lacks, containing committed changes only."""
-        p.check_state_vector(state_vector)
+        check_state_vector(state_vector)
         try:
             while self._inflight is not None and not self._inflight.done():
                 if self._hold is None:

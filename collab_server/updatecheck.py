@@ -1,0 +1,159 @@
+"""Checks on a Yjs v1 update or state vector before yrs reads it.
+
+yrs trusts the counts in its input: it reserves memory for a claimed count before reading one entry (a 5-byte
+update claiming 2^28 clients cost 550 MB, a 100-byte one nesting an object of 2^27 keys 300 MB), and it
+decodes nested values recursively (an update nesting 100,000 arrays overflowed its stack and killed the
+process). So the structs are walked here first: every count must fit in the bytes left, every length too,
+and values nest at most MAX_DEPTH deep. The walk reads the structure only (lengths are skipped, not
+decoded): a few microseconds for a typical update, a few times yrs's own time for a large one. The delete
+set that follows the structs is read by yrs without either risk and is not walked. Everything else
+(whether the update makes sense) is left to yrs.
+"""
+
+from __future__ import annotations
+
+from collab_server.protocol import ProtocolError
+
+MAX_DEPTH = 256  # nesting of values inside one update (JSON-like content, subdocument options)
+_NAMED_TYPES = (3, 5)  # type refs that carry a name: YXmlElement, YXmlHook
+_FIXED = {127: 0, 126: 0, 121: 0, 120: 0, 124: 4, 123: 8, 122: 8}  # value tags with a fixed size after them
+
+
+def check_update(update: bytes) -> None:
+    """Raise ProtocolError unless the structs of v1 `update` keep their counts, lengths and nesting within
+    bounds (it may still be invalid in ways only yrs can tell)."""
+    w = _Walk(update, "update")
+    for _ in range(w.count()):
+        structs = w.count()
+        w.uint()  # client
+        w.uint()  # clock
+        for _ in range(structs):
+            w.struct()
+
+
+def check_state_vector(state_vector: bytes) -> None:
+    """Raise ProtocolError unless the entries `state_vector` claims fit in its bytes."""
+    _Walk(state_vector, "state vector").count()
+
+
+class _Walk:
+    __slots__ = ("data", "pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def fail(self, problem: str) -> ProtocolError:
+        return ProtocolError(f"invalid {self.what}: {problem} at byte {self.pos} of {len(self.data)}")
+
+    def byte(self) -> int:
+        pos = self.pos
+        if pos >= len(self.data):
+            raise self.fail("truncated")
+        self.pos = pos + 1
+        return self.data[pos]
+
+    def uint(self) -> int:
+        data, pos = self.data, self.pos
+        end = len(data)
+        value = shift = 0
+        while pos < end:
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                self.pos = pos
+                return value
+            shift += 7
+            if shift > 63:
+                raise self.fail("varint too long")
+        self.pos = pos
+        raise self.fail("truncated")
+
+    def count(self) -> int:
+        """A count of entries that take a byte or more each: it cannot exceed the bytes left."""
+        n = self.uint()
+        if n > len(self.data) - self.pos:
+            raise self.fail(f"a count of {n}")
+        return n
+
+    def skip(self, n: int) -> None:
+        if n > len(self.data) - self.pos:
+            raise self.fail(f"a length of {n}")
+        self.pos += n
+
+    def string(self) -> None:
+        self.skip(self.uint())
+
+    def struct(self) -> None:
+        info = self.byte()
+        ref = info & 0x1F
+        if ref in (0, 10):  # GC, Skip
+            self.uint()
+            return
+        if info & 0x80:  # origin
+            self.uint()
+            self.uint()
+        if info & 0x40:  # right origin
+            self.uint()
+            self.uint()
+        if not info & 0xC0:  # no origin: the parent is named
+            if self.uint() == 1:
+                self.string()
+            else:
+                self.uint()
+                self.uint()
+            if info & 0x20:
+                self.string()  # parent's key
+        self.content(ref)
+
+    def content(self, ref: int) -> None:
+        if ref == 1:  # deleted
+            self.uint()
+        elif ref == 2:  # JSON strings
+            for _ in range(self.count()):
+                self.string()
+        elif ref in (3, 4, 5):  # binary, string, embed
+            self.string()
+        elif ref == 6:  # format: key, JSON value
+            self.string()
+            self.string()
+        elif ref == 7:  # type
+            if self.uint() in _NAMED_TYPES:
+                self.string()
+        elif ref == 8:  # any values
+            self.values(self.count())
+        elif ref == 9:  # subdocument: guid, options
+            self.string()
+            self.values(1)
+        else:
+            raise self.fail(f"content type {ref}")
+
+    def values(self, count: int) -> None:
+        """Skip `count` lib0 values, iteratively: each frame is [values left, whether each has a key first]."""
+        stack = [[count, False]]
+        while stack:
+            frame = stack[-1]
+            if not frame[0]:
+                stack.pop()
+                continue
+            frame[0] -= 1
+            if frame[1]:
+                self.string()  # the object's key
+            tag = self.byte()
+            size = _FIXED.get(tag)
+            if size is not None:
+                self.skip(size)
+            elif tag == 119 or tag == 116:  # string, bytes
+                self.string()
+            elif tag == 125:  # signed varint
+                while self.byte() & 0x80:
+                    pass
+            elif tag == 117 or tag == 118:  # array, object
+                n = self.count()
+                if len(stack) > MAX_DEPTH:  # the frames below are the containers around this one, and the top
+                    raise self.fail(f"values nested deeper than {MAX_DEPTH}")
+                stack.append([n, tag == 118])
+            else:
+                raise self.fail(f"value tag {tag}")

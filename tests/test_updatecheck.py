@@ -1,0 +1,120 @@
+"""The walk of updates and state vectors before yrs reads them (collab_server/updatecheck.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
+
+from collab_server import protocol as p
+from collab_server.model import add_index_entry, create_block, set_status
+from collab_server.updatecheck import MAX_DEPTH, check_state_vector, check_update
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False)
+    | st.text(max_size=6) | st.binary(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8)
+EDITS = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(
+    ["text", "delete", "format", "embed", "map", "array", "nested", "xml", "block", "status", "subdoc"]),
+    VALUES, st.text(max_size=4)), max_size=12)
+
+
+def edit(doc: Doc, kind: str, value, word: str) -> None:
+    text = doc.get("t", type=Text)
+    if kind == "text":
+        text.insert(len(str(text).encode()) // 2, word or "w")
+    elif kind == "delete" and str(text):
+        del text[0:len(str(text)[0].encode())]
+    elif kind == "format" and str(text):
+        text.format(0, len(str(text)[0].encode()), {"bold": True, "note": word})
+    elif kind == "embed":
+        text.insert_embed(0, {"image": word})
+    elif kind == "map":
+        doc.get("m", type=Map)[word] = value
+    elif kind == "array":
+        doc.get("a", type=Array).append(value)
+    elif kind == "nested":
+        doc.get("m", type=Map)["sub"] = Map({"list": Array([value]), "text": Text(word)})
+    elif kind == "xml":
+        fragment = doc.get("x", type=XmlFragment)
+        fragment.children.append(XmlElement("p", {"class": word}, [XmlText(word)]))
+    elif kind == "block":
+        create_block(doc, word or "b", "p", word)
+        add_index_entry(doc, word or "b", "search")
+    elif kind == "status" and doc.get("blocks", type=Map).get("b") is not None:
+        set_status(doc, "b", "search", "done")
+    elif kind == "subdoc":
+        doc.get("m", type=Map)["doc"] = Doc()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(EDITS)
+def test_every_update_and_state_vector_pycrdt_makes_passes(edits) -> None:
+    docs = [Doc() for _ in range(3)]
+    for who, kind, value, word in edits:
+        before = docs[who].get_state()
+        try:
+            edit(docs[who], kind, value, word)
+        except (ValueError, TypeError, OverflowError):
+            continue  # a value pycrdt itself refuses
+        check_update(docs[who].get_update(before))
+        docs[(who + 1) % 3].apply_update(docs[who].get_update(docs[(who + 1) % 3].get_state()))
+    for doc in docs:
+        check_update(doc.get_update())
+        check_update(doc.get_update(docs[0].get_state()))
+        check_state_vector(doc.get_state())
+
+
+def item(content: bytes, ref: int) -> bytes:
+    """A one-struct update: an item without origins in root type "t" with `content` of type `ref`."""
+    return (p.write_varuint(1) + p.write_varuint(1) + p.write_varuint(1) + p.write_varuint(0) + bytes([ref])
+            + p.write_varuint(1) + p.write_bytes(b"t") + content + p.write_varuint(0))
+
+
+def nested_arrays(depth: int) -> bytes:
+    return item(p.write_varuint(1) + b"\x75\x01" * depth + b"\x7e", 8)
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    (p.write_varuint(2**28), "a count of 268435456"),  # clients
+    (p.write_varuint(1) + p.write_varuint(2**28) + b"\x01\x00", "a count of 268435456"),  # structs
+    (item(p.write_varuint(1) + b"\x76" + p.write_varuint(2**27), 8), "a count of 134217728"),  # object keys
+    (item(p.write_varuint(2**27), 8), "a count of 134217728"),  # any values
+    (item(p.write_varuint(2**27), 2), "a count of 134217728"),  # JSON strings
+    (item(p.write_varuint(2**20) + b"abc", 4), "a length of 1048576"),  # string
+    (nested_arrays(MAX_DEPTH + 1), f"nested deeper than {MAX_DEPTH}"),
+    (item(b"", 11), "content type 11"),
+    (item(p.write_varuint(1) + b"\x70", 8), "value tag 112"),
+    (b"\x01\x01\x01", "truncated"),
+    (b"\x01\x01" + b"\xff" * 10, "varint too long"),
+])
+def test_counts_lengths_and_nesting_beyond_bounds_are_refused(data: bytes, problem: str) -> None:
+    with pytest.raises(p.ProtocolError, match=problem):
+        check_update(data)
+
+
+def test_values_nested_to_the_limit_pass() -> None:
+    check_update(nested_arrays(MAX_DEPTH))
+    Doc().apply_update(nested_arrays(MAX_DEPTH))
+
+
+def test_a_state_vector_claiming_more_entries_than_it_holds_is_refused() -> None:
+    check_state_vector(b"\x01\x05\x07")
+    with pytest.raises(p.ProtocolError, match="invalid state vector: a count of 268435456"):
+        check_state_vector(p.write_varuint(2**28))
+
+
+def test_the_nesting_the_walk_refuses_would_have_killed_the_process_in_yrs() -> None:
+    """Why the depth limit exists: yrs decodes nested values recursively, and 100,000 levels overflow its
+    stack (SIGSEGV), which no exception handler can catch. Run in a child process."""
+    code = "import sys; from pycrdt import Doc; Doc().apply_update(sys.stdin.buffer.read())"
+    child = subprocess.run([sys.executable, "-c", code], input=nested_arrays(100_000), capture_output=True,
+                           timeout=60)
+    assert child.returncode < 0  # killed by a signal
+    with pytest.raises(p.ProtocolError, match="nested deeper"):
+        check_update(nested_arrays(100_000))
