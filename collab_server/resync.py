@@ -28,13 +28,16 @@ class Resync:
         self._seen: dict[str, float] = {}  # room -> last-write time as of its last catch-up
 
     async def run(self) -> None:
-        """Check every `interval` seconds until cancelled; a storage error is logged and retried next time."""
+        """Check every `interval` seconds until cancelled; a failure is logged and the check runs again next time
+        (an unexpected error must not end anti-entropy for the node's lifetime)."""
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.once()
             except StorageError as exc:
                 log.warning("resync failed error=%s", exc)
+            except Exception:
+                log.exception("resync failed")
 
     async def once(self) -> list[str]:
         """One check of every loaded room; returns the rooms that were missing something."""
