@@ -138,10 +138,11 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         finally:
             rooms.release(room)
 
-    async def committed_edit(room: Room, change: Callable[[Doc], T], what: str) -> T:
-        """Run `change` on the room's document (see Room.edit) and wait until it is committed; 503 if not."""
+    async def committed(room: Room, write: Awaitable[T], what: str) -> T:
+        """Await `write` (the room's `apply` or `edit`) and wait until what it changed is committed; 503 if the
+        room closed meanwhile or storage failed."""
         try:
-            result = await room.edit(change)
+            result = await write
         except RoomClosed as exc:
             raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
                                 f"{what} not saved") from exc
@@ -185,15 +186,9 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         update = await _read_body(request, settings.max_message_size)
         async with room_of(name, existing=False) as room:
             try:
-                await room.apply(update, origin="http")
+                await committed(room, room.apply(update, origin="http"), "update")
             except ProtocolError as exc:
                 raise ApiError(400, str(exc)) from exc
-            except RoomClosed as exc:
-                raise ApiError(503, "the document was closed meanwhile (deleted, or the server is stopping): "
-                                    "update not saved") from exc
-            await room.flush()
-            if room.failed:
-                raise ApiError(503, "storage failure: update not saved")
         return Response(status_code=204)
 
     async def post_blocks(request: Request) -> Response:
@@ -201,7 +196,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         body = _json_body(await _read_body(request, settings.max_message_size, "JSON edits"))
         async with room_of(name, existing=False) as room:
             try:
-                touched = await committed_edit(room, partial(apply_ops, ops=parse_ops(body)), "edits")
+                touched = await committed(room, room.edit(partial(apply_ops, ops=parse_ops(body))), "edits")
             except EditError as exc:
                 raise ApiError(exc.status, str(exc)) from exc
             blocks = {block_id: get_block(room.doc, block_id) for block_id in touched}
@@ -250,7 +245,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             target = export_json(saved)
             backup = await _storage(store.save_version(name, f"before restoring version {version}",
                                                        await room.encode_state()))
-            await committed_edit(room, lambda doc: apply_ops(doc, restore_ops(doc, target)), "restore")
+            await committed(room, room.edit(lambda doc: apply_ops(doc, restore_ops(doc, target))), "restore")
             return JSONResponse({"name": name, "saved_before": _version_json(backup),
                                  "blocks": export_json(room.doc)})
 
@@ -270,7 +265,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             await room.flush()
             if room.doc.get_state() != b"\x00":
                 raise ApiError(409, f"document {target!r} exists; copies go to new documents only")
-            await committed_edit(room, lambda doc: doc.apply_update(state), "copy")
+            await committed(room, room.edit(lambda doc: doc.apply_update(state)), "copy")
         return JSONResponse({"name": target, "from": name}, status_code=201)
 
     async def get_presence(request: Request) -> Response:
