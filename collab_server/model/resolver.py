@@ -41,7 +41,8 @@ class StatusResolver:
     """Tracks blocks touched by updates and resolves their entries on :meth:`run`.
 
     Dirtiness is tracked per block (index positions shift under concurrent edits); a block's
-    entries are all re-checked when anything inside it changes.
+    entries are all re-checked when anything inside it changes except its `content` text, so typing
+    costs no resolution.
     """
 
     def __init__(self, doc: Doc, on_change: Callable[[StatusChange], None] | None = None,
@@ -55,8 +56,10 @@ class StatusResolver:
 
     def _mark_dirty(self, events: list) -> None:
         for event in events:
-            if event.path:
-                self._dirty.add(event.path[0])
+            path = event.path
+            if path:
+                if len(path) < 2 or path[1] != "content":  # typing in a block's text changes no status
+                    self._dirty.add(path[0])
             else:
                 self._dirty.update(
                     key for key, change in event.keys.items() if change["action"] != "delete"
