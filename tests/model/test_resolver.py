@@ -154,3 +154,30 @@ def test_typing_in_a_block_resolves_nothing_but_a_status_write_beside_it_does(se
     assert resolver.run() == [StatusChange("b", "idx", "stale", "notStarted")] == emitted[-1:]
     assert planned == [{"b"}]
     assert str(block_content(doc, "b")) == ">hello world"
+
+
+def test_a_change_the_resolver_cannot_read_is_still_stored_and_then_every_block_is_checked(server,
+                                                                                         monkeypatch) -> None:
+    """The resolver's marks run inside the commit: a failure there must not stop the document's other
+    observers (the room's, which stores the update), and the next run checks every block instead."""
+    doc, resolver, _, updates = server
+    create_block(doc, "b", "p")
+    create_block(doc, "c", "p")
+    add_index_entry(doc, "b", "idx")
+    resolver.run()
+
+    class Unwritable(set):
+        def add(self, item: object) -> None:
+            raise RuntimeError("cannot record the mark")
+
+    monkeypatch.setattr(resolver, "_dirty", Unwritable())
+    planned: list[set[str]] = []
+    plan = resolver._plan
+    monkeypatch.setattr(resolver, "_plan", lambda ids: planned.append(set(ids)) or plan(ids))
+    a = client(doc, 1)
+    find_index_entry(a, "b", "idx")["status"] = "stale"
+    stored = len(updates)
+    sync(a, doc)
+    assert len(updates) == stored + 1
+    assert resolver.run() == [StatusChange("b", "idx", "stale", "notStarted")]
+    assert planned == [{"b", "c"}]
