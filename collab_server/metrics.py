@@ -25,7 +25,7 @@ class Metrics:
         self.commit_seconds = Histogram(
             "collab_commit_seconds", "Latency of one group commit", registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.commit_batch = Histogram("collab_commit_batch_size", "Updates per group commit", registry=r,
+        self.commit_batch = Histogram("collab_commit_batch_size", "Log entries per group commit", registry=r,
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
         self.resolver_actions = Counter("collab_resolver_actions", "Statuses materialised by the resolver",
                                         registry=r)

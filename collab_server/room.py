@@ -41,6 +41,24 @@ class RoomClosed(Exception):
     and stores nothing more."""
 
 
+class _Write:
+    """The changes one log entry will hold: more join it until the store takes it into a group commit, so a
+    burst becomes one row and one broadcast instead of one per message."""
+
+    __slots__ = ("parts", "changes", "senders", "update")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.changes = 0  # calls of Room._persist that joined it
+        self.senders: list[Connection] = []
+        self.update: bytes | None = None  # set once the store has taken it
+
+    def take(self) -> bytes:
+        parts, self.parts = self.parts, []
+        self.update = parts[0] if len(parts) == 1 else merge_updates(*parts)
+        return self.update
+
+
 class Room:
     """A loaded document and its connections.
 
@@ -70,6 +88,7 @@ class Room:
         self._observed: list[bytes] = []
         self._subscription = None
         self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
+        self._write: _Write | None = None  # the latest submitted write, open while the store has not taken it
         self._hold: asyncio.Future[None] | None = None  # closed while a sync reply waits for commits
         self._outbox: list[bytes] = []
         self._awareness: dict[int, p.AwarenessEntry] = {}
@@ -234,30 +253,39 @@ class Room:
                 log.exception("room hook failed room=%s", self.name)
 
     def _persist(self, sender: Connection | None) -> None:
+        """Submit what the document recorded since the last call: joined to the room's latest write if the store
+        has not taken it yet (it commits no earlier than a new one would), otherwise as a new write."""
         if not self._observed:
             return
-        updates, self._observed = self._observed, []
-        update = updates[0] if len(updates) == 1 else merge_updates(*updates)
-        fut = self.store.submit(self.name, update)
-        self._inflight = fut
-        fut.add_done_callback(partial(self._committed, update, sender))
+        write = self._write
+        if write is None or write.update is not None or self._inflight is None or self._inflight.done():
+            write = self._write = _Write()
+            fut = self.store.submit(self.name, write.take)
+            self._inflight = fut
+            fut.add_done_callback(partial(self._committed, write))
+        write.parts += self._observed
+        write.changes += 1
+        self._observed = []
+        if sender is not None:
+            write.senders.append(sender)
 
-    def _committed(self, update: bytes, sender: Connection | None, fut: asyncio.Future[int]) -> None:
+    def _committed(self, write: _Write, fut: asyncio.Future[int]) -> None:
+        senders, write.senders = write.senders, []  # the store may hold a taken write a while: no connections
         exc = fut.exception() if not fut.cancelled() else StorageError("write cancelled")
         if exc is not None:
-            self._fail(exc, sender)
+            self._fail(exc, senders)
             return
-        self.metrics.updates_applied.inc()
-        self.broker.publish(self.name, Kind.UPDATE, update)
+        self.metrics.updates_applied.inc(write.changes)
+        self.broker.publish(self.name, Kind.UPDATE, write.update)
         for callback in self.on_committed:
             callback()
 
-    def _fail(self, exc: BaseException, sender: Connection | None) -> None:
+    def _fail(self, exc: BaseException, senders: list[Connection]) -> None:
         """A write failed: the in-memory document is ahead of storage, so drop it and every connection.
 
         Clients reconnect, the room reloads what is durable, and their sync handshake re-sends the rest.
         """
-        if sender is not None:
+        for sender in senders:
             sender.close(CloseCode.INTERNAL_ERROR, "storage failure: update not saved")
         if self.failed:
             return

@@ -173,11 +173,34 @@ class VersionInfo:
     auto: bool = False  # saved by the server on a schedule (see versions.py), not on request
 
 
+Deferred = bytes | Callable[[], bytes]  # an update, or a function the store calls for it (see Store.submit)
+Pending = tuple[str, Deferred, "asyncio.Future[int]"]
+
+
+def take(batch: list[Pending]) -> list[tuple[str, bytes, asyncio.Future[int]]]:
+    """`batch` with each deferred update taken now, as its group commit begins. One whose function fails gets
+    a StorageError and is left out."""
+    taken = []
+    for doc, update, fut in batch:
+        if callable(update):
+            try:
+                update = update()
+            except Exception as exc:  # noqa: BLE001  reported to the submitter, never to the batch
+                log.exception("deferred update failed doc=%s", doc)
+                if not fut.done():
+                    fut.set_exception(StorageError(f"update could not be prepared: {exc!r}"))
+                continue
+        taken.append((doc, update, fut))
+    return taken
+
+
 class Store(Protocol):
     """Append-only update log per document, compacted into a checkpoint.
 
     `submit` enqueues an update for the next group commit and returns a future that resolves (to the
-    update's log sequence number) once the update is durable, or fails with StorageError.
+    update's log sequence number) once the update is durable, or fails with StorageError. The update may be
+    a function returning it: the store calls it (on the event loop) when the commit that writes it begins,
+    so the submitter can keep adding changes to one log entry while earlier commits are in flight.
     """
 
     on_commit: Callable[[int, float], None] | None  # (batch size, seconds), called after each group commit
@@ -187,7 +210,7 @@ class Store(Protocol):
     async def close(self) -> None:
         """Commit everything submitted so far, then release resources."""
 
-    def submit(self, doc: str, update: bytes) -> asyncio.Future[int]: ...
+    def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]: ...
 
     async def load(self, doc: str) -> list[bytes]:
         """The checkpoint (if any) followed by the log, in commit order."""

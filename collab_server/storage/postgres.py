@@ -19,12 +19,15 @@ import asyncpg
 
 from collab_server.storage.base import (
     Compactor,
+    Deferred,
     DocInfo,
     HistoryCompacted,
     LogEntry,
+    Pending,
     StorageError,
     VersionInfo,
     fold_updates,
+    take,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,6 @@ CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
 
-Pending = tuple[str, bytes, "asyncio.Future[int]"]
 
 
 class PostgresStore:
@@ -102,7 +104,7 @@ class PostgresStore:
         if self._pool is not None:
             await self._pool.close()
 
-    def submit(self, doc: str, update: bytes) -> asyncio.Future[int]:
+    def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self._closing:
             fut.set_exception(StorageError("store is closing"))
@@ -126,8 +128,11 @@ class PostgresStore:
             if self._queue or self._closing:
                 self._wake.set()
 
-    async def _commit(self, batch: list[Pending]) -> None:
+    async def _commit(self, pending: list[Pending]) -> None:
         assert self._pool is not None
+        batch = take(pending)
+        if not batch:
+            return
         started = time.perf_counter()
         now = time.time()
         try:

@@ -25,12 +25,15 @@ import aiosqlite
 
 from collab_server.storage.base import (
     Compactor,
+    Deferred,
     DocInfo,
     HistoryCompacted,
     LogEntry,
+    Pending,
     StorageError,
     VersionInfo,
     fold_updates,
+    take,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,6 @@ SELECT 1, id, data FROM updates WHERE doc = ?
 ORDER BY kind, seq
 """
 
-Pending = tuple[str, bytes, "asyncio.Future[int]"]
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
 
@@ -156,7 +158,7 @@ class SQLiteStore:
             if conn is not None:
                 await conn.close()
 
-    def submit(self, doc: str, update: bytes) -> asyncio.Future[int]:
+    def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self._closing:
             fut.set_exception(StorageError("store is closing"))
@@ -181,8 +183,11 @@ class SQLiteStore:
             if self._queue or self._closing:
                 self._wake.set()
 
-    async def _commit(self, batch: list[Pending]) -> None:
+    async def _commit(self, pending: list[Pending]) -> None:
         assert self._writer is not None
+        batch = take(pending)
+        if not batch:
+            return
         started = time.perf_counter()
         now = time.time()
         first = self._next_id

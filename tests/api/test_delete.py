@@ -32,6 +32,7 @@ async def test_deleting_a_document_closes_its_connections_and_erases_it(server_f
     await writer.sync()
     for word in "one two three four five six seven".split():  # a checkpoint and a log
         await writer.edit(lambda d, w=word: d.get("t", type=Text).insert(0, w))
+        await writer.sync()  # committed before the next, so each is a log entry of its own
     await writer.wait_for(lambda: text(writer).startswith("seven"))
     await wait_until(lambda: stored_rows(server.db, name)["checkpoints"] == 1)
     bystander = await RawPeer.connect(f"{server.ws_url}/kept")

@@ -143,6 +143,28 @@ async def test_sigkill_mid_burst_keeps_every_update_anyone_received(server) -> N
     assert str(fresh.doc.get("t", type=Text)) == stored
 
 
+async def test_a_burst_shares_log_entries_and_each_is_committed_before_anyone_receives_it(server) -> None:
+    """Changes that arrive while a commit is in flight join one log entry (one row, one broadcast): a burst
+    costs far fewer rows than messages, and whatever a watcher holds at any moment is already stored."""
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    doc, updates = text_updates(400)
+    sender = asyncio.create_task(_send_all(writer, updates))
+    held: list[Doc] = []
+    while len(str(watcher.doc.get("t", type=Text))) < len(updates):
+        await watcher.wait_for(lambda: len(watcher.messages) > len(held))
+        snapshot = Doc()
+        snapshot.apply_update(watcher.doc.get_update())
+        held.append(snapshot)
+        assert_contains(stored_doc(server.db), snapshot)
+    await sender
+    with sqlite3.connect(server.db) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM updates WHERE doc = 'room'").fetchone()
+    assert rows < len(updates) // 2, f"{rows} log entries for {len(updates)} updates"
+    assert stored_text(server.db) == str(doc.get("t", type=Text))
+
+
 async def test_compaction_through_the_server_keeps_documents(server_factory) -> None:
     server = server_factory("--compact-threshold", "20")
     doc, updates = text_updates(300)

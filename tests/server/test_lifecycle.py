@@ -85,8 +85,9 @@ async def test_idle_room_is_flushed_and_unloaded(server_factory) -> None:
     server = server_factory("--idle-unload-seconds", "0.3")
     peer = await RawPeer.connect(f"{server.ws_url}/room")
     doc, updates = text_updates(50)
-    for update in updates:
+    for update in updates:  # each committed before the next is sent: 50 log entries
         await peer.send(p.sync_update(update))
+        await peer.sync()
     await peer.close()
     assert await _rooms_loaded(server) == 1
     for _ in range(100):

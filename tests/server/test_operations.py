@@ -27,9 +27,11 @@ async def test_health_ready_and_metrics(server) -> None:
         ready = (await http.get("/ready")).json()
         assert ready == {"status": "ready", "rooms_loaded": 1}
         text = (await http.get("/metrics")).text
+        (doc_info,) = (await http.get("/api/docs")).json()["docs"]
     assert metric(text, "collab_updates_applied_total") == 25
     assert metric(text, "collab_commit_seconds_count") >= 1
-    assert metric(text, "collab_commit_batch_size_sum") == 25
+    # changes that arrive while a commit is in flight share a log entry
+    assert 1 <= metric(text, "collab_commit_batch_size_sum") == doc_info["log_entries"] <= 25
     assert metric(text, "collab_rooms_loaded") == 1
     assert metric(text, "collab_updates_broadcast_total") >= 1
     assert metric(text, "collab_bytes_received_total") > sum(len(u) for u in updates)

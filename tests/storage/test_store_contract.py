@@ -73,6 +73,34 @@ async def test_one_batch_spans_documents(store: Store) -> None:
     assert [(d.name, d.log_entries) for d in await store.list_docs()] == [(n, i + 1) for i, n in enumerate(docs)]
 
 
+async def test_a_deferred_update_is_taken_when_its_commit_begins(store: Store) -> None:
+    """`submit` accepts a function: the store calls it as the commit that writes it begins, so changes made
+    until then join that log entry; a function that fails fails only its own submission."""
+    _, updates = text_updates(4)
+    parts = [updates[0]]
+    taken: list[int] = []
+
+    def deferred() -> bytes:
+        taken.append(len(parts))
+        return fold_updates(parts)
+
+    def broken() -> bytes:
+        raise ValueError("cannot encode")
+
+    first = store.submit("d", deferred)
+    failing = store.submit("e", broken)
+    plain = store.submit("d", updates[3])
+    parts += updates[1:3]  # joins before the commit begins: the store has not run since
+    assert taken == []
+    seq, seq_plain = await asyncio.gather(first, plain)
+    assert taken == [3] and seq < seq_plain
+    with pytest.raises(StorageError, match="cannot encode"):
+        await failing
+    assert [entry.seq for entry in await store.history("d")] == [seq, seq_plain]
+    assert rebuild(await store.load("d")) == rebuild(updates)
+    assert await store.load("e") == []
+
+
 async def test_compaction_keeps_the_document(store: Store) -> None:
     """Defects 1 and 2: squashing never wipes the document, and a reload reads the checkpoint."""
     doc, updates = text_updates(130)
