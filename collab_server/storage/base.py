@@ -90,9 +90,21 @@ class StorageError(RuntimeError):
     """A write or read against the store failed; the caller must not treat the data as durable."""
 
 
+ENTRY_BYTES = 32  # a log entry of a single keystroke is 15-25 bytes; see log_weight
+
+
+def log_weight(update: bytes) -> int:
+    """How much a log entry counts toward the compaction threshold: one per ENTRY_BYTES, at least one. Changes
+    that arrive while a commit is in flight share an entry, so in a burst one entry can hold hundreds of
+    them; counting by size folds such a log as soon as it holds about as much as the threshold's worth of
+    single changes would."""
+    return max(1, len(update) // ENTRY_BYTES)
+
+
 class Compactor:
     """Runs a store's compactions off its commit path: at most one per document at a time, started when a
-    commit brings the document's log count to the threshold, and again while the count is still over it
+    commit brings the document's log count (entries weighed by log_weight) to the threshold, and again while
+    the count is still over it
     (a burst committed during a fold, with nothing committed after it, must not stay in the log).
 
     A document no longer served gets its log folded once it holds a tenth of the threshold, so its next load

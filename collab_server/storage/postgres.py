@@ -27,6 +27,7 @@ from collab_server.storage.base import (
     StorageError,
     VersionInfo,
     fold_updates,
+    log_weight,
     take,
 )
 
@@ -156,8 +157,8 @@ class PostgresStore:
                 if not fut.done():
                     fut.set_exception(error)
             return
-        for (doc, _, fut), seq in zip(batch, ids):
-            self._log_counts[doc] += 1
+        for (doc, update, fut), seq in zip(batch, ids):
+            self._log_counts[doc] += log_weight(update)
             if not fut.done():
                 fut.set_result(seq)
         if self.on_commit is not None:
@@ -165,7 +166,7 @@ class PostgresStore:
 
     async def load(self, doc: str) -> list[bytes]:
         checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = len(rows)
+        self._log_counts[doc] = sum(log_weight(data) for _, data in rows)
         return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
@@ -212,7 +213,7 @@ class PostgresStore:
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-            self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
+            self._log_counts[doc] = max(0, self._log_counts[doc] - sum(log_weight(data) for _, data in rows))
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 

@@ -33,6 +33,7 @@ from collab_server.storage.base import (
     StorageError,
     VersionInfo,
     fold_updates,
+    log_weight,
     take,
 )
 
@@ -204,8 +205,8 @@ class SQLiteStore:
                     if not fut.done():
                         fut.set_exception(error)
                 return
-            for i, (doc, _, fut) in enumerate(chunk):
-                self._log_counts[doc] += 1
+            for i, (doc, update, fut) in enumerate(chunk):
+                self._log_counts[doc] += log_weight(update)
                 if not fut.done():
                     fut.set_result(first + i)
             first += len(chunk)
@@ -223,7 +224,7 @@ class SQLiteStore:
 
     async def load(self, doc: str) -> list[bytes]:
         checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = len(rows)
+        self._log_counts[doc] = sum(log_weight(data) for _, data in rows)
         return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
@@ -275,7 +276,7 @@ class SQLiteStore:
             except Exception as exc:
                 await self._rollback()
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-        self._log_counts[doc] = max(0, self._log_counts[doc] - len(rows))
+        self._log_counts[doc] = max(0, self._log_counts[doc] - sum(log_weight(data) for _, data in rows))
         if self._reclaims:
             await self._reclaim()
 

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pycrdt import Doc, Text
+from pycrdt import Doc, Text, merge_updates
 
 from collab_server.storage import HistoryCompacted, StorageError, Store
 from collab_server.storage import postgres as postgres_store
 from collab_server.storage import sqlite as sqlite_store
-from collab_server.storage.base import fold_updates
+from collab_server.storage.base import fold_updates, log_weight
 from tests.rawclient import text_updates
 from tests.storage.backends import Backend, PostgresBackend, SQLiteBackend
 
@@ -125,6 +125,24 @@ async def test_automatic_compaction_past_threshold(backend: Backend) -> None:
     await s.close()
     assert len(loaded) <= 1 + 25  # the checkpoint plus at most one threshold of log
     assert rebuild(loaded) == text_of(doc)
+
+
+async def test_large_log_entries_count_by_size_toward_the_threshold(backend: Backend) -> None:
+    """An entry holding many changes (a burst joined while a commit was in flight) counts as one per
+    ENTRY_BYTES, so a log of a few large entries is folded like a long log of small ones."""
+    s = await backend.open(compact_threshold=25)
+    try:
+        doc, updates = text_updates(1200)
+        entries = [merge_updates(*updates[i:i + 100]) for i in range(0, len(updates), 100)]
+        assert all(log_weight(entry) >= 25 for entry in entries)
+        for entry in entries:
+            await s.submit("d", entry)
+        async with asyncio.timeout(10):  # folded in the background after the commits
+            while await s.history("d"):
+                await asyncio.sleep(0.02)
+        assert rebuild(await s.load("d")) == text_of(doc)
+    finally:
+        await s.close()
 
 
 async def test_an_unloaded_document_gets_its_log_folded(backend: Backend) -> None:
