@@ -89,6 +89,9 @@ def build(steps: list[tuple]) -> list[bytes]:
 @given(st.lists(st.one_of(EDIT, EDIT, SHARE, PRESENCE, OTHER), max_size=40), st.randoms(use_true_random=False))
 def test_a_merged_queue_leaves_a_peer_where_the_messages_would(steps, rnd) -> None:
     messages = build(steps)
+    in_order = Receiver()  # the document every sequence of these updates must end at
+    for message in messages:
+        in_order.receive(message)
     # a room may broadcast a change before one it depends on (another node's commit arriving late)
     if len(messages) > 1 and rnd.random() < 0.3:
         i, j = sorted(rnd.sample(range(len(messages)), 2))
@@ -99,7 +102,10 @@ def test_a_merged_queue_leaves_a_peer_where_the_messages_would(steps, rnd) -> No
         one_by_one.receive(message)
     for message in merged:
         at_once.receive(message)
-    assert at_once.seen() == one_by_one.seen()
+    # The document is compared with the one built in causal order: yrs (pycrdt 0.14) can drop an update from a
+    # client when that client's updates come out of order one by one (docs/model.md), which yjs does not do.
+    assert at_once.seen()[:4] == in_order.seen()[:4]
+    assert at_once.seen()[4:] == one_by_one.seen()[4:]
     assert len(merged) <= len(messages)
 
 
