@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 MAX_VARUINT_BYTES = 10  # 64 bits / 7 bits per byte
+MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer a yjs client (JavaScript, lib0) decodes
 
 
 class ProtocolError(ValueError):
@@ -64,6 +65,8 @@ class Reader:
             self.pos += 1
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
+                if value >> 64:  # a tenth byte can carry more than 64 bits; encoded again it would take 11
+                    raise ProtocolError("varint too long")
                 return value
             shift += 7
         raise ProtocolError("varint too long")
@@ -175,6 +178,9 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
     for _ in range(count):
         client_id = reader.varuint()
         clock = reader.varuint()
+        if client_id > MAX_SAFE_INTEGER or clock > MAX_SAFE_INTEGER:
+            # relayed to yjs peers, whose decoder (lib0) throws on integers past 2^53 - 1
+            raise ProtocolError("awareness client id or clock beyond 2^53 - 1")
         state = reader.string()
         try:
             json.loads(state)

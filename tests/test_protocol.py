@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from collab_server import protocol as p
 
 
-@given(st.integers(min_value=0, max_value=2**63))
+@given(st.integers(min_value=0, max_value=2**64 - 1))
 def test_varuint_roundtrip(value: int) -> None:
     reader = p.Reader(p.write_varuint(value))
     assert reader.varuint() == value
@@ -25,6 +25,7 @@ def test_varuint_matches_lib0_encoding() -> None:
         (b"", "truncated varint"),
         (b"\x80", "truncated varint"),
         (b"\xff" * 11, "varint too long"),
+        (b"\xff" * 9 + b"\x7f", "varint too long"),  # ten bytes, but more than 64 bits
         (b"\x07", "unknown message type 7"),
         (b"\x00\x05\x00", "unknown sync message type 5"),
         (b"\x00\x02\x05ab", "truncated byte array"),
@@ -45,7 +46,7 @@ def test_messages_roundtrip() -> None:
     assert p.decode_message(p.query_awareness()) == p.QueryAwarenessMessage()
 
 
-@given(st.lists(st.tuples(st.integers(0, 2**53), st.integers(0, 2**32),
+@given(st.lists(st.tuples(st.integers(0, 2**53 - 1), st.integers(0, 2**32),
                           st.one_of(st.none(), st.dictionaries(st.text(), st.text())))))
 def test_awareness_roundtrip(raw) -> None:
     import json
@@ -60,6 +61,15 @@ def test_awareness_state_must_be_json() -> None:
     bad = p.encode_awareness_update([p.AwarenessEntry(1, 1, "{not json")])
     with pytest.raises(p.ProtocolError, match="not JSON"):
         p.decode_awareness(bad)
+
+
+@pytest.mark.parametrize("client_id, clock", [(2**53, 1), (1, 2**53), (2**63, 0)])
+def test_awareness_beyond_what_yjs_peers_can_decode_is_refused(client_id: int, clock: int) -> None:
+    """The server relays awareness to yjs peers, whose decoder throws past 2^53 - 1: refused on arrival."""
+    update = p.encode_awareness_update([p.AwarenessEntry(client_id, clock, "{}")])
+    with pytest.raises(p.ProtocolError, match="beyond 2\\^53"):
+        p.decode_awareness(update)
+    assert p.decode_awareness(p.encode_awareness_update([p.AwarenessEntry(2**53 - 1, 2**53 - 1, "{}")]))
 
 
 def test_keepalive_is_an_empty_awareness_update() -> None:

@@ -19,6 +19,10 @@ BAD_FRAMES = {
     "invalid state vector": (p.sync_step1(b"\xff\xff"), 1007),
     "bad awareness json": (p.encode_awareness([p.AwarenessEntry(5, 1, "{oops")]), 1007),
     "awareness nested too deep": (p.encode_awareness([p.AwarenessEntry(5, 1, "[" * 50_000 + "]" * 50_000)]), 1007),
+    # relayed, yjs peers' decoder would throw on it (lib0 reads integers up to 2^53 - 1)
+    "awareness client id past 2^53": (p.encode_awareness([p.AwarenessEntry(2**53, 1, "{}")]), 1007),
+    # found by fuzzing: ten varint bytes holding 70 bits were accepted, and relayed as an eleven-byte varint
+    "awareness client id past 64 bits": (p.awareness_message(b"\x01" + b"\xff" * 9 + b"\x7f" + b"\x01\x02{}"), 1007),
     # one item holding a value nested 50,000 arrays deep (100,000 overflowed yrs's stack: tests/test_updatecheck.py)
     "values nested too deep": (p.sync_update(b"\x01\x01\x01\x00\x08\x01\x01t\x01" + b"\x75\x01" * 50_000 + b"\x7e\x00"),
                                1007),
