@@ -83,6 +83,7 @@ def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         lifespan="on",
+        proxy_headers=settings.proxy_headers,
     )
 
 

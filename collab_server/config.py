@@ -37,6 +37,9 @@ class Settings:
     ping_timeout: float = 20.0
     keepalive_interval: float = 10.0
     per_message_deflate: bool = False  # compress frames: saves bandwidth on slow links, costs server CPU
+    # trust X-Forwarded-For/-Proto from a proxy on 127.0.0.1 (uvicorn's ProxyHeadersMiddleware) for the client
+    # address in uvicorn's log lines; nothing else reads it, and it costs every connection a coroutine frame
+    proxy_headers: bool = False
     awareness_timeout: float = 30.0  # presence not renewed for this long is removed (clients renew every 15 s)
     # a peer too slow to read is closed (1013) once this many messages, or bytes, wait for it even after
     # merging them (coalesce.py); a message bigger than the byte limit still goes out when nothing else waits

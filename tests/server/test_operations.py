@@ -1,10 +1,12 @@
 """Operational endpoints: /health, /ready and Prometheus /metrics."""
 
 import httpx
+import pytest
 from pycrdt import Text
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import wait_until
 
 
 def metric(text: str, name: str) -> float:
@@ -36,3 +38,16 @@ async def test_health_ready_and_metrics(server) -> None:
     assert metric(text, "collab_updates_broadcast_total") >= 1
     assert metric(text, "collab_bytes_received_total") > sum(len(u) for u in updates)
     assert 'collab_errors_total{kind="text_frame"} 1.0' in text
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_forwarded_client_addresses_are_logged_only_with_proxy_headers(server_factory, trusted: bool) -> None:
+    """uvicorn's proxy-headers middleware costs every connection a coroutine frame and serves only its log
+    lines: off by default, on with --proxy-headers for a proxy on 127.0.0.1."""
+    server = server_factory(*(["--proxy-headers"] if trusted else []))
+    peer = await RawPeer.connect(f"{server.ws_url}/room", additional_headers={"X-Forwarded-For": "203.0.113.7"})
+    await peer.sync()
+    await peer.close()
+    await wait_until(lambda: '"WebSocket /room" [accepted]' in server.log())
+    accepted = next(line for line in server.log().splitlines() if '"WebSocket /room" [accepted]' in line)
+    assert ("203.0.113.7" in accepted) == trusted, accepted
