@@ -104,8 +104,8 @@ def log_weight(update: bytes) -> int:
 class Compactor:
     """Runs a store's compactions off its commit path: at most one per document at a time, started when a
     commit brings the document's log count (entries weighed by log_weight) to the threshold, and again while
-    the count is still over it
-    (a burst committed during a fold, with nothing committed after it, must not stay in the log).
+    the count is still over it (a burst committed during a fold, with nothing committed after it, must not
+    stay in the log).
 
     A document no longer served gets its log folded once it holds a tenth of the threshold, so its next load
     reads one checkpoint instead of replaying the log (a shorter log is not worth rewriting the checkpoint).

@@ -62,7 +62,6 @@ COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compac
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
 
 
-
 class PostgresStore:
     def __init__(self, dsn: str, *, compact_threshold: int = 500, schema: str | None = None,
                  pool_size: int = 4, timeout: float = 10.0) -> None:
