@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pycrdt import merge_updates
-
 from collab_server import protocol as p
+from collab_server.merge import merge_all
 
 
 def coalesce(messages: list[bytes]) -> list[bytes]:
@@ -24,7 +23,7 @@ def coalesce(messages: list[bytes]) -> list[bytes]:
     def end_run() -> None:
         nonlocal updates, presence
         if len(updates) > 1:
-            out[update_at] = p.sync_update(merge_updates(*updates))
+            out[update_at] = p.sync_update(merge_all(updates))
         if presence is not None:
             out.append(p.encode_awareness(list(presence.values())))
         updates, presence = [], None

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
 
-from pycrdt import Doc, TransactionEvent, get_update, merge_updates
+from pycrdt import Doc, TransactionEvent, get_update
 
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
+from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
 from collab_server.transport import binary_frame
@@ -55,7 +56,7 @@ class _Write:
 
     def take(self) -> bytes:
         parts, self.parts = self.parts, []
-        self.update = parts[0] if len(parts) == 1 else merge_updates(*parts)
+        self.update = merge_all(parts)
         return self.update
 
 
@@ -312,7 +313,7 @@ class Room:
         if not updates or self._early is not None:
             return False
         with self.doc.transaction(origin="broker"):
-            self.doc.apply_update(get_update(merge_updates(*updates), self.doc.get_state()))
+            self.doc.apply_update(get_update(merge_all(updates), self.doc.get_state()))
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
@@ -346,7 +347,7 @@ class Room:
     def _flush_outbox(self) -> None:
         updates, self._outbox = self._outbox, []
         if updates:
-            self._fan_out(p.sync_update(updates[0] if len(updates) == 1 else merge_updates(*updates)))
+            self._fan_out(p.sync_update(merge_all(updates)))
             self.metrics.updates_broadcast.inc(len(self.connections))
 
     def _fan_out(self, message: bytes) -> None:

@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pycrdt import Doc, get_update, merge_updates
+from pycrdt import Doc, get_update
 
+from collab_server.merge import merge_all
 from collab_server.protocol import Reader
 
 
@@ -50,7 +51,7 @@ def fold_updates(updates: list[bytes]) -> bytes:
             pending.append(rest)
         turn.offer()
     folded = doc.get_update()
-    return merge_updates(folded, *pending) if pending else folded
+    return merge_all([folded, *pending])
 
 
 class _GilTurn:
