@@ -231,18 +231,15 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
             state = await saved_state(name, request.path_params["version"])
         if form == "update":
             return Response(state, media_type=BINARY)
-        doc: Doc = Doc()
-        doc.apply_update(state)
-        return JSONResponse({"name": name, "version": request.path_params["version"], "blocks": export_json(doc)})
+        return JSONResponse({"name": name, "version": request.path_params["version"],
+                             "blocks": export_json(_doc_of([state]))})
 
     async def restore_version(request: Request) -> Response:
         name = doc_name(request, write=True)
         version: int = request.path_params["version"]
         async with room_of(name) as room:
             state = await saved_state(name, version)
-            saved: Doc = Doc()
-            saved.apply_update(state)
-            target = export_json(saved)
+            target = export_json(_doc_of([state]))
             backup = await _storage(store.save_version(name, f"before restoring version {version}",
                                                        await room.encode_state()))
             await committed(room, room.edit(lambda doc: apply_ops(doc, restore_ops(doc, target))), "restore")
@@ -298,9 +295,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
                 raise ApiError(410, str(exc)) from exc
             except StorageError as exc:
                 raise ApiError(503, f"storage unavailable: {exc}") from exc
-        doc: Doc = Doc()
-        for update in updates:
-            doc.apply_update(update)
+        doc = _doc_of(updates)
         if form == "update":
             return Response(doc.get_update(), media_type=BINARY)
         return JSONResponse({"name": name, "seq": seq, "blocks": export_json(doc)})
@@ -341,6 +336,14 @@ def _route(path: str, endpoint: _Endpoint, methods: list[str] | None = None) -> 
     route = Route(path, endpoint, methods=methods)
     route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
     return route
+
+
+def _doc_of(updates: list[bytes]) -> Doc:
+    """A document holding `updates`, applied in order."""
+    doc = Doc()
+    for update in updates:
+        doc.apply_update(update)
+    return doc
 
 
 async def _storage(call: Awaitable[T]) -> T:
