@@ -102,6 +102,11 @@ def log_weight(update: bytes) -> int:
     return max(1, len(update) // ENTRY_BYTES)
 
 
+def rows_weight(rows: list[tuple[int, bytes]]) -> int:
+    """The log_weight of (seq, update) log rows together."""
+    return sum(log_weight(update) for _, update in rows)
+
+
 class Compactor:
     """Runs a store's compactions off its commit path: at most one per document at a time, started when a
     commit brings the document's log count (entries weighed by log_weight) to the threshold, and again while

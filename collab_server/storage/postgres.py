@@ -28,6 +28,7 @@ from collab_server.storage.base import (
     VersionInfo,
     fold_updates,
     log_weight,
+    rows_weight,
     take,
 )
 
@@ -165,7 +166,7 @@ class PostgresStore:
 
     async def load(self, doc: str) -> list[bytes]:
         checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = sum(log_weight(data) for _, data in rows)
+        self._log_counts[doc] = rows_weight(rows)
         return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
@@ -212,7 +213,7 @@ class PostgresStore:
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-            self._log_counts[doc] = max(0, self._log_counts[doc] - sum(log_weight(data) for _, data in rows))
+            self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 

@@ -34,6 +34,7 @@ from collab_server.storage.base import (
     VersionInfo,
     fold_updates,
     log_weight,
+    rows_weight,
     take,
 )
 
@@ -224,7 +225,7 @@ class SQLiteStore:
 
     async def load(self, doc: str) -> list[bytes]:
         checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = sum(log_weight(data) for _, data in rows)
+        self._log_counts[doc] = rows_weight(rows)
         return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
@@ -276,7 +277,7 @@ class SQLiteStore:
             except Exception as exc:
                 await self._rollback()
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-        self._log_counts[doc] = max(0, self._log_counts[doc] - sum(log_weight(data) for _, data in rows))
+        self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
         if self._reclaims:
             await self._reclaim()
 
