@@ -34,6 +34,8 @@ class OneLine(logging.Filter):
 
 
 QUIET_RETRIES = ("asyncpg.pool",)
+# per-connection chatter below WARNING unless debugging: websockets' "connection open" on every handshake
+CHATTY = ("websockets",)
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:
@@ -49,3 +51,5 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for name in QUIET_RETRIES:
         logging.getLogger(name).filters[:] = [OneLine()]
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)

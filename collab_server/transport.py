@@ -32,6 +32,8 @@ from collab_server.pacing import in_slices
 log = logging.getLogger(__name__)
 
 SCOPE_EXTENSION = "collab.frames"
+# websockets' own logger, for the sans-I/O protocol uvicorn hands its "uvicorn.error" logger to (see logs.py)
+WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
 
 class FrameWriter(Protocol):
@@ -221,6 +223,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     lighter per-connection state: a plain receive queue and writable flag, the handshake's request and
     response dropped once the connection is accepted, and the HTTP protocol it upgrades from freed at once.
 
+    websockets' protocol logs through `WEBSOCKETS_LOG` rather than uvicorn's error logger: it writes "connection
+    open" at INFO for every handshake, a line without address or path next to uvicorn's "[accepted]" one.
+
     uvicorn's protocol sets 37 attributes per connection. Past 30, CPython gives each instance its own
     ~1.6 KB hash table instead of sharing the class's keys; as slots they take 8 bytes each. An attribute a
     later uvicorn adds still works: it goes to an instance dict."""
@@ -239,6 +244,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.writable.set()
+        self.conn.logger = WEBSOCKETS_LOG
+        self.conn.debug = WEBSOCKETS_LOG.isEnabledFor(logging.DEBUG)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its

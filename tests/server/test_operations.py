@@ -51,3 +51,13 @@ async def test_forwarded_client_addresses_are_logged_only_with_proxy_headers(ser
     await wait_until(lambda: '"WebSocket /room" [accepted]' in server.log())
     accepted = next(line for line in server.log().splitlines() if '"WebSocket /room" [accepted]' in line)
     assert ("203.0.113.7" in accepted) == trusted, accepted
+
+
+async def test_a_connection_logs_one_line_at_info(server) -> None:
+    """uvicorn's "[accepted]" line names the peer and the room; websockets' own "connection open" line, which
+    names neither, is below the default level."""
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    await peer.sync()
+    await peer.close()
+    await wait_until(lambda: '"WebSocket /room" [accepted]' in server.log())
+    assert "connection open" not in server.log()
