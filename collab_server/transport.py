@@ -262,12 +262,15 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             self._release_handshake()
 
     def _release_handshake(self) -> None:
-        """Free the request headers once accepted: collab_server reads them only while admitting. websockets'
-        parser keeps the request alive for the connection's life, so its headers are emptied in place."""
+        """Free what only the handshake needed once accepted: collab_server reads the scope (path, query, headers,
+        subprotocols) only while admitting, and uvicorn only before accepting. The application's frames hold the
+        scope for the connection's life, so it is emptied in place but for its type and this writer (~0.6 KB less
+        per connection); so are the request's headers, which websockets' parser keeps alive."""
         if self.request is not None:
             self.request.headers.clear()
         self.request = self.response = None  # type: ignore[assignment]
-        self.scope["headers"] = []
+        self.scope.clear()
+        self.scope.update(type="websocket", extensions={SCOPE_EXTENSION: self})  # type: ignore[typeddict-item]
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

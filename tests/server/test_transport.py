@@ -17,7 +17,7 @@ from websockets.frames import Frame, Opcode
 from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
-from collab_server.transport import CollabWebSocketProtocol, _Flag, _Inbox, _PingRounds, binary_frame
+from collab_server.transport import SCOPE_EXTENSION, CollabWebSocketProtocol, _Flag, _Inbox, _PingRounds, binary_frame
 from tests.rawclient import RawPeer
 from tests.serverproc import free_port
 
@@ -106,15 +106,16 @@ async def test_the_writable_flag_holds_senders_until_set() -> None:
 
 
 async def test_an_accepted_connection_keeps_no_handshake_headers(tmp_path: Path) -> None:
-    """Request headers (a browser sends cookies, user agent...) are read while admitting, then freed: neither
-    the ASGI scope nor websockets' parser, which keeps the request object alive, holds them afterwards."""
+    """Request headers (a browser sends cookies, user agent...) and the rest of the scope are read while
+    admitting, then freed: neither the ASGI scope nor websockets' parser, which keeps the request object alive,
+    holds them afterwards."""
     app, server, task, url = await _serve(tmp_path)
     try:
         peer = await RawPeer.connect(f"{url}/room", additional_headers={"X-Padding": "x" * 4000})
         await peer.sync()
         (conn,) = app.state.rooms.loaded["room"].connections
         protocol = conn._frames
-        assert protocol.request is None and protocol.scope["headers"] == []
+        assert protocol.request is None and protocol.scope == {"type": "websocket", "extensions": {SCOPE_EXTENSION: protocol}}
         parsed = protocol.conn.parser.gi_frame.f_locals["request"]  # websockets' parse() still refers to it
         assert len(parsed.headers) == 0
         await peer.edit(lambda doc: doc.get("t", type=Text).insert(0, "still served"))
