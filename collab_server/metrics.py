@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily
+
+
+class Tally:
+    """A counter for the per-message paths: a plain number the event loop adds to, read when /metrics is
+    scraped. prometheus_client's Counter takes a lock on every increment (~0.3 µs against ~0.04), and the
+    bytes sent are counted once per message per connection."""
+
+    __slots__ = ("name", "documentation", "value")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _Tallies:
+    """Exports tallies as Prometheus counters (`<name>_total`)."""
+
+    def __init__(self, tallies: list[Tally]) -> None:
+        self.tallies = tallies
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for tally in self.tallies:
+            yield CounterMetricFamily(tally.name, tally.documentation, value=tally.value)
 
 
 class Metrics:
@@ -14,14 +43,13 @@ class Metrics:
         r = self.registry
         self.connections = Gauge("collab_connections", "Open websocket connections", registry=r)
         self.rooms_loaded = Gauge("collab_rooms_loaded", "Documents loaded in memory", registry=r)
-        self.updates_applied = Counter("collab_updates_applied", "Document changes applied and committed",
-                                       registry=r)
-        self.updates_broadcast = Counter("collab_updates_broadcast",
-                                         "Update messages queued to connections", registry=r)
+        self.updates_applied = Tally("collab_updates_applied", "Document changes applied and committed")
+        self.updates_broadcast = Tally("collab_updates_broadcast", "Update messages queued to connections")
         self.messages_coalesced = Counter("collab_messages_coalesced", "Messages queued for backed-up peers "
                                           "that were merged into others", registry=r)
-        self.bytes_received = Counter("collab_bytes_received", "Websocket payload bytes received", registry=r)
-        self.bytes_sent = Counter("collab_bytes_sent", "Websocket payload bytes sent", registry=r)
+        self.bytes_received = Tally("collab_bytes_received", "Websocket payload bytes received")
+        self.bytes_sent = Tally("collab_bytes_sent", "Websocket payload bytes sent")
+        r.register(_Tallies([self.updates_applied, self.updates_broadcast, self.bytes_received, self.bytes_sent]))
         self.commit_seconds = Histogram(
             "collab_commit_seconds", "Latency of one group commit", registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
