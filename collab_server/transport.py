@@ -241,7 +241,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
 
     Incoming frames: websockets parses a frame with a generator per field, about a sixth of the server's CPU
     in a many-rooms run. Once the connection is accepted (and nothing was negotiated that changes frames, and
-    no byte arrived early) the protocol keeps its own buffer of incoming bytes and cuts it into frames. A
+    no byte arrived between the request and the acceptance, which websockets may have begun parsing) the
+    protocol keeps its own buffer of incoming bytes and cuts it into frames. A
     masked, unfragmented binary frame, which is what y-websocket clients send, is unmasked and handed to the
     application as uvicorn would; every other frame (control frames, text, fragments, anything malformed) is
     given whole to websockets, which checks and handles it, so its parser only ever sees whole frames and stays
@@ -261,7 +262,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound",
+        "transport", "writable", "_inbound", "_early",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -272,6 +273,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.logger = WEBSOCKETS_LOG
         self.conn.debug = WEBSOCKETS_LOG.isEnabledFor(logging.DEBUG)
         self._inbound: bytearray | None = None  # received bytes not yet a whole frame, while this splits frames
+        self._early = False  # bytes came after the request but before the acceptance
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -287,12 +289,13 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept":
             self._release_handshake()
             conn = self.conn
-            if (self.handshake_complete and conn.state is State.OPEN and not conn.extensions
-                    and not conn.reader.buffer and hasattr(conn, "current_size") and hasattr(conn, "max_message_size")):
+            if (self.handshake_complete and conn.state is State.OPEN and not conn.extensions and not self._early
+                    and hasattr(conn, "current_size") and hasattr(conn, "max_message_size")):
                 self._inbound = bytearray()
 
     def data_received(self, data: bytes) -> None:
         if self._inbound is None:
+            self._early |= self.handshake_initiated and not self.handshake_complete
             super().data_received(data)
             return
         self._inbound += data

@@ -5,16 +5,18 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc, Text
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.protocol import State
+from uvicorn.server import ServerState
 from websockets.uri import parse_uri
 
 from collab_server import protocol as p
-from collab_server.transport import frame_header
+from collab_server.transport import CollabWebSocketProtocol, frame_header
 from tests.server.test_transport import _serve
 from tests.serverproc import wait_until
 
@@ -52,15 +54,12 @@ class RawSocket:
         client = ClientProtocol(uri)
         client.send_request(client.connect())
         sock = cls(reader, writer, client)
-        await sock.flush()
+        writer.write(b"".join(client.data_to_send()))
+        await writer.drain()
         await sock.read_until(lambda: client.handshake_exc is not None or client.state is State.OPEN)
         assert client.handshake_exc is None
         await sock.read_until(lambda: any(f.opcode is Opcode.BINARY for f in sock.received))  # joined the room
         return sock
-
-    async def flush(self) -> None:
-        self.writer.write(b"".join(self.client.data_to_send()))
-        await self.writer.drain()
 
     async def write(self, raw: bytes, chunk: int | None) -> None:
         """Write `raw` in pieces of `chunk` bytes, letting the server read between them."""
@@ -156,3 +155,67 @@ async def test_a_bad_frame_after_good_ones_is_refused_by_websockets(tmp_path: Pa
     finally:
         server.should_exit = True
         await task
+
+
+
+class _Transport(asyncio.Transport):
+    """Just enough of a socket transport for one protocol under test: records writes and reading pauses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self.protocol
+
+    def get_extra_info(self, name: str, default=None):
+        return {"sockname": ("127.0.0.1", 1234), "peername": ("127.0.0.1", 5678)}.get(name, default)
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("early", [0, 1, 2, 3], ids=lambda n: f"{n}-early-bytes")
+async def test_a_frame_begun_before_the_acceptance_is_finished_by_websockets(tmp_path: Path, early: int) -> None:
+    """Bytes between the request and the acceptance (a client that does not wait for the 101) are parsed by
+    websockets, which may be in the middle of a frame by then: the protocol leaves that connection to it."""
+    config = uvicorn.Config(_idle_app, ws="collab_server.transport:CollabWebSocketProtocol", log_config=None)
+    config.load()
+    protocol = CollabWebSocketProtocol(config, ServerState(), {})
+    protocol.connection_made(_Transport())
+    client = ClientProtocol(parse_uri("ws://127.0.0.1:1234/room"))
+    client.send_request(client.connect())
+    protocol.data_received(b"".join(client.data_to_send()))
+    messages = [_masked(Opcode.BINARY, bytes([n]) * 200) for n in range(3)]
+    raw = b"".join(messages)
+    if early:
+        protocol.data_received(raw[:early])
+    await protocol.send({"type": "websocket.accept"})
+    protocol.data_received(raw[early:])
+    received = [protocol.queue._items[i] for i in range(len(protocol.queue._items))]
+    assert received[0] == {"type": "websocket.connect"}
+    assert [m["bytes"] for m in received[1:]] == [bytes([n]) * 200 for n in range(3)]
+    assert (protocol._inbound is None) == (early > 0)
+    protocol.connection_lost(None)  # leaves the ping rounds: nothing keeps the protocol for later tests
+    tasks = list(protocol.tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _idle_app(scope, receive, send) -> None:
+    await asyncio.Event().wait()
