@@ -30,6 +30,8 @@ class SyncType(IntEnum):
     UPDATE = 2
 
 
+_SYNC_TYPES = tuple(SyncType)  # by value: indexing is ~30 times cheaper than calling the enum
+
 def write_varuint(value: int) -> bytes:
     """Encode a non-negative integer as a lib0 varUint."""
     if value < 0:
@@ -57,6 +59,10 @@ class Reader:
         self.pos = 0
 
     def varuint(self) -> int:
+        data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] < 0x80:  # one byte: message types and most lengths
+            self.pos = pos + 1
+            return data[pos]
         value = shift = 0
         for _ in range(MAX_VARUINT_BYTES):
             if self.pos >= len(self.data):
@@ -124,7 +130,7 @@ def decode_message(data: bytes) -> Message:
         sub = reader.varuint()
         if sub not in (0, 1, 2):
             raise ProtocolError(f"unknown sync message type {sub}")
-        msg = SyncMessage(SyncType(sub), reader.bytes())
+        msg = SyncMessage(_SYNC_TYPES[sub], reader.bytes())
     elif kind == MessageType.AWARENESS:
         msg = AwarenessMessage(reader.bytes())
     elif kind == MessageType.AUTH:
