@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import gc
 import os
 import resource
 import socket
@@ -13,7 +14,7 @@ from pycrdt import Text
 
 from collab_server import protocol as p
 from collab_server.app import create_app
-from collab_server.cli import uvicorn_config
+from collab_server.cli import Server, uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
@@ -186,3 +187,22 @@ async def test_the_server_lifts_a_low_open_file_limit_to_serve_more_clients(tmp_
     finally:
         await asyncio.gather(*(peer.close() for peer in peers))
         server.stop()
+
+
+async def test_once_started_the_server_keeps_what_exists_out_of_full_collections(tmp_path: Path) -> None:
+    """Modules, the app and its store live as long as the process: once the server has started they are frozen,
+    so the cyclic collector's full collections walk only what came later."""
+    cfg = Settings(db=str(tmp_path / "t.db"), host="127.0.0.1", port=free_port())
+    server = Server(uvicorn_config(cfg, create_app(cfg)))
+    gc.unfreeze()
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > 10_000
+        assert not any(isinstance(o, Server) for o in gc.get_objects())  # the server itself is frozen too
+    finally:
+        server.should_exit = True
+        await task
+        gc.unfreeze()
