@@ -32,6 +32,7 @@ class SyncType(IntEnum):
 
 _SYNC_TYPES = tuple(SyncType)  # by value: indexing is ~30 times cheaper than calling the enum
 
+
 def write_varuint(value: int) -> bytes:
     """Encode a non-negative integer as a lib0 varUint."""
     if value < 0:

@@ -239,15 +239,15 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     writable flag, the handshake's request and response dropped once the connection is accepted, and the HTTP
     protocol it upgrades from freed at once.
 
-    Incoming frames: websockets parses a frame with a generator per field, about a sixth of the server's CPU
-    in a many-rooms run. Once the connection is accepted (and nothing was negotiated that changes frames, and
-    no byte arrived between the request and the acceptance, which websockets may have begun parsing) the
-    protocol keeps its own buffer of incoming bytes and cuts it into frames. A
-    masked, unfragmented binary frame, which is what y-websocket clients send, is unmasked and handed to the
-    application as uvicorn would; every other frame (control frames, text, fragments, anything malformed) is
-    given whole to websockets, which checks and handles it, so its parser only ever sees whole frames and stays
-    in step. Once the connection is no longer open, or a frame's header claims more than the size limit
-    (refused by websockets from the header alone), websockets parses everything from there on.
+    Incoming frames: websockets parses a frame with a generator per field, about a sixth of the server's CPU in a
+    many-rooms run. Once the connection is accepted (and nothing was negotiated that changes frames, and no byte
+    arrived between the request and the acceptance, which websockets may have begun parsing) the protocol keeps its
+    own buffer of incoming bytes and cuts it into frames. A masked, unfragmented binary frame, which is what
+    y-websocket clients send, is unmasked and handed to the application as uvicorn would; every other frame
+    (control frames, text, fragments, anything malformed) is given whole to websockets, which checks and handles
+    it, so its parser only ever sees whole frames and stays in step. Once the connection is no longer open, or a
+    frame's header claims more than the size limit (refused by websockets from the header alone), websockets parses
+    everything from there on.
 
     websockets' protocol logs through `WEBSOCKETS_LOG` rather than uvicorn's error logger: it writes "connection
     open" at INFO for every handshake, a line without address or path next to uvicorn's "[accepted]" one.
