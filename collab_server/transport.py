@@ -81,12 +81,15 @@ def binary_frame(payload: bytes) -> bytes:
 
 class _Inbox:
     """The receive queue uvicorn's protocol needs (put_nowait, get, empty), without asyncio.Queue's four
-    deques: about 3 KB less per connection. One reader (the session) at a time."""
+    deques: about 3 KB less per connection. One reader (the session) at a time. Items are taken by index, not
+    `pop(0)`, which moved every item behind: one 256 KB read of tiny frames queues ~37,000 messages, and
+    draining them with `pop(0)` took 68 ms against 7."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_next", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
+        self._next = 0  # index of the oldest item not yet taken
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: Any) -> None:
@@ -95,16 +98,22 @@ class _Inbox:
             self._waiter.set_result(None)
 
     async def get(self) -> Any:
-        while not self._items:
+        while self._next >= len(self._items):
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.pop(0)
+        items, taken = self._items, self._next
+        item, items[taken] = items[taken], None
+        self._next = taken + 1
+        if self._next == len(items) or self._next > 4096:  # drained, or a long backlog: drop what was taken
+            del items[:self._next]
+            self._next = 0
+        return item
 
     def empty(self) -> bool:
-        return not self._items
+        return self._next >= len(self._items)
 
 
 class _Flag:

@@ -206,9 +206,9 @@ async def test_a_frame_begun_before_the_acceptance_is_finished_by_websockets(tmp
         protocol.data_received(raw[:early])
     await protocol.send({"type": "websocket.accept"})
     protocol.data_received(raw[early:])
-    received = [protocol.queue._items[i] for i in range(len(protocol.queue._items))]
-    assert received[0] == {"type": "websocket.connect"}
-    assert [m["bytes"] for m in received[1:]] == [bytes([n]) * 200 for n in range(3)]
+    assert await protocol.queue.get() == {"type": "websocket.connect"}
+    assert [(await protocol.queue.get())["bytes"] for _ in range(3)] == [bytes([n]) * 200 for n in range(3)]
+    assert protocol.queue.empty()
     assert (protocol._inbound is None) == (early > 0)
     protocol.connection_lost(None)  # leaves the ping rounds: nothing keeps the protocol for later tests
     tasks = list(protocol.tasks)
