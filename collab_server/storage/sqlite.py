@@ -5,13 +5,15 @@ together in the next transaction, so throughput does not collapse to one fsync p
 one multi-row INSERT in autocommit mode: one implicit transaction, one trip to the database thread. A second,
 read-only connection serves loads from a consistent WAL snapshot. Compaction folds a snapshot of the log in a
 worker thread, off the commit path, and holds the writer only for the short transaction that swaps the folded
-rows for the checkpoint.
+rows for the checkpoint. One process at a time opens a database: the store holds an advisory lock on
+`<db>-lock` while it is open (see `claim`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -90,6 +92,7 @@ SELECT 1, id, data FROM updates WHERE doc = ?
 ORDER BY kind, seq
 """
 
+LOCK_SUFFIX = "-lock"  # beside the database, as SQLite's -wal and -shm are
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
 
@@ -112,8 +115,17 @@ class SQLiteStore:
         self._log_counts: dict[str, int] = defaultdict(int)
         self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
+        self._lock: int | None = None  # file descriptor holding the database's lock file while open
 
     async def open(self) -> None:
+        self._lock = claim(self.path)
+        try:
+            await self._connect()
+        except BaseException:
+            await self._close_connections()
+            raise
+
+    async def _connect(self) -> None:
         # autocommit: each statement is its own transaction unless BEGIN opens one explicitly
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
         # a new database gives back the pages compaction frees; the mode is fixed before its first table
@@ -156,9 +168,16 @@ class SQLiteStore:
         if self._task is not None:
             await self._task
         await self._compactor.close()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
+        self._writer = self._reader = None
+        if self._lock is not None:
+            os.close(self._lock)  # gives up the lock
+            self._lock = None
 
     def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -383,6 +402,33 @@ class SQLiteStore:
             return list(await self._reader.execute_fetchall(query, params))
         except Exception as exc:
             raise StorageError(f"{what} failed: {exc}") from exc
+
+
+def claim(path: str) -> int:
+    """Lock the file `path` + LOCK_SUFFIX for this store, or raise StorageError naming the process that holds it.
+
+    One process serves a database: rooms live in its memory, so a second process on the same file would neither
+    reach the first one's clients nor keep its log ids apart (several processes need `--store postgres --broker
+    redis`). An advisory `flock` on a file of its own, which SQLite never opens: closing it cannot release SQLite's
+    own locks, and the kernel releases it when the process ends, however it ends. Returns the descriptor to close."""
+    try:
+        fd = os.open(path + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path + LOCK_SUFFIX}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise StorageError(
+            f"{path} is in use by another collab-server process{f' (pid {holder})' if holder else ''}: one process "
+            f"serves a SQLite database; to run several, use --store postgres --broker redis") from None
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot lock {path + LOCK_SUFFIX}: {exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
 
 
 def backup(path: str, dest: str) -> int:

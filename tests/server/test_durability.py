@@ -5,10 +5,13 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import httpx
+import pytest
 from pycrdt import Doc, Text
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import ServerProcess
 
 
 def stored_doc(db, room: str = "room") -> Doc:
@@ -141,6 +144,24 @@ async def test_sigkill_mid_burst_keeps_every_update_anyone_received(server) -> N
     fresh = await RawPeer.connect(f"{server.ws_url}/room")
     await fresh.sync()
     assert str(fresh.doc.get("t", type=Text)) == stored
+
+
+async def test_a_second_server_on_the_same_database_is_refused_until_the_first_is_gone(server_factory) -> None:
+    """Rooms live in one process's memory: a second server on the same SQLite file would not reach the first
+    one's clients, so it exits with the reason. The lock goes with the first process, even on SIGKILL."""
+    first = server_factory()
+    second = ServerProcess(first.db)
+    with pytest.raises(RuntimeError, match=r"in use by another collab-server process \(pid \d+\)"):
+        second.start()
+    assert first.alive() and httpx.get(f"{first.http_url}/ready").status_code == 200
+    first.kill()
+    second.start()
+    try:
+        peer = await RawPeer.connect(f"{second.ws_url}/room")
+        await peer.sync()
+        await peer.close()
+    finally:
+        second.kill()
 
 
 async def test_a_burst_shares_log_entries_and_each_is_committed_before_anyone_receives_it(server) -> None:

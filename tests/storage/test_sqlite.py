@@ -2,6 +2,7 @@
 test_store_contract.py)."""
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from pycrdt import Doc, Text
 
 from collab_server.storage import sqlite as sqlite_module
+from collab_server.storage.base import StorageError
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
 
@@ -194,3 +196,21 @@ async def test_compaction_gives_freed_pages_back_to_the_file_system(tmp_path: Pa
             assert size == grown and free > 20
         else:
             assert free == 0 and size < grown - 20
+
+
+async def test_a_database_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
+    """A second store (in production, a second process) on the same file is refused at open, naming the process
+    that holds it; the first keeps working, and the file is free again once it closes."""
+    path = str(tmp_path / "one.db")
+    doc, updates = text_updates(2)
+    first = SQLiteStore(path)
+    await first.open()
+    second = SQLiteStore(path)
+    with pytest.raises(StorageError, match=rf"in use by another collab-server process \(pid {os.getpid()}\)"):
+        await second.open()
+    await first.submit("d", updates[0])
+    await first.close()
+    await second.open()
+    await second.submit("d", updates[1])
+    assert rebuild(await second.load("d")) == str(doc.get("t", type=Text))
+    await second.close()
