@@ -44,8 +44,9 @@ class CollabApp(Starlette):
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None,
                broker: Broker | None = None) -> CollabApp:
-    """Build the app; `store` and `broker` default to the implementations the settings name."""
-    settings = settings or Settings()
+    """Build the app; `store` and `broker` default to the implementations the settings name. Without `settings`
+    they come from the environment (COLLAB_<NAME>), as when uvicorn runs `collab_server.app:create_app --factory`."""
+    settings = settings or Settings.load()
     if settings.auth_required and not settings.auth_secret:
         raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
     if settings.version_interval > 0 and settings.versions_keep < 1:
