@@ -93,15 +93,19 @@ ORDER BY kind, seq
 """
 
 LOCK_SUFFIX = "-lock"  # beside the database, as SQLite's -wal and -shm are
+LOCK_POLL = 0.1  # seconds between attempts while another process holds the database
+LOCK_WAIT = 15.0  # seconds to wait for the process holding a database: a predecessor still shutting down
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, synchronous: str = "full", compact_threshold: int = 500) -> None:
+    def __init__(self, path: str, *, synchronous: str = "full", compact_threshold: int = 500,
+                 lock_wait: float = LOCK_WAIT) -> None:
         if synchronous.lower() not in ("full", "normal", "extra"):
             raise ValueError(f"sqlite_synchronous must be full, normal or extra, not {synchronous!r}")
         self.path = path
+        self.lock_wait = lock_wait
         self.synchronous = synchronous.upper()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -118,7 +122,7 @@ class SQLiteStore:
         self._lock: int | None = None  # file descriptor holding the database's lock file while open
 
     async def open(self) -> None:
-        self._lock = claim(self.path)
+        self._lock = await claim(self.path, self.lock_wait)
         try:
             await self._connect()
         except BaseException:
@@ -404,31 +408,48 @@ class SQLiteStore:
             raise StorageError(f"{what} failed: {exc}") from exc
 
 
-def claim(path: str) -> int:
-    """Lock the file `path` + LOCK_SUFFIX for this store, or raise StorageError naming the process that holds it.
+async def claim(path: str, wait: float) -> int:
+    """Lock the file `path` + LOCK_SUFFIX for this store, waiting up to `wait` seconds for the process that holds
+    it (a restart can begin before its predecessor has committed and exited); then raise StorageError naming it.
 
     One process serves a database: rooms live in its memory, so a second process on the same file would neither
     reach the first one's clients nor keep its log ids apart (several processes need `--store postgres --broker
     redis`). An advisory `flock` on a file of its own, which SQLite never opens: closing it cannot release SQLite's
     own locks, and the kernel releases it when the process ends, however it ends. Returns the descriptor to close."""
+    lock_path = path + LOCK_SUFFIX
     try:
-        fd = os.open(path + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise StorageError(f"cannot open {path + LOCK_SUFFIX}: {exc}") from exc
+        raise StorageError(f"cannot open {lock_path}: {exc}") from exc
+    deadline = time.monotonic() + wait
+    warned = False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        while not _try_lock(fd, lock_path):
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"{path} is in use by another collab-server process (pid {holder}): one process serves a "
+                    f"SQLite database; to run several, use --store postgres --broker redis")
+            if not warned:
+                log.warning("sqlite: %s is in use by pid %s; waiting up to %.0f s for it", path, holder, wait)
+                warned = True
+            await asyncio.sleep(LOCK_POLL)
+    except BaseException:
         os.close(fd)
-        raise StorageError(
-            f"{path} is in use by another collab-server process{f' (pid {holder})' if holder else ''}: one process "
-            f"serves a SQLite database; to run several, use --store postgres --broker redis") from None
-    except OSError as exc:
-        os.close(fd)
-        raise StorageError(f"cannot lock {path + LOCK_SUFFIX}: {exc}") from exc
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def _try_lock(fd: int, lock_path: str) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot lock {lock_path}: {exc}") from exc
+    return True
 
 
 def backup(path: str, dest: str) -> int:

@@ -5,13 +5,11 @@ import sqlite3
 import sys
 from pathlib import Path
 
-import httpx
-import pytest
 from pycrdt import Doc, Text
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, text_updates
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, wait_until
 
 
 def stored_doc(db, room: str = "room") -> Doc:
@@ -146,22 +144,30 @@ async def test_sigkill_mid_burst_keeps_every_update_anyone_received(server) -> N
     assert str(fresh.doc.get("t", type=Text)) == stored
 
 
-async def test_a_second_server_on_the_same_database_is_refused_until_the_first_is_gone(server_factory) -> None:
+async def test_a_second_server_on_the_same_database_waits_until_the_first_is_gone(server_factory) -> None:
     """Rooms live in one process's memory: a second server on the same SQLite file would not reach the first
-    one's clients, so it exits with the reason. The lock goes with the first process, even on SIGKILL."""
+    one's clients, so it waits (a restart whose predecessor is still shutting down) and serves once the first is
+    gone. The lock goes with the first process, even on SIGKILL."""
     first = server_factory()
+    writer = await RawPeer.connect(f"{first.ws_url}/room")
+    await writer.sync()
+    doc, updates = text_updates(1)
+    await writer.send(p.sync_update(updates[0]))
+    await writer.wait_for(lambda: str(writer.doc.get("t", type=Text)) == str(doc.get("t", type=Text)))
     second = ServerProcess(first.db)
-    with pytest.raises(RuntimeError, match=r"in use by another collab-server process \(pid \d+\)"):
-        second.start()
-    assert first.alive() and httpx.get(f"{first.http_url}/ready").status_code == 200
-    first.kill()
-    second.start()
+    starting = asyncio.create_task(asyncio.to_thread(second.start, 30))
     try:
-        peer = await RawPeer.connect(f"{second.ws_url}/room")
-        await peer.sync()
-        await peer.close()
+        await wait_until(lambda: f"in use by pid {first.proc.pid}; waiting" in second.log(), 20)
+        assert not starting.done() and first.alive()
+        first.kill()
+        await starting
+        reader = await RawPeer.connect(f"{second.ws_url}/room")
+        await reader.sync()
+        assert str(reader.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
+        await reader.close()
     finally:
-        second.kill()
+        if second.alive():
+            second.kill()
 
 
 async def test_a_burst_shares_log_entries_and_each_is_committed_before_anyone_receives_it(server) -> None:

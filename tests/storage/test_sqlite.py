@@ -13,6 +13,7 @@ from collab_server.storage import sqlite as sqlite_module
 from collab_server.storage.base import StorageError
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
+from tests.serverproc import wait_until
 
 
 def rebuild(updates: list[bytes]) -> str:
@@ -198,19 +199,22 @@ async def test_compaction_gives_freed_pages_back_to_the_file_system(tmp_path: Pa
             assert free == 0 and size < grown - 20
 
 
-async def test_a_database_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
-    """A second store (in production, a second process) on the same file is refused at open, naming the process
-    that holds it; the first keeps working, and the file is free again once it closes."""
+async def test_a_database_is_open_in_one_store_at_a_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second store (in production, a second process) on the same file waits for the first to close, and is
+    refused with the holder's pid once its wait is over; the first keeps working meanwhile."""
     path = str(tmp_path / "one.db")
     doc, updates = text_updates(2)
     first = SQLiteStore(path)
     await first.open()
-    second = SQLiteStore(path)
     with pytest.raises(StorageError, match=rf"in use by another collab-server process \(pid {os.getpid()}\)"):
-        await second.open()
+        await SQLiteStore(path, lock_wait=0.3).open()
     await first.submit("d", updates[0])
+    second = SQLiteStore(path, lock_wait=20)
+    opening = asyncio.create_task(second.open())
+    await wait_until(lambda: f"in use by pid {os.getpid()}; waiting" in caplog.text)
+    assert not opening.done()
     await first.close()
-    await second.open()
+    await asyncio.wait_for(opening, 10)
     await second.submit("d", updates[1])
     assert rebuild(await second.load("d")) == str(doc.get("t", type=Text))
     await second.close()
