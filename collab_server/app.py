@@ -35,11 +35,24 @@ class CollabApp(Starlette):
     """Starlette for HTTP and lifespan; every websocket, whatever its path, is a room session served directly
     (no routing or middleware frames held for the life of a connection, none on the per-message path)."""
 
+    startup_reported = False  # set by the lifespan once it has logged why storage or the broker failed at start
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             await serve_websocket(scope, receive, send, self.state.rooms, self.state.settings)
+        elif scope["type"] == "lifespan":
+            await super().__call__(scope, receive, self._lifespan_send(send))
         else:
             await super().__call__(scope, receive, send)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        """Drop the traceback Starlette attaches to a startup failure whose reason is already logged: the log then
+        reads `cannot start: <reason>`, not Starlette's internals."""
+        async def lifespan_send(message: dict) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.startup_reported:
+                message = {**message, "message": ""}
+            await send(message)
+        return lifespan_send
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None,
@@ -79,9 +92,18 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                   on_load=on_load, on_delete=webhooks.deleted if webhooks is not None else None)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.open()
-        await broker.start()
+    async def lifespan(app: CollabApp) -> AsyncIterator[None]:
+        try:
+            await store.open()
+            try:
+                await broker.start()
+            except BaseException:
+                await store.close()
+                raise
+        except (StorageError, BrokerError) as exc:
+            log.error("cannot start: %s", exc)
+            app.startup_reported = True
+            raise
         resync = None
         if settings.broker != "local" and settings.resync_interval > 0:
             resync = asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync")

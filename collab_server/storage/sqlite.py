@@ -125,8 +125,10 @@ class SQLiteStore:
         self._lock = await claim(self.path, self.lock_wait)
         try:
             await self._connect()
-        except BaseException:
+        except BaseException as exc:
             await self._close_connections()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"opening {self.path} failed: {exc}") from exc
             raise
 
     async def _connect(self) -> None:

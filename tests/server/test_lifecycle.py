@@ -6,9 +6,12 @@ import gc
 import os
 import resource
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from pycrdt import Text
 
@@ -206,3 +209,21 @@ async def test_once_started_the_server_keeps_what_exists_out_of_full_collections
         server.should_exit = True
         await task
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (["--db", "{tmp}/no-such-dir/x.db"], "cannot open {tmp}/no-such-dir/x.db-lock"),
+    (["--db", "{tmp}/garbage.db"], "opening {tmp}/garbage.db failed: file is not a database"),
+    (["--db", "{tmp}/x.db", "--broker", "redis", "--redis-url", "redis://127.0.0.1:1/0"],
+     "redis unreachable at start"),
+    (["--store", "postgres", "--postgres-dsn", "postgresql://127.0.0.1:1/test"], "opening postgres store failed"),
+], ids=["unwritable-dir", "not-a-database", "no-redis", "no-postgres"])
+def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
+        tmp_path: Path, args: list[str], reason: str) -> None:
+    (tmp_path / "garbage.db").write_bytes(b"this is not a SQLite database, only some bytes" * 100)
+    done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
+                           *(arg.format(tmp=tmp_path) for arg in args)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert f"cannot start: {reason.format(tmp=tmp_path)}" in done.stderr
+    assert "Traceback" not in done.stderr
