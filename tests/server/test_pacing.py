@@ -1,7 +1,9 @@
 """Passes over many connections or rooms run in slices, with the event loop turning between them."""
 
 import asyncio
+import gc
 import logging
+import weakref
 
 import pytest
 
@@ -30,3 +32,23 @@ async def test_a_pass_gives_the_loop_back_between_slices_and_survives_a_failing_
     assert done == [item for item in range(300) if item != 5]
     assert ready_meanwhile == [127]
     assert [r.getMessage() for r in caplog.records] == ["test pass failed for 5"]
+
+
+async def test_a_finished_pass_holds_nothing_for_the_cyclic_collector() -> None:
+    """The rooms and connections of a pass are freed when it ends and nobody else holds them, not at the next
+    full collection: every keepalive, ping and awareness pass would otherwise keep closed connections and
+    unloaded documents in memory until then."""
+    class Item:
+        pass
+
+    items = [Item() for _ in range(300)]
+    refs = [weakref.ref(item) for item in items]
+    gc.disable()
+    try:
+        in_slices(items, lambda item: None, what="test pass", size=128)
+        del items  # the pass is the only holder now
+        async with asyncio.timeout(5):  # three slices, then nothing refers to them
+            while any(ref() is not None for ref in refs):
+                await asyncio.sleep(0)
+    finally:
+        gc.enable()
