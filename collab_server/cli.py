@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from collab_server import logs
 from collab_server.app import create_app
 from collab_server.auth import issue_token
 from collab_server.config import Settings
+from collab_server.heap import malloc_trim, trim_every
 from collab_server.storage import StorageError
 from collab_server.storage.sqlite import backup as sqlite_backup
 from collab_server.transport import CollabHttpProtocol
@@ -31,12 +33,26 @@ GC_THRESHOLDS = (10_000, 20, 10)
 
 class Server(uvicorn.Server):
     """uvicorn's server that, once started, takes what exists by then (modules, the app, its store) out of the
-    cyclic collector's view: it lives as long as the process, and every full collection walked it again."""
+    cyclic collector's view (it lives as long as the process, and every full collection walked it again), and
+    gives freed heap memory back to the OS every `heap_trim_interval` seconds (heap.py)."""
+
+    def __init__(self, config: uvicorn.Config, heap_trim_interval: float = 0.0) -> None:
+        super().__init__(config)
+        self.heap_trim_interval = heap_trim_interval
+        self._trimming: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
         gc.collect()
         gc.freeze()
+        trim = malloc_trim() if self.heap_trim_interval > 0 else None
+        if trim is not None:
+            self._trimming = asyncio.create_task(trim_every(self.heap_trim_interval, trim), name="heap-trim")
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        if self._trimming is not None:
+            self._trimming.cancel()
+        await super().shutdown(sockets)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +136,7 @@ def serve(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
     raise_open_file_limit()
     gc.set_threshold(*GC_THRESHOLDS)
-    Server(uvicorn_config(settings, create_app(settings))).run()
+    Server(uvicorn_config(settings, create_app(settings)), settings.heap_trim_interval).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,9 @@ class Settings:
     webhook_max_wait: float = 10.0
     # static web demo, served at / when the directory exists
     web_demo_dir: str = str(Path(__file__).resolve().parent.parent / "web_demo" / "dist")
+    # seconds between returns of freed C heap memory to the OS (glibc malloc_trim, in a worker thread; heap.py);
+    # 0 = never. Only `collab-server serve` does it: it is a process setting
+    heap_trim_interval: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # "text" | "json"
     shutdown_timeout: float = 10.0

@@ -21,7 +21,7 @@ from collab_server.cli import Server, uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
-from tests.serverproc import ServerProcess, free_port
+from tests.serverproc import ServerProcess, free_port, wait_until
 
 
 class GatedStore(SQLiteStore):
@@ -227,3 +227,8 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     assert done.returncode == 3, done.stderr
     assert f"cannot start: {reason.format(tmp=tmp_path)}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_the_server_gives_freed_heap_memory_back_every_interval(server_factory) -> None:
+    server = server_factory("--heap-trim-interval", "0.1", "--log-level", "debug")
+    await wait_until(lambda: server.log().count("heap trimmed: resident") >= 2)

@@ -1,0 +1,79 @@
+// Soak: R rooms × P real y-websocket clients editing for S seconds (text inserts and deletes, map and array
+// writes, awareness, now and then a disconnect and reconnect or a 50-character burst), plus JSON block edits
+// through the HTTP API; then every client must hold exactly the server's document (compared as JSON with sorted
+// keys). Prints {"ops", "reconnects", "apiEdits", "diverged": [rooms]}; exits 1 if any room diverged.
+//
+//   node benchmarks/soak.mjs ws://127.0.0.1:1234 http://127.0.0.1:1234 30 3 60
+//
+// Watch the server's RSS (/proc/<pid>/status) and log meanwhile; finding 40 in README.md used it.
+import * as Y from 'yjs'
+import { WebsocketProvider } from 'y-websocket'
+import WebSocket from 'ws'
+const [url, http, ROOMS, PER, SECS] = [process.argv[2], process.argv[3], +process.argv[4], +process.argv[5], +process.argv[6]]
+const canon = v => Array.isArray(v) ? '[' + v.map(canon).join(',') + ']' : (v && typeof v === 'object') ? '{' + Object.keys(v).sort().map(k => JSON.stringify(k) + ':' + canon(v[k])).join(',') + '}' : JSON.stringify(v)
+const sleep = ms => new Promise(r => setTimeout(r, ms))
+const rnd = n => Math.floor(Math.random() * n)
+function client (room) {
+  const doc = new Y.Doc()
+  const provider = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true, maxBackoffTime: 500 })
+  provider.awareness.setLocalState({ user: 'u' + rnd(1000), cursor: 0 })
+  return { doc, provider, room }
+}
+const clients = []
+for (let r = 0; r < ROOMS; r++) for (let k = 0; k < PER; k++) clients.push(client(`soak-${r}`))
+const end = Date.now() + SECS * 1000
+let ops = 0, reconnects = 0, apiEdits = 0
+async function worker (c) {
+  while (Date.now() < end) {
+    const t = c.doc.getText('t'); const m = c.doc.getMap('m'); const a = c.doc.getArray('a')
+    const x = rnd(100)
+    if (x < 50) t.insert(rnd(t.length + 1), 'abc'[rnd(3)])
+    else if (x < 60 && t.length > 0) t.delete(rnd(t.length), 1)
+    else if (x < 75) m.set('k' + rnd(20), rnd(1000))
+    else if (x < 85) a.push([rnd(100)])
+    else if (x < 95) c.provider.awareness.setLocalStateField('cursor', rnd(1000))
+    else if (x < 97) { c.provider.disconnect(); await sleep(rnd(300)); c.provider.connect(); reconnects++ }
+    else if (x < 98) {
+      c.doc.transact(() => { for (let i = 0; i < 50; i++) t.insert(0, 'z') })
+    }
+    ops++
+    await sleep(rnd(40))
+  }
+}
+async function apiWorker () {
+  while (Date.now() < end) {
+    const room = `soak-${rnd(ROOMS)}`
+    const id = 'b' + rnd(5)
+    const ops = [{ op: 'create_block', id, type: 'paragraph', content: 'api' },
+                 { op: 'add_index', id, index_name: 'ix' + rnd(2) }]
+    try {
+      const r = await fetch(`${http}/api/docs/${room}/blocks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ops }) })
+      if (r.status >= 500) console.error('api', r.status, await r.text())
+      apiEdits++
+    } catch (e) { console.error('api error', e.message) }
+    await sleep(50)
+  }
+}
+await Promise.all([...clients.map(worker), apiWorker()])
+// settle: everyone connected and synced
+for (const c of clients) if (!c.provider.wsconnected) c.provider.connect()
+const deadline = Date.now() + 30000
+let bad = []
+while (Date.now() < deadline) {
+  bad = []
+  for (let r = 0; r < ROOMS; r++) {
+    const cs = clients.filter(c => c.room === `soak-${r}`)
+    const res = await fetch(`${http}/api/docs/soak-${r}/update`)
+    const sdoc = new Y.Doc(); Y.applyUpdate(sdoc, new Uint8Array(await res.arrayBuffer()))
+    const want = canon([sdoc.getText('t').toString(), sdoc.getMap('m').toJSON(), sdoc.getArray('a').toJSON(), sdoc.getMap('blocks').toJSON()])
+    for (const c of cs) {
+      const got = canon([c.doc.getText('t').toString(), c.doc.getMap('m').toJSON(), c.doc.getArray('a').toJSON(), c.doc.getMap('blocks').toJSON()])
+      if (got !== want) bad.push(`soak-${r}`)
+    }
+  }
+  if (bad.length === 0) break
+  await sleep(500)
+}
+console.log(JSON.stringify({ ops, reconnects, apiEdits, diverged: [...new Set(bad)] }))
+clients.forEach(c => c.provider.destroy())
+process.exit(bad.length ? 1 : 0)
