@@ -5,17 +5,20 @@
 //
 //   node benchmarks/soak.mjs ws://127.0.0.1:1234 http://127.0.0.1:1234 30 3 60
 //
+// Several nodes (PostgreSQL + Redis): comma-separated URLs; clients take them in turn, so a room spans nodes.
+//
 // Watch the server's RSS (/proc/<pid>/status) and log meanwhile; finding 40 in README.md used it.
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import WebSocket from 'ws'
-const [url, http, ROOMS, PER, SECS] = [process.argv[2], process.argv[3], +process.argv[4], +process.argv[5], +process.argv[6]]
+const [urls, https, ROOMS, PER, SECS] = [process.argv[2].split(','), process.argv[3].split(','), +process.argv[4], +process.argv[5], +process.argv[6]]
 const canon = v => Array.isArray(v) ? '[' + v.map(canon).join(',') + ']' : (v && typeof v === 'object') ? '{' + Object.keys(v).sort().map(k => JSON.stringify(k) + ':' + canon(v[k])).join(',') + '}' : JSON.stringify(v)
 const sleep = ms => new Promise(r => setTimeout(r, ms))
 const rnd = n => Math.floor(Math.random() * n)
+let nth = 0
 function client (room) {
   const doc = new Y.Doc()
-  const provider = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true, maxBackoffTime: 500 })
+  const provider = new WebsocketProvider(urls[nth++ % urls.length], room, doc, { WebSocketPolyfill: WebSocket, disableBc: true, maxBackoffTime: 500 })
   provider.awareness.setLocalState({ user: 'u' + rnd(1000), cursor: 0 })
   return { doc, provider, room }
 }
@@ -47,7 +50,7 @@ async function apiWorker () {
     const ops = [{ op: 'create_block', id, type: 'paragraph', content: 'api' },
                  { op: 'add_index', id, index_name: 'ix' + rnd(2) }]
     try {
-      const r = await fetch(`${http}/api/docs/${room}/blocks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ops }) })
+      const r = await fetch(`${https[rnd(https.length)]}/api/docs/${room}/blocks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ops }) })
       if (r.status >= 500) console.error('api', r.status, await r.text())
       apiEdits++
     } catch (e) { console.error('api error', e.message) }
@@ -63,7 +66,7 @@ while (Date.now() < deadline) {
   bad = []
   for (let r = 0; r < ROOMS; r++) {
     const cs = clients.filter(c => c.room === `soak-${r}`)
-    const res = await fetch(`${http}/api/docs/soak-${r}/update`)
+    const res = await fetch(`${https[r % https.length]}/api/docs/soak-${r}/update`)
     const sdoc = new Y.Doc(); Y.applyUpdate(sdoc, new Uint8Array(await res.arrayBuffer()))
     const want = canon([sdoc.getText('t').toString(), sdoc.getMap('m').toJSON(), sdoc.getArray('a').toJSON(), sdoc.getMap('blocks').toJSON()])
     for (const c of cs) {

@@ -1,23 +1,27 @@
 """Anti-entropy between nodes: loaded rooms catch up with what other nodes committed but never published.
 
-With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while
-Redis was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query
-reads the last-write time of every loaded room; a room whose time changed since the last look is read from
-storage and given what it lacks, which is broadcast to its local connections. A loaded room that holds
-committed changes while storage holds no such document was deleted by another node: it is dropped, as the
-deletion event would have done.
+With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while Redis
+was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query reads the
+last-write time of every loaded room; a room whose time changed since the last look is read from storage and given
+what it lacks, which is broadcast to its local connections; that is logged as a warning only when the document's
+latest commit is older than IN_FLIGHT (in a busy room a change is often caught up from storage just before its
+broadcast arrives, which is no loss). A loaded room that holds committed changes while storage holds no such
+document was deleted by another node: it is dropped, as the deletion event would have done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from collab_server.connection import CloseCode
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT = 5.0  # seconds: another node's latest commit may still be on its way through the broker this long
 
 
 class Resync:
@@ -63,6 +67,9 @@ class Resync:
             if room.catch_up(updates):
                 caught.append(name)
                 self.rooms.metrics.resync_catch_ups.inc()
-                log.warning("room caught up from storage name=%s (a committed change was never broadcast)", name)
+                if time.time() - stamp < IN_FLIGHT:  # a busy room: the change may just not have arrived yet
+                    log.debug("room caught up from storage name=%s (its latest commit may still be in flight)", name)
+                else:
+                    log.warning("room caught up from storage name=%s (a committed change was never broadcast)", name)
             self._seen[name] = stamp
         return caught

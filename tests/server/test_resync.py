@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
+from pycrdt import Doc
 
+from collab_server.metrics import Metrics
 from collab_server.resync import Resync
 
 
@@ -37,3 +40,38 @@ async def test_an_unexpected_error_is_logged_and_the_next_check_still_runs(caplo
     assert not task.done() and "resync failed" in caplog.text
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+class _Room:
+    settled, failed = True, False
+
+    def __init__(self) -> None:
+        self.doc = Doc()
+
+    def catch_up(self, updates: list[bytes]) -> bool:
+        return True  # storage held something this room lacked
+
+
+class _StampedStore:
+    def __init__(self, stamp: float) -> None:
+        self.stamp = stamp
+
+    async def updated(self, docs: list[str]) -> dict[str, float]:
+        return {doc: self.stamp for doc in docs}
+
+    async def load(self, doc: str) -> list[bytes]:
+        return []
+
+
+@pytest.mark.parametrize(("age", "level"), [(0.5, logging.DEBUG), (60.0, logging.WARNING)],
+                         ids=["latest-commit-recent", "latest-commit-old"])
+async def test_a_catch_up_is_a_warning_only_when_the_missing_change_cannot_still_be_in_flight(
+        caplog: pytest.LogCaptureFixture, age: float, level: int) -> None:
+    rooms = _Rooms()
+    rooms.loaded = {"doc": _Room()}
+    rooms.metrics = Metrics()
+    with caplog.at_level(logging.DEBUG, logger="collab_server.resync"):
+        caught = await Resync(rooms, _StampedStore(time.time() - age), 30).once()  # type: ignore[arg-type]
+    assert caught == ["doc"]
+    assert [(r.levelno, "room caught up from storage name=doc" in r.getMessage()) for r in caplog.records] == [
+        (level, True)]
