@@ -43,6 +43,8 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
+        if self.should_exit:  # startup failed: uvicorn returns without a shutdown
+            return
         gc.collect()
         gc.freeze()
         trim = malloc_trim() if self.heap_trim_interval > 0 else None
