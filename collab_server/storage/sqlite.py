@@ -126,7 +126,7 @@ class SQLiteStore:
         try:
             await self._connect()
         except BaseException as exc:
-            await self._close_connections()
+            await self._release()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"opening {self.path} failed: {exc}") from exc
             raise
@@ -174,9 +174,10 @@ class SQLiteStore:
         if self._task is not None:
             await self._task
         await self._compactor.close()
-        await self._close_connections()
+        await self._release()
 
-    async def _close_connections(self) -> None:
+    async def _release(self) -> None:
+        """Close both connections and give up the database's lock."""
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
