@@ -17,5 +17,6 @@ def create_store(settings: Settings) -> Store:
     if settings.store == "postgres":
         from collab_server.storage.postgres import PostgresStore
 
-        return PostgresStore(settings.postgres_dsn, compact_threshold=settings.compact_threshold)
+        return PostgresStore(settings.postgres_dsn, compact_threshold=settings.compact_threshold,
+                             sole=settings.broker == "local")
     raise ValueError(f"unknown store {settings.store!r} (expected 'sqlite' or 'postgres')")

@@ -10,6 +10,7 @@ checkpoint and log from one REPEATABLE READ snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -61,14 +62,18 @@ CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
 """
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
+NODE_LOCK = 0x6E6F6465  # advisory lock class, with the schema's hash: the nodes serving a schema (see _join)
 
 
 class PostgresStore:
     def __init__(self, dsn: str, *, compact_threshold: int = 500, schema: str | None = None,
-                 pool_size: int = 4, timeout: float = 10.0) -> None:
-        """`schema` (created if missing) holds the tables; default: the connection's search_path."""
+                 pool_size: int = 4, timeout: float = 10.0, sole: bool = False) -> None:
+        """`schema` (created if missing) holds the tables; default: the connection's search_path. `sole`: this node
+        must be the only one on the schema (it has no broker to hear of other nodes' changes); see `_join`."""
         self.dsn = dsn
         self.schema = schema
+        self.sole = sole
+        self._membership: asyncpg.Connection | None = None  # holds this node's advisory lock on the schema
         self.pool_size = pool_size
         self.timeout = timeout  # seconds for acquiring a connection and for each statement
         self._pool: asyncpg.Pool | None = None
@@ -90,11 +95,36 @@ class PostgresStore:
                 if self.schema:
                     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
                 await conn.execute(SCHEMA)
+            await self._join(settings)
         except Exception as exc:
             if self._pool is not None:
                 await self._pool.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"opening postgres store failed: {exc}") from exc
         self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
+
+    async def _join(self, settings: dict[str, str] | None) -> None:
+        """Take this node's advisory lock on the schema, on a connection of its own held until `close`: shared by
+        nodes that publish their changes (several may run), exclusive for a `sole` node. Two nodes that do not
+        hear of each other's changes would each serve their own clients a different live document. Checked at
+        start: a lock lost with its connection in an outage is not taken again."""
+        conn = await asyncpg.connect(self.dsn, timeout=self.timeout, server_settings=settings)
+        take = "pg_try_advisory_lock" if self.sole else "pg_try_advisory_lock_shared"
+        try:
+            schema, joined = await conn.fetchrow(
+                f"SELECT current_schema(), {take}($1, hashtext(current_schema()))", NODE_LOCK)
+        except BaseException:
+            await conn.close()
+            raise
+        if not joined:
+            await conn.close()
+            raise StorageError(
+                f"another collab-server node uses PostgreSQL schema {schema!r}" + (
+                    ": with the local broker a node never hears of another's changes, so run one node or give "
+                    "every node --broker redis" if self.sole else
+                    ", with the local broker: give it --broker redis too, or run that node alone"))
+        self._membership = conn
 
     async def close(self) -> None:
         self._closing = True
@@ -104,6 +134,10 @@ class PostgresStore:
         await self._compactor.close()
         if self._pool is not None:
             await self._pool.close()
+        if self._membership is not None:
+            with contextlib.suppress(Exception):  # gone with an outage: its lock went with it
+                await self._membership.close()
+            self._membership = None
 
     def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server.storage.base import StorageError
 from collab_server.storage.postgres import PostgresStore
 from tests.rawclient import text_updates
 
@@ -140,3 +141,23 @@ async def test_commits_proceed_while_a_compaction_folds(
     finally:
         await reopened.close()
     assert len(loaded) == 2 and text_of(rebuild(loaded)) == text_of(doc)
+
+
+async def test_a_node_without_a_broker_is_alone_on_its_schema(postgres_dsn: str, pg_schema: str) -> None:
+    """Nodes that publish their changes share a schema; a node with the local broker (`sole`) would never hear of
+    another node's changes, so it is refused while any other node is there, and they are refused while it is."""
+    publishing = [PostgresStore(postgres_dsn, schema=pg_schema) for _ in range(2)]
+    for store in publishing:
+        await store.open()
+    sole = PostgresStore(postgres_dsn, schema=pg_schema, sole=True)
+    with pytest.raises(StorageError, match=rf"uses PostgreSQL schema '{pg_schema}': .* give every node --broker redis"):
+        await sole.open()
+    for store in publishing:
+        await store.close()
+    await sole.open()
+    late = PostgresStore(postgres_dsn, schema=pg_schema)
+    with pytest.raises(StorageError, match="with the local broker: give it --broker redis too"):
+        await late.open()
+    await sole.close()
+    await late.open()  # the sole node is gone
+    await late.close()
