@@ -16,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 from collab_server import protocol as p
 from collab_server.auth import issue_token
 from tests.rawclient import RawPeer
-from tests.serverproc import ROOT, free_port, wait_until
+from tests.serverproc import free_port, wait_until
 
 
 @pytest.fixture
