@@ -7,6 +7,10 @@
 //
 // Several nodes (PostgreSQL + Redis): comma-separated URLs; clients take them in turn, so a room spans nodes.
 //
+// SOAK_CHURN=1: every room also drops all its clients at once now and then and reconnects them a moment later
+// (with a short --idle-unload-seconds the room unloads and loads again meanwhile). SOAK_PAUSE=1: clients also
+// stop reading their socket for up to 2 s now and then, so the server queues (and merges) what they miss.
+//
 // Watch the server's RSS (/proc/<pid>/status) and log meanwhile; finding 40 in README.md used it.
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
@@ -25,7 +29,9 @@ function client (room) {
 const clients = []
 for (let r = 0; r < ROOMS; r++) for (let k = 0; k < PER; k++) clients.push(client(`soak-${r}`))
 const end = Date.now() + SECS * 1000
-let ops = 0, reconnects = 0, apiEdits = 0
+let ops = 0, reconnects = 0, apiEdits = 0, churns = 0, pauses = 0
+const CHURN = process.env.SOAK_CHURN === '1'
+const PAUSE = process.env.SOAK_PAUSE === '1'
 async function worker (c) {
   while (Date.now() < end) {
     const t = c.doc.getText('t'); const m = c.doc.getMap('m'); const a = c.doc.getArray('a')
@@ -35,12 +41,24 @@ async function worker (c) {
     else if (x < 75) m.set('k' + rnd(20), rnd(1000))
     else if (x < 85) a.push([rnd(100)])
     else if (x < 95) c.provider.awareness.setLocalStateField('cursor', rnd(1000))
-    else if (x < 97) { c.provider.disconnect(); await sleep(rnd(300)); c.provider.connect(); reconnects++ }
+    else if (x < 96 && PAUSE && c.provider.ws?._socket) {
+      const socket = c.provider.ws._socket; socket.pause(); await sleep(rnd(2000)); socket.resume(); pauses++
+    } else if (x < 97) { c.provider.disconnect(); await sleep(rnd(300)); c.provider.connect(); reconnects++ }
     else if (x < 98) {
       c.doc.transact(() => { for (let i = 0; i < 50; i++) t.insert(0, 'z') })
     }
     ops++
     await sleep(rnd(40))
+  }
+}
+async function churnWorker (r) {
+  const cs = clients.filter(c => c.room === `soak-${r}`)
+  while (Date.now() < end) {
+    await sleep(500 + rnd(1500))
+    cs.forEach(c => c.provider.disconnect())
+    await sleep(rnd(600))
+    cs.forEach(c => c.provider.connect())
+    churns++
   }
 }
 async function apiWorker () {
@@ -57,7 +75,8 @@ async function apiWorker () {
     await sleep(50)
   }
 }
-await Promise.all([...clients.map(worker), apiWorker()])
+const churners = CHURN ? [...Array(ROOMS).keys()].map(churnWorker) : []
+await Promise.all([...clients.map(worker), apiWorker(), ...churners])
 // settle: everyone connected and synced
 for (const c of clients) if (!c.provider.wsconnected) c.provider.connect()
 const deadline = Date.now() + 30000
@@ -77,6 +96,6 @@ while (Date.now() < deadline) {
   if (bad.length === 0) break
   await sleep(500)
 }
-console.log(JSON.stringify({ ops, reconnects, apiEdits, diverged: [...new Set(bad)] }))
+console.log(JSON.stringify({ ops, reconnects, apiEdits, churns, pauses, diverged: [...new Set(bad)] }))
 clients.forEach(c => c.provider.destroy())
 process.exit(bad.length ? 1 : 0)
