@@ -134,11 +134,11 @@ def raise_open_file_limit() -> None:
     log.info("open file limit raised from %d to %d", soft, target)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, app: ASGIApp) -> None:
     logs.configure(settings.log_level, settings.log_format)
     raise_open_file_limit()
     gc.set_threshold(*GC_THRESHOLDS)
-    Server(uvicorn_config(settings, create_app(settings)), settings.heap_trim_interval).run()
+    Server(uvicorn_config(settings, app), settings.heap_trim_interval).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = settings_from_args(args)
+        app = create_app(settings)  # settings that contradict each other are refused here, before anything starts
     except (ValueError, OSError) as exc:
         print(f"collab-server: {exc}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        serve(settings)
+    serve(settings, app)
     return 0

@@ -229,6 +229,21 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(("args", "env", "reason"), [
+    (["--auth-required"], {}, "auth_required needs auth_secret (COLLAB_AUTH_SECRET)"),
+    (["--version-interval", "60", "--versions-keep", "0"], {}, "version_interval needs versions_keep of at least 1"),
+    ([], {"COLLAB_PING_INTERVAL": "often"}, "ping_interval: expected float, got 'often'"),
+], ids=["auth-without-secret", "versions-kept-none", "not-a-number"])
+def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
+                                                              reason: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
+                           "--db", str(tmp_path / "x.db"), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"collab-server: {reason}\n"
+    assert not (tmp_path / "x.db").exists()  # refused before anything was opened
+
+
 async def test_the_server_gives_freed_heap_memory_back_every_interval(server_factory) -> None:
     server = server_factory("--heap-trim-interval", "0.1", "--log-level", "debug")
     await wait_until(lambda: server.log().count("heap trimmed: resident") >= 2)
