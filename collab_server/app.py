@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from collab_server.broker import Broker, BrokerError, create_broker
 from collab_server.config import Settings
+from collab_server.cors import cors_middleware
 from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
 from collab_server.status_events import StatusEvents
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
     if settings.version_interval > 0 and settings.versions_keep < 1:
         raise ValueError("version_interval needs versions_keep of at least 1")
+    middleware = cors_middleware(settings.cors_origins)
     store = store or create_store(settings)
     broker = broker or create_broker(settings)
     metrics = Metrics()
@@ -150,7 +152,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         routes.append(Mount("/", StaticFiles(directory=settings.web_demo_dir, html=True)))
     else:
         routes.append(Route("/", demo_missing))
-    app = CollabApp(routes=routes, lifespan=lifespan)
+    app = CollabApp(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.settings = settings
     app.state.rooms = rooms
     app.state.store = store

@@ -55,6 +55,9 @@ class Settings:
     # connection (y-websocket retries forever); on, the upgrade is accepted and closed at once with 4401 (no
     # token) or 4403 (invalid, expired or not covering) and the reason, which y-websocket treats as permanent
     auth_close_codes: bool = False
+    # browser pages on these origins may call the HTTP API (CORS; cors.py): comma-separated scheme://host[:port],
+    # or * for any; "" = none, so only pages the server itself serves can (websockets are not affected)
+    cors_origins: str = ""
     # automatic versions (versions.py): a document that changes gets a saved version at most every this many
     # seconds (its first at its first change); the newest `versions_keep` automatic ones are kept; 0 = off
     version_interval: float = 0.0

@@ -1,6 +1,6 @@
 // Drives the web demo in real headless Chromium (two browser contexts = two users).
 // Usage: node tests/browser/demo.spec.mjs <server http url> [scenario ...]
-// Prints one line per scenario, exits 1 if any failed. Screenshots go to test-artifacts/browser/.
+// Prints one line per scenario, exits 1 if any failed. Screenshots go to test-artifacts/browser/<scenario>/.
 import assert from 'node:assert/strict'
 import { mkdir, rm } from 'node:fs/promises'
 import path from 'node:path'
@@ -123,10 +123,11 @@ const setStatus = (user, blockId, indexName, status) =>
   user.page.click(`${entrySel(blockId, indexName)} ${byTestId(`set-status-${status}`)}`)
 
 let shots = 0
+let running = '' // the scenario being run: its screenshots go to ARTIFACTS/<running>/
 async function screenshot (users, scenario, step) {
   const n = String(++shots).padStart(2, '0')
   await Promise.all(users.map((u) => u.page.screenshot({
-    path: path.join(ARTIFACTS, `${n}-${scenario}-${step}-${u.name}.png`),
+    path: path.join(ARTIFACTS, running, `${n}-${scenario}-${step}-${u.name}.png`),
     fullPage: true
   })))
 }
@@ -312,6 +313,42 @@ const scenarios = {
     assert.equal(await alice.page.$$eval(byTestId('block'), (els) => els.length), 0, 'the deleted block came back')
     const after = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}/json`)
     assert.equal(after.status, 404, 'the document was uploaded again')
+  },
+
+  // a page on this server's origin edits a document on CORS_API (started with --cors-origins <this origin>);
+  // a page on CORS_API's origin cannot edit one here (no --cors-origins): the browser stops it at the preflight
+  async 'cross-origin-api' (browser, errors) {
+    const other = process.env.CORS_API
+    assert.ok(other, 'CORS_API (a server that lets this origin in) is not set')
+    const room = newRoom('cors')
+    const context = await browser.newContext()
+    const page = await context.newPage()
+    page.on('pageerror', (err) => errors.push(`page: ${err.message}`))
+    const createBlock = (api) => page.evaluate(async ([api, room]) => {
+      try {
+        const res = await fetch(`${api}/api/docs/${encodeURIComponent(room)}/blocks`, {
+          method: 'POST', // a JSON body makes this a request the browser checks with a preflight first
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ ops: [{ op: 'create_block', id: 'b1', type: 'paragraph', content: 'from elsewhere' }] })
+        })
+        return { status: res.status, body: await res.json() }
+      } catch (err) {
+        return { error: String(err) }
+      }
+    }, [api, room])
+
+    await page.goto(`${baseUrl}/health`)
+    const allowed = await createBlock(other)
+    assert.equal(allowed.status, 200, JSON.stringify(allowed))
+    assert.equal(allowed.body.blocks.b1.content, 'from elsewhere')
+    const stored = await (await fetch(`${other}/api/docs/${encodeURIComponent(room)}/json`)).json()
+    assert.equal(stored.blocks.b1.content, 'from elsewhere')
+
+    await page.goto(`${other}/health`)
+    const refused = await createBlock(baseUrl)
+    assert.match(refused.error ?? '', /Failed to fetch/, JSON.stringify(refused))
+    const here = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}/json`)
+    assert.equal(here.status, 404, 'the refused request was applied anyway')
   }
 }
 
@@ -324,14 +361,18 @@ for (const name of selected) {
     process.exit(2)
   }
 }
-await rm(ARTIFACTS, { recursive: true, force: true })
-await mkdir(ARTIFACTS, { recursive: true })
+// screenshots go to a directory per scenario, replaced when it runs again (the suite runs one scenario at a time)
+for (const name of selected) {
+  await rm(path.join(ARTIFACTS, name), { recursive: true, force: true })
+  await mkdir(path.join(ARTIFACTS, name), { recursive: true })
+}
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS })
 let failed = 0
 for (const name of selected) {
   const errors = []
   const started = Date.now()
   const contextsBefore = new Set(browser.contexts())
+  running = name
   try {
     await scenarios[name](browser, errors)
     assert.deepEqual(errors, [], 'uncaught page errors')
@@ -341,7 +382,7 @@ for (const name of selected) {
     console.log(`not ok - ${name}: ${err.stack || err}`)
     for (const [i, context] of browser.contexts().filter((c) => !contextsBefore.has(c)).entries()) {
       for (const page of context.pages()) {
-        await page.screenshot({ path: path.join(ARTIFACTS, `FAILED-${name}-${i}.png`), fullPage: true }).catch(() => {})
+        await page.screenshot({ path: path.join(ARTIFACTS, name, `FAILED-${i}.png`), fullPage: true }).catch(() => {})
       }
     }
   } finally {

@@ -84,3 +84,17 @@ def _get(url: str) -> str:
     response = httpx.get(url, timeout=5.0)
     response.raise_for_status()
     return response.text
+
+
+@pytest.mark.timeout(120)
+def test_a_page_elsewhere_uses_the_http_api_only_where_its_origin_is_allowed(demo_dist, server, server_factory,
+                                                                            tmp_path):
+    """Real Chromium enforces CORS: its page on `server` edits through a server started with --cors-origins naming
+    that origin, and a page on that server's origin is refused by `server`, which names none."""
+    allowing = server_factory("--cors-origins", server.http_url, db=tmp_path / "allowing.db")
+    result = subprocess.run(["node", str(SPEC), server.http_url, "cross-origin-api"], cwd=ROOT,
+                            env={**os.environ, "CORS_API": allowing.http_url},
+                            capture_output=True, text=True, timeout=100)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "ok - cross-origin-api" in result.stdout
