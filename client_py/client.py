@@ -7,6 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -71,7 +72,8 @@ class CollabClient:
     """Sync ``self.doc`` with ``<url>/<room>``; reconnects until closed, or until the server ends the link
     for good (``stopped`` is then a ServerClosed, a DocumentDeleted when the document was deleted; waiting
     methods raise it). ``token`` goes in an ``Authorization: Bearer`` header; set ``client.token`` to use a
-    new one from the next connection attempt on.
+    new one from the next connection attempt on. ``ssl``: for a wss:// server whose certificate the system's
+    trusted authorities do not cover (``ssl.create_default_context(cafile=...)``).
 
     Local edits (any transaction origin except REMOTE/STORE) are stored, then sent while connected;
     remote updates are applied under REMOTE and stored, never echoed. On every (re)connect we answer the
@@ -81,9 +83,14 @@ class CollabClient:
     """
 
     def __init__(self, url: str, room: str, *, store: str | Path | None = None, token: str | None = None,
-                 backoff: Backoff | None = None, open_timeout: float = 5.0, compact_every: int = 500) -> None:
-        if urlsplit(url).scheme not in ("ws", "wss"):
+                 backoff: Backoff | None = None, open_timeout: float = 5.0, compact_every: int = 500,
+                 ssl: SSLContext | None = None) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("ws", "wss"):
             raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        if ssl is not None and scheme != "wss":
+            raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
+        self.ssl = ssl
         self.url = f"{url.rstrip('/')}/{quote(room, safe='')}"
         self.room = room
         self.doc: Doc = Doc()
@@ -253,8 +260,9 @@ class CollabClient:
             ws: ClientConnection | None = None
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             try:
+                tls = {"ssl": self.ssl} if self.ssl is not None else {}
                 async with connect(self.url, open_timeout=self.open_timeout, max_size=None,
-                                   additional_headers=headers) as ws:
+                                   additional_headers=headers, **tls) as ws:
                     await self._session(ws, link)
             except _NETWORK_ERRORS as exc:
                 self.last_error = exc

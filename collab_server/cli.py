@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import resource
+import ssl
 import sys
 from dataclasses import fields
 from functools import partial
@@ -116,7 +117,35 @@ def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
         access_log=False,
         lifespan="on",
         proxy_headers=settings.proxy_headers,
+        ssl_certfile=settings.ssl_certfile or None,
+        ssl_keyfile=settings.ssl_keyfile or None,
     )
+
+
+def check_tls(settings: Settings) -> None:
+    """Load the certificate and key once before starting, so a wrong path, a password-protected key or a key that
+    does not match the certificate is refused in one line (uvicorn would raise once starting)."""
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        raise ValueError("ssl_keyfile needs ssl_certfile")
+    if not settings.ssl_certfile:
+        return
+    key = f"ssl_keyfile {settings.ssl_keyfile!r}" if settings.ssl_keyfile else "no ssl_keyfile: the key must be in it"
+    files = f"ssl_certfile {settings.ssl_certfile!r} ({key})"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.ssl_certfile, settings.ssl_keyfile or None, password=_refuse_password)
+    except _EncryptedKey:
+        raise ValueError(f"cannot use {files}: the private key is encrypted; give it unencrypted") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use {files}: {exc.strerror or exc}") from exc
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_password() -> str:
+    raise _EncryptedKey
 
 
 def raise_open_file_limit() -> None:
@@ -160,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = settings_from_args(args)
+        check_tls(settings)
         app = create_app(settings)  # settings that contradict each other are refused here, before anything starts
     except (ValueError, OSError) as exc:
         print(f"collab-server: {exc}", file=sys.stderr)

@@ -58,6 +58,10 @@ class Settings:
     # browser pages on these origins may call the HTTP API (CORS; cors.py): comma-separated scheme://host[:port],
     # or * for any; "" = none, so only pages the server itself serves can (websockets are not affected)
     cors_origins: str = ""
+    # TLS: serve https:// and wss:// with this certificate chain and private key (PEM files; the key may be in the
+    # certificate file); "" = plain http:// and ws://, as behind a proxy that terminates TLS
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
     # automatic versions (versions.py): a document that changes gets a saved version at most every this many
     # seconds (its first at its first change); the newest `versions_keep` automatic ones are kept; 0 = off
     version_interval: float = 0.0

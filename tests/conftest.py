@@ -14,8 +14,8 @@ def server_factory(tmp_path: Path) -> Iterator:
     started: list[ServerProcess] = []
 
     def factory(*args: str, db: Path | None = None, env: dict[str, str] | None = None,
-                port: int | None = None) -> ServerProcess:
-        proc = ServerProcess(db or tmp_path / "collab.db", *args, env=env, port=port).start()
+                port: int | None = None, ca: Path | None = None) -> ServerProcess:
+        proc = ServerProcess(db or tmp_path / "collab.db", *args, env=env, port=port, ca=ca).start()
         started.append(proc)
         return proc
 

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,9 @@ class PeerState:
 class JsPeer:
     """One Node process holding one Y.Doc and (after connect) one WebsocketProvider."""
 
-    def __init__(self, name: str = "peer") -> None:
+    def __init__(self, name: str = "peer", env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = env  # added to the Node process's environment (NODE_EXTRA_CA_CERTS for a wss:// server)
         self.events: list[dict[str, Any]] = []  # status, synced, connection-close, ... in arrival order
         self._proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
@@ -72,7 +74,7 @@ class JsPeer:
         if node is None:
             raise PeerError("node is not on PATH")
         self._proc = await asyncio.create_subprocess_exec(
-            node, str(PEER_JS), cwd=ROOT, limit=LINE_LIMIT,
+            node, str(PEER_JS), cwd=ROOT, limit=LINE_LIMIT, env={**os.environ, **(self.env or {})},
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
         return self

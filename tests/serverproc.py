@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,8 +37,9 @@ class ServerProcess:
     """`python -m collab_server serve` on 127.0.0.1 with its own database file and port."""
 
     def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, ca: Path | None = None) -> None:
         self.db = db
+        self.ca = ca  # with TLS (--ssl-certfile in args): the authority that signed the server's certificate
         self.preexec = preexec  # runs in the child before the server starts (e.g. to set resource limits)
         self.args = list(args)
         self.env = env or {}
@@ -47,11 +49,11 @@ class ServerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"{'wss' if self.ca else 'ws'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "ServerProcess":
         cmd = [sys.executable, "-m", "collab_server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -64,17 +66,22 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.http_url}/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.http_url}/health", timeout=1.0, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"server did not become healthy:\n{self.log()}")
 
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx should verify this server's certificate with."""
+        return ssl.create_default_context(cafile=self.ca) if self.ca else True
+
     def metric(self, sample: str) -> float:
         """The value of one /metrics sample, named with its labels (`collab_errors_total{kind="limit"}`);
         0 when it is not there yet, as for a labelled counter never incremented."""
-        lines = httpx.get(f"{self.http_url}/metrics").text.splitlines()
+        lines = httpx.get(f"{self.http_url}/metrics", verify=self.verify).text.splitlines()
         return next((float(line.split()[-1]) for line in lines if line.startswith(sample + " ")), 0.0)
 
     def log(self) -> str:

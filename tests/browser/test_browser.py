@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trustme
 
 from collab_server.auth import issue_token
 from tests.serverproc import ROOT
@@ -98,3 +99,20 @@ def test_a_page_elsewhere_uses_the_http_api_only_where_its_origin_is_allowed(dem
     print(result.stdout, result.stderr, sep="\n")
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "ok - cross-origin-api" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_web_demo_over_https_connects_over_wss(demo_dist, server_factory, tmp_path):
+    """Served by a server with --ssl-certfile, the page connects its websocket over wss:// (that port speaks nothing
+    else) and two users converge."""
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "server.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    server = server_factory("--ssl-certfile", str(tmp_path / "server.pem"), ca=tmp_path / "ca.pem")
+    assert server.http_url.startswith("https://")
+    result = subprocess.run(["node", str(SPEC), server.http_url, "concurrent-typing"], cwd=ROOT,
+                            env={**os.environ, "NODE_EXTRA_CA_CERTS": str(tmp_path / "ca.pem")},
+                            capture_output=True, text=True, timeout=100)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- server log ---\n{server.log()[-5000:]}"
+    assert "ok - concurrent-typing" in result.stdout
