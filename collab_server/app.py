@@ -129,6 +129,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
+        failing = store.health.failing
+        if failing is not None:
+            return JSONResponse({"status": "unavailable", "error": f"commits failing: {failing}"}, status_code=503)
         try:
             await store.ping()
             await broker.ping()

@@ -109,15 +109,17 @@ class Connection:
         self._queued_bytes += len(message)
         self._start_drain()
 
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame after what is queued; queued messages are dropped unless the close is normal."""
+    def close(self, code: int, reason: str, *, quiet: bool = False) -> None:
+        """Send a close frame after what is queued; queued messages are dropped unless the close is normal.
+        `quiet`: the caller logged why already (a room closing all its connections), so this is a debug line."""
         if self.closed:
             return
         self.close_code, self.close_reason = code, reason
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._queue.clear()
             self._queued_bytes = 0
-            log.info("closing connection id=%d code=%d reason=%s", self.id, code, reason)
+            log.log(logging.DEBUG if quiet else logging.INFO, "closing connection id=%d code=%d reason=%s",
+                    self.id, code, reason)
         self._start_drain()
 
     async def wait_closed(self) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,3 +54,24 @@ def configure(level: str = "info", fmt: str = "text") -> None:
         logging.getLogger(name).filters[:] = [OneLine()]
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
+
+
+class Throttled:
+    """A log line for a problem that recurs while its cause lasts (every commit or room while the disk is full),
+    written at most once per `interval` seconds; the next one written says how many were left out meanwhile."""
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.level, self.interval, self.clock = logger, level, interval, clock
+        self._next = float("-inf")
+        self._skipped = 0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg, args = f"{msg} (and %d more in the last %g s)", (*args, self._skipped, self.interval)
+        self.logger.log(self.level, msg, *args)
+        self._next, self._skipped = now + self.interval, 0

@@ -14,6 +14,7 @@ from pycrdt import Doc, TransactionEvent, get_update
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
+from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
@@ -21,6 +22,7 @@ from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
 log = logging.getLogger(__name__)
+_log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids one connection may introduce (a y-websocket client uses one)
@@ -287,11 +289,11 @@ class Room:
         Clients reconnect, the room reloads what is durable, and their sync handshake re-sends the rest.
         """
         for sender in senders:
-            sender.close(CloseCode.INTERNAL_ERROR, "storage failure: update not saved")
+            sender.close(CloseCode.INTERNAL_ERROR, "storage failure: update not saved", quiet=True)
         if self.failed:
             return
         self.metrics.errors.labels("storage").inc()
-        log.error("room failed name=%s error=%s", self.name, exc)
+        _log_failure("room failed name=%s error=%s", self.name, exc)
         self.discard(CloseCode.INTERNAL_ERROR, "storage failure")
 
     def discard(self, code: int, reason: str) -> None:
@@ -301,7 +303,7 @@ class Room:
         self.failed = True
         self.closed = True  # from now on, nothing is applied or stored
         for conn in list(self.connections):
-            conn.close(code, reason)
+            conn.close(code, reason, quiet=True)
         if self._on_discard is not None:
             self._on_discard(self)
 

@@ -13,6 +13,7 @@ from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, Grant, authorize, 
 from collab_server.broker import BrokerError
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
+from collab_server.logs import Throttled
 from collab_server.protocol import ProtocolError
 from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
@@ -20,6 +21,7 @@ from collab_server.storage import StorageError
 from collab_server.transport import frame_writer
 
 log = logging.getLogger(__name__)
+_log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
 
 MAX_ROOM_NAME = 512
 FRAMES_PER_TURN = 16  # a client's queued frames handled before other connections and rooms get a turn
@@ -71,12 +73,13 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
         rooms.metrics.errors.labels("room_full").inc()
         conn.close(CloseCode.POLICY_VIOLATION, "room is full")
     except StorageError as exc:
-        log.error("room load failed name=%s error=%s", name, exc)
-        conn.close(CloseCode.INTERNAL_ERROR, "storage failure while loading the document")
+        _log_load_failure("room load failed name=%s error=%s", name, exc)
+        conn.close(CloseCode.INTERNAL_ERROR, "storage failure while loading the document", quiet=True)
     except BrokerError as exc:
         rooms.metrics.errors.labels("broker").inc()
-        log.error("room load failed name=%s error=%s", name, exc)
-        conn.close(CloseCode.INTERNAL_ERROR, "broker unavailable: cannot keep the document in sync with other nodes")
+        _log_load_failure("room load failed name=%s error=%s", name, exc)
+        conn.close(CloseCode.INTERNAL_ERROR, "broker unavailable: cannot keep the document in sync with other nodes",
+                   quiet=True)
     else:
         try:
             room.join(conn)

@@ -13,6 +13,7 @@ from pycrdt import Doc, get_update
 
 from collab_server.merge import merge_all
 from collab_server.protocol import Reader
+from collab_server.storage.health import CommitHealth
 
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class Store(Protocol):
     """
 
     on_commit: Callable[[int, float], None] | None  # (batch size, seconds), called after each group commit
+    health: CommitHealth  # whether commits are failing (logged without flooding; /ready reports it)
 
     async def open(self) -> None: ...
 

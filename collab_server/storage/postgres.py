@@ -32,6 +32,7 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
+from collab_server.storage.health import CommitHealth
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class PostgresStore:
         self._log_counts: dict[str, int] = defaultdict(int)  # this node's appends since its last compaction
         self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
+        self.health = CommitHealth()
 
     async def open(self) -> None:
         settings = {"search_path": _quote(self.schema)} if self.schema else None
@@ -186,11 +188,12 @@ class PostgresStore:
                     sorted({doc for doc, _, _ in batch}), now)
         except Exception as exc:  # noqa: BLE001  any failure, even an unknown commit outcome: not durable
             error = StorageError(f"commit of {len(batch)} updates failed: {exc}")
-            log.error("storage commit failed updates=%d error=%s", len(batch), exc)
+            self.health.failed(len(batch), exc)
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(error)
             return
+        self.health.succeeded()
         for (doc, update, fut), seq in zip(batch, ids):
             self._log_counts[doc] += log_weight(update)
             if not fut.done():

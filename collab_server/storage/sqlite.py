@@ -39,6 +39,7 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
+from collab_server.storage.health import CommitHealth
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class SQLiteStore:
         self._log_counts: dict[str, int] = defaultdict(int)
         self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
+        self.health = CommitHealth()
         self._lock: int | None = None  # file descriptor holding the database's lock file while open
 
     async def open(self) -> None:
@@ -227,7 +229,7 @@ class SQLiteStore:
                 await self._writer.execute(sql, params)
             except Exception as exc:  # any failure: nothing in this chunk (or after it) is durable
                 error = StorageError(f"commit of {len(batch) - start} updates failed: {exc}")
-                log.error("storage commit failed updates=%d error=%s", len(batch) - start, exc)
+                self.health.failed(len(batch) - start, exc)
                 for _, _, fut in batch[start:]:
                     if not fut.done():
                         fut.set_exception(error)
@@ -238,6 +240,7 @@ class SQLiteStore:
                     fut.set_result(first + i)
             first += len(chunk)
             self._next_id = first
+        self.health.succeeded()
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
 

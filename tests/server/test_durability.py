@@ -5,6 +5,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import httpx
 from pycrdt import Doc, Text
 
 from collab_server import protocol as p
@@ -61,6 +62,38 @@ async def test_write_error_closes_sender_and_nothing_is_broadcast(server) -> Non
     await fresh.sync()
     assert str(fresh.doc.get("t", type=Text)) == "ab"
     assert stored_text(server.db) == "ab"
+
+
+async def test_while_commits_fail_the_server_is_unready_and_logs_a_few_lines(server) -> None:
+    """A full disk fails every commit, in every room with a writer, again after each reconnect: /ready says so (a
+    load balancer stops sending clients), the log gets a line per 10 s rather than one per failure and room, and
+    the first commit that succeeds again clears both."""
+    assert httpx.get(f"{server.http_url}/ready").status_code == 200
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    doc, _ = text_updates(3)
+    for i in range(12):
+        writer = await RawPeer.connect(f"{server.ws_url}/room-{i % 3}")
+        await writer.send(p.sync_update(doc.get_update()))
+        code, _ = await writer.wait_closed()
+        assert code == 1011
+    unready = httpx.get(f"{server.http_url}/ready")
+    assert unready.status_code == 503 and unready.json()["error"] == "commits failing: disk full"
+    log = server.log()
+    assert log.count("storage commit failed") == 1 and log.count("room failed") == 1, log
+    assert "closing connection" not in log  # the room's line covers the connections it closed
+    assert server.metric('collab_errors_total{kind="storage"}') == 12  # the metric counts every one
+
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("DROP TRIGGER fail")
+    retry = await RawPeer.connect(f"{server.ws_url}/room-0")
+    retry.doc.apply_update(doc.get_update())
+    await retry.send(p.sync_step2(doc.get_update()))
+    await retry.wait_for(lambda: any(isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE
+                                     for m in retry.messages))  # the echo comes after the commit
+    assert httpx.get(f"{server.http_url}/ready").status_code == 200
+    assert "storage commits succeed again after 12 failed" in server.log()
+    assert stored_text(server.db, "room-0") == str(doc.get("t", type=Text))
 
 
 async def test_last_client_leaving_mid_burst_loses_nothing(server_factory) -> None:

@@ -1,0 +1,47 @@
+"""Whether commits are failing: for the log, and for /ready."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from collab_server.logs import Throttled
+
+log = logging.getLogger("collab_server.storage")
+
+FAILING_FOR = 10.0  # seconds after the latest failed commit that the store still counts as failing
+
+
+class CommitHealth:
+    """A full disk or a lost database fails every commit: the first failure is logged, then at most one line every
+    10 s, and one line when a commit succeeds again. `failing` is the latest error while commits fail: until one
+    succeeds, or FAILING_FOR seconds after the latest failure, so a node a load balancer stopped sending clients
+    to (and so commits) is tried again."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._log = Throttled(log, logging.ERROR, clock=clock)
+        self._error: str | None = None
+        self._failures = 0
+        self._first = self._latest = 0.0
+
+    @property
+    def failing(self) -> str | None:
+        if self._error is not None and self.clock() - self._latest < FAILING_FOR:
+            return self._error
+        return None
+
+    def failed(self, updates: int, exc: BaseException) -> None:
+        now = self.clock()
+        if not self._failures:
+            self._first = now
+        self._failures += 1
+        self._latest, self._error = now, str(exc)
+        self._log("storage commit failed updates=%d error=%s", updates, exc)
+
+    def succeeded(self) -> None:
+        if self._failures:
+            log.warning("storage commits succeed again after %d failed over %.1f s",
+                        self._failures, self.clock() - self._first)
+            self._failures, self._error = 0, None

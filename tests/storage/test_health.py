@@ -1,0 +1,57 @@
+"""Failing commits: logged without flooding, reported while they last, cleared by a success or by time."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from collab_server.logs import Throttled
+from collab_server.storage.health import FAILING_FOR, CommitHealth
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_a_recurring_line_is_written_once_per_interval_with_a_count_of_the_rest(caplog) -> None:
+    clock = Clock()
+    throttled = Throttled(logging.getLogger("t"), logging.ERROR, interval=10.0, clock=clock)
+    with caplog.at_level(logging.ERROR):
+        for i in range(5):
+            throttled("failed n=%d", i)
+            clock.now += 1
+        clock.now += 6  # 11 s after the first
+        throttled("failed n=%d", 5)
+        throttled("failed n=%d", 6)
+    assert messages(caplog) == ["failed n=0", "failed n=5 (and 4 more in the last 10 s)"]
+
+
+def test_commit_health_logs_a_failing_spell_in_a_few_lines_and_forgets_it(caplog) -> None:
+    clock = Clock()
+    health = CommitHealth(clock)
+    assert health.failing is None
+    with caplog.at_level(logging.WARNING):
+        for _ in range(100):
+            health.failed(1, OSError("database or disk is full"))
+            clock.now += 0.01
+        assert health.failing == "database or disk is full"
+        health.succeeded()
+        assert health.failing is None
+        health.succeeded()  # nothing to report twice
+    assert messages(caplog) == ["storage commit failed updates=1 error=database or disk is full",
+                                "storage commits succeed again after 100 failed over 1.0 s"]
+
+    health.failed(2, OSError("gone"))
+    clock.now += FAILING_FOR - 0.1
+    assert health.failing == "gone"
+    clock.now += 0.2  # no commit since: a node out of rotation is tried again
+    assert health.failing is None
