@@ -11,11 +11,13 @@ from collab_server.logs import Throttled
 log = logging.getLogger("collab_server.storage")
 
 FAILING_FOR = 10.0  # seconds after the latest failed commit that the store still counts as failing
+SETTLED = 0.5  # seconds after the latest failure that a success ends the spell in the log (a nearly full disk
+# lets a commit through now and then: each would otherwise log a recovery)
 
 
 class CommitHealth:
     """A full disk or a lost database fails every commit: the first failure is logged, then at most one line every
-    10 s, and one line when a commit succeeds again. `failing` is the latest error while commits fail: until one
+    10 s, and one line when commits succeed again. `failing` is the latest error while commits fail: until one
     succeeds, or FAILING_FOR seconds after the latest failure, so a node a load balancer stopped sending clients
     to (and so commits) is tried again."""
 
@@ -25,6 +27,11 @@ class CommitHealth:
         self._error: str | None = None
         self._failures = 0
         self._first = self._latest = 0.0
+
+    @property
+    def since_failure(self) -> float:
+        """Seconds since the latest failed commit."""
+        return self.clock() - self._latest
 
     @property
     def failing(self) -> str | None:
@@ -41,7 +48,8 @@ class CommitHealth:
         self._log("storage commit failed updates=%d error=%s", updates, exc)
 
     def succeeded(self) -> None:
-        if self._failures:
+        self._error = None
+        if self._failures and self.clock() - self._latest >= SETTLED:
             log.warning("storage commits succeed again after %d failed over %.1f s",
-                        self._failures, self.clock() - self._first)
-            self._failures, self._error = 0, None
+                        self._failures, self._latest - self._first)
+            self._failures = 0
