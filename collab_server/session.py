@@ -25,7 +25,6 @@ _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker
 
 MAX_ROOM_NAME = 512
 RETRY_AFTER = 5  # seconds a client refused while commits fail is asked to wait (Retry-After)
-PROBE_EVERY = 1.0  # while commits fail, one connection per this many seconds is let in: do they work again?
 FRAMES_PER_TURN = 16  # a client's queued frames handled before other connections and rooms get a turn
 
 
@@ -123,32 +122,11 @@ async def _admit(scope: Scope, receive: Receive, send: Send, rooms: Rooms,
     if (await receive())["type"] != "websocket.connect":  # the peer left during the handshake
         return None
     health = rooms.store.health
-    if health.failing is not None and not _probes.let_in(health.since_failure):
+    if not health.admits():  # commits are failing (storage/health.py)
         await _refuse(send, 503, f"storage failing, retry later: {health.failing}")
         return None
     await send({"type": "websocket.accept", "subprotocol": chosen})
     return name, grant
-
-
-class _Probes:
-    """While commits fail, each failure resets its room and closes its connections; a client let in again would
-    sync (which resets y-websocket's backoff), re-send its edit, fail and be back in 200 ms: a reload storm. So
-    connections are refused with 503 (the client's backoff then grows to its maximum) except one per
-    PROBE_EVERY seconds, from PROBE_EVERY after the latest failure on, whose commits tell whether storage works
-    again."""
-
-    def __init__(self) -> None:
-        self._next = 0.0
-
-    def let_in(self, since_failure: float) -> bool:
-        now = time.monotonic()
-        if since_failure < PROBE_EVERY or now < self._next:
-            return False
-        self._next = now + PROBE_EVERY
-        return True
-
-
-_probes = _Probes()
 
 
 async def _refuse(send: Send, status: int, reason: str) -> None:

@@ -1,4 +1,4 @@
-"""Whether commits are failing: for the log, and for /ready."""
+"""Whether commits are failing: for the log, for /ready, and to hold clients off meanwhile."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collab_server.logs import Throttled
 log = logging.getLogger("collab_server.storage")
 
 FAILING_FOR = 10.0  # seconds after the latest failed commit that the store still counts as failing
+PROBE_EVERY = 1.0  # while commits fail, one new client per this many seconds is let in: do they work again?
 SETTLED = 0.5  # seconds after the latest failure that a success ends the spell in the log (a nearly full disk
 # lets a commit through now and then: each would otherwise log a recovery)
 
@@ -19,7 +20,13 @@ class CommitHealth:
     """A full disk or a lost database fails every commit: the first failure is logged, then at most one line every
     10 s, and one line when commits succeed again. `failing` is the latest error while commits fail: until one
     succeeds, or FAILING_FOR seconds after the latest failure, so a node a load balancer stopped sending clients
-    to (and so commits) is tried again."""
+    to (and so commits) is tried again.
+
+    Meanwhile each failure resets its room and closes its connections, and a client let in again would sync
+    (which resets y-websocket's backoff), re-send its edit, fail and be back in 200 ms: a reload storm. So `admits`
+    lets one new client in per PROBE_EVERY seconds, from PROBE_EVERY after the latest failure on; its commits tell
+    whether storage works again. The others are refused, and their backoff grows.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -27,17 +34,23 @@ class CommitHealth:
         self._error: str | None = None
         self._failures = 0
         self._first = self._latest = 0.0
-
-    @property
-    def since_failure(self) -> float:
-        """Seconds since the latest failed commit."""
-        return self.clock() - self._latest
+        self._next_probe = float("-inf")
 
     @property
     def failing(self) -> str | None:
         if self._error is not None and self.clock() - self._latest < FAILING_FOR:
             return self._error
         return None
+
+    def admits(self) -> bool:
+        """Whether a new client may come in now."""
+        if self.failing is None:
+            return True
+        now = self.clock()
+        if now - self._latest < PROBE_EVERY or now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_EVERY
+        return True
 
     def failed(self, updates: int, exc: BaseException) -> None:
         now = self.clock()

@@ -60,3 +60,23 @@ def test_commit_health_logs_a_failing_spell_in_a_few_lines_and_forgets_it(caplog
     assert health.failing == "gone"
     clock.now += 0.2  # no commit since: a node out of rotation is tried again
     assert health.failing is None
+
+
+def test_while_commits_fail_one_client_a_second_is_let_in() -> None:
+    clock = Clock()
+    health = CommitHealth(clock)
+    assert all(health.admits() for _ in range(3))
+    health.failed(1, OSError("database or disk is full"))
+    let_in = []
+    for _ in range(28):  # 3.5 s, asking every 1/8 s
+        clock.now += 0.125
+        let_in.append(health.admits())
+    assert [i for i, ok in enumerate(let_in) if ok] == [7, 15, 23]  # 1 s, 2 s and 3 s after the failure
+    clock.now += 0.5
+    health.failed(1, OSError("database or disk is full"))  # the probe's commit failed too
+    clock.now += 0.9
+    assert not health.admits()
+    clock.now += 0.1
+    assert health.admits()
+    health.succeeded()
+    assert all(health.admits() for _ in range(3))
