@@ -163,7 +163,11 @@ def raise_open_file_limit() -> None:
     log.info("open file limit raised from %d to %d", soft, target)
 
 
-def serve(settings: Settings, app: ASGIApp) -> None:
+def serve(settings: Settings, app: ASGIApp | None = None) -> None:
+    """Run the server (`app` defaults to `create_app(settings)`) until SIGTERM or SIGINT."""
+    if app is None:
+        check_tls(settings)
+        app = create_app(settings)
     logs.configure(settings.log_level, settings.log_format)
     raise_open_file_limit()
     gc.set_threshold(*GC_THRESHOLDS)
