@@ -123,7 +123,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                 await webhooks.close(settings.shutdown_timeout)
             await broker.close()
             await store.close()
-            log.info("collab server stopped; everything committed")
+            if store.health.failing is None:
+                log.info("collab server stopped; everything committed")
+            else:  # what failed was never acknowledged: the clients that sent it still hold it
+                log.error("collab server stopped; the latest commits failed: %s", store.health.failing)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

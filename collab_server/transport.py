@@ -295,7 +295,11 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if message["type"] == "websocket.accept":
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # uvicorn's sans-I/O protocol sends an HTTP answer to the upgrade (a 503 while storage fails) but
+            # leaves this unset, then logs "ASGI callable returned without completing handshake" as an error
+            self.handshake_complete = True
+        elif message["type"] == "websocket.accept":
             self._release_handshake()
             conn = self.conn
             if (self.handshake_complete and conn.state is State.OPEN and not conn.extensions and not self._early

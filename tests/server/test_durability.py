@@ -1,6 +1,7 @@
 """Commit before broadcast, write errors that surface, and nothing lost on leave, burst or shutdown."""
 
 import asyncio
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, text_updates
-from tests.serverproc import ServerProcess, wait_until
+from tests.serverproc import GRACEFUL, ServerProcess, wait_until
 
 
 def stored_doc(db, room: str = "room") -> Doc:
@@ -94,6 +95,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     log = server.log()
     assert log.count("storage commit failed") == 1 and log.count("room failed") == 1, log
     assert "closing connection" not in log  # the room's line covers the connections it closed
+    assert "without completing handshake" not in log  # uvicorn's complaint about a refusal it sent itself
     assert server.metric('collab_errors_total{kind="storage"}') == 2  # the metric counts every one
 
     with sqlite3.connect(server.db) as ext:
@@ -106,6 +108,19 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert "storage commits succeed again after 2 failed" in server.log()
     assert stored_text(server.db) == str(doc.get("t", type=Text))
     await RawPeer.connect(f"{server.ws_url}/room")  # everyone is let in again
+
+
+async def test_a_stop_while_commits_fail_does_not_claim_everything_was_committed(server) -> None:
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    doc, _ = text_updates(3)
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    await writer.send(p.sync_update(doc.get_update()))
+    assert (await writer.wait_closed())[0] == 1011
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) in GRACEFUL
+    assert "collab server stopped; the latest commits failed: disk full" in server.log()
+    assert "everything committed" not in server.log()
 
 
 async def admitted(url: str, timeout: float = 5.0) -> RawPeer:
