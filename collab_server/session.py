@@ -123,6 +123,7 @@ async def _admit(scope: Scope, receive: Receive, send: Send, rooms: Rooms,
         return None
     health = rooms.store.health
     if not health.admits():  # commits are failing (storage/health.py)
+        rooms.metrics.errors.labels("storage_refused").inc()
         await _refuse(send, 503, f"storage failing, retry later: {health.failing}")
         return None
     await send({"type": "websocket.accept", "subprotocol": chosen})

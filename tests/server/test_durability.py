@@ -97,6 +97,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert "closing connection" not in log  # the room's line covers the connections it closed
     assert "without completing handshake" not in log  # uvicorn's complaint about a refusal it sent itself
     assert server.metric('collab_errors_total{kind="storage"}') == 2  # the metric counts every one
+    assert server.metric('collab_errors_total{kind="storage_refused"}') >= 1
 
     with sqlite3.connect(server.db) as ext:
         ext.execute("DROP TRIGGER fail")
