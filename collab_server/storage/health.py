@@ -54,8 +54,8 @@ class CommitHealth:
 
     def failed(self, updates: int, exc: BaseException) -> None:
         now = self.clock()
-        if not self._failures:
-            self._first = now
+        if not self._failures or now - self._latest >= FAILING_FOR:  # a new spell (an old one may have ended
+            self._failures, self._first = 0, now  # with a success too early to count as settled)
         self._failures += 1
         self._latest, self._error = now, str(exc)
         self._log("storage commit failed updates=%d error=%s", updates, exc)

@@ -56,6 +56,15 @@ def test_commit_health_logs_a_failing_spell_in_a_few_lines_and_forgets_it(caplog
                                 "storage commits succeed again after 200 failed over 2.0 s"]
 
     health.failed(2, OSError("gone"))
+    health.succeeded()  # too soon to count as settled, and then no commit for a long time
+    clock.now += 3600
+    with caplog.at_level(logging.WARNING):
+        health.failed(2, OSError("gone"))
+        clock.now += SETTLED
+        health.succeeded()
+    assert messages(caplog)[-1] == "storage commits succeed again after 1 failed over 0.0 s"  # this spell only
+
+    health.failed(2, OSError("gone"))
     clock.now += FAILING_FOR - 0.1
     assert health.failing == "gone"
     clock.now += 0.2  # no commit since: a node out of rotation is tried again
