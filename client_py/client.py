@@ -43,6 +43,7 @@ STORE = "client_py:store"
 _NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
 DELETED_CODE = 4410  # collab_server closes a deleted document's connections with this code
 REFUSED_STATUSES = (401, 403)  # a refused upgrade: the token is missing or not good for this room
+MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After from a refusing server is cut to this
 
 
 class ServerClosed(Exception):
@@ -66,6 +67,16 @@ class _Link:
         self.awaiting: deque[int] = deque()  # sequence numbers of our unanswered SyncStep1s
         self.asked = False  # the handshake's SyncStep1 went out
         self.synced = False  # ... and the server's SyncStep2 answered it
+
+
+def retry_after(exc: BaseException) -> float:
+    """The seconds a server that refused the upgrade asked us to wait (its Retry-After; our server sends one
+    while its storage fails), or 0."""
+    if isinstance(exc, InvalidStatus):
+        value = exc.response.headers.get("Retry-After", "").strip()
+        if value.isdigit():
+            return min(float(value), MAX_RETRY_AFTER)
+    return 0.0
 
 
 class CollabClient:
@@ -258,6 +269,7 @@ class CollabClient:
         while not self._closing:
             link = _Link()
             ws: ClientConnection | None = None
+            asked_to_wait = 0.0
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             try:
                 tls = {"ssl": self.ssl} if self.ssl is not None else {}
@@ -270,6 +282,7 @@ class CollabClient:
                     self.stopped = ServerClosed(exc.response.status_code, "connection refused")
                 else:
                     log.info("%s: connection failed or lost: %s", self.url, exc)
+                    asked_to_wait = retry_after(exc)
             finally:
                 self._link = None
                 self._synced.clear()
@@ -288,7 +301,7 @@ class CollabClient:
                 attempt = 0
             if self._closing:
                 break
-            await asyncio.sleep(self.backoff.delay(attempt))
+            await asyncio.sleep(max(self.backoff.delay(attempt), asked_to_wait))
             attempt += 1
 
     async def _session(self, ws: ClientConnection, link: _Link) -> None:

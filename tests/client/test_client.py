@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pycrdt import Text
+from pycrdt import Doc, Text
+from websockets.exceptions import InvalidStatus
 
 from client_py import Backoff, CollabClient, DocumentDeleted, ServerClosed
 from collab_server.auth import issue_token
@@ -151,6 +153,26 @@ async def test_reconnects_with_backoff_after_server_restart(upstream: RefServer 
     async with CollabClient(upstream.ws_url, name) as fresh:
         await fresh.synced()
         assert text(fresh) == "before during"
+
+
+async def test_a_server_whose_commits_fail_is_left_alone_for_its_retry_after(server: ServerProcess) -> None:
+    """Our server refuses websockets with 503 and Retry-After: 5 while its commits fail; the client waits that
+    long instead of its (here 10 ms) backoff, then re-sends its edit once storage works again."""
+    name = room()
+    async with CollabClient(server.ws_url, name, backoff=Backoff(base=0.01, max=0.01, jitter=0)) as client:
+        await client.synced()
+        with sqlite3.connect(server.db) as ext:
+            ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        client.doc.get("t", type=Text).insert(0, "kept")
+        await client.wait_until(lambda: isinstance(client.last_error, InvalidStatus))  # the 1011, then a 503
+        with sqlite3.connect(server.db) as ext:
+            ext.execute("DROP TRIGGER fail")
+        await client.flush(timeout=15)  # the server has the edit: it came back after 5 s
+    assert server.metric('collab_errors_total{kind="storage_refused"}') == 1  # not one every 10 ms
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        stored = Doc()
+        stored.apply_update((await http.get(f"/api/docs/{name}/update")).content)
+    assert str(stored.get("t", type=Text)) == "kept"
 
 
 async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess) -> None:

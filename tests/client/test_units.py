@@ -108,3 +108,20 @@ def test_awareness_renews_local_state_before_it_expires() -> None:
     [entry] = decode_awareness(decode_message(renewed).payload)
     assert (entry.client_id, entry.clock, entry.state) == (1, 2, '{"name": "x"}')
     assert awareness.renewal() is None
+
+
+def test_a_refusal_asks_for_the_wait_its_retry_after_header_gives() -> None:
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    from client_py.client import MAX_RETRY_AFTER, retry_after
+
+    def refusal(**headers: str) -> InvalidStatus:
+        return InvalidStatus(Response(503, "Service Unavailable", Headers(headers), b""))
+
+    assert retry_after(refusal(**{"Retry-After": "5"})) == 5.0
+    assert retry_after(refusal(**{"Retry-After": "86400"})) == MAX_RETRY_AFTER
+    assert retry_after(refusal(**{"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"})) == 0.0  # dates: backoff only
+    assert retry_after(refusal()) == 0.0
+    assert retry_after(OSError("connection refused")) == 0.0
