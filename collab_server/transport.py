@@ -298,6 +298,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             # uvicorn's sans-I/O protocol sends an HTTP answer to the upgrade (a 503 while storage fails) but
             # leaves this unset, then logs "ASGI callable returned without completing handshake" as an error
+            # (fixed upstream by the open pull request Kludex/uvicorn#3138)
             self.handshake_complete = True
         elif message["type"] == "websocket.accept":
             self._release_handshake()
