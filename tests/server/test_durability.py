@@ -38,6 +38,23 @@ def assert_contains(stored: Doc, received: Doc) -> None:
     assert stored.get_state() == before, "a client received an update that was never stored"
 
 
+def fail_commits(db: Path, failing: bool = True) -> None:
+    """Make every commit to the server's log fail, as a full disk would (or stop doing so)."""
+    with sqlite3.connect(db) as ext:
+        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                    if failing else "DROP TRIGGER fail")
+
+
+async def a_failed_commit(server: ServerProcess) -> Doc:
+    """Make commits fail, then send a change to "room" and see it refused (1011); returns the changed doc."""
+    fail_commits(server.db)
+    doc, _ = text_updates(3)
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    await writer.send(p.sync_update(doc.get_update()))
+    assert (await writer.wait_closed())[0] == 1011
+    return doc
+
+
 async def test_write_error_closes_sender_and_nothing_is_broadcast(server) -> None:
     """Defect 3: a failed write is not swallowed; nobody receives the update."""
     writer = await RawPeer.connect(f"{server.ws_url}/room")
@@ -46,15 +63,13 @@ async def test_write_error_closes_sender_and_nothing_is_broadcast(server) -> Non
     doc, updates = text_updates(2)
     await writer.send(p.sync_update(updates[0]))
     await watcher.wait_for(lambda: str(watcher.doc.get("t", type=Text)) == "a")
-    with sqlite3.connect(server.db) as ext:
-        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    fail_commits(server.db)
     await writer.send(p.sync_update(updates[1]))
     code, reason = await writer.wait_closed()
     assert code == 1011 and "storage" in reason
     await watcher.wait_closed()  # the room is reset so no peer keeps an unsaved state
     assert str(watcher.doc.get("t", type=Text)) == "a"
-    with sqlite3.connect(server.db) as ext:
-        ext.execute("DROP TRIGGER fail")
+    fail_commits(server.db, False)
     # the client reconnects with its edit (let in within a second: see the test below); the sync handshake
     # delivers it and now it is stored
     retry = await admitted(f"{server.ws_url}/room")
@@ -74,12 +89,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     one a second, whose commit tells whether storage works again; /ready says so; the log gets a line per 10 s
     rather than one per failure, room and connection; the first commit that succeeds again clears it all."""
     assert httpx.get(f"{server.http_url}/ready").status_code == 200
-    with sqlite3.connect(server.db) as ext:
-        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    doc, _ = text_updates(3)
-    writer = await RawPeer.connect(f"{server.ws_url}/room")
-    await writer.send(p.sync_update(doc.get_update()))
-    assert (await writer.wait_closed())[0] == 1011
+    doc = await a_failed_commit(server)
 
     with pytest.raises(InvalidStatus) as refused:
         await RawPeer.connect(f"{server.ws_url}/room")
@@ -99,8 +109,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert server.metric('collab_errors_total{kind="storage"}') == 2  # the metric counts every one
     assert server.metric('collab_errors_total{kind="storage_refused"}') >= 1
 
-    with sqlite3.connect(server.db) as ext:
-        ext.execute("DROP TRIGGER fail")
+    fail_commits(server.db, False)
     retry = await admitted(f"{server.ws_url}/room")
     await retry.send(p.sync_step2(doc.get_update()))
     await retry.wait_for(lambda: any(isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE
@@ -112,12 +121,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
 
 
 async def test_a_stop_while_commits_fail_does_not_claim_everything_was_committed(server) -> None:
-    with sqlite3.connect(server.db) as ext:
-        ext.execute("CREATE TRIGGER fail BEFORE INSERT ON updates BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    doc, _ = text_updates(3)
-    writer = await RawPeer.connect(f"{server.ws_url}/room")
-    await writer.send(p.sync_update(doc.get_update()))
-    assert (await writer.wait_closed())[0] == 1011
+    await a_failed_commit(server)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) in GRACEFUL
     assert "collab server stopped; the latest commits failed: disk full" in server.log()
