@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import resource
+import signal
 import ssl
 import sys
 from dataclasses import fields
@@ -34,8 +35,9 @@ GC_THRESHOLDS = (10_000, 20, 10)
 
 class Server(uvicorn.Server):
     """uvicorn's server that, once started, takes what exists by then (modules, the app, its store) out of the
-    cyclic collector's view (it lives as long as the process, and every full collection walked it again), and
-    gives freed heap memory back to the OS every `heap_trim_interval` seconds (heap.py)."""
+    cyclic collector's view (it lives as long as the process, and every full collection walked it again), gives
+    freed heap memory back to the OS every `heap_trim_interval` seconds (heap.py) and, serving TLS, reloads its
+    certificate on SIGHUP."""
 
     def __init__(self, config: uvicorn.Config, heap_trim_interval: float = 0.0) -> None:
         super().__init__(config)
@@ -51,10 +53,27 @@ class Server(uvicorn.Server):
         trim = malloc_trim() if self.heap_trim_interval > 0 else None
         if trim is not None:
             self._trimming = asyncio.create_task(trim_every(self.heap_trim_interval, trim), name="heap-trim")
+        if self.config.ssl is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_certificate)
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: read the certificate files again (a renewal) for the connections made from now on. Checked on a
+        context of its own first, since a load that fails half-way would leave the live one half-changed; files
+        the server cannot use leave it serving the current certificate."""
+        certfile, keyfile = str(self.config.ssl_certfile), str(self.config.ssl_keyfile or "")
+        try:
+            load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), certfile, keyfile)
+            load_certificate(self.config.ssl, certfile, keyfile)
+        except ValueError as exc:
+            log.error("tls: keeping the current certificate: %s", exc)
+            return
+        log.info("tls: certificate reloaded from %s", certfile)
 
     async def shutdown(self, sockets: list | None = None) -> None:
         if self._trimming is not None:
             self._trimming.cancel()
+        if self.config.ssl is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await super().shutdown(sockets)
 
 
@@ -127,13 +146,17 @@ def check_tls(settings: Settings) -> None:
     does not match the certificate is refused in one line (uvicorn would raise once starting)."""
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise ValueError("ssl_keyfile needs ssl_certfile")
-    if not settings.ssl_certfile:
-        return
-    key = f"ssl_keyfile {settings.ssl_keyfile!r}" if settings.ssl_keyfile else "no ssl_keyfile: the key must be in it"
-    files = f"ssl_certfile {settings.ssl_certfile!r} ({key})"
+    if settings.ssl_certfile:
+        load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), settings.ssl_certfile,
+                         settings.ssl_keyfile)
+
+
+def load_certificate(context: ssl.SSLContext, certfile: str, keyfile: str) -> None:
+    """Load a certificate chain and its key into `context`; ValueError, in one line, if they cannot be used."""
+    key = f"ssl_keyfile {keyfile!r}" if keyfile else "no ssl_keyfile: the key must be in it"
+    files = f"ssl_certfile {certfile!r} ({key})"
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.ssl_certfile, settings.ssl_keyfile or None, password=_refuse_password)
+        context.load_cert_chain(certfile, keyfile or None, password=_refuse_password)
     except _EncryptedKey:
         raise ValueError(f"cannot use {files}: the private key is encrypted; give it unencrypted") from None
     except (OSError, ssl.SSLError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pycrdt import Doc, Text
 
 from client_py import CollabClient
 from tests.jspeer import JsPeer
-from tests.serverproc import ROOT, ServerProcess, free_port
+from tests.serverproc import ROOT, ServerProcess, free_port, wait_until
 
 
 @pytest.fixture
@@ -77,6 +78,36 @@ async def test_plain_http_and_an_untrusted_certificate_get_nowhere(tls_server: S
 def collab_client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "client_py.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, **(env or {})})
+
+
+async def test_a_renewed_certificate_is_served_after_sighup(server_factory, tmp_path: Path) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    old_ca.cert_pem.write_to_path(tmp_path / "old-ca.pem")
+    new_ca.cert_pem.write_to_path(tmp_path / "new-ca.pem")
+
+    def trusted_by(ca: Path) -> bool:
+        try:
+            httpx.get(f"https://127.0.0.1:{server.port}/health", verify=ssl.create_default_context(cafile=ca),
+                      timeout=5)
+        except httpx.ConnectError:
+            return False
+        return True
+
+    old_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "cert.pem")
+    server = server_factory("--ssl-certfile", str(tmp_path / "cert.pem"), ca=tmp_path / "old-ca.pem")
+    assert trusted_by(tmp_path / "old-ca.pem") and not trusted_by(tmp_path / "new-ca.pem")
+    # a renewal gone wrong: the new certificate without its key (the server reads the key from cert.pem)
+    new_ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    server.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "tls: keeping the current certificate" in server.log())
+    assert trusted_by(tmp_path / "old-ca.pem"), "a renewal the server cannot use must not stop it serving"
+
+    new_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "cert.pem")
+    server.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: trusted_by(tmp_path / "new-ca.pem"))
+    assert not trusted_by(tmp_path / "old-ca.pem")
+    assert "tls: certificate reloaded from" in server.log()
+    assert server.alive()
 
 
 def serve_with(*args: str) -> subprocess.CompletedProcess[str]:
