@@ -43,6 +43,7 @@ from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
+from collab_server.storage.health import RETRY_AFTER
 
 BINARY = "application/octet-stream"
 SMALL_BODY = 64 * 1024  # bytes of the JSON bodies that only name things (a label, a copy's target)
@@ -62,7 +63,10 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self) -> Response:
-        return JSONResponse({"error": str(self)}, status_code=self.status, headers=self.headers)
+        headers = self.headers
+        if self.status == 503:  # storage unavailable or failing, or the server stopping: come back later
+            headers = {"Retry-After": str(RETRY_AFTER), **(headers or {})}
+        return JSONResponse({"error": str(self)}, status_code=self.status, headers=headers)
 
 
 class _Endpoint:

@@ -18,13 +18,13 @@ from collab_server.protocol import ProtocolError
 from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
+from collab_server.storage.health import RETRY_AFTER
 from collab_server.transport import frame_writer
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
 
 MAX_ROOM_NAME = 512
-RETRY_AFTER = 5  # seconds a client refused while commits fail is asked to wait (Retry-After)
 FRAMES_PER_TURN = 16  # a client's queued frames handled before other connections and rooms get a turn
 
 

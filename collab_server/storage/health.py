@@ -11,6 +11,7 @@ from collab_server.logs import Throttled
 log = logging.getLogger("collab_server.storage")
 
 FAILING_FOR = 10.0  # seconds after the latest failed commit that the store still counts as failing
+RETRY_AFTER = 5  # seconds a client refused while storage fails is asked to wait (HTTP Retry-After)
 PROBE_EVERY = 1.0  # while commits fail, one new client per this many seconds is let in: do they work again?
 SETTLED = 0.5  # seconds after the latest failure that a success ends the spell in the log (a nearly full disk
 # lets a commit through now and then: each would otherwise log a recovery)

@@ -98,6 +98,8 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert response.body == b"storage failing, retry later: disk full"
     unready = httpx.get(f"{server.http_url}/ready")
     assert unready.status_code == 503 and unready.json()["error"] == "commits failing: disk full"
+    edit = httpx.post(f"{server.http_url}/api/docs/room/update", content=doc.get_update())
+    assert edit.status_code == 503 and edit.headers["Retry-After"] == "5"
 
     probe = await admitted(f"{server.ws_url}/room")  # within a second
     await probe.send(p.sync_update(doc.get_update()))
@@ -106,7 +108,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert log.count("storage commit failed") == 1 and log.count("room failed") == 1, log
     assert "closing connection" not in log  # the room's line covers the connections it closed
     assert "without completing handshake" not in log  # uvicorn's complaint about a refusal it sent itself
-    assert server.metric('collab_errors_total{kind="storage"}') == 2  # the metric counts every one
+    assert server.metric('collab_errors_total{kind="storage"}') == 3  # the metric counts every one
     assert server.metric('collab_errors_total{kind="storage_refused"}') >= 1
 
     fail_commits(server.db, False)
@@ -115,7 +117,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     await retry.wait_for(lambda: any(isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE
                                      for m in retry.messages))  # the echo comes after the commit
     assert httpx.get(f"{server.http_url}/ready").status_code == 200
-    assert "storage commits succeed again after 2 failed" in server.log()
+    assert "storage commits succeed again after 3 failed" in server.log()
     assert stored_text(server.db) == str(doc.get("t", type=Text))
     await RawPeer.connect(f"{server.ws_url}/room")  # everyone is let in again
 
