@@ -62,7 +62,7 @@ class Server(uvicorn.Server):
         the server cannot use leave it serving the current certificate."""
         certfile, keyfile = str(self.config.ssl_certfile), str(self.config.ssl_keyfile or "")
         try:
-            load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), certfile, keyfile)
+            check_certificate(certfile, keyfile)
             load_certificate(self.config.ssl, certfile, keyfile)
         except ValueError as exc:
             log.error("tls: keeping the current certificate: %s", exc)
@@ -147,8 +147,12 @@ def check_tls(settings: Settings) -> None:
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise ValueError("ssl_keyfile needs ssl_certfile")
     if settings.ssl_certfile:
-        load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), settings.ssl_certfile,
-                         settings.ssl_keyfile)
+        check_certificate(settings.ssl_certfile, settings.ssl_keyfile)
+
+
+def check_certificate(certfile: str, keyfile: str) -> None:
+    """ValueError, in one line, unless the certificate chain and its key can be used (loaded on a scratch context)."""
+    load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), certfile, keyfile)
 
 
 def load_certificate(context: ssl.SSLContext, certfile: str, keyfile: str) -> None:
