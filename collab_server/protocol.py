@@ -177,8 +177,8 @@ class AwarenessEntry:
         return self.state == "null"
 
 
-def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
-    """Decode an awareness update; the JSON of each state must parse."""
+def decode_awareness(payload: bytes, *, check_json: bool = True) -> list[AwarenessEntry]:
+    """Decode an awareness update; the JSON of each state must parse (unless decoded and checked before)."""
     reader = Reader(payload)
     count = reader.varuint()
     entries = []
@@ -188,17 +188,23 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
         if client_id > MAX_SAFE_INTEGER or clock > MAX_SAFE_INTEGER:
             # relayed to yjs peers, whose decoder (lib0) throws on integers past 2^53 - 1
             raise ProtocolError("awareness client id or clock beyond 2^53 - 1")
-        state = reader.string()
+        entries.append(AwarenessEntry(client_id, clock, reader.string()))
+    if not reader.at_end():
+        raise ProtocolError("trailing bytes after awareness update")
+    if check_json:
+        check_awareness_json(entries)
+    return entries
+
+
+def check_awareness_json(entries: list[AwarenessEntry]) -> None:
+    """Raise ProtocolError unless every state is JSON (yjs peers parse what the server relays)."""
+    for entry in entries:
         try:
-            json.loads(state)
+            json.loads(entry.state)
         except ValueError as exc:
             raise ProtocolError("awareness state is not JSON") from exc
         except RecursionError as exc:
             raise ProtocolError("awareness state nests too deep") from exc
-        entries.append(AwarenessEntry(client_id, clock, state))
-    if not reader.at_end():
-        raise ProtocolError("trailing bytes after awareness update")
-    return entries
 
 
 def encode_awareness_update(entries: list[AwarenessEntry]) -> bytes:

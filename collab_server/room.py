@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
 
-MAX_AWARENESS_IDS = 16  # awareness client ids one connection may introduce (a y-websocket client uses one)
+MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
 
 
@@ -364,17 +364,30 @@ class Room:
         return list(self._awareness.values())
 
     def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
-        """Merge an awareness update; from a connection, one beyond the limits is refused whole."""
-        entries = p.decode_awareness(payload)
+        """Merge an awareness update. Entries no newer than what the room holds change nothing and are dropped
+        unchecked: a y-websocket client sends back every state it receives, so most entries are such echoes.
+        From a connection, an update whose newer entries break the limits is refused whole."""
+        entries = p.decode_awareness(payload, check_json=False)
+        newer = [e for e in entries if self._is_newer(e)]
+        if not newer:
+            return
+        p.check_awareness_json(newer)
         if conn is not None:
-            new_ids = {e.client_id for e in entries if not e.removed} - conn.awareness_ids
+            new_ids = {e.client_id for e in newer if not e.removed and e.client_id not in self._awareness}
+            new_ids -= conn.awareness_ids
             if len(conn.awareness_ids) + len(new_ids) > MAX_AWARENESS_IDS:
                 raise LimitExceeded(f"more than {MAX_AWARENESS_IDS} awareness clients on one connection")
-            if any(len(e.state) > MAX_AWARENESS_STATE for e in entries):
+            if any(len(e.state) > MAX_AWARENESS_STATE for e in newer):
                 raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} characters")
-        accepted = self._merge_awareness(entries, conn)
+        accepted = self._merge_awareness(newer, conn)
         if accepted:
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(accepted))
+
+    def _is_newer(self, entry: p.AwarenessEntry) -> bool:
+        """Whether `entry` changes the room's awareness: a higher clock, or a removal of a held state at the same
+        clock (as in y-protocols)."""
+        clock = self._awareness_clock.get(entry.client_id, -1)
+        return entry.clock > clock or (entry.clock == clock and entry.removed and entry.client_id in self._awareness)
 
     def _merge_awareness(self, entries: list[p.AwarenessEntry], conn: Connection | None) -> list[p.AwarenessEntry]:
         """Keep entries with a newer clock (or a removal at the same clock), as y-protocols does."""
@@ -382,8 +395,7 @@ class Room:
         now = time.monotonic()
         for entry in entries:
             cid = entry.client_id
-            clock = self._awareness_clock.get(cid, -1)
-            if entry.clock > clock or (entry.clock == clock and entry.removed and cid in self._awareness):
+            if self._is_newer(entry):
                 self._awareness_clock[cid] = entry.clock
                 if entry.removed:
                     self._awareness.pop(cid, None)

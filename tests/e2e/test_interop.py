@@ -80,6 +80,25 @@ async def test_late_joiner_receives_existing_awareness(server, peer):
     assert joined.awareness_seen == everyone  # no phantom server peer
 
 
+async def test_a_crowded_room_keeps_every_joiner(server, peer):
+    """y-websocket sends back every awareness state it receives: a client joining a room of 19 others sends
+    their 19 states at once. Those change nothing and must not count toward a connection's client-id limit
+    (16), or every joiner past the 17th is closed with 1008 and reconnects in a loop."""
+    peers = []
+    for i in range(20):  # one after another: each joins a room that holds every earlier presence
+        p = await peer(f"p{i}")
+        await p.call("set_awareness", state={"user": f"p{i}"})
+        await p.connect(server.ws_url, ROOM)
+        peers.append(p)
+        ids = [(await q.state()).client_id for q in peers]
+        await p.wait_for(f"[{', '.join(map(str, ids))}].every(id => awareness[id]?.user)")
+    last = await peers[-1].state()
+    assert len(last.awareness) == 20 and last.status == "connected"
+    for p in peers:
+        assert not [e for e in p.events if e["event"] == "connection-close"], p.events
+    assert "awareness clients" not in server.log()
+
+
 @pytest.mark.parametrize("how", ["kill_process", "drop_socket"])
 async def test_awareness_removed_when_peer_vanishes(server, peer, how):
     alice = await peer("alice", server.ws_url, ROOM)

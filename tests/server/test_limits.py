@@ -155,6 +155,26 @@ async def test_awareness_beyond_the_limits_is_refused_whole(server) -> None:
     assert errors(server, "limit") == 2 and not watcher.closed.is_set()
 
 
+async def test_states_a_room_holds_do_not_count_toward_the_limit(server) -> None:
+    """A y-websocket joiner sends back every state it receives: echoes change nothing and are not the
+    joiner's clients; a state past the limit among them (new to the room) is still refused."""
+    crowd = []
+    for i in range(20):
+        peer = await RawPeer.connect(f"{server.ws_url}/room")
+        await peer.send(p.encode_awareness([p.AwarenessEntry(100 + i, 1, '{"u":%d}' % i)]))
+        crowd.append(peer)
+    await crowd[0].wait_for(lambda: len(crowd[0].awareness) == 20)
+    joiner = await RawPeer.connect(f"{server.ws_url}/room")
+    await joiner.wait_for(lambda: len(joiner.awareness) == 20)
+    echo = [p.AwarenessEntry(cid, 1, state) for cid, state in joiner.awareness.items()]
+    await joiner.send(p.encode_awareness(echo + [p.AwarenessEntry(7, 1, '{"me":1}')]))
+    await crowd[0].wait_for(lambda: 7 in crowd[0].awareness)
+    await joiner.send(p.encode_awareness([p.AwarenessEntry(cid, 1, '{"x":1}') for cid in range(200, 216)]))
+    code, reason = await joiner.wait_closed()
+    assert code == 1008 and "awareness clients" in reason  # 7 and 16 new ones: 17
+    assert not any(peer.closed.is_set() for peer in crowd) and errors(server, "limit") == 1
+
+
 async def test_a_client_that_never_finishes_its_request_is_disconnected(server_factory) -> None:
     """A socket that sends nothing, or trickles a request's headers (slowloris), cannot hold the connection
     for ever; a keep-alive HTTP client and websocket clients are unaffected."""
