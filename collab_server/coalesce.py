@@ -37,10 +37,7 @@ def coalesce(messages: list[bytes]) -> list[bytes]:
             updates.append(msg.payload)
         elif isinstance(msg, p.AwarenessMessage):
             presence = {} if presence is None else presence
-            for entry in p.decode_awareness(msg.payload):
-                held = presence.get(entry.client_id)
-                if held is None or entry.clock > held.clock or (entry.clock == held.clock and entry.removed):
-                    presence[entry.client_id] = entry
+            p.keep_newest(presence, p.decode_awareness(msg.payload))
         else:
             end_run()
             out.append(message)

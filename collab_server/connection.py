@@ -52,7 +52,7 @@ class Connection:
     """
 
     __slots__ = ("id", "metrics", "readonly", "awareness_ids", "send_queue_limit", "send_queue_bytes",
-                 "_asgi_send", "_frames", "_queue", "_queued_bytes", "_drain", "_more", "_last_send",
+                 "_asgi_send", "_frames", "_queue", "_queued_bytes", "_drain", "_more", "_loop", "_last_send",
                  "close_code", "send_failed", "close_reason")
 
     def __init__(self, asgi_send: AsgiSend, metrics: Metrics, *, frames: FrameWriter | None = None,
@@ -70,7 +70,8 @@ class Connection:
         self._queued_bytes = 0
         self._drain: asyncio.Task[None] | None = None
         self._more: asyncio.Future[None] | None = None  # the drain task waits here when it has no writer
-        self._last_send = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()  # held: looking it up costs a getpid() system call
+        self._last_send = self._loop.time()
         self.close_code: int | None = None
         self.send_failed = False
         self.close_reason = ""
@@ -95,7 +96,7 @@ class Connection:
             return
         if self._drain is None and self._frames is not None:
             if self._frames.write_frame(frame if frame is not None else binary_frame(message)):
-                self._last_send = asyncio.get_running_loop().time()
+                self._last_send = self._loop.time()
                 self.metrics.bytes_sent.inc(len(message))
                 return
         if self._queue and self._over_limits(len(message)):
@@ -149,14 +150,14 @@ class Connection:
 
     def _start_drain(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_task(self._run_drain(), name=f"drain:{self.id}")
+            self._drain = self._loop.create_task(self._run_drain(), name=f"drain:{self.id}")
         elif self._more is not None and not self._more.done():
             self._more.set_result(None)
 
     async def _run_drain(self) -> None:
         """Write queued messages through ASGI; without a FrameWriter keep waiting for more until closed."""
         send = self._asgi_send
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             while True:
                 while self._queue:

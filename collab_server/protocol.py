@@ -65,18 +65,16 @@ class Reader:
             self.pos = pos + 1
             return data[pos]
         value = shift = 0
-        for _ in range(MAX_VARUINT_BYTES):
-            if self.pos >= len(self.data):
-                raise ProtocolError("truncated varint")
-            byte = self.data[self.pos]
-            self.pos += 1
+        for pos in range(pos, min(pos + MAX_VARUINT_BYTES, len(data))):
+            byte = data[pos]
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
                 if value >> 64:  # a tenth byte can carry more than 64 bits; encoded again it would take 11
                     raise ProtocolError("varint too long")
+                self.pos = pos + 1
                 return value
             shift += 7
-        raise ProtocolError("varint too long")
+        raise ProtocolError("truncated varint" if len(data) - self.pos < MAX_VARUINT_BYTES else "varint too long")
 
     def bytes(self) -> bytes:
         length = self.varuint()
@@ -205,6 +203,23 @@ def check_awareness_json(entries: list[AwarenessEntry]) -> None:
             raise ProtocolError("awareness state is not JSON") from exc
         except RecursionError as exc:
             raise ProtocolError("awareness state nests too deep") from exc
+
+
+def keep_newest(presence: dict[int, AwarenessEntry], entries: list[AwarenessEntry]) -> None:
+    """Fold `entries` into `presence` (client id → entry) as applying them in order would leave it: a higher
+    clock wins, and a removal wins a tie of clocks (as in y-protocols)."""
+    for entry in entries:
+        held = presence.get(entry.client_id)
+        if held is None or entry.clock > held.clock or (entry.clock == held.clock and entry.removed):
+            presence[entry.client_id] = entry
+
+
+def merge_awareness_updates(updates: list[bytes]) -> bytes:
+    """One awareness update holding each client's newest entry among `updates` (decoded before, so valid)."""
+    presence: dict[int, AwarenessEntry] = {}
+    for update in updates:
+        keep_newest(presence, decode_awareness(update, check_json=False))
+    return encode_awareness_update(list(presence.values()))
 
 
 def encode_awareness_update(entries: list[AwarenessEntry]) -> bytes:

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
+RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 
 
 def _refusal(exc: BaseException) -> bool:
@@ -94,6 +95,8 @@ class Room:
         self._write: _Write | None = None  # the latest submitted write, open while the store has not taken it
         self._hold: asyncio.Future[None] | None = None  # closed while a sync reply waits for commits
         self._outbox: list[bytes] = []
+        self._awareness_outbox: list[bytes] = []
+        self._relayed: dict[bytes, None] = {}  # the latest awareness messages relayed, oldest first
         self._awareness: dict[int, p.AwarenessEntry] = {}
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
@@ -165,6 +168,8 @@ class Room:
 
     async def handle(self, conn: Connection, data: bytes) -> None:
         """Handle one frame from `conn`; raises ProtocolError on malformed input."""
+        if data in self._relayed:  # a y-websocket client sending back what it was sent: changes nothing
+            return
         msg = p.decode_message(data)
         if isinstance(msg, p.SyncMessage):
             if msg.kind == p.SyncType.STEP1:
@@ -338,7 +343,9 @@ class Room:
         else:
             if not local:
                 self._merge_awareness(p.decode_awareness(payload), None)
-            self._fan_out(p.awareness_message(payload))
+            if not self._awareness_outbox:
+                asyncio.get_running_loop().call_soon(self._flush_awareness)
+            self._awareness_outbox.append(payload)
 
     def _relay(self, update: bytes) -> None:
         """Queue a committed update for this room's connections; one merged broadcast per loop turn."""
@@ -351,6 +358,18 @@ class Room:
         if updates:
             self._fan_out(p.sync_update(merge_all(updates)))
             self.metrics.updates_broadcast.inc(len(self.connections))
+
+    def _flush_awareness(self) -> None:
+        """Relay the awareness changes of one loop turn as one message: each client's newest state."""
+        updates, self._awareness_outbox = self._awareness_outbox, []
+        if not updates:
+            return
+        message = p.awareness_message(updates[0] if len(updates) == 1 else p.merge_awareness_updates(updates))
+        # every entry in it is now held at its clock or a newer one, so a copy of it can never change anything
+        self._relayed[message] = None
+        if len(self._relayed) > RELAYED_KEPT:
+            del self._relayed[next(iter(self._relayed))]
+        self._fan_out(message)
 
     def _fan_out(self, message: bytes) -> None:
         frame = binary_frame(message)  # framed once for every connection that can take it directly
@@ -381,7 +400,8 @@ class Room:
                 raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} characters")
         accepted = self._merge_awareness(newer, conn)
         if accepted:
-            self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(accepted))
+            relayed = payload if len(accepted) == len(entries) else p.encode_awareness_update(accepted)
+            self.broker.publish(self.name, Kind.AWARENESS, relayed)
 
     def _is_newer(self, entry: p.AwarenessEntry) -> bool:
         """Whether `entry` changes the room's awareness: a higher clock, or a removal of a held state at the same

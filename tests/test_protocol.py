@@ -57,6 +57,30 @@ def test_awareness_roundtrip(raw) -> None:
     assert p.decode_awareness(msg.payload) == entries
 
 
+def _apply_awareness(held: dict[int, tuple[int, str]], update: bytes) -> None:
+    """y-protocols' applyAwarenessUpdate on client id → (clock, state); a removal keeps the clock."""
+    for e in p.decode_awareness(update):
+        clock, state = held.get(e.client_id, (0, "null"))
+        if clock < e.clock or (clock == e.clock and e.removed and state != "null"):
+            held[e.client_id] = (e.clock, e.state)
+
+
+entry_lists = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4), st.sampled_from(["null", '{"a":1}', '"b"'])),
+                       max_size=5)
+
+
+@given(st.lists(entry_lists, min_size=1, max_size=6), entry_lists)
+def test_merged_awareness_updates_leave_any_receiver_as_the_updates_in_order_would(batches, start) -> None:
+    updates = [p.encode_awareness_update([p.AwarenessEntry(*e) for e in batch]) for batch in batches]
+    in_order: dict[int, tuple[int, str]] = {}
+    _apply_awareness(in_order, p.encode_awareness_update([p.AwarenessEntry(*e) for e in start]))
+    merged = dict(in_order)
+    for update in updates:
+        _apply_awareness(in_order, update)
+    _apply_awareness(merged, p.merge_awareness_updates(updates))
+    assert merged == in_order
+
+
 def test_awareness_state_must_be_json() -> None:
     bad = p.encode_awareness_update([p.AwarenessEntry(1, 1, "{not json")])
     with pytest.raises(p.ProtocolError, match="not JSON"):

@@ -45,6 +45,20 @@ async def test_older_clock_is_ignored_and_query_awareness_is_answered(server) ->
     assert all(e.state != json.dumps({"v": "old"}) for m in answers() for e in p.decode_awareness(m.payload))
 
 
+async def test_awareness_read_in_one_turn_is_relayed_as_one_message(server) -> None:
+    """Cursor moves that arrive together reach every peer as one message with each client's newest state."""
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    protocol = alice.ws.protocol
+    for client_id, clock in [(1, 1), (2, 1), (1, 2), (1, 3)]:
+        protocol.send_binary(presence(client_id, clock, {"at": clock}))
+    alice.ws.transport.write(b"".join(protocol.data_to_send()))  # four frames, one read for the server
+    await watcher.wait_for(lambda: watcher.awareness.get(1) == json.dumps({"at": 3}))
+    relayed = [p.decode_awareness(m.payload) for m in watcher.messages if isinstance(m, p.AwarenessMessage)]
+    assert [sorted((e.client_id, e.clock) for e in entries) for entries in relayed if entries] == [[(1, 3), (2, 1)]]
+
+
 async def test_no_phantom_server_peer(server_factory) -> None:
     """Defect 6: the server never invents awareness states; its keepalives carry no entries."""
     server = server_factory("--keepalive-interval", "0.2")
