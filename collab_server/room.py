@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from functools import partial
 from typing import TypeVar
 
@@ -168,8 +168,6 @@ class Room:
 
     async def handle(self, conn: Connection, data: bytes) -> None:
         """Handle one frame from `conn`; raises ProtocolError on malformed input."""
-        if data in self._relayed:  # a y-websocket client sending back what it was sent: changes nothing
-            return
         msg = p.decode_message(data)
         if isinstance(msg, p.SyncMessage):
             if msg.kind == p.SyncType.STEP1:
@@ -377,6 +375,12 @@ class Room:
             conn.send(message, frame)
 
     # --- awareness -----------------------------------------------------------------------------------
+
+    @property
+    def relayed_awareness(self) -> Container[bytes]:
+        """The latest awareness messages this room relayed: a y-websocket client sends back every one it receives,
+        and such a copy never changes anything (see _flush_awareness)."""
+        return self._relayed
 
     def presence(self) -> list[p.AwarenessEntry]:
         """The awareness states the room holds now (from every node's clients), one per client id."""

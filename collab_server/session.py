@@ -64,7 +64,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     if admitted is None:
         return
     name, grant = admitted
-    conn = Connection(send, rooms.metrics, frames=frame_writer(scope), readonly=grant.readonly,
+    frames = frame_writer(scope)
+    conn = Connection(send, rooms.metrics, frames=frames, readonly=grant.readonly,
                       send_queue_limit=settings.send_queue_limit,
                       send_queue_bytes=settings.send_queue_bytes)
     rooms.metrics.connections.inc()
@@ -84,6 +85,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
     else:
         try:
             room.join(conn)
+            if frames is not None:
+                frames.ignore(room.relayed_awareness)
             await _read_frames(receive, conn, room, settings)
         finally:
             room.leave(conn)
@@ -159,6 +162,8 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             metrics.errors.labels("text_frame").inc()
             conn.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary y-websocket messages")
             return
+        if data in room.relayed_awareness:  # read through ASGI, not dropped by the transport: same as there
+            continue
         metrics.bytes_received.inc(len(data))
         if len(data) > settings.max_message_size:
             metrics.errors.labels("too_big").inc()

@@ -18,6 +18,7 @@ import logging
 import random
 import struct
 import weakref
+from collections.abc import Container
 from typing import Any, Protocol
 
 from starlette.types import Scope
@@ -40,6 +41,10 @@ class FrameWriter(Protocol):
     def write_frame(self, frame: bytes) -> bool:
         """Write a complete encoded frame now and return True, or return False if the socket cannot take it
         without queueing (not open, closing or backed up)."""
+
+    def ignore(self, messages: Container[bytes]) -> None:
+        """From now on drop, as they are read, incoming messages found in `messages` (which the application
+        knows change nothing), before they cost it a receive."""
 
 
 def frame_writer(scope: Scope) -> FrameWriter | None:
@@ -271,7 +276,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound", "_early",
+        "transport", "writable", "_inbound", "_early", "_ignored",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -283,6 +288,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.debug = WEBSOCKETS_LOG.isEnabledFor(logging.DEBUG)
         self._inbound: bytearray | None = None  # received bytes not yet a whole frame, while this splits frames
         self._early = False  # bytes came after the request but before the acceptance
+        self._ignored: Container[bytes] = ()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -336,9 +342,11 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
                 if end > len(view):
                     break
                 if view[pos] == 0x80 | Opcode.BINARY and view[pos + 1] & 0x80 and self.conn.current_size is None:
-                    self.curr_msg_data_type = "bytes"  # as uvicorn's handle_bytes for a final frame
-                    self.frames = [apply_mask(view[start:end], view[start - 4:start])]
-                    self.send_receive_event_to_app()
+                    message = apply_mask(view[start:end], view[start - 4:start])
+                    if message not in self._ignored:
+                        self.curr_msg_data_type = "bytes"  # as uvicorn's handle_bytes for a final frame
+                        self.frames = [message]
+                        self.send_receive_event_to_app()
                 else:
                     super().data_received(bytes(view[pos:end]))
                     handover = self.conn.state is not State.OPEN
@@ -391,6 +399,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.ping_sent_at = self.loop.time()
         self.conn.send_ping(self.pending_ping_payload)
         self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def ignore(self, messages: Container[bytes]) -> None:
+        self._ignored = messages
 
     def write_frame(self, frame: bytes) -> bool:
         if (self.close_sent or self.disconnected or not self.writable.is_set() or self.conn.state is not State.OPEN

@@ -155,6 +155,30 @@ async def test_awareness_beyond_the_limits_is_refused_whole(server) -> None:
     assert errors(server, "limit") == 2 and not watcher.closed.is_set()
 
 
+@pytest.mark.parametrize("deflate", [False, True], ids=["direct", "through-asgi"])
+async def test_copies_of_relayed_awareness_do_not_count_toward_the_rate_limit(server_factory, deflate) -> None:
+    """A y-websocket client sends back every awareness message it receives: in a busy room most of what it
+    sends. Those copies change nothing and are dropped unread, so a rate limit counts only its own messages
+    (both where frames are read by the transport and, with permessage-deflate, through ASGI)."""
+    server = server_factory("--rate-limit-per-second", "1", "--rate-limit-burst", "10",
+                            *(["--per-message-deflate"] if deflate else []))
+    mover = await RawPeer.connect(f"{server.ws_url}/room")
+    echoer = await RawPeer.connect(f"{server.ws_url}/room")
+    await echoer.sync()
+    for clock in (1, 2, 3):
+        await mover.send(p.encode_awareness([p.AwarenessEntry(5, clock, '{"at":%d}' % clock)]))
+    await echoer.wait_for(lambda: echoer.awareness.get(5) == '{"at":3}')
+    received = [p.awareness_message(m.payload) for m in echoer.messages if isinstance(m, p.AwarenessMessage)]
+    for copy in received * 20:  # 60 copies, the burst allowance 10
+        await echoer.send(copy)
+    await echoer.sync()  # answered: still connected, after every copy was read
+    for clock in range(1, 15):  # not copies: stale, but read and counted
+        await echoer.send(p.encode_awareness([p.AwarenessEntry(5, clock, '{"at":0}')]))
+    code, reason = await echoer.wait_closed()
+    assert (code, reason) == (1008, "rate limit exceeded")
+    assert not mover.closed.is_set()
+
+
 async def test_states_a_room_holds_do_not_count_toward_the_limit(server) -> None:
     """A y-websocket joiner sends back every state it receives: echoes change nothing and are not the
     joiner's clients; a state past the limit among them (new to the room) is still refused."""
