@@ -4,7 +4,7 @@
 //
 // Common options: url (ws://127.0.0.1:PORT), client ("yws" = y-websocket WebsocketProvider,
 // "hocus" = @hocuspocus/provider), room (name or prefix), timeoutMs (hard limit for every wait).
-// Scenarios: fanout, latency, rooms, build, sync, memory (see README.md for what each measures).
+// Scenarios: fanout, latency, presence, rooms, build, sync, memory (see README.md for what each measures).
 // Output: JSON lines on stdout: {"event": "result", ...} at the end, {"event": "built"} for build
 // (then the driver waits for a line on stdin before it disconnects). Progress goes to stderr.
 // Packages resolve from benchmarks/node_modules (benchmarks/package.json, installed by `make bench`).
@@ -222,6 +222,74 @@ async function latency (opts) {
   }
 }
 
+/**
+ * N clients in one room move their cursors: each sets an awareness field {t, i} `rate` times a second
+ * for `seconds` (clients staggered evenly), so every client receives the other N − 1 clients' moves.
+ * Awareness is not persisted by any server, so this measures relaying alone: latency per delivered move.
+ * A server may merge moves that wait (awareness keeps only each client's newest state), so the run ends
+ * when every client holds every other client's last move; `received` counts the moves delivered.
+ */
+async function presence (opts) {
+  const room = opts.room
+  const clients = []
+  for (let i = 0; i < opts.clients; i++) clients.push(await makeClient(opts, room))
+  await syncAll(clients, opts.timeoutMs)
+  const total = Math.round(opts.rate * opts.seconds)
+  const warmup = Math.min(opts.warmup ?? 10, Math.floor(total / 10))
+  const samples = []
+  let received = 0
+  let finished = 0 // (receiver, sender) pairs where the receiver holds the sender's last move
+  clients.forEach(c => {
+    const awareness = c.provider.awareness
+    const own = awareness.clientID
+    awareness.on('change', ({ added, updated }) => {
+      const t = now()
+      for (const id of added.concat(updated)) {
+        if (id === own) continue
+        const cursor = awareness.getStates().get(id)?.cursor
+        if (!cursor) continue
+        received++
+        if (cursor.i >= warmup) samples.push(t - cursor.t)
+        if (cursor.i === total - 1) finished++
+      }
+    })
+  })
+  const interval = 1000 / opts.rate
+  const start = now()
+  let maxLag = 0
+  const movers = clients.map(async (c, k) => {
+    const offset = interval * k / clients.length
+    for (let i = 0; i < total; i++) {
+      const due = start + offset + i * interval
+      const wait = due - now()
+      if (wait > 0) await sleep(wait)
+      maxLag = Math.max(maxLag, now() - due)
+      c.provider.awareness.setLocalStateField('cursor', { t: now(), i })
+    }
+  })
+  await Promise.all(movers)
+  const pairs = clients.length * (clients.length - 1)
+  let error = null
+  try {
+    await waitFor(() => finished >= pairs, Math.min(opts.timeoutMs, 30000), 'every last cursor move')
+  } catch (e) { error = e.message }
+  clients.forEach(c => c.destroy())
+  samples.sort((a, b) => a - b)
+  return {
+    clients: clients.length,
+    rate: opts.rate,
+    seconds: opts.seconds,
+    received,
+    sent: total * pairs,
+    samples: samples.length,
+    p50_ms: percentile(samples, 50),
+    p99_ms: percentile(samples, 99),
+    max_ms: samples.length ? samples[samples.length - 1] : null,
+    mover_max_schedule_lag_ms: maxLag,
+    error
+  }
+}
+
 /** R rooms × 2 clients: time to connect+sync all, then each room's first client sends U updates. */
 async function rooms (opts) {
   const R = opts.rooms
@@ -390,7 +458,7 @@ async function memory (opts) {
   }
 }
 
-const SCENARIOS = { fanout, latency, rooms, build, sync, memory }
+const SCENARIOS = { fanout, latency, presence, rooms, build, sync, memory }
 
 async function main () {
   const [name, json] = process.argv.slice(2)

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/run.py --servers ours,yws --scenarios fanout,latency --repeat 5
 
 Every server runs on a free 127.0.0.1 port in its own subprocess with its own scratch database. The live
-scenarios (fan-out, latency, rooms) run with every server up and their repeats interleaved; cold load and
+scenarios (fan-out, latency, presence, rooms) run with every server up and their repeats interleaved; cold load and
 memory run one server at a time. Real yjs clients (benchmarks/driver.mjs, one Node process per scenario
 run) drive them. Results go to benchmarks/results/latest.json and a table on stdout. Only the standard
 library is used here.
@@ -56,6 +56,7 @@ FULL = {
     "repeat": 5,
     "fanout": {"readers": 20, "updates": 2000},
     "latency": {"readers": 20, "rate": 100, "seconds": 5},
+    "presence": {"clients": 20, "rate": 20, "seconds": 5},
     "rooms": {"rooms": 200, "updatesPerRoom": 20},
     "cold": {"sizes": [5000, 100000], "trials": 3, "chunk": 1000},
     "memory": {"rooms": 100, "extraConns": 200, "updatesPerRoom": 10, "settleMs": 2000},
@@ -65,13 +66,14 @@ QUICK = {
     "repeat": 1,
     "fanout": {"readers": 5, "updates": 300},
     "latency": {"readers": 5, "rate": 100, "seconds": 1},
+    "presence": {"clients": 5, "rate": 20, "seconds": 1},
     "rooms": {"rooms": 10, "updatesPerRoom": 5},
     "cold": {"sizes": [1000], "trials": 1, "chunk": 500},
     "memory": {"rooms": 10, "extraConns": 10, "updatesPerRoom": 5, "settleMs": 200},
     "after_build_sleep_s": 0.3,
     "timeout_ms": 30000,
 }
-ALL_SCENARIOS = ["fanout", "latency", "rooms", "cold", "memory"]
+ALL_SCENARIOS = ["fanout", "latency", "presence", "rooms", "cold", "memory"]
 
 # ------------------------------------------------------------------------------------------------
 # servers
@@ -544,12 +546,13 @@ def _timed_driver(server: ServerProc, scenario: str, opts: dict[str, Any], timeo
 
 
 def live_once(ctx: "Ctx", server: ServerProc, scenario: str, i: int) -> dict[str, Any]:
-    """Repeat `i` of a live scenario (fan-out, latency or rooms) in fresh rooms of a running server."""
+    """Repeat `i` of a live scenario (fan-out, latency, presence or rooms) in fresh rooms of a running server."""
     opts = {**ctx.base_opts(server), **ctx.sizes[scenario], "room": f"{scenario}-{i}-{ctx.nonce}"}
     r = _timed_driver(server, scenario, opts, ctx.timeout_s)
     figures = {
         "fanout": lambda: f"{_fmt(r.get('deliveries_per_s'))} deliveries/s",
         "latency": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms",
+        "presence": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms",
         "rooms": lambda: f"connect+sync {_fmt(r.get('connect_sync_ms'))} ms, {_fmt(r.get('updates_per_s'))} updates/s",
     }[scenario]()
     ctx.progress(f"{scenario} run {i + 1}: {figures}{' ERROR ' + str(r['error'])[:200] if r.get('error') else ''}")
@@ -559,6 +562,7 @@ def live_once(ctx: "Ctx", server: ServerProc, scenario: str, i: int) -> dict[str
 LIVE_KEYS = {
     "fanout": ["deliveries_per_s", "elapsed_ms", "server_cpu_s", "delivered", "expected"],
     "latency": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "expected"],
+    "presence": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "sent"],
     "rooms": ["connect_sync_ms", "updates_per_s", "server_cpu_s", "delivered", "expected"],
 }
 
@@ -709,7 +713,7 @@ def wait_quiet(servers: list[ServerProc], window_s: float = 0.3, limit_s: float 
 
 
 def run_live(ctx: Ctx, specs: list[ServerSpec], live: list[str], results: dict[str, Any]) -> None:
-    """Fan-out, latency and rooms with every server up at once and the repeats interleaved: repeat i runs
+    """Fan-out, latency, presence and rooms with every server up at once and the repeats interleaved: repeat i runs
     each server in turn (the order rotated every repeat), after all are idle, so a machine that speeds up or
     slows down during the run moves every server's figures alike and the per-repeat ratios stay paired."""
     servers: dict[str, ServerProc] = {}
@@ -784,7 +788,7 @@ def paired_ratios(ours: dict[str, Any], other: dict[str, Any], path: tuple[str, 
 
 
 def metric_rows(sizes: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], Any], bool, str, list[str]]]:
-    f, l_, r, m = sizes["fanout"], sizes["latency"], sizes["rooms"], sizes["memory"]
+    f, l_, a, r, m = sizes["fanout"], sizes["latency"], sizes["presence"], sizes["rooms"], sizes["memory"]
     rows = [
         (f"fan-out 1→{f['readers']}, {f['updates']} upd: deliveries/s", _get("fanout", "deliveries_per_s"), True,
          "{:,.0f}", ["fanout"]),
@@ -792,6 +796,10 @@ def metric_rows(sizes: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, An
         (f"latency {l_['readers']} readers @{l_['rate']}/s: p50 ms", _get("latency", "p50_ms"), False, "{:.1f}",
          ["latency"]),
         ("latency: p99 ms", _get("latency", "p99_ms"), False, "{:.1f}", ["latency"]),
+        (f"presence {a['clients']} cursors @{a['rate']}/s each: p50 ms", _get("presence", "p50_ms"), False, "{:.1f}",
+         ["presence"]),
+        ("presence: p99 ms", _get("presence", "p99_ms"), False, "{:.1f}", ["presence"]),
+        ("presence: server CPU s", _get("presence", "server_cpu_s"), False, "{:.2f}", ["presence"]),
         (f"{r['rooms']} rooms × 2: connect+sync ms", _get("rooms", "connect_sync_ms"), False, "{:,.0f}", ["rooms"]),
         (f"{r['rooms']} rooms: updates/s ({r['updatesPerRoom']}/room)", _get("rooms", "updates_per_s"), True,
          "{:,.0f}", ["rooms"]),
@@ -865,7 +873,7 @@ def render_table(results: dict[str, Any], sizes: dict[str, Any], servers: list[s
                        + "|")
     out.append("")
     out.append("↑ higher is better, ↓ lower is better. Values are medians over the repeats. Ratio columns: > 1× "
-               "means ours is better (ours÷other for ↑, other÷ours for ↓). For fan-out, latency and rooms, where "
+               "means ours is better (ours÷other for ↑, other÷ours for ↓). For fan-out, latency, presence and rooms, where "
                "repeat i of every server runs back to back, the ratio is the median of the per-repeat ratios, "
                "their range in brackets; elsewhere it is the ratio of the medians.")
     if flagged:
