@@ -85,6 +85,16 @@ async function syncAll (clients, timeoutMs) {
   }
 }
 
+/** Wait (30 s at most) until done(), then close every client; returns the timeout's message or null. */
+async function finish (clients, done, what, timeoutMs) {
+  let error = null
+  try {
+    await waitFor(done, Math.min(timeoutMs, 30000), what)
+  } catch (e) { error = e.message }
+  clients.forEach(c => c.destroy())
+  return error
+}
+
 function percentile (sorted, p) {
   if (sorted.length === 0) return null
   const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil(p / 100 * sorted.length) - 1))
@@ -198,11 +208,7 @@ async function latency (opts) {
     warr.push([{ t: now(), i }])
   }
   const expected = total * readers.length
-  let error = null
-  try {
-    await waitFor(() => received >= expected, Math.min(opts.timeoutMs, 30000), 'all latency samples')
-  } catch (e) { error = e.message }
-  all.forEach(c => c.destroy())
+  const error = await finish(all, () => received >= expected, 'all latency samples', opts.timeoutMs)
   samples.sort((a, b) => a - b)
   return {
     readers: readers.length,
@@ -269,11 +275,7 @@ async function presence (opts) {
   })
   await Promise.all(movers)
   const pairs = clients.length * (clients.length - 1)
-  let error = null
-  try {
-    await waitFor(() => finished >= pairs, Math.min(opts.timeoutMs, 30000), 'every last cursor move')
-  } catch (e) { error = e.message }
-  clients.forEach(c => c.destroy())
+  const error = await finish(clients, () => finished >= pairs, 'every last cursor move', opts.timeoutMs)
   samples.sort((a, b) => a - b)
   return {
     clients: clients.length,
