@@ -85,6 +85,19 @@ async function syncAll (clients, timeoutMs) {
   }
 }
 
+/** Count, percentiles, max and mean of delays in ms (sorts `samples`). */
+function delays (samples) {
+  samples.sort((a, b) => a - b)
+  return {
+    samples: samples.length,
+    p50_ms: percentile(samples, 50),
+    p90_ms: percentile(samples, 90),
+    p99_ms: percentile(samples, 99),
+    max_ms: samples.length ? samples[samples.length - 1] : null,
+    mean_ms: samples.length ? samples.reduce((a, b) => a + b, 0) / samples.length : null
+  }
+}
+
 /** Wait (30 s at most) until done(), then close every client; returns the timeout's message or null. */
 async function finish (clients, done, what, timeoutMs) {
   let error = null
@@ -209,7 +222,6 @@ async function latency (opts) {
   }
   const expected = total * readers.length
   const error = await finish(all, () => received >= expected, 'all latency samples', opts.timeoutMs)
-  samples.sort((a, b) => a - b)
   return {
     readers: readers.length,
     rate: opts.rate,
@@ -217,12 +229,7 @@ async function latency (opts) {
     sent: total,
     received,
     expected,
-    samples: samples.length,
-    p50_ms: percentile(samples, 50),
-    p90_ms: percentile(samples, 90),
-    p99_ms: percentile(samples, 99),
-    max_ms: samples.length ? samples[samples.length - 1] : null,
-    mean_ms: samples.length ? samples.reduce((a, b) => a + b, 0) / samples.length : null,
+    ...delays(samples),
     writer_max_schedule_lag_ms: maxLag,
     error
   }
@@ -276,17 +283,13 @@ async function presence (opts) {
   await Promise.all(movers)
   const pairs = clients.length * (clients.length - 1)
   const error = await finish(clients, () => finished >= pairs, 'every last cursor move', opts.timeoutMs)
-  samples.sort((a, b) => a - b)
   return {
     clients: clients.length,
     rate: opts.rate,
     seconds: opts.seconds,
     received,
     sent: total * pairs,
-    samples: samples.length,
-    p50_ms: percentile(samples, 50),
-    p99_ms: percentile(samples, 99),
-    max_ms: samples.length ? samples[samples.length - 1] : null,
+    ...delays(samples),
     mover_max_schedule_lag_ms: maxLag,
     error
   }
