@@ -28,6 +28,7 @@ T = TypeVar("T")
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
+_AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
 
 class _Relayed(dict[bytes, None]):
@@ -44,9 +45,6 @@ class _Relayed(dict[bytes, None]):
         self[message] = None
         if len(self) > RELAYED_KEPT:
             del self[next(iter(self))]
-
-
-_AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
 
 def _refusal(exc: BaseException) -> bool:
