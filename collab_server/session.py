@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Container
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -148,6 +149,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    # copies of the room's relayed awareness; a direct connection's transport drops them already (see there)
+    copies: Container[bytes] = () if conn.direct else room.relayed_awareness
     frames = 0
     while not conn.closed:
         frames += 1
@@ -162,7 +165,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             metrics.errors.labels("text_frame").inc()
             conn.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary y-websocket messages")
             return
-        if data in room.relayed_awareness:  # read through ASGI, not dropped by the transport: same as there
+        if data in copies:
             continue
         metrics.bytes_received.inc(len(data))
         if len(data) > settings.max_message_size:
