@@ -44,6 +44,7 @@ from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
 from collab_server.storage.health import RETRY_AFTER
+from collab_server.surrogates import Characters, apply
 
 BINARY = "application/octet-stream"
 SMALL_BODY = 64 * 1024  # bytes of the JSON bodies that only name things (a label, a copy's target)
@@ -345,8 +346,9 @@ def _route(path: str, endpoint: _Endpoint, methods: list[str] | None = None) -> 
 def _doc_of(updates: list[bytes]) -> Doc:
     """A document holding `updates`, applied in order."""
     doc = Doc()
+    characters = Characters()
     for update in updates:
-        doc.apply_update(update)
+        doc = apply(doc, update, characters)
     return doc
 
 

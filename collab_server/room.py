@@ -18,6 +18,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
+from collab_server.surrogates import Characters, apply
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
@@ -105,8 +106,10 @@ class Room:
         self.hooks: list[Callable[[Room], None]] = []  # run after every applied change (e.g. the resolver)
         self.on_close: list[Callable[[], None]] = []
         self.on_committed: list[Callable[[], None]] = []  # after each commit of a change made here
+        self.on_new_doc: list[Callable[[Doc], None]] = []  # when `doc` is replaced (see _prepare)
         self._on_discard = on_discard
         self._observed: list[bytes] = []
+        self._characters = Characters()
         self._subscription = None
         self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
         self._write: _Write | None = None  # the latest submitted write, open while the store has not taken it
@@ -130,7 +133,7 @@ class Room:
         await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
         for update in updates:  # one by one: applying a merge of many small updates is far slower
-            self.doc.apply_update(update)
+            self.doc = apply(self.doc, update, self._characters)
         self._subscription = self.doc.observe(self._observe)
         early, self._early = self._early, None
         for event in early or ():
@@ -166,6 +169,7 @@ class Room:
         self.hooks.clear()
         self.on_close.clear()
         self.on_committed.clear()
+        self.on_new_doc.clear()
         await self.broker.unsubscribe(self.name)
 
     # --- connections ---------------------------------------------------------------------------------
@@ -209,6 +213,7 @@ class Room:
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
         check_update(update)
         await self._writable()
+        update = self._prepare(update)
         refused: BaseException | None = None
         try:
             with self.doc.transaction(origin=origin):
@@ -263,8 +268,24 @@ class Room:
                 self._hold.set_result(None)
                 self._hold = None
 
+    def _prepare(self, update: bytes) -> bytes:
+        """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
+        its two UTF-16 units (see surrogates.py)."""
+        doc, update = self._characters.prepare(self.doc, update)
+        if doc is not self.doc:
+            log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
+            if self._subscription is not None:
+                self.doc.unobserve(self._subscription)
+                self._subscription = doc.observe(self._observe)
+            self.doc = doc
+            for callback in self.on_new_doc:
+                callback(doc)
+        return update
+
     def _observe(self, event: TransactionEvent) -> None:
-        self._observed.append(event.update)
+        update = event.update
+        self._observed.append(update)
+        self._characters.add(update)
 
     def _run_hooks(self) -> None:
         """Run hooks; one that fails is logged and counted, never allowed to stop the change being stored."""
@@ -334,8 +355,9 @@ class Room:
         arrived) and broadcast it here; returns whether anything was missing."""
         if not updates or self._early is not None:
             return False
+        missing = self._prepare(get_update(merge_all(updates), self.doc.get_state()))
         with self.doc.transaction(origin="broker"):
-            self.doc.apply_update(get_update(merge_all(updates), self.doc.get_state()))
+            self.doc.apply_update(missing)
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
@@ -351,8 +373,9 @@ class Room:
                 self.discard(CloseCode.DELETED, "document deleted")
         elif kind is Kind.UPDATE:
             if not local:  # committed by another node: apply here without persisting again
+                update = self._prepare(payload)
                 with self.doc.transaction(origin="broker"):
-                    self.doc.apply_update(payload)
+                    self.doc.apply_update(update)
                 self._observed.clear()
             self._relay(payload)
         else:

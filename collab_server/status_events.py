@@ -33,4 +33,5 @@ class StatusEvents:
 
         resolver = StatusResolver(room.doc, on_change=emit)
         room.hooks.append(lambda _room: resolver.run())
+        room.on_new_doc.append(resolver.rebind)
         room.on_close.append(resolver.close)

@@ -22,7 +22,7 @@ _FIXED = {127: 0, 126: 0, 121: 0, 120: 0, 124: 4, 123: 8, 122: 8}  # value tags 
 def check_update(update: bytes) -> None:
     """Raise ProtocolError unless the structs of v1 `update` keep their counts, lengths and nesting within
     bounds (it may still be invalid in ways only yrs can tell)."""
-    w = _Walk(update, "update")
+    w = Walk(update, "update")
     for _ in range(w.count()):
         structs = w.count()
         w.uint()  # client
@@ -33,10 +33,12 @@ def check_update(update: bytes) -> None:
 
 def check_state_vector(state_vector: bytes) -> None:
     """Raise ProtocolError unless the entries `state_vector` claims fit in its bytes."""
-    _Walk(state_vector, "state vector").count()
+    Walk(state_vector, "state vector").count()
 
 
-class _Walk:
+class Walk:
+    """A bounds-checked cursor over a v1 update: reads its structure, skipping what it need not decode."""
+
     __slots__ = ("data", "pos", "what")
 
     def __init__(self, data: bytes, what: str) -> None:

@@ -108,3 +108,9 @@ def state_vector(doc: Doc) -> dict[int, int]:
     reader = p.Reader(doc.get_state())
     clocks = dict((reader.varuint(), reader.varuint()) for _ in range(reader.varuint()))
     return {client: clock for client, clock in clocks.items() if clock}
+
+
+def deletion(client: int, clock: int, length: int = 1) -> bytes:
+    """The update a Yjs client sends deleting `length` units from (`client`, `clock`): no structs, one range in
+    its delete set. pycrdt cannot make one that cuts a character between its two UTF-16 units."""
+    return b"\x00\x01" + p.write_varuint(client) + b"\x01" + p.write_varuint(clock) + p.write_varuint(length)

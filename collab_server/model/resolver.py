@@ -50,15 +50,21 @@ class StatusResolver:
 
     def __init__(self, doc: Doc, on_change: Callable[[StatusChange], None] | None = None,
                  compact: bool = True) -> None:
-        self._doc = doc
-        self._blocks = blocks_map(doc)
         self._on_change = on_change
         self._compact = compact
-        self._dirty: set[str] = set(self._blocks.keys())
         self._everything = False  # set if events could not be read: the next run checks every block
+        self._subscription: Subscription | None = None
+        self.rebind(doc)
+
+    def rebind(self, doc: Doc) -> None:
+        """Resolve `doc` from now on (a room rebuilt its document); every block is checked at the next run."""
+        self.close()
+        self._doc = doc
+        self._blocks = blocks_map(doc)
+        self._dirty: set[str] = set(self._blocks.keys())
         # The events yrs raises, not pycrdt's observe_deep: that wraps each event and computes its delta and
         # target up front (~8 µs per keystroke), where only the path is read here.
-        self._subscription: Subscription | None = self._blocks.integrated.observe_deep(self._mark_dirty)
+        self._subscription = self._blocks.integrated.observe_deep(self._mark_dirty)
 
     def _mark_dirty(self, events: list) -> None:
         # runs inside the transaction's commit: an exception raised here would stop the commit's other

@@ -14,6 +14,7 @@ from pycrdt import Doc, get_update
 from collab_server.merge import merge_all
 from collab_server.protocol import Reader
 from collab_server.storage.health import CommitHealth
+from collab_server.surrogates import Characters, apply
 
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ def fold_updates(updates: list[bytes]) -> bytes:
     """
     doc = Doc()
     turn = _GilTurn()
-    doc.apply_update(updates[0])
+    characters = Characters()
+    doc = apply(doc, updates[0], characters)
     # The previous checkpoint comes first. If a document holding only it encodes to the same bytes, it
     # carried nothing unintegrated, and the costly diff of a large update below can skip it.
     checked = updates[1:] if len(updates) > 1 and doc.get_update() == updates[0] else updates
     for update in updates[1:]:
-        doc.apply_update(update)
+        doc = apply(doc, update, characters)
         turn.offer()
     state = doc.get_state()
     clocks = _clocks(state)

@@ -14,8 +14,9 @@ from websockets.exceptions import ConnectionClosed
 
 from collab_server import protocol as p
 from collab_server.model import blocks_to_json
+from collab_server.surrogates import Characters, apply
 from tests.distributed.cluster import Cluster
-from tests.rawclient import RawPeer, text_updates
+from tests.rawclient import RawPeer, deletion, text_updates
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.distributed
@@ -186,3 +187,23 @@ async def test_a_version_saved_on_one_node_is_restored_from_the_other(cluster: C
         assert restored.status_code == 200 and set(restored.json()["blocks"]) == {"b1"}
     await watcher.wait_for(lambda: set(blocks_to_json(watcher.doc)) == {"b1"}
                            and blocks_to_json(watcher.doc)["b1"]["content"] == "saved", 20)
+
+
+async def test_a_character_cut_on_one_node_is_cut_on_the_other(cluster: Cluster) -> None:
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    alice, bob = await peer_on_each(cluster, a, b)
+    await alice.edit(lambda d: d.get("t", type=Text).insert(0, "a😀b"))
+    await bob.wait_for(lambda: text(bob.doc) == "a😀b")  # node b has the room loaded
+    characters = Characters()
+    characters.add(alice.doc.get_update())
+    [(client, clocks)] = characters.seconds.items()
+    [clock] = clocks
+    await alice.send(p.sync_update(deletion(client, clock)))  # the emoji's second UTF-16 unit
+    await bob.wait_for(lambda: text(bob.doc) != "a😀b", 20)  # node b relayed the deletion
+    late = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
+    await late.sync()
+    assert text(late.doc) == "a\ufffdb"
+    doc, characters = Doc(), Characters()
+    for update in await cluster.stored_updates():
+        doc = apply(doc, update, characters)
+    assert text(doc) == "a\ufffdb"

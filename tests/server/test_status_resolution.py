@@ -5,7 +5,8 @@ from pycrdt import Array, Map
 
 from collab_server import protocol as p
 from collab_server.model import add_index_entry, create_block, resolved_status, set_status
-from tests.rawclient import RawPeer
+from collab_server.surrogates import Characters
+from tests.rawclient import RawPeer, deletion
 
 
 def materialised(peer: RawPeer) -> str | None:
@@ -52,3 +53,30 @@ async def test_documents_outside_the_block_model_are_served_and_stored(server) -
     again = await RawPeer.connect(f"{server.ws_url}/odd")
     await again.sync()
     assert again.doc.get("blocks", type=Map)["x"] == "not a block"
+
+
+async def test_statuses_still_resolve_after_the_room_rebuilds_its_document(server) -> None:
+    # A Yjs client deleting the second UTF-16 unit of an emoji makes the room rebuild its document
+    # (surrogates.py); the resolver must follow it to the new one.
+    alice = await RawPeer.connect(f"{server.ws_url}/emoji", client_id=2000)
+    bob = await RawPeer.connect(f"{server.ws_url}/emoji", client_id=1000)
+    await alice.edit(lambda d: (create_block(d, "b1", "paragraph", "a😀b"), add_index_entry(d, "b1", "search")))
+    await bob.wait_for(lambda: resolved_status(bob.doc, "b1", "search") == "notStarted")
+    characters = Characters()
+    characters.add(alice.doc.get_update())
+    [(client, clocks)] = characters.seconds.items()
+    [clock] = clocks
+    carol = await RawPeer.connect(f"{server.ws_url}/emoji")
+    await carol.send(p.sync_update(deletion(client, clock)))
+
+    done = alice.edit_offline(lambda d: set_status(d, "b1", "search", "done"))
+    error = bob.edit_offline(lambda d: set_status(d, "b1", "search", "error"))
+    await alice.send(p.sync_update(done))
+    await bob.send(p.sync_update(error))
+    for peer in (alice, bob):
+        await peer.wait_for(lambda peer=peer: materialised(peer) == "error")
+    fresh = await RawPeer.connect(f"{server.ws_url}/emoji")
+    await fresh.sync()
+    assert materialised(fresh) == "error"
+    assert str(fresh.doc.get("blocks", type=Map)["b1"]["content"]) == "a\ufffdb"
+    assert "room rebuilt" in server.log()

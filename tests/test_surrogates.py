@@ -1,0 +1,78 @@
+"""Characters cut between their two UTF-16 units by real Yjs edits (collab_server/surrogates.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pycrdt import Doc, Text
+
+from collab_server.storage.base import fold_updates
+from collab_server.surrogates import Characters, apply
+from tests.rawclient import state_vector
+
+CUTS = Path(__file__).parent / "js" / "cuts.mjs"
+
+
+def yjs_scenarios(seed: int, count: int) -> list[dict]:
+    """Random edits by three Yjs replicas (tests/js/cuts.mjs): the updates in a server's order, and the text a
+    Yjs document holds after them."""
+    proc = subprocess.run(["node", str(CUTS), str(seed), str(count)], capture_output=True, text=True,
+                          timeout=60, cwd=CUTS.parents[2], check=True)
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def delta(doc: Doc) -> list[dict]:
+    """The text as a Yjs delta: inserts with their attributes."""
+    out = []
+    for insert, attrs in doc.get("t", type=Text).diff():
+        out.append({"insert": insert, "attributes": attrs} if attrs else {"insert": insert})
+    return out
+
+
+def reloaded(doc: Doc) -> Doc:
+    """What a fresh replica gets from `doc`'s encoded state."""
+    fresh = Doc()
+    fresh.apply_update(doc.get_update())
+    return fresh
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_document_holds_what_yjs_holds_and_encodes_it_whole(seed: int) -> None:
+    scenarios = yjs_scenarios(seed, 25)
+    broken_by_yrs = 0
+    for scenario in scenarios:
+        updates = [base64.b64decode(u) for u in scenario["updates"]]
+        expected = [{k: v for k, v in op.items() if v} for op in scenario["delta"]]
+
+        plain = Doc()
+        for update in updates:
+            plain.apply_update(update)
+        broken_by_yrs += str(reloaded(plain).get("t", type=Text)) != scenario["text"]
+
+        doc, characters = Doc(), Characters()
+        for update in updates:
+            doc = apply(doc, update, characters)
+        assert delta(doc) == expected
+        again = reloaded(doc)
+        assert state_vector(again) == state_vector(doc)
+        assert delta(again) == expected
+        folded = Doc()
+        folded.apply_update(fold_updates(updates))
+        assert delta(folded) == expected
+    assert broken_by_yrs > len(scenarios) // 2  # the scenarios do cut characters, which yrs alone gets wrong
+
+
+def test_text_without_characters_beyond_the_bmp_is_left_alone() -> None:
+    source = Doc()
+    source.get("t", type=Text).insert(0, "héllo 中文")
+    update = source.get_update()
+    doc, characters = Doc(), Characters()
+    assert characters.prepare(doc, update) == (doc, update)
+    assert apply(doc, update, characters) is doc
+    assert not characters.seconds
