@@ -15,7 +15,7 @@ from __future__ import annotations
 from collab_server.protocol import ProtocolError
 
 MAX_DEPTH = 256  # nesting of values inside one update (JSON-like content, subdocument options)
-_NAMED_TYPES = (3, 5)  # type refs that carry a name: YXmlElement, YXmlHook
+_XML_ELEMENT, _XML_HOOK = 3, 5  # the type refs that carry a name
 _FIXED = {127: 0, 126: 0, 121: 0, 120: 0, 124: 4, 123: 8, 122: 8}  # value tags with a fixed size after them
 
 
@@ -122,7 +122,10 @@ class Walk:
             self.string()
             self.string()
         elif ref == 7:  # type
-            if self.uint() in _NAMED_TYPES:
+            type_ref = self.uint()
+            if type_ref == _XML_HOOK:  # yrs reads no name after it, so the rest of the update would be misread
+                raise self.fail("a Y.XmlHook, which yrs (pycrdt) cannot decode")
+            if type_ref == _XML_ELEMENT:
                 self.string()
         elif ref == 8:  # any values
             self.values(self.count())

@@ -118,3 +118,13 @@ def test_the_nesting_the_walk_refuses_would_have_killed_the_process_in_yrs() -> 
     assert child.returncode < 0  # killed by a signal
     with pytest.raises(p.ProtocolError, match="nested deeper"):
         check_update(nested_arrays(100_000))
+
+
+def test_an_xml_hook_is_refused_by_name() -> None:
+    # Yjs: `doc.getXmlFragment('x').insert(0, [new Y.XmlHook('hook')])`. yrs reads no name after the type ref,
+    # misreads the rest and fails with "unexpected end of buffer"; the walk says what it is instead.
+    update = bytes.fromhex("0101d7ccbfaa040007010178050468 6f6f6b00")
+    with pytest.raises(ValueError):
+        Doc().apply_update(update)
+    with pytest.raises(p.ProtocolError, match="Y.XmlHook"):
+        check_update(update)
