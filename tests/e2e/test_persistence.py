@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +171,45 @@ async def test_repeated_crashes_across_rooms_lose_nothing_and_every_client_conve
         folded = {name for (name,) in db.execute("SELECT name FROM checkpoints")}
     assert folded == set(rooms)
     assert "Traceback" not in server.log() and "level=ERROR" not in server.log()
+
+
+async def test_characters_cut_between_their_utf16_units_are_stored_as_yjs_holds_them(server_factory, peer):
+    # Yjs counts text in UTF-16 units: a client may cut an emoji in two, and every Yjs replica then holds two
+    # U+FFFD where it was. yrs alone kept the emoji and encoded the document without the cut and all after it.
+    server = server_factory("--compact-threshold", "3")
+    alice, bob = await asyncio.gather(peer("alice", server.ws_url, ROOM), peer("bob", server.ws_url, ROOM))
+    await alice.call("text_insert", index=0, text="a😀b👍c")
+    await bob.wait_for("doc.text === 'a😀b👍c'")
+    await bob.call("text_delete", index=2, length=1)  # the second unit of 😀
+    await alice.wait_for("doc.text === 'a\\ufffdb👍c'")
+    await alice.call("text_insert", index=4, text="Z")  # between the two units of 👍
+    for i in range(6):  # more log entries than the compaction threshold
+        await bob.wait_for(f"doc.text.length === {7 + i}")
+        await bob.call("text_insert", index=0, text=str(i))
+    expected = "543210a\ufffdb\ufffdZ\ufffdc"
+    a, b = await asyncio.gather(alice.wait_for(f"doc.text === {expected!r}"), bob.wait_for(f"doc.text === {expected!r}"))
+    vector = await alice.state_vector()
+    assert a.doc == b.doc and vector == await bob.state_vector()
+
+    server.kill()
+    await asyncio.gather(alice.close(), bob.close())  # nothing of theirs can repair the server's copy
+    server.start()
+    stored_state, stored_vector = await fresh_view(peer, server.ws_url)
+    assert stored_state.doc["text"] == expected
+    assert stored_vector == vector
+
+
+def content_client(phase: str, url: str, file: Path) -> None:
+    """Run tests/js/content.mjs: real y-websocket clients writing every kind of Yjs content, or checking it."""
+    script = Path(__file__).parents[1] / "js" / "content.mjs"
+    proc = subprocess.run(["node", str(script), phase, url, ROOM, str(file)], capture_output=True, text=True,
+                          timeout=120, cwd=script.parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+async def test_every_kind_of_content_yjs_apps_write_is_relayed_and_stored(server, tmp_path):
+    # rich text, ProseMirror-style XML, binary, nested types, a subdocument, undo, a 1 MB paste, emoji cut in two
+    content_client("edit", server.ws_url, tmp_path / "doc.bin")
+    server.kill()
+    server.start()
+    content_client("check", server.ws_url, tmp_path / "doc.bin")
