@@ -132,8 +132,13 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
-        for update in updates:  # one by one: applying a merge of many small updates is far slower
-            self.doc = apply(self.doc, update, self._characters)
+        for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
+            try:
+                self.doc = apply(self.doc, update, self._characters)
+            except BaseException as exc:
+                if not _refusal(exc):
+                    raise
+                raise StorageError(f"stored update {number} of {len(updates)} cannot be applied: {exc}") from None
         self._subscription = self.doc.observe(self._observe)
         early, self._early = self._early, None
         for event in early or ():

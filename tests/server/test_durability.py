@@ -342,3 +342,21 @@ async def test_a_backup_taken_mid_burst_is_a_consistent_copy_a_server_can_serve(
     assert code == 2 and b"exists" in err  # never overwrites
     code, _, err = await run_backup(tmp_path / "none.db", tmp_path / "b2.db")
     assert code == 2 and b"no database at" in err and not (tmp_path / "none.db").exists()
+
+
+async def test_a_stored_document_yrs_cannot_read_is_refused_cleanly(server) -> None:
+    # e.g. one stored by an earlier version that yrs had left inconsistent: a clean 1011 and a log line, not an
+    # exception escaping into the ASGI server and an abnormal closure (1006)
+    server.stop()  # the store numbers log entries itself
+    with sqlite3.connect(server.db) as ext:
+        ext.execute("INSERT INTO updates (doc, ts, data) VALUES ('broken', 0, ?)", (b"\x01\x05\x07",))
+    server.start()
+    reader = await RawPeer.connect(f"{server.ws_url}/broken")
+    assert await reader.wait_closed() == (1011, "storage failure while loading the document")
+    assert "stored update 1 of 1 cannot be applied" in server.log()
+    assert "Exception in ASGI application" not in server.log()
+    answer = httpx.get(f"{server.http_url}/api/docs/broken/json")
+    assert answer.status_code == 503 and "cannot be applied" in answer.json()["error"]
+    other = await RawPeer.connect(f"{server.ws_url}/room")
+    await other.edit(lambda d: d.get("t", type=Text).insert(0, "fine"))
+    await other.sync()
