@@ -11,6 +11,10 @@
 // (with a short --idle-unload-seconds the room unloads and loads again meanwhile). SOAK_PAUSE=1: clients also
 // stop reading their socket for up to 2 s now and then, so the server queues (and merges) what they miss.
 //
+// SOAK_EMOJI=1: text inserts are also emoji (two UTF-16 units each, or four), at character boundaries.
+// SOAK_EMOJI=cut: at any UTF-16 position, so emoji are cut in two (surrogates.py); Yjs's own replicas can then
+// disagree with each other (README, "Where yrs and Yjs differ"), so a diverged room is not necessarily the server's.
+//
 // Watch the server's RSS (/proc/<pid>/status) and log meanwhile; finding 40 in README.md used it.
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
@@ -32,12 +36,18 @@ const end = Date.now() + SECS * 1000
 let ops = 0, reconnects = 0, apiEdits = 0, churns = 0, pauses = 0
 const CHURN = process.env.SOAK_CHURN === '1'
 const PAUSE = process.env.SOAK_PAUSE === '1'
+const EMOJI = process.env.SOAK_EMOJI
+const PIECES = EMOJI ? ['a', 'b', 'c', '😀', '👍🏽'] : ['a', 'b', 'c']
+const isHigh = (code) => code >= 0xD800 && code <= 0xDBFF
+// a UTF-16 position in `t`, moved off the middle of a character unless emoji are to be cut
+const position = (t, at) => EMOJI !== 'cut' && at > 0 && isHigh(t.toString().charCodeAt(at - 1)) ? at - 1 : at
+const width = (t, at) => EMOJI !== 'cut' && isHigh(t.toString().charCodeAt(at)) ? 2 : 1
 async function worker (c) {
   while (Date.now() < end) {
     const t = c.doc.getText('t'); const m = c.doc.getMap('m'); const a = c.doc.getArray('a')
     const x = rnd(100)
-    if (x < 50) t.insert(rnd(t.length + 1), 'abc'[rnd(3)])
-    else if (x < 60 && t.length > 0) t.delete(rnd(t.length), 1)
+    if (x < 50) t.insert(position(t, rnd(t.length + 1)), PIECES[rnd(PIECES.length)])
+    else if (x < 60 && t.length > 0) { const at = position(t, rnd(t.length)); t.delete(at, width(t, at)) }
     else if (x < 75) m.set('k' + rnd(20), rnd(1000))
     else if (x < 85) a.push([rnd(100)])
     else if (x < 95) c.provider.awareness.setLocalStateField('cursor', rnd(1000))
