@@ -80,12 +80,13 @@ class Characters:
             update, seconds = _replace(update, scan, cut_own), None
         if cut:
             state = doc.get_update()
-            fixed = _replace(state, _Scan(state, cuts=False), cut)
+            held = _Scan(state, cuts=False)
+            fixed = _replace(state, held, cut)
             if fixed is not state:
                 doc = Doc()
                 doc.apply_update(fixed)
                 self.seconds = {}
-                self.add(fixed)
+                self._note([point for point in held.seconds if point not in cut])
         return doc, update, seconds
 
 
