@@ -29,6 +29,7 @@ from collab_server.protocol import (
     sync_step2,
     sync_update,
 )
+from collab_server.surrogates import Characters, apply
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
 from client_py.store import LocalStore
@@ -104,7 +105,8 @@ class CollabClient:
         self.ssl = ssl
         self.url = f"{url.rstrip('/')}/{quote(room, safe='')}"
         self.room = room
-        self.doc: Doc = Doc()
+        self.doc: Doc = Doc()  # replaced when a peer cuts a character in two (collab_server/surrogates.py)
+        self._characters = Characters()
         self.awareness = Awareness(self.doc.client_id)
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
@@ -140,8 +142,7 @@ class CollabClient:
             self._store = LocalStore(self._store_path, self.room, self._compact_every)
             snapshot = self._store.load()
             if snapshot is not None:
-                with self.doc.transaction(origin=STORE):
-                    self.doc.apply_update(snapshot)
+                self.doc = apply(self.doc, snapshot, self._characters)
         self._subscription = self.doc.observe(self._on_update)
         self._task = asyncio.create_task(self._run(), name=f"collab-client {self.url}")
 
@@ -233,7 +234,20 @@ class CollabClient:
 
     # -- document side ------------------------------------------------------------------------------
 
+    def _prepare(self, update: bytes) -> bytes:
+        """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
+        its two UTF-16 units, as Yjs peers do (yrs alone would corrupt the document; collab_server/surrogates.py).
+        Read `client.doc` afresh after awaiting: a rebuild replaces it."""
+        doc, update = self._characters.prepare(self.doc, update)
+        if doc is not self.doc:
+            if self._subscription is not None:
+                self.doc.unobserve(self._subscription)
+                self._subscription = doc.observe(self._on_update)
+            self.doc = doc
+        return update
+
     def _on_update(self, event: TransactionEvent) -> None:
+        self._characters.add(event.update)
         origin = event.transaction.origin()
         if origin != hash(STORE):
             if self._store is not None:
@@ -344,8 +358,9 @@ class CollabClient:
                 link.outbox.put_nowait(sync_step2(self.doc.get_update(msg.payload)))
                 self._handshake_ask(link)
                 return
+            update = self._prepare(msg.payload)
             with self.doc.transaction(origin=REMOTE):
-                self.doc.apply_update(msg.payload)
+                self.doc.apply_update(update)
             if msg.kind == SyncType.STEP2 and link.awaiting:
                 self._step1_answered = link.awaiting.popleft()
                 link.synced = True

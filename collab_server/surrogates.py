@@ -83,7 +83,7 @@ class Characters:
             held = _Scan(state, cuts=False)
             fixed = _replace(state, held, cut)
             if fixed is not state:
-                doc = Doc()
+                doc = Doc(client_id=doc.client_id)  # its own later changes carry on its clock
                 doc.apply_update(fixed)
                 self.seconds = {}
                 self._note([point for point in held.seconds if point not in cut])

@@ -18,9 +18,12 @@ from websockets.exceptions import InvalidStatus
 from client_py import Backoff, CollabClient, DocumentDeleted, ServerClosed
 from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
-from collab_server.protocol import AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message
+from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message,
+                                    sync_update)
+from collab_server.surrogates import Characters
 from tests.client.refserver import RefServer
 from tests.client.relay import Relay
+from tests.rawclient import RawPeer, deletion
 from tests.serverproc import ROOT, ServerProcess, free_port
 
 FAST = Backoff(base=0.02, max=0.2)
@@ -284,3 +287,34 @@ async def test_unsent_edits_survive_sigkill(upstream: RefServer | ServerProcess,
     async with CollabClient(upstream.ws_url, name) as fresh:
         await fresh.synced()
         assert text(fresh) == "unsent edits"
+
+
+async def test_a_character_a_peer_cuts_in_two_is_cut_here_as_yjs_cuts_it(upstream: RefServer | ServerProcess,
+                                                                          tmp_path: Path) -> None:
+    # A Yjs peer deleting the second UTF-16 unit of an emoji: the client's document must become what Yjs
+    # holds (two U+FFFD, one deleted), encode whole, keep taking edits and reload the same from its store.
+    name, store = room(), tmp_path / "client.db"
+    async with CollabClient(upstream.ws_url, name, store=store) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "a😀b")
+        await client.flush()
+        characters = Characters()
+        characters.add(client.doc.get_update())
+        [(client_id, clocks)] = characters.seconds.items()
+        [clock] = clocks
+        cutter = await RawPeer.connect(f"{upstream.ws_url}/{name}")
+        await cutter.send(sync_update(deletion(client_id, clock)))
+        await client.wait_until(lambda: text(client) == "a\ufffdb")
+        again = Doc()
+        again.apply_update(client.doc.get_update())
+        assert str(again.get("t", type=Text)) == "a\ufffdb"
+        client.doc.get("t", type=Text).insert(0, "x")
+        await client.flush()
+        await cutter.close()
+    async with CollabClient(upstream.ws_url, name) as reader:
+        await reader.synced()
+        await reader.wait_until(lambda: text(reader) == "xa\ufffdb")
+    offline = CollabClient(f"ws://127.0.0.1:{free_port()}", name, store=store, backoff=FAST)
+    await offline.open()
+    assert text(offline) == "xa\ufffdb"
+    await offline.close()
