@@ -87,6 +87,9 @@ class Characters:
                 doc.apply_update(fixed)
                 self.seconds = {}
                 self._note([point for point in held.seconds if point not in cut])
+            else:  # those characters were deleted since: forget them, so the next cut there reads nothing
+                for client, clock in cut:
+                    self.seconds[client].discard(clock)
         return doc, update, seconds
 
 

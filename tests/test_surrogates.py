@@ -13,7 +13,7 @@ from pycrdt import Doc, Text
 
 from collab_server.storage.base import fold_updates
 from collab_server.surrogates import Characters, apply
-from tests.rawclient import state_vector
+from tests.rawclient import deletion, state_vector
 
 CUTS = Path(__file__).parent / "js" / "cuts.mjs"
 
@@ -76,3 +76,17 @@ def test_text_without_characters_beyond_the_bmp_is_left_alone() -> None:
     assert characters.prepare(doc, update) == (doc, update)
     assert apply(doc, update, characters) is doc
     assert not characters.seconds
+
+
+def test_a_cut_where_a_deleted_character_was_leaves_the_document_and_forgets_it() -> None:
+    doc, characters = Doc(), Characters()
+    text = doc.get("t", type=Text)
+    text.insert(0, "a😀b")
+    characters.add(doc.get_update())
+    [(client, clocks)] = characters.seconds.items()
+    [clock] = clocks
+    del text[1:5]  # the whole emoji (pycrdt counts UTF-8 bytes)
+    assert characters.prepare(doc, deletion(client, clock)) == (doc, deletion(client, clock))
+    assert (client, clock) not in characters
+    assert apply(doc, deletion(client, clock), characters) is doc
+    assert str(text) == "ab"
