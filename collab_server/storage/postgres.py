@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -61,6 +62,9 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
 """
+# what SCHEMA creates: when all of it is there, a starting node runs none of it (CREATE INDEX IF NOT EXISTS
+# locks its table before it finds the index, so a node starting while others commit deadlocked with them)
+SCHEMA_OBJECTS = re.findall(r"IF NOT EXISTS (\w+)", SCHEMA)
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
 NODE_LOCK = 0x6E6F6465  # advisory lock class, with the schema's hash: the nodes serving a schema (see _join)
@@ -96,7 +100,11 @@ class PostgresStore:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 if self.schema:
                     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
-                await conn.execute(SCHEMA)
+                present = await conn.fetchval(
+                    "SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+                    " AND relname = ANY($1::text[])", SCHEMA_OBJECTS)
+                if present < len(SCHEMA_OBJECTS):
+                    await conn.execute(SCHEMA)
             await self._join(settings)
         except Exception as exc:
             if self._pool is not None:

@@ -161,3 +161,21 @@ async def test_a_node_without_a_broker_is_alone_on_its_schema(postgres_dsn: str,
     await sole.close()
     await late.open()  # the sole node is gone
     await late.close()
+
+
+async def test_a_node_starts_while_others_hold_their_tables(postgres_dsn: str, pg_schema: str) -> None:
+    """A node (re)starting while others commit: `CREATE INDEX IF NOT EXISTS` locks its table before it finds the
+    index there, so it waited for every commit in flight and deadlocked with them (a rolling restart under load
+    failed with "deadlock detected"). With the tables in place, opening takes no lock on them."""
+    first = PostgresStore(postgres_dsn, schema=pg_schema)
+    await first.open()
+    writer = await asyncpg.connect(postgres_dsn, server_settings={"search_path": pg_schema})
+    try:
+        async with writer.transaction():  # as a commit in flight on another node holds them
+            await writer.execute("LOCK TABLE documents, updates, versions IN ROW EXCLUSIVE MODE")
+            second = PostgresStore(postgres_dsn, schema=pg_schema)
+            await asyncio.wait_for(second.open(), 5)
+            await second.close()
+    finally:
+        await writer.close()
+        await first.close()
