@@ -195,9 +195,11 @@ class RedisBroker:
                                        **{s.key: s.last_id for s in self._subs.values()}}
             try:
                 reply: Any = await self._reader_client.xread(streams, count=BATCH, block=self.block_ms)
-            except RedisError as exc:
-                if self._closing.is_set():
+            except Exception as exc:
+                if self._closing.is_set():  # cut off by close(); mid-connect, redis-py raises AttributeError
                     return
+                if not isinstance(exc, RedisError):
+                    raise
                 delay = next(backoff)
                 log.warning("redis read failed retry_in=%.1fs error=%s", delay, exc)
                 await self._pause(delay)

@@ -251,3 +251,25 @@ async def test_redis_down_fails_loudly() -> None:
     broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1.0)
     with pytest.raises(BrokerError, match="unreachable"):
         await broker.start()
+
+
+@pytest.mark.distributed
+async def test_a_reader_cut_off_mid_connect_by_close_ends_quietly(redis_url: str, redis_prefix: str) -> None:
+    # Seen when a node stopped right after starting (its port was taken): close() disconnected the reader while
+    # redis-py was still connecting, which raised AttributeError, not a RedisError; the task died with it and
+    # asyncio logged "Task exception was never retrieved".
+    broker = RedisBroker(redis_url, prefix=redis_prefix)
+    await broker.start()
+    assert broker._reader_client is not None
+    xread = broker._reader_client.xread
+
+    async def cut_off(*args, **kwargs):
+        await broker._closing.wait()
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")  # as redis-py raised it
+
+    broker._reader_client.xread = cut_off
+    await asyncio.sleep(0.05)  # the reader is in the patched XREAD
+    reader = broker._tasks[1]
+    await broker.close()
+    broker._reader_client.xread = xread
+    assert reader.done() and reader.exception() is None
