@@ -100,7 +100,15 @@ while (Date.now() < deadline) {
     const want = canon([sdoc.getText('t').toString(), sdoc.getMap('m').toJSON(), sdoc.getArray('a').toJSON(), sdoc.getMap('blocks').toJSON()])
     for (const c of cs) {
       const got = canon([c.doc.getText('t').toString(), c.doc.getMap('m').toJSON(), c.doc.getArray('a').toJSON(), c.doc.getMap('blocks').toJSON()])
-      if (got !== want) bad.push(`soak-${r}`)
+      if (got !== want) {
+        bad.push(`soak-${r}`)
+        if (Date.now() > deadline - 600) { // the last round: say where the first difference is
+          const [w, g] = [[...want], [...got]]
+          const at = w.findIndex((ch, i) => ch !== g[i])
+          const around = (chars) => JSON.stringify(chars.slice(Math.max(0, at - 30), at + 30).join(''))
+          console.error(`soak-${r}: client ${c.doc.clientID} differs at ${at} of ${w.length}/${g.length}: server ${around(w)} client ${around(g)}`)
+        }
+      }
     }
   }
   if (bad.length === 0) break
