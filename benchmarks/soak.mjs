@@ -107,6 +107,11 @@ while (Date.now() < deadline) {
           const at = w.findIndex((ch, i) => ch !== g[i])
           const around = (chars) => JSON.stringify(chars.slice(Math.max(0, at - 30), at + 30).join(''))
           console.error(`soak-${r}: client ${c.doc.clientID} differs at ${at} of ${w.length}/${g.length}: server ${around(w)} client ${around(g)}`)
+          if (process.env.SOAK_DUMP) { // both documents, to look at their items
+            const fs = await import('node:fs')
+            fs.writeFileSync(`${process.env.SOAK_DUMP}/soak-${r}-server.bin`, Y.encodeStateAsUpdate(sdoc))
+            fs.writeFileSync(`${process.env.SOAK_DUMP}/soak-${r}-client-${c.doc.clientID}.bin`, Y.encodeStateAsUpdate(c.doc))
+          }
         }
       }
     }
