@@ -18,7 +18,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.storage import StorageError, Store
-from collab_server.surrogates import Characters, apply
+from collab_server.surrogates import Characters, apply, merge_safely
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
@@ -360,9 +360,10 @@ class Room:
         arrived) and broadcast it here; returns whether anything was missing."""
         if not updates or self._early is not None:
             return False
-        missing = self._prepare(get_update(merge_all(updates), self.doc.get_state()))
-        with self.doc.transaction(origin="broker"):
-            self.doc.apply_update(missing)
+        for update in merge_safely(updates):
+            missing = self._prepare(get_update(update, self.doc.get_state()))
+            with self.doc.transaction(origin="broker"):
+                self.doc.apply_update(missing)
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
@@ -398,8 +399,8 @@ class Room:
 
     def _flush_outbox(self) -> None:
         updates, self._outbox = self._outbox, []
-        if updates:
-            self._fan_out(p.sync_update(merge_all(updates)))
+        for update in merge_safely(updates):
+            self._fan_out(p.sync_update(update))
             self.metrics.updates_broadcast.inc(len(self.connections))
 
     def _flush_awareness(self) -> None:

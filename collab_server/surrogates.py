@@ -18,6 +18,7 @@ import re
 
 from pycrdt import Doc
 
+from collab_server.merge import merge_all
 from collab_server.protocol import ProtocolError, write_varuint
 from collab_server.updatecheck import Walk
 
@@ -102,6 +103,16 @@ def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
     else:
         characters._note(seconds)
     return doc
+
+
+def merge_safely(updates: list[bytes]) -> list[bytes]:
+    """`updates` merged into one, or as they are if one may hold a character beyond the BMP: yrs's merge slices
+    updates that hold the same clocks at each other's item boundaries, and the same character may be whole in
+    one (a node's write) and cut in two in another (a catch-up, a client's copy, another node's row), which
+    would cut it as yrs does, outside any document."""
+    if len(updates) <= 1 or any(_beyond_bmp(update) for update in updates):
+        return updates
+    return [merge_all(updates)]
 
 
 def _replace(data: bytes, scan: _Scan, seconds: set[Point]) -> bytes:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pycrdt import Doc, Text
+from pycrdt import Doc, Text, merge_updates
 
 from collab_server.storage.base import fold_updates
-from collab_server.surrogates import Characters, apply
+from collab_server.surrogates import Characters, apply, merge_safely
 from tests.rawclient import deletion, state_vector
 
 CUTS = Path(__file__).parent / "js" / "cuts.mjs"
@@ -90,3 +90,26 @@ def test_a_cut_where_a_deleted_character_was_leaves_the_document_and_forgets_it(
     assert (client, clock) not in characters
     assert apply(doc, deletion(client, clock), characters) is doc
     assert str(text) == "ab"
+
+
+def test_updates_holding_a_character_whole_and_cut_are_relayed_unmerged() -> None:
+    # The same clocks, as a node's write holds them (the emoji whole) and as a catch-up or a client's copy holds
+    # them after a cut (two items). yrs's merge slices one at the other's item boundaries, inside the emoji.
+    source = Doc(client_id=7)
+    source.get("t", type=Text).insert(0, "X😀Y")
+    whole = source.get_update()
+    doc, characters = Doc(client_id=9), Characters()
+    for update in (whole, deletion(7, 2)):
+        doc = apply(doc, update, characters)
+    cut = doc.get_update()
+    merged = Doc()
+    merged.apply_update(merge_updates(whole, cut))
+    assert str(merged.get("t", type=Text)) != "X\ufffdY"  # what merging them would have relayed
+
+    assert merge_safely([whole, cut]) == [whole, cut]
+    doc, characters = Doc(), Characters()
+    for update in merge_safely([whole, cut]):
+        doc = apply(doc, update, characters)
+    assert str(doc.get("t", type=Text)) == "X\ufffdY"
+    plain = [deletion(7, 0), deletion(7, 3)]
+    assert merge_safely(plain) == [merge_updates(*plain)]
