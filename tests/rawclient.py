@@ -10,6 +10,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from collab_server import protocol as p
+from collab_server.surrogates import Characters
 
 
 class RawPeer:
@@ -108,6 +109,15 @@ def state_vector(doc: Doc) -> dict[int, int]:
     reader = p.Reader(doc.get_state())
     clocks = dict((reader.varuint(), reader.varuint()) for _ in range(reader.varuint()))
     return {client: clock for client, clock in clocks.items() if clock}
+
+
+def second_unit(doc: Doc) -> tuple[int, int]:
+    """(client, clock) of the second UTF-16 unit of the one character beyond the BMP in `doc`'s text."""
+    characters = Characters()
+    characters.add(doc.get_update())
+    [(client, clocks)] = characters.seconds.items()
+    [clock] = clocks
+    return client, clock
 
 
 def deletion(client: int, clock: int, length: int = 1) -> bytes:

@@ -20,10 +20,9 @@ from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message,
                                     sync_update)
-from collab_server.surrogates import Characters
 from tests.client.refserver import RefServer
 from tests.client.relay import Relay
-from tests.rawclient import RawPeer, deletion
+from tests.rawclient import RawPeer, deletion, second_unit
 from tests.serverproc import ROOT, ServerProcess, free_port
 
 FAST = Backoff(base=0.02, max=0.2)
@@ -298,12 +297,8 @@ async def test_a_character_a_peer_cuts_in_two_is_cut_here_as_yjs_cuts_it(upstrea
         await client.synced()
         client.doc.get("t", type=Text).insert(0, "a😀b")
         await client.flush()
-        characters = Characters()
-        characters.add(client.doc.get_update())
-        [(client_id, clocks)] = characters.seconds.items()
-        [clock] = clocks
         cutter = await RawPeer.connect(f"{upstream.ws_url}/{name}")
-        await cutter.send(sync_update(deletion(client_id, clock)))
+        await cutter.send(sync_update(deletion(*second_unit(client.doc))))
         await client.wait_until(lambda: text(client) == "a\ufffdb")
         again = Doc()
         again.apply_update(client.doc.get_update())

@@ -16,7 +16,7 @@ from collab_server import protocol as p
 from collab_server.model import blocks_to_json
 from collab_server.surrogates import Characters, apply
 from tests.distributed.cluster import Cluster
-from tests.rawclient import RawPeer, deletion, text_updates
+from tests.rawclient import RawPeer, deletion, second_unit, text_updates
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.distributed
@@ -194,11 +194,7 @@ async def test_a_character_cut_on_one_node_is_cut_on_the_other(cluster: Cluster)
     alice, bob = await peer_on_each(cluster, a, b)
     await alice.edit(lambda d: d.get("t", type=Text).insert(0, "a😀b"))
     await bob.wait_for(lambda: text(bob.doc) == "a😀b")  # node b has the room loaded
-    characters = Characters()
-    characters.add(alice.doc.get_update())
-    [(client, clocks)] = characters.seconds.items()
-    [clock] = clocks
-    await alice.send(p.sync_update(deletion(client, clock)))  # the emoji's second UTF-16 unit
+    await alice.send(p.sync_update(deletion(*second_unit(alice.doc))))  # the emoji's second UTF-16 unit
     await bob.wait_for(lambda: text(bob.doc) != "a😀b", 20)  # node b relayed the deletion
     late = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")
     await late.sync()

@@ -5,8 +5,7 @@ from pycrdt import Array, Map
 
 from collab_server import protocol as p
 from collab_server.model import add_index_entry, create_block, resolved_status, set_status
-from collab_server.surrogates import Characters
-from tests.rawclient import RawPeer, deletion
+from tests.rawclient import RawPeer, deletion, second_unit
 
 
 def materialised(peer: RawPeer) -> str | None:
@@ -62,12 +61,8 @@ async def test_statuses_still_resolve_after_the_room_rebuilds_its_document(serve
     bob = await RawPeer.connect(f"{server.ws_url}/emoji", client_id=1000)
     await alice.edit(lambda d: (create_block(d, "b1", "paragraph", "a😀b"), add_index_entry(d, "b1", "search")))
     await bob.wait_for(lambda: resolved_status(bob.doc, "b1", "search") == "notStarted")
-    characters = Characters()
-    characters.add(alice.doc.get_update())
-    [(client, clocks)] = characters.seconds.items()
-    [clock] = clocks
     carol = await RawPeer.connect(f"{server.ws_url}/emoji")
-    await carol.send(p.sync_update(deletion(client, clock)))
+    await carol.send(p.sync_update(deletion(*second_unit(alice.doc))))
 
     done = alice.edit_offline(lambda d: set_status(d, "b1", "search", "done"))
     error = bob.edit_offline(lambda d: set_status(d, "b1", "search", "error"))
