@@ -29,6 +29,7 @@ from collab_server.protocol import (
     sync_step2,
     sync_update,
 )
+from collab_server.heldback import Held
 from collab_server.surrogates import Characters, apply
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
@@ -107,6 +108,7 @@ class CollabClient:
         self.room = room
         self.doc: Doc = Doc()  # replaced when a peer cuts a character in two (collab_server/surrogates.py)
         self._characters = Characters()
+        self._held = Held()  # what the document holds back of the server's updates (collab_server/heldback.py)
         self.awareness = Awareness(self.doc.client_id)
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
@@ -238,8 +240,9 @@ class CollabClient:
         """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
         its two UTF-16 units, as Yjs peers do (yrs alone would corrupt the document; collab_server/surrogates.py).
         Read `client.doc` afresh after awaiting: a rebuild replaces it."""
-        doc, update = self._characters.prepare(self.doc, update)
+        doc, update = self._characters.prepare(self.doc, update, self._held.updates)
         if doc is not self.doc:
+            self._held.give(doc)  # a document built from a state holds nothing back
             if self._subscription is not None:
                 self.doc.unobserve(self._subscription)
                 self._subscription = doc.observe(self._on_update)
@@ -361,6 +364,8 @@ class CollabClient:
             update = self._prepare(msg.payload)
             with self.doc.transaction(origin=REMOTE):
                 self.doc.apply_update(update)
+                self._held.give(self.doc)
+            self._held.note(self.doc, update)
             if msg.kind == SyncType.STEP2 and link.awaiting:
                 self._step1_answered = link.awaiting.popleft()
                 link.synced = True

@@ -14,6 +14,7 @@ from pycrdt import Doc, TransactionEvent, get_update
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
+from collab_server.heldback import Held
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
@@ -110,6 +111,7 @@ class Room:
         self._on_discard = on_discard
         self._observed: list[bytes] = []
         self._characters = Characters()
+        self._held = Held()  # what the document holds back of applied updates
         self._subscription = None
         self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
         self._write: _Write | None = None  # the latest submitted write, open while the store has not taken it
@@ -224,6 +226,7 @@ class Room:
             with self.doc.transaction(origin=origin):
                 try:
                     self.doc.apply_update(update)
+                    self._held.give(self.doc)
                 except BaseException as exc:
                     if not _refusal(exc):
                         raise
@@ -231,6 +234,12 @@ class Room:
         except Exception:  # an observer failed after the update was applied: keep going, it must be stored
             self.metrics.errors.labels("observer").inc()
             log.exception("observer failed room=%s", self.name)
+        # yrs re-encodes what it integrates: the same bytes, unless it held something back, integrated something
+        # held back before, or ordered a JSON object's keys otherwise
+        if refused is None and self._observed != [update]:
+            rest = self._held.note(self.doc, update)
+            if rest is not None:  # stored and relayed with the rest: this document alone would lose it
+                self._observed.append(rest)
         self._run_hooks()
         # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
         self._persist(origin if isinstance(origin, Connection) else None)
@@ -276,9 +285,10 @@ class Room:
     def _prepare(self, update: bytes) -> bytes:
         """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
         its two UTF-16 units (see surrogates.py)."""
-        doc, update = self._characters.prepare(self.doc, update)
+        doc, update = self._characters.prepare(self.doc, update, self._held.updates)
         if doc is not self.doc:
             log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
+            self._held.give(doc)  # a document built from a state holds nothing back
             if self._subscription is not None:
                 self.doc.unobserve(self._subscription)
                 self._subscription = doc.observe(self._observe)
@@ -364,6 +374,8 @@ class Room:
             missing = self._prepare(get_update(update, self.doc.get_state()))
             with self.doc.transaction(origin="broker"):
                 self.doc.apply_update(missing)
+                self._held.give(self.doc)
+            self._held.note(self.doc, missing)
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
@@ -382,7 +394,13 @@ class Room:
                 update = self._prepare(payload)
                 with self.doc.transaction(origin="broker"):
                     self.doc.apply_update(update)
-                self._observed.clear()
+                    self._held.give(self.doc)
+                integrated, self._observed = self._observed, []
+                if integrated != [update]:  # more or less than it: relay what local clients may lack
+                    rest = self._held.note(self.doc, update)
+                    for part in integrated if rest is None else [*integrated, rest]:
+                        self._relay(part)
+                    return
             self._relay(payload)
         else:
             if not local:

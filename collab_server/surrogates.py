@@ -61,21 +61,26 @@ class Characters:
                 clocks = self.seconds[client] = set()
             clocks.add(clock)
 
-    def prepare(self, doc: Doc, update: bytes) -> tuple[Doc, bytes]:
+    def prepare(self, doc: Doc, update: bytes, held: list[bytes] | None = None) -> tuple[Doc, bytes]:
         """The document and the update to apply instead of `doc` and `update`, so that yrs cuts no character:
         the same two unless the update cuts one. A character of the document it cuts is replaced in a new
-        document built from `doc`'s state; one of its own text, in a copy of the update."""
-        doc, update, _ = self._prepare(doc, update)
+        document built from `doc`'s state; one of its own text, in a copy of the update. `held`: what `doc`
+        holds back of earlier updates (heldback.py), which integrates with this one and may cut its text."""
+        doc, update, _ = self._prepare(doc, update, held)
         return doc, update
 
-    def _prepare(self, doc: Doc, update: bytes) -> tuple[Doc, bytes, list[Point] | None]:
+    def _prepare(self, doc: Doc, update: bytes,
+                 held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
         """As `prepare`, and the characters of the update returned if they were read (None if not)."""
         if not self.seconds and not _beyond_bmp(update):
             return doc, update, []
         scan = _Scan(update)
+        cuts = scan.cuts
+        for rest in held or ():
+            cuts = cuts + _Scan(rest).cuts
         own = set(scan.seconds)
-        cut = {point for point in scan.cuts if point in self}
-        cut_own = own.intersection(scan.cuts)
+        cut = {point for point in cuts if point in self}
+        cut_own = own.intersection(cuts)
         seconds: list[Point] | None = scan.seconds
         if cut_own:
             update, seconds = _replace(update, scan, cut_own), None

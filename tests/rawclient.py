@@ -124,3 +124,27 @@ def deletion(client: int, clock: int, length: int = 1) -> bytes:
     """The update a Yjs client sends deleting `length` units from (`client`, `clock`): no structs, one range in
     its delete set. pycrdt cannot make one that cuts a character between its two UTF-16 units."""
     return b"\x00\x01" + p.write_varuint(client) + b"\x01" + p.write_varuint(clock) + p.write_varuint(length)
+
+
+def two_waiting_on_one() -> tuple[list[bytes], list[bytes], bytes, str]:
+    """Two writers' changes of which two wait on the same change `a0`: writer B types "b", then "c" before it;
+    writer A, not having heard of B, types "a"; A hears of B and types "d" at the start (a1, after a gap in A's
+    clocks until a0); B hears of A and types "e" between "b" and "a" (b2, next to a0). Returns B's first two
+    changes, the two that wait on a0 (b2, a1), a0, and the text of all of them."""
+    from pycrdt import Text
+
+    a, b = Doc(client_id=3), Doc(client_id=1)
+    made: dict[int, list[bytes]] = {3: [], 1: []}
+    for doc in (a, b):
+        doc.observe(lambda event, doc=doc: made[doc.client_id].append(event.update))
+    text_a, text_b = a.get("t", type=Text), b.get("t", type=Text)
+    text_b.insert(0, "b")
+    text_b.insert(0, "c")
+    text_a.insert(0, "a")
+    a.apply_update(b.get_update(a.get_state()))
+    text_a.insert(0, "d")
+    b.apply_update(a.get_update(b.get_state()))
+    text_b.insert(3, "e")
+    a0, _, a1 = made[3]
+    b0, b1, _, b2 = made[1]
+    return [b0, b1], [b2, a1], a0, str(text_b)

@@ -12,7 +12,7 @@ from typing import Protocol
 from pycrdt import Doc, get_update
 
 from collab_server.merge import merge_all
-from collab_server.protocol import Reader
+from collab_server.heldback import clocks, lacking
 from collab_server.storage.health import CommitHealth
 from collab_server.surrogates import Characters, apply
 
@@ -46,11 +46,11 @@ def fold_updates(updates: list[bytes]) -> bytes:
         doc = apply(doc, update, characters)
         turn.offer()
     state = doc.get_state()
-    clocks = _clocks(state)
+    known = clocks(state)
     pending = []
     for update in checked:
         rest = get_update(update, state)  # what the document lacks, plus the update's whole delete set
-        if _lacking(rest, clocks):
+        if lacking(rest, known):
             pending.append(rest)
         turn.offer()
     folded = doc.get_update()
@@ -67,27 +67,6 @@ class _GilTurn:
         if time.perf_counter() >= self.ends:
             time.sleep(0)
             self.ends = time.perf_counter() + GIL_TURN
-
-
-def _clocks(state: bytes) -> dict[int, int]:
-    """A v1 state vector as {client: next clock}."""
-    reader = Reader(state)
-    return {reader.varuint(): reader.varuint() for _ in range(reader.varuint())}
-
-
-def _lacking(diff: bytes, clocks: dict[int, int]) -> bool:
-    """Whether a v1 update diffed against a document's state holds something the document lacks: structs it
-    could not integrate, or deletions of items it does not have (the others it has applied already)."""
-    reader = Reader(diff)
-    if reader.varuint():  # clients with structs beyond the state
-        return True
-    for _ in range(reader.varuint()):  # delete set: client, ranges of (clock, length)
-        client = reader.varuint()
-        for _ in range(reader.varuint()):
-            clock, length = reader.varuint(), reader.varuint()
-            if clock + length > clocks.get(client, 0):
-                return True
-    return False
 
 
 class StorageError(RuntimeError):

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pycrdt import Doc, Text
+from pycrdt import Doc, Text, merge_updates
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 
 from client_py import Backoff, CollabClient, DocumentDeleted, ServerClosed
 from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message,
-                                    sync_update)
+                                    sync_step1, sync_step2, sync_update)
 from tests.client.refserver import RefServer
 from tests.client.relay import Relay
-from tests.rawclient import RawPeer, deletion, second_unit
+from tests.rawclient import RawPeer, deletion, second_unit, two_waiting_on_one
 from tests.serverproc import ROOT, ServerProcess, free_port
 
 FAST = Backoff(base=0.02, max=0.2)
@@ -313,3 +314,26 @@ async def test_a_character_a_peer_cuts_in_two_is_cut_here_as_yjs_cuts_it(upstrea
     await offline.open()
     assert text(offline) == "xa\ufffdb"
     await offline.close()
+
+
+async def test_changes_sent_before_the_change_they_wait_on_all_integrate() -> None:
+    """A server that relays peers' changes as they come, two of them before a change both build on: yrs alone
+    integrates one of the two when it comes and drops the other (collab_server/heldback.py)."""
+    before, waiting, awaited, want = two_waiting_on_one()
+
+    async def scripted(ws: ServerConnection) -> None:
+        await ws.send(sync_step1(b"\x00"))
+        async for frame in ws:
+            msg = decode_message(frame)
+            if isinstance(msg, SyncMessage) and msg.kind == SyncType.STEP1:
+                await ws.send(sync_step2(merge_updates(*before)))
+                for update in [*waiting, awaited]:
+                    await ws.send(sync_update(update))
+
+    async with serve(scripted, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with CollabClient(f"ws://127.0.0.1:{port}", room()) as client:
+            await client.wait_until(lambda: text(client) == want)
+            again = Doc()
+            again.apply_update(client.doc.get_update())
+            assert str(again.get("t", type=Text)) == want

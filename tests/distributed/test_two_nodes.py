@@ -48,6 +48,10 @@ async def send_all(peer: RawPeer, updates: list[bytes]) -> None:
         return
 
 
+def updates_received(peer: RawPeer) -> list[p.SyncMessage]:
+    return [m for m in peer.messages if isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE]
+
+
 async def peer_on_each(cluster: Cluster, a: ServerProcess, b: ServerProcess) -> tuple[RawPeer, RawPeer]:
     """A peer on node `a` and one on node `b`, both in the test's room and synced."""
     on_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
@@ -203,3 +207,33 @@ async def test_a_character_cut_on_one_node_is_cut_on_the_other(cluster: Cluster)
     for update in await cluster.stored_updates():
         doc = apply(doc, update, characters)
     assert text(doc) == "a\ufffdb"
+
+
+async def test_a_change_that_waits_for_another_nodes_change_is_stored_and_reaches_everyone(cluster: Cluster) -> None:
+    """A client's change whose causal dependency node a does not have yet (it was made on top of a change that
+    reaches node b later): yrs holds it back, emits nothing, and integrates it when the dependency comes through
+    the broker. It must still be stored, and relayed to every client of both nodes."""
+    a, b = cluster.start_node("a"), cluster.start_node("b")
+    alice, bob = await peer_on_each(cluster, a, b)
+    origin = Doc()
+    origin_updates: list[bytes] = []
+    subscription = origin.observe(lambda event: origin_updates.append(event.update))
+    origin.get("t", type=Text).insert(0, "ab")
+    origin.get("t", type=Text).insert(1, "X")
+    origin.unobserve(subscription)
+    first, later = origin_updates
+    carol = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    await carol.sync()
+    relayed = len(updates_received(alice))
+    await carol.send(p.sync_update(later))  # node a cannot integrate it yet
+    await alice.wait_for(lambda: len(updates_received(alice)) > relayed)  # committed and relayed as it is
+    dave = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")  # syncs a document that holds it back
+    await dave.sync()
+    await bob.send(p.sync_update(first))
+    for peer in (alice, bob, carol, dave):
+        await peer.wait_for(lambda peer=peer: text(peer.doc) == "aXb", 20)
+    assert text(rebuild(await cluster.stored_updates())) == "aXb"
+    for node in (a, b):
+        late = await RawPeer.connect(f"{node.ws_url}/{cluster.room}")
+        await late.sync()
+        assert text(late.doc) == "aXb"

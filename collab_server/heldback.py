@@ -1,0 +1,72 @@
+"""Changes yrs holds back until their causal dependencies arrive.
+
+An update can refer to items a document does not have yet: a client's change made on top of another node's change
+that has not come through the broker, a log row committed before the row it builds on. yrs keeps such structs (and
+deletions of unknown items) aside and integrates them when the dependencies arrive, but it reports nothing when it
+holds them back, nothing of theirs is in `Doc.get_update()`, and a document rebuilt from its state loses them.
+"""
+
+from __future__ import annotations
+
+from pycrdt import Doc, get_update
+
+from collab_server.protocol import Reader
+
+
+def clocks(state: bytes) -> dict[int, int]:
+    """A v1 state vector as {client: next clock}."""
+    reader = Reader(state)
+    return {reader.varuint(): reader.varuint() for _ in range(reader.varuint())}
+
+
+def lacking(diff: bytes, known: dict[int, int]) -> bool:
+    """Whether a v1 update diffed against a document's state holds something the document lacks: structs it
+    could not integrate, or deletions of items it does not have (the others it has applied already)."""
+    reader = Reader(diff)
+    if reader.varuint():  # clients with structs beyond the state
+        return True
+    for _ in range(reader.varuint()):  # delete set: client, ranges of (clock, length)
+        client = reader.varuint()
+        for _ in range(reader.varuint()):
+            clock, length = reader.varuint(), reader.varuint()
+            if clock + length > known.get(client, 0):
+                return True
+    return False
+
+
+def held_back(doc: Doc, update: bytes) -> bytes | None:
+    """What of `update`, applied to `doc`, the document holds back, as an update (with the update's whole delete
+    set); None if it integrated everything."""
+    state = doc.get_state()
+    rest = get_update(update, state)
+    return rest if lacking(rest, clocks(state)) else None
+
+
+class Held:
+    """What a document holds back of the updates applied to it, to give it again: to a document rebuilt from its
+    state, and whenever the document changes, since yrs (0.28), given two held-back changes that wait on the same
+    change, integrates one of them when it comes and drops the other."""
+
+    __slots__ = ("updates",)
+
+    def __init__(self) -> None:
+        self.updates: list[bytes] = []
+
+    def give(self, doc: Doc) -> None:
+        """Apply what is held back to `doc` again, until it integrates no more of it (call inside the transaction
+        that applies an update, so that what integrates is reported with it)."""
+        while self.updates:
+            state = doc.get_state()
+            for update in self.updates:
+                doc.apply_update(update)
+            if doc.get_state() == state:
+                return
+
+    def note(self, doc: Doc, update: bytes) -> bytes | None:
+        """Note what `doc` holds back of `update`, just applied, and forget what it no longer holds back of earlier
+        updates; returns what it holds back of `update` (None if nothing)."""
+        self.updates = [rest for rest in (held_back(doc, held) for held in self.updates) if rest is not None]
+        rest = held_back(doc, update)
+        if rest is not None:
+            self.updates.append(rest)
+        return rest
