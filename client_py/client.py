@@ -109,6 +109,7 @@ class CollabClient:
         self.doc: Doc = Doc()  # replaced when a peer cuts a character in two (collab_server/surrogates.py)
         self._characters = Characters()
         self._held = Held()  # what the document holds back of the server's updates (collab_server/heldback.py)
+        self._reported: list[bytes] = []  # what the document reported applying of the server's latest update
         self.awareness = Awareness(self.doc.client_id)
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
@@ -252,6 +253,8 @@ class CollabClient:
     def _on_update(self, event: TransactionEvent) -> None:
         self._characters.add(event.update)
         origin = event.transaction.origin()
+        if origin == hash(REMOTE):
+            self._reported.append(event.update)
         if origin != hash(STORE):
             if self._store is not None:
                 self._store.append(event.update)
@@ -362,10 +365,12 @@ class CollabClient:
                 self._handshake_ask(link)
                 return
             update = self._prepare(msg.payload)
+            self._reported = []
             with self.doc.transaction(origin=REMOTE):
                 self.doc.apply_update(update)
                 self._held.give(self.doc)
-            self._held.note(self.doc, update)
+            if not self._held.whole(self._reported, update):
+                self._held.note(self.doc, update)
             if msg.kind == SyncType.STEP2 and link.awaiting:
                 self._step1_answered = link.awaiting.popleft()
                 link.synced = True

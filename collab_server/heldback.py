@@ -62,6 +62,12 @@ class Held:
             if doc.get_state() == state:
                 return
 
+    def whole(self, reported: list[bytes], update: bytes) -> bool:
+        """Whether a document holding nothing back reported `update`, just applied, as applied whole: yrs reports
+        what it integrates in one update of the same length (the same bytes, but for the order of a JSON object's
+        keys); holding something back makes it shorter. Where this says no, `note` tells."""
+        return not self.updates and len(reported) == 1 and len(reported[0]) == len(update)
+
     def note(self, doc: Doc, update: bytes) -> bytes | None:
         """Note what `doc` holds back of `update`, just applied, and forget what it no longer holds back of earlier
         updates; returns what it holds back of `update` (None if nothing)."""

@@ -134,13 +134,23 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
+        applied: list[bytes] = []  # what the document reports for each entry
+        watched, subscription = self.doc, self.doc.observe(lambda event: applied.append(event.update))
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
+            applied.clear()
             try:
-                self.doc = apply(self.doc, update, self._characters)
+                self.doc = apply(self.doc, update, self._characters, self._held.updates)
             except BaseException as exc:
                 if not _refusal(exc):
                     raise
                 raise StorageError(f"stored update {number} of {len(updates)} cannot be applied: {exc}") from None
+            if self.doc is not watched:  # rebuilt (surrogates.py): given what the old one held back at the end
+                watched.unobserve(subscription)
+                watched, subscription = self.doc, self.doc.observe(lambda event: applied.append(event.update))
+            if not self._held.whole(applied, update):
+                self._held.note(self.doc, update)
+        watched.unobserve(subscription)
+        self._held.give(self.doc)
         self._subscription = self.doc.observe(self._observe)
         early, self._early = self._early, None
         for event in early or ():
@@ -234,9 +244,7 @@ class Room:
         except Exception:  # an observer failed after the update was applied: keep going, it must be stored
             self.metrics.errors.labels("observer").inc()
             log.exception("observer failed room=%s", self.name)
-        # yrs re-encodes what it integrates: the same bytes, unless it held something back, integrated something
-        # held back before, or ordered a JSON object's keys otherwise
-        if refused is None and self._observed != [update]:
+        if refused is None and not self._held.whole(self._observed, update):
             rest = self._held.note(self.doc, update)
             if rest is not None:  # stored and relayed with the rest: this document alone would lose it
                 self._observed.append(rest)
@@ -396,7 +404,7 @@ class Room:
                     self.doc.apply_update(update)
                     self._held.give(self.doc)
                 integrated, self._observed = self._observed, []
-                if integrated != [update]:  # more or less than it: relay what local clients may lack
+                if not self._held.whole(integrated, update):  # more or less than it: relay what clients may lack
                     rest = self._held.note(self.doc, update)
                     for part in integrated if rest is None else [*integrated, rest]:
                         self._relay(part)

@@ -99,9 +99,10 @@ class Characters:
         return doc, update, seconds
 
 
-def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
-    """Apply `update` to `doc` or, where it cuts a character, to a rebuilt document; returns the one applied."""
-    doc, update, seconds = characters._prepare(doc, update)
+def apply(doc: Doc, update: bytes, characters: Characters, held: list[bytes] | None = None) -> Doc:
+    """Apply `update` to `doc` or, where it cuts a character, to a rebuilt document; returns the one applied.
+    `held`: as for `Characters.prepare` (a rebuilt document is not given it)."""
+    doc, update, seconds = characters._prepare(doc, update, held)
     doc.apply_update(update)
     if seconds is None:
         characters.add(update)

@@ -230,3 +230,22 @@ async def _deliver(path: Path, order: list[tuple[int, bytes]], from_node: dict[i
         await client.close()
         await room.close()
         await store.close()
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["log", "checkpoint"])
+async def test_a_load_integrates_stored_changes_that_wait_on_a_later_entry(tmp_path: Path, compacted: bool) -> None:
+    """A log holding two changes that wait on the same change before it (content a client got from another tab,
+    whose own connection sent it later), in log entries or carried in a checkpoint: the loaded room holds it all."""
+    before, waiting, awaited, want = two_waiting_on_one()
+    store = SQLiteStore(str(tmp_path / "log.db"))
+    await store.open()
+    for update in [*before, *waiting]:
+        await store.submit("doc", update)
+    if compacted:
+        await store.compact("doc")
+    await store.submit("doc", awaited)
+    room = Room("doc", store, LocalBroker(), Metrics())
+    await room.load()
+    assert str(room.doc.get("t", type=Text)) == want
+    await room.close()
+    await store.close()
