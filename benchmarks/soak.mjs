@@ -95,8 +95,11 @@ while (Date.now() < deadline) {
   bad = []
   for (let r = 0; r < ROOMS; r++) {
     const cs = clients.filter(c => c.room === `soak-${r}`)
-    const res = await fetch(`${https[r % https.length]}/api/docs/soak-${r}/update`)
-    const sdoc = new Y.Doc(); Y.applyUpdate(sdoc, new Uint8Array(await res.arrayBuffer()))
+    let body
+    try { // a pooled connection to a node killed meanwhile fails once: the next round asks again
+      body = await (await fetch(`${https[r % https.length]}/api/docs/soak-${r}/update`)).arrayBuffer()
+    } catch (e) { console.error('api error', e.message); bad.push(`soak-${r}`); continue }
+    const sdoc = new Y.Doc(); Y.applyUpdate(sdoc, new Uint8Array(body))
     const want = canon([sdoc.getText('t').toString(), sdoc.getMap('m').toJSON(), sdoc.getArray('a').toJSON(), sdoc.getMap('blocks').toJSON()])
     for (const c of cs) {
       const got = canon([c.doc.getText('t').toString(), c.doc.getMap('m').toJSON(), c.doc.getArray('a').toJSON(), c.doc.getMap('blocks').toJSON()])
