@@ -135,7 +135,11 @@ class Room:
         await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
         applied: list[bytes] = []  # what the document reports for each entry
-        watched, subscription = self.doc, self.doc.observe(lambda event: applied.append(event.update))
+
+        def report(event: TransactionEvent) -> None:
+            applied.append(event.update)
+
+        watched, subscription = self.doc, self.doc.observe(report)
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
             applied.clear()
             try:
@@ -146,7 +150,7 @@ class Room:
                 raise StorageError(f"stored update {number} of {len(updates)} cannot be applied: {exc}") from None
             if self.doc is not watched:  # rebuilt (surrogates.py): given what the old one held back at the end
                 watched.unobserve(subscription)
-                watched, subscription = self.doc, self.doc.observe(lambda event: applied.append(event.update))
+                watched, subscription = self.doc, self.doc.observe(report)
             if not self._held.whole(applied, update):
                 self._held.note(self.doc, update)
         watched.unobserve(subscription)
