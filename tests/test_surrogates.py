@@ -112,3 +112,11 @@ def test_updates_holding_a_character_whole_and_cut_are_relayed_unmerged() -> Non
     assert str(doc.get("t", type=Text)) == "X\ufffdY"
     plain = [deletion(7, 0), deletion(7, 3)]
     assert merge_safely(plain) == [merge_updates(*plain)]
+    # a byte that could lead a 4-byte character, in a client id's varint (0xF0 0x01), is not text
+    ascii_ = Doc(client_id=0xF0)
+    edits: list[bytes] = []
+    ascii_.observe(lambda event: edits.append(event.update))
+    ascii_.get("t", type=Text).insert(0, "ab")
+    ascii_.get("t", type=Text).insert(2, "cd")
+    assert all(b"\xf0" in edit for edit in edits)
+    assert merge_safely(edits) == [merge_updates(*edits)]
