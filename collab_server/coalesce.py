@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collab_server import protocol as p
-from collab_server.merge import merge_all
+from collab_server.surrogates import merge_safely
 
 
 def coalesce(messages: list[bytes]) -> list[bytes]:
@@ -12,8 +12,10 @@ def coalesce(messages: list[bytes]) -> list[bytes]:
     Messages of other kinds (a sync answer, an auth message) stay where they are and bound the merging: between
     two of them, every document update becomes one update where the first was, and every awareness update one
     message after the others, holding the newest entry of each client (a removal wins a tie of clocks, as in
-    y-protocols). A peer that applies the result ends with the same document and presence as one that applied
-    each message; updates only move earlier and presence only later. Raises ValueError on a malformed message.
+    y-protocols). Updates that may hold characters beyond the BMP are not merged but moved together
+    (surrogates.merge_safely). A peer that applies the result ends with the same document and presence as one
+    that applied each message; updates only move earlier and presence only later. Raises ValueError on a
+    malformed message.
     """
     out: list[bytes] = []
     updates: list[bytes] = []
@@ -23,7 +25,7 @@ def coalesce(messages: list[bytes]) -> list[bytes]:
     def end_run() -> None:
         nonlocal updates, presence
         if len(updates) > 1:
-            out[update_at] = p.sync_update(merge_all(updates))
+            out[update_at:update_at + 1] = [p.sync_update(update) for update in merge_safely(updates)]
         if presence is not None:
             out.append(p.encode_awareness(list(presence.values())))
         updates, presence = [], None
