@@ -148,3 +148,20 @@ def two_waiting_on_one() -> tuple[list[bytes], list[bytes], bytes, str]:
     a0, _, a1 = made[3]
     b0, b1, _, b2 = made[1]
     return [b0, b1], [b2, a1], a0, str(text_b)
+
+
+def whole_and_cut() -> tuple[bytes, bytes]:
+    """The same clocks twice: "X😀Y" typed by client 7 (the emoji whole, as a node's write holds it), and the
+    state of a document that then had the emoji's second UTF-16 unit deleted (cut in two, "X\ufffdY", as a
+    catch-up or a client's copy holds it)."""
+    from pycrdt import Text
+
+    from collab_server.surrogates import apply
+
+    source = Doc(client_id=7)
+    source.get("t", type=Text).insert(0, "X😀Y")
+    whole = source.get_update()
+    doc, characters = Doc(client_id=9), Characters()
+    for update in (whole, deletion(7, 2)):
+        doc = apply(doc, update, characters)
+    return whole, doc.get_update()

@@ -12,7 +12,7 @@ from pycrdt import Array, Doc, Map, Text
 from collab_server import protocol as p
 from collab_server.coalesce import coalesce
 from collab_server.surrogates import Characters, apply
-from tests.rawclient import deletion, state_vector
+from tests.rawclient import state_vector, whole_and_cut
 
 
 @dataclass
@@ -140,13 +140,7 @@ def test_a_queue_with_nothing_to_merge_is_unchanged_and_a_malformed_message_rais
 def test_updates_that_may_hold_characters_beyond_the_bmp_are_not_merged() -> None:
     """A backed-up peer's queue may hold the same clocks twice, an emoji whole (another node's write) and cut in two
     (a catch-up): yrs's merge would slice one inside the emoji (surrogates.merge_safely), so they stay apart."""
-    source = Doc(client_id=7)
-    source.get("t", type=Text).insert(0, "X😀Y")
-    whole = source.get_update()
-    doc, characters = Doc(client_id=9), Characters()
-    for update in (whole, deletion(7, 2)):
-        doc = apply(doc, update, characters)
-    cut = doc.get_update()
+    whole, cut = whole_and_cut()
     queue = [p.sync_update(whole), p.encode_awareness([p.AwarenessEntry(1, 1, "{}")]), p.sync_update(cut)]
     assert coalesce(queue) == [queue[0], queue[2], queue[1]]
     peer, characters = Doc(), Characters()

@@ -13,7 +13,7 @@ from pycrdt import Doc, Text, merge_updates
 
 from collab_server.storage.base import fold_updates
 from collab_server.surrogates import Characters, apply, merge_safely
-from tests.rawclient import deletion, second_unit, state_vector
+from tests.rawclient import deletion, second_unit, state_vector, whole_and_cut
 
 CUTS = Path(__file__).parent / "js" / "cuts.mjs"
 
@@ -94,13 +94,7 @@ def test_a_cut_where_a_deleted_character_was_leaves_the_document_and_forgets_it(
 def test_updates_holding_a_character_whole_and_cut_are_relayed_unmerged() -> None:
     # The same clocks, as a node's write holds them (the emoji whole) and as a catch-up or a client's copy holds
     # them after a cut (two items). yrs's merge slices one at the other's item boundaries, inside the emoji.
-    source = Doc(client_id=7)
-    source.get("t", type=Text).insert(0, "X😀Y")
-    whole = source.get_update()
-    doc, characters = Doc(client_id=9), Characters()
-    for update in (whole, deletion(7, 2)):
-        doc = apply(doc, update, characters)
-    cut = doc.get_update()
+    whole, cut = whole_and_cut()
     merged = Doc()
     merged.apply_update(merge_updates(whole, cut))
     assert str(merged.get("t", type=Text)) != "X\ufffdY"  # what merging them would have relayed
