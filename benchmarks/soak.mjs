@@ -89,10 +89,9 @@ const churners = CHURN ? [...Array(ROOMS).keys()].map(churnWorker) : []
 await Promise.all([...clients.map(worker), apiWorker(), ...churners])
 // settle: everyone connected and synced
 for (const c of clients) if (!c.provider.wsconnected) c.provider.connect()
-const deadline = Date.now() + 30000
-let bad = []
-while (Date.now() < deadline) {
-  bad = []
+// one round: the rooms whose clients differ from the server; `last`: also say where, and dump both documents
+async function compare (last) {
+  const bad = []
   for (let r = 0; r < ROOMS; r++) {
     const cs = clients.filter(c => c.room === `soak-${r}`)
     let body
@@ -105,7 +104,7 @@ while (Date.now() < deadline) {
       const got = canon([c.doc.getText('t').toString(), c.doc.getMap('m').toJSON(), c.doc.getArray('a').toJSON(), c.doc.getMap('blocks').toJSON()])
       if (got !== want) {
         bad.push(`soak-${r}`)
-        if (Date.now() > deadline - 600) { // the last round: say where the first difference is
+        if (last) { // say where the first difference is
           const [w, g] = [[...want], [...got]]
           const at = w.findIndex((ch, i) => ch !== g[i])
           const around = (chars) => JSON.stringify(chars.slice(Math.max(0, at - 30), at + 30).join(''))
@@ -119,9 +118,15 @@ while (Date.now() < deadline) {
       }
     }
   }
-  if (bad.length === 0) break
-  await sleep(500)
+  return bad
 }
+const deadline = Date.now() + 30000
+let bad = await compare(false)
+while (bad.length && Date.now() < deadline) {
+  await sleep(500)
+  bad = await compare(false)
+}
+if (bad.length) bad = await compare(true)
 console.log(JSON.stringify({ ops, reconnects, apiEdits, churns, pauses, diverged: [...new Set(bad)] }))
 clients.forEach(c => c.provider.destroy())
 process.exit(bad.length ? 1 : 0)
