@@ -34,14 +34,6 @@ def lacking(diff: bytes, known: dict[int, int]) -> bool:
     return False
 
 
-def held_back(doc: Doc, update: bytes) -> bytes | None:
-    """What of `update`, applied to `doc`, the document holds back, as an update (with the update's whole delete
-    set); None if it integrated everything."""
-    state = doc.get_state()
-    rest = get_update(update, state)
-    return rest if lacking(rest, clocks(state)) else None
-
-
 class Held:
     """What a document holds back of the updates applied to it, to give it again: to a document rebuilt from its
     state, and whenever the document changes, since yrs (0.28), given two held-back changes that wait on the same
@@ -71,8 +63,15 @@ class Held:
     def note(self, doc: Doc, update: bytes) -> bytes | None:
         """Note what `doc` holds back of `update`, just applied, and forget what it no longer holds back of earlier
         updates; returns what it holds back of `update` (None if nothing)."""
-        self.updates = [rest for rest in (held_back(doc, held) for held in self.updates) if rest is not None]
-        rest = held_back(doc, update)
+        state = doc.get_state()
+        known = clocks(state)
+
+        def held_back(applied: bytes) -> bytes | None:  # with the update's whole delete set
+            rest = get_update(applied, state)
+            return rest if lacking(rest, known) else None
+
+        self.updates = [rest for rest in map(held_back, self.updates) if rest is not None]
+        rest = held_back(update)
         if rest is not None:
             self.updates.append(rest)
         return rest
