@@ -126,6 +126,17 @@ def deletion(client: int, clock: int, length: int = 1) -> bytes:
     return b"\x00\x01" + p.write_varuint(client) + b"\x01" + p.write_varuint(clock) + p.write_varuint(length)
 
 
+def two_changes(first: str, position: int, second: str) -> tuple[bytes, bytes]:
+    """The update inserting `first` into Text "t", and the one inserting `second` at `position` after it (which
+    needs it)."""
+    from pycrdt import Text
+
+    doc, updates = Doc(), []
+    doc.observe(lambda event: updates.append(event.update))
+    doc.get("t", type=Text).insert(0, first)
+    doc.get("t", type=Text).insert(position, second)
+    return updates[0], updates[1]
+
 def two_waiting_on_one() -> tuple[list[bytes], list[bytes], bytes, str]:
     """Two writers' changes of which two wait on the same change `a0`: writer B types "b", then "c" before it;
     writer A, not having heard of B, types "a"; A hears of B and types "d" at the start (a1, after a gap in A's

@@ -16,7 +16,7 @@ from collab_server import protocol as p
 from collab_server.model import blocks_to_json
 from collab_server.surrogates import Characters, apply
 from tests.distributed.cluster import Cluster
-from tests.rawclient import RawPeer, deletion, second_unit, text_updates
+from tests.rawclient import RawPeer, deletion, second_unit, text_updates, two_changes
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.distributed
@@ -215,13 +215,7 @@ async def test_a_change_that_waits_for_another_nodes_change_is_stored_and_reache
     the broker. It must still be stored, and relayed to every client of both nodes."""
     a, b = cluster.start_node("a"), cluster.start_node("b")
     alice, bob = await peer_on_each(cluster, a, b)
-    origin = Doc()
-    origin_updates: list[bytes] = []
-    subscription = origin.observe(lambda event: origin_updates.append(event.update))
-    origin.get("t", type=Text).insert(0, "ab")
-    origin.get("t", type=Text).insert(1, "X")
-    origin.unobserve(subscription)
-    first, later = origin_updates
+    first, later = two_changes("ab", 1, "X")
     carol = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
     await carol.sync()
     relayed = len(updates_received(alice))

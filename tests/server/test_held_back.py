@@ -19,7 +19,7 @@ from collab_server.metrics import Metrics
 from collab_server.room import Room
 from collab_server.storage.sqlite import SQLiteStore
 from collab_server.surrogates import Characters, apply
-from tests.rawclient import deletion, second_unit, two_waiting_on_one
+from tests.rawclient import deletion, second_unit, two_changes, two_waiting_on_one
 
 
 class Client:
@@ -54,15 +54,6 @@ class Client:
 
     def text(self) -> str:
         return str(self.doc.get("t", type=Text))
-
-
-def two_changes(first: str, position: int, second: str) -> tuple[bytes, bytes]:
-    """The update inserting `first`, and the one inserting `second` at `position` after it (which needs it)."""
-    doc, updates = Doc(), []
-    doc.observe(lambda event: updates.append(event.update))
-    doc.get("t", type=Text).insert(0, first)
-    doc.get("t", type=Text).insert(position, second)
-    return updates[0], updates[1]
 
 
 @pytest.fixture
