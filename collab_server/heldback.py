@@ -56,9 +56,14 @@ class Held:
 
     def whole(self, reported: list[bytes], update: bytes) -> bool:
         """Whether a document holding nothing back reported `update`, just applied, as applied whole: yrs reports
-        what it integrates in one update of the same length (the same bytes, but for the order of a JSON object's
-        keys); holding something back makes it shorter. Where this says no, `note` tells."""
-        return not self.updates and len(reported) == 1 and len(reported[0]) == len(update)
+        what it integrates in one update, the same bytes but for the order of a JSON object's keys (so the same
+        length); holding structs back makes it shorter. A deletion of items partly there is reported with a
+        shorter range, maybe in as many bytes, so an update deleting something must be reported as it is (an
+        update with no deletions ends with a zero: its delete set is empty). Where this says no, `note` tells."""
+        if self.updates or len(reported) != 1:
+            return False
+        report = reported[0]
+        return report == update or (len(report) == len(update) and update[-1] == 0)
 
     def note(self, doc: Doc, update: bytes) -> bytes | None:
         """Note what `doc` holds back of `update`, just applied, and forget what it no longer holds back of earlier

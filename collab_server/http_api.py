@@ -39,12 +39,12 @@ from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
 from collab_server.model import block_to_json, blocks_to_json, get_block
 from collab_server.openapi import MAX_LABEL, openapi_spec
 from collab_server.protocol import ProtocolError
+from collab_server.replay import Replay
 from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.surrogates import Characters, apply
 
 BINARY = "application/octet-stream"
 SMALL_BODY = 64 * 1024  # bytes of the JSON bodies that only name things (a label, a copy's target)
@@ -345,11 +345,10 @@ def _route(path: str, endpoint: _Endpoint, methods: list[str] | None = None) -> 
 
 def _doc_of(updates: list[bytes]) -> Doc:
     """A document holding `updates`, applied in order."""
-    doc = Doc()
-    characters = Characters()
+    replay = Replay()
     for update in updates:
-        doc = apply(doc, update, characters)
-    return doc
+        replay.apply(update)
+    return replay.close()
 
 
 async def _storage(call: Awaitable[T]) -> T:

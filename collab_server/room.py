@@ -18,8 +18,9 @@ from collab_server.heldback import Held
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
+from collab_server.replay import Replay
 from collab_server.storage import StorageError, Store
-from collab_server.surrogates import Characters, apply, merge_safely
+from collab_server.surrogates import Characters, merge_safely
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
@@ -68,10 +69,14 @@ class _Write:
     """The changes one log entry will hold: more join it until the store takes it into a group commit, so a
     burst becomes one row and one broadcast instead of one per message."""
 
-    __slots__ = ("parts", "changes", "senders", "update")
+    __slots__ = ("parts", "changes", "senders", "update", "sealed")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
+        # holds what the document held back of a change, which yrs's merge must not meet when it integrates later
+        # (it slices the two copies at each other's boundaries, and one may hold a character cut that the other
+        # holds whole): nothing joins it after that
+        self.sealed = False
         self.changes = 0  # calls of Room._persist that joined it
         self.senders: list[Connection] = []
         self.update: bytes | None = None  # set once the store has taken it
@@ -134,27 +139,16 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates = await self.store.load(self.name)
-        applied: list[bytes] = []  # what the document reports for each entry
-
-        def report(event: TransactionEvent) -> None:
-            applied.append(event.update)
-
-        watched, subscription = self.doc, self.doc.observe(report)
+        replay = Replay(self.doc, self._characters, self._held)
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
-            applied.clear()
             try:
-                self.doc = apply(self.doc, update, self._characters, self._held.updates)
+                replay.apply(update)
             except BaseException as exc:
                 if not _refusal(exc):
                     raise
+                replay.close()
                 raise StorageError(f"stored update {number} of {len(updates)} cannot be applied: {exc}") from None
-            if self.doc is not watched:  # rebuilt (surrogates.py): given what the old one held back at the end
-                watched.unobserve(subscription)
-                watched, subscription = self.doc, self.doc.observe(report)
-            if not self._held.whole(applied, update):
-                self._held.note(self.doc, update)
-        watched.unobserve(subscription)
-        self._held.give(self.doc)
+        self.doc = replay.close()
         self._subscription = self.doc.observe(self._observe)
         early, self._early = self._early, None
         for event in early or ():
@@ -248,13 +242,14 @@ class Room:
         except Exception:  # an observer failed after the update was applied: keep going, it must be stored
             self.metrics.errors.labels("observer").inc()
             log.exception("observer failed room=%s", self.name)
+        rest = None
         if refused is None and not self._held.whole(self._observed, update):
             rest = self._held.note(self.doc, update)
             if rest is not None:  # stored and relayed with the rest: this document alone would lose it
                 self._observed.append(rest)
         self._run_hooks()
         # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
-        self._persist(origin if isinstance(origin, Connection) else None)
+        self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
         if refused is not None:
             raise p.ProtocolError(f"invalid update: {refused}") from None
 
@@ -323,18 +318,21 @@ class Room:
                 self.metrics.errors.labels("hook").inc()
                 log.exception("room hook failed room=%s", self.name)
 
-    def _persist(self, sender: Connection | None) -> None:
+    def _persist(self, sender: Connection | None, sealed: bool = False) -> None:
         """Submit what the document recorded since the last call: joined to the room's latest write if the store
-        has not taken it yet (it commits no earlier than a new one would), otherwise as a new write."""
+        has not taken it yet (it commits no earlier than a new one would), otherwise as a new write. `sealed`: it
+        ends with what the document held back of a change (see _Write)."""
         if not self._observed:
             return
         write = self._write
-        if write is None or write.update is not None or self._inflight is None or self._inflight.done():
+        if (write is None or write.sealed or write.update is not None or self._inflight is None
+                or self._inflight.done()):
             write = self._write = _Write()
             fut = self.store.submit(self.name, write.take)
             self._inflight = fut
             fut.add_done_callback(partial(self._committed, write))
         write.parts += self._observed
+        write.sealed = sealed
         write.changes += 1
         self._observed = []
         if sender is not None:

@@ -65,44 +65,54 @@ class Characters:
         """The document and the update to apply instead of `doc` and `update`, so that yrs cuts no character:
         the same two unless the update cuts one. A character of the document it cuts is replaced in a new
         document built from `doc`'s state; one of its own text, in a copy of the update. `held`: what `doc`
-        holds back of earlier updates (heldback.py), which integrates with this one and may cut its text."""
+        holds back of earlier updates (heldback.py), which integrates with this one and may cut its text or be
+        cut by it: a character it holds that is cut is replaced in `held` itself, in a new document (yrs keeps
+        the uncut copy it holds back, so the caller gives `held` to the new document)."""
         doc, update, _ = self._prepare(doc, update, held)
         return doc, update
 
     def _prepare(self, doc: Doc, update: bytes,
                  held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
         """As `prepare`, and the characters of the update returned if they were read (None if not)."""
-        if not self.seconds and not _beyond_bmp(update):
+        held = held if held is not None else []
+        if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
             return doc, update, []
         scan = _Scan(update)
-        cuts = scan.cuts
-        for rest in held or ():
-            cuts = cuts + _Scan(rest).cuts
-        own = set(scan.seconds)
+        scans = [_Scan(rest) for rest in held]
+        cuts = set(scan.cuts).union(*(rest.cuts for rest in scans))
         cut = {point for point in cuts if point in self}
-        cut_own = own.intersection(cuts)
+        cut_own = cuts.intersection(scan.seconds)
         seconds: list[Point] | None = scan.seconds
         if cut_own:
             update, seconds = _replace(update, scan, cut_own), None
-        if cut:
+        cut_held: set[Point] = set()
+        for i, rest in enumerate(scans):
+            cut_rest = cuts.intersection(rest.seconds)
+            if cut_rest:
+                held[i] = _replace(held[i], rest, cut_rest)
+                cut_held |= cut_rest
+        if cut or cut_held:
             state = doc.get_update()
-            held = _Scan(state, cuts=False)
-            fixed = _replace(state, held, cut)
-            if fixed is not state:
+            known = _Scan(state, cuts=False)
+            # yrs integrates a struct past a gap in its client's clocks when its origins are there, and encodes it
+            # in the state while reporting it held back: so a character held back may be in the state too
+            cut |= cut_held
+            fixed = _replace(state, known, cut)
+            if fixed is not state or cut_held:
                 doc = Doc(client_id=doc.client_id)  # its own later changes carry on its clock
                 doc.apply_update(fixed)
                 self.seconds = {}
-                self._note([point for point in held.seconds if point not in cut])
+                self._note([point for point in known.seconds if point not in cut])
             else:  # those characters were deleted since: forget them, so the next cut there reads nothing
                 for client, clock in cut:
                     self.seconds[client].discard(clock)
         return doc, update, seconds
 
 
-def apply(doc: Doc, update: bytes, characters: Characters, held: list[bytes] | None = None) -> Doc:
+def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
     """Apply `update` to `doc` or, where it cuts a character, to a rebuilt document; returns the one applied.
-    `held`: as for `Characters.prepare` (a rebuilt document is not given it)."""
-    doc, update, seconds = characters._prepare(doc, update, held)
+    What `doc` holds back is not tracked: see replay.py for updates that may wait on one another."""
+    doc, update, seconds = characters._prepare(doc, update)
     doc.apply_update(update)
     if seconds is None:
         characters.add(update)

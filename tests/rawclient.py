@@ -176,3 +176,45 @@ def whole_and_cut() -> tuple[bytes, bytes]:
     for update in (whole, deletion(7, 2)):
         doc = apply(doc, update, characters)
     return whole, doc.get_update()
+
+
+def cut_before_it_came() -> tuple[list[bytes], list[bytes], bytes, str]:
+    """A change (client 7 types "X😀Y" into "ab") that needs the one before it (typing "ab"), and two changes that
+    cut its emoji between its two UTF-16 units, which need it in turn: client 9 types "Q" there, and the emoji's
+    second unit is deleted. As two_waiting_on_one: nothing before them, the three that wait, the change they
+    wait on, and the text Yjs makes of them all."""
+    from pycrdt import Text
+
+    doc, updates = Doc(client_id=7), []
+    doc.observe(lambda event: updates.append(event.update))
+    doc.get("t", type=Text).insert(0, "ab")
+    doc.get("t", type=Text).insert(1, "X😀Y")  # a 0, b 1, X 2, the emoji 3-4, Y 5
+    return [], [updates[1], typed_between(9, 0, (7, 4), "Q"), deletion(7, 4)], updates[0], "aX\ufffdQYb"
+
+
+def cut_past_a_gap() -> tuple[list[bytes], list[bytes], bytes, str]:
+    """Client 2 types "pq" before client 1's "x", then an emoji after it; the emoji comes first and is cut (its
+    second unit deleted) before "pq" comes. Yjs holds the emoji back until then; yrs integrates it at once
+    (its origin "x" is there) past the gap in client 2's clocks, yet reports it held back. As
+    two_waiting_on_one: the "x", the emoji and its cut, the "pq", and the text Yjs makes of them."""
+    from pycrdt import Text
+
+    one, two = Doc(client_id=1), Doc(client_id=2)
+    one.get("t", type=Text).insert(0, "x")
+    two.apply_update(one.get_update())
+    updates: list[bytes] = []
+    two.observe(lambda event: updates.append(event.update))
+    two.get("t", type=Text).insert(0, "pq")
+    two.get("t", type=Text).insert(3, "😀")  # pycrdt counts UTF-8 bytes: after the "x"
+    return [one.get_update()], [updates[1], deletion(2, 3)], updates[0], "pqx\ufffd"
+
+
+def typed_between(client: int, clock: int, second: tuple[int, int], text: str) -> bytes:
+    """The update a Yjs client sends typing BMP `text` at (`client`, `clock`) between the two UTF-16 units of a
+    character whose second unit is `second`: the first unit its origin, the second its right origin. pycrdt cannot
+    make it."""
+    origin, unit = second
+    data = text.encode()
+    fields = (1, 1, client, clock)  # one client, one struct
+    return (b"".join(map(p.write_varuint, fields)) + b"\xc4"  # an item of text with both origins
+            + b"".join(map(p.write_varuint, (origin, unit - 1, origin, unit, len(data)))) + data + b"\x00")

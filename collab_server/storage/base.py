@@ -9,12 +9,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pycrdt import Doc, get_update
-
 from collab_server.merge import merge_all
-from collab_server.heldback import clocks, lacking
+from collab_server.replay import Replay
 from collab_server.storage.health import CommitHealth
-from collab_server.surrogates import Characters, apply
 
 
 log = logging.getLogger(__name__)
@@ -27,34 +24,20 @@ def fold_updates(updates: list[bytes]) -> bytes:
     checkpoint, if any, then the log: at least one.
 
     Applying through a document, unlike merge_updates, joins adjacent items and drops deleted content,
-    so the checkpoint is small and fast to load. What the document could not integrate (changes whose
-    causal dependencies are not among `updates`, as when another node commits an earlier change later) is
-    carried over from the updates that hold it, so it applies once its dependencies arrive. Usually there
-    is none, and the checkpoint is just the document's state.
+    so the checkpoint is small and fast to load. What the document holds back (changes whose causal
+    dependencies are not among `updates`, as when another node commits an earlier change later; heldback.py)
+    is carried over, so it applies once its dependencies arrive. Usually there is none, and the checkpoint is
+    just the document's state.
 
     Compaction runs this in a worker thread: it offers the GIL back every millisecond of work, so the event
     loop waits at most that long behind it rather than a whole switch interval (5 ms).
     """
-    doc = Doc()
+    replay = Replay()
     turn = _GilTurn()
-    characters = Characters()
-    doc = apply(doc, updates[0], characters)
-    # The previous checkpoint comes first. If a document holding only it encodes to the same bytes, it
-    # carried nothing unintegrated, and the costly diff of a large update below can skip it.
-    checked = updates[1:] if len(updates) > 1 and doc.get_update() == updates[0] else updates
-    for update in updates[1:]:
-        doc = apply(doc, update, characters)
+    for update in updates:
+        replay.apply(update)
         turn.offer()
-    state = doc.get_state()
-    known = clocks(state)
-    pending = []
-    for update in checked:
-        rest = get_update(update, state)  # what the document lacks, plus the update's whole delete set
-        if lacking(rest, known):
-            pending.append(rest)
-        turn.offer()
-    folded = doc.get_update()
-    return merge_all([folded, *pending])
+    return merge_all([replay.close().get_update(), *replay.held.updates])
 
 
 class _GilTurn:

@@ -23,7 +23,7 @@ from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, dec
                                     sync_step1, sync_step2, sync_update)
 from tests.client.refserver import RefServer
 from tests.client.relay import Relay
-from tests.rawclient import RawPeer, deletion, second_unit, two_waiting_on_one
+from tests.rawclient import RawPeer, cut_before_it_came, deletion, second_unit, two_waiting_on_one
 from tests.serverproc import ROOT, ServerProcess, free_port
 
 FAST = Backoff(base=0.02, max=0.2)
@@ -327,6 +327,29 @@ async def test_changes_sent_before_the_change_they_wait_on_all_integrate() -> No
             msg = decode_message(frame)
             if isinstance(msg, SyncMessage) and msg.kind == SyncType.STEP1:
                 await ws.send(sync_step2(merge_updates(*before)))
+                for update in [*waiting, awaited]:
+                    await ws.send(sync_update(update))
+
+    async with serve(scripted, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with CollabClient(f"ws://127.0.0.1:{port}", room()) as client:
+            await client.wait_until(lambda: text(client) == want)
+            again = Doc()
+            again.apply_update(client.doc.get_update())
+            assert str(again.get("t", type=Text)) == want
+
+
+async def test_a_character_cut_by_changes_sent_before_the_change_they_wait_on_is_cut_as_yjs_does() -> None:
+    """A server relays a change typing "X😀Y" and two that cut its emoji before the change all three wait on:
+    yrs alone, given them all when it comes, keeps the emoji whole and loses the "Y" (collab_server/surrogates.py)."""
+    _, waiting, awaited, want = cut_before_it_came()
+
+    async def scripted(ws: ServerConnection) -> None:
+        await ws.send(sync_step1(b"\x00"))
+        async for frame in ws:
+            msg = decode_message(frame)
+            if isinstance(msg, SyncMessage) and msg.kind == SyncType.STEP1:
+                await ws.send(sync_step2(b"\x00\x00"))
                 for update in [*waiting, awaited]:
                     await ws.send(sync_update(update))
 
