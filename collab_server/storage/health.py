@@ -58,8 +58,8 @@ class CommitHealth:
         if not self._failures or now - self._latest >= FAILING_FOR:  # a new spell (an old one may have ended
             self._failures, self._first = 0, now  # with a success too early to count as settled)
         self._failures += 1
-        self._latest, self._error = now, str(exc)
-        self._log("storage commit failed updates=%d error=%s", updates, exc)
+        self._latest, self._error = now, str(exc) or type(exc).__name__  # a timeout says nothing itself
+        self._log("storage commit failed updates=%d error=%s", updates, self._error)
 
     def succeeded(self) -> None:
         self._error = None

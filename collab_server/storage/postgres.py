@@ -82,6 +82,8 @@ class PostgresStore:
         self.pool_size = pool_size
         self.timeout = timeout  # seconds for acquiring a connection and for each statement
         self._pool: asyncpg.Pool | None = None
+        # the writer's own connection: commits never wait behind loads and compactions for one of the pool's
+        self._writes: asyncpg.Pool | None = None
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -105,13 +107,16 @@ class PostgresStore:
                     " AND relname = ANY($1::text[])", SCHEMA_OBJECTS)
                 if present < len(SCHEMA_OBJECTS):
                     await conn.execute(SCHEMA)
+            self._writes = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1, command_timeout=self.timeout,
+                                                     server_settings=settings)
             await self._join(settings)
         except Exception as exc:
-            if self._pool is not None:
-                await self._pool.close()
+            for pool in (self._pool, self._writes):
+                if pool is not None:
+                    await pool.close()
             if isinstance(exc, StorageError):
                 raise
-            raise StorageError(f"opening postgres store failed: {exc}") from exc
+            raise StorageError(f"opening postgres store failed: {_reason(exc)}") from exc
         self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
 
     async def _join(self, settings: dict[str, str] | None) -> None:
@@ -142,8 +147,9 @@ class PostgresStore:
         if self._task is not None:
             await self._task
         await self._compactor.close()
-        if self._pool is not None:
-            await self._pool.close()
+        for pool in (self._pool, self._writes):
+            if pool is not None:
+                await pool.close()
         if self._membership is not None:
             with contextlib.suppress(Exception):  # gone with an outage: its lock went with it
                 await self._membership.close()
@@ -174,14 +180,14 @@ class PostgresStore:
                 self._wake.set()
 
     async def _commit(self, pending: list[Pending]) -> None:
-        assert self._pool is not None
+        assert self._writes is not None
         batch = take(pending)
         if not batch:
             return
         started = time.perf_counter()
         now = time.time()
         try:
-            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+            async with self._writes.acquire(timeout=self.timeout) as conn, conn.transaction():
                 ids = sorted(await conn.fetchval(
                     "SELECT array_agg(nextval(pg_get_serial_sequence('updates', 'id'))) "
                     "FROM generate_series(1, $1)", len(batch)))
@@ -195,7 +201,7 @@ class PostgresStore:
                     "ON CONFLICT (name) DO UPDATE SET updated = excluded.updated",
                     sorted({doc for doc, _, _ in batch}), now)
         except Exception as exc:  # noqa: BLE001  any failure, even an unknown commit outcome: not durable
-            error = StorageError(f"commit of {len(batch)} updates failed: {exc}")
+            error = StorageError(f"commit of {len(batch)} updates failed: {_reason(exc)}")
             self.health.failed(len(batch), exc)
             for _, _, fut in batch:
                 if not fut.done():
@@ -229,7 +235,7 @@ class PostgresStore:
                 row = await conn.fetchrow("SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
                 rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
         except Exception as exc:
-            raise StorageError(f"loading {doc!r} failed: {exc}") from exc
+            raise StorageError(f"loading {doc!r} failed: {_reason(exc)}") from exc
         checkpoint = row["checkpoint"] if row else None
         return checkpoint, (row["checkpoint_seq"] if row else 0), [(r["id"], r["data"]) for r in rows]
 
@@ -257,7 +263,7 @@ class PostgresStore:
                         folded, max(checkpoint_seq, folded_ids[-1]), doc)
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
-                raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
+                raise StorageError(f"compaction of {doc!r} failed: {_reason(exc)}") from exc
             self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
@@ -276,7 +282,7 @@ class PostgresStore:
                 status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
                 await conn.execute("DELETE FROM versions WHERE doc = $1", doc)
         except Exception as exc:
-            raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
+            raise StorageError(f"deleting {doc!r} failed: {_reason(exc)}") from exc
         return row is not None or status != "DELETE 0"
 
     async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
@@ -328,8 +334,13 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self.timeout) as conn:
                 return await conn.fetch(query, *args)
         except Exception as exc:
-            raise StorageError(f"{what} failed: {exc}") from exc
+            raise StorageError(f"{what} failed: {_reason(exc)}") from exc
 
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a message: a timeout (acquiring a connection, a statement) says nothing itself."""
+    return str(exc) or type(exc).__name__

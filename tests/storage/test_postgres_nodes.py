@@ -179,3 +179,25 @@ async def test_a_node_starts_while_others_hold_their_tables(postgres_dsn: str, p
     finally:
         await writer.close()
         await first.close()
+
+
+async def test_commits_do_not_wait_for_a_connection_busy_reads_hold(postgres_dsn: str, pg_schema: str) -> None:
+    """Every connection of the pool busy with reads (loads, compactions' snapshots, API reads): commits have a
+    connection of their own, so they go on."""
+    store = PostgresStore(postgres_dsn, schema=pg_schema, pool_size=1, timeout=10.0)
+    await store.open()
+    locker = await asyncpg.connect(postgres_dsn, server_settings={"search_path": pg_schema})
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE versions IN ACCESS EXCLUSIVE MODE")
+            listing = asyncio.create_task(store.versions("d"))  # takes the pool's one connection, and waits
+            await asyncio.sleep(0.2)
+            _, updates = text_updates(3)
+            for update in updates:  # each alone: the writer needs a connection each time
+                await asyncio.wait_for(store.submit("d", update), 3)
+            assert not listing.done()
+        assert await listing == []
+        assert text_of(rebuild(await store.load("d"))) == "abc"
+    finally:
+        await locker.close()
+        await store.close()
