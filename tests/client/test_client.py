@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,40 +317,21 @@ async def test_a_character_a_peer_cuts_in_two_is_cut_here_as_yjs_cuts_it(upstrea
     await offline.close()
 
 
-async def test_changes_sent_before_the_change_they_wait_on_all_integrate() -> None:
-    """A server that relays peers' changes as they come, two of them before a change both build on: yrs alone
-    integrates one of the two when it comes and drops the other (collab_server/heldback.py)."""
-    before, waiting, awaited, want = two_waiting_on_one()
+@pytest.mark.parametrize("history", [two_waiting_on_one, cut_before_it_came], ids=["two-waiting", "cut"])
+async def test_changes_sent_before_the_change_they_wait_on_all_integrate(
+        history: Callable[[], tuple[list[bytes], list[bytes], bytes, str]]) -> None:
+    """A server that relays peers' changes as they come, some before a change they build on. yrs alone, given
+    two that wait on the same change, integrates one of them when it comes and drops the other
+    (collab_server/heldback.py); given a change typing "X😀Y" and two that cut its emoji, it keeps the emoji whole
+    and loses the "Y" (collab_server/surrogates.py)."""
+    before, waiting, awaited, want = history()
 
     async def scripted(ws: ServerConnection) -> None:
         await ws.send(sync_step1(b"\x00"))
         async for frame in ws:
             msg = decode_message(frame)
             if isinstance(msg, SyncMessage) and msg.kind == SyncType.STEP1:
-                await ws.send(sync_step2(merge_updates(*before)))
-                for update in [*waiting, awaited]:
-                    await ws.send(sync_update(update))
-
-    async with serve(scripted, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with CollabClient(f"ws://127.0.0.1:{port}", room()) as client:
-            await client.wait_until(lambda: text(client) == want)
-            again = Doc()
-            again.apply_update(client.doc.get_update())
-            assert str(again.get("t", type=Text)) == want
-
-
-async def test_a_character_cut_by_changes_sent_before_the_change_they_wait_on_is_cut_as_yjs_does() -> None:
-    """A server relays a change typing "X😀Y" and two that cut its emoji before the change all three wait on:
-    yrs alone, given them all when it comes, keeps the emoji whole and loses the "Y" (collab_server/surrogates.py)."""
-    _, waiting, awaited, want = cut_before_it_came()
-
-    async def scripted(ws: ServerConnection) -> None:
-        await ws.send(sync_step1(b"\x00"))
-        async for frame in ws:
-            msg = decode_message(frame)
-            if isinstance(msg, SyncMessage) and msg.kind == SyncType.STEP1:
-                await ws.send(sync_step2(b"\x00\x00"))
+                await ws.send(sync_step2(merge_updates(*before) if before else b"\x00\x00"))
                 for update in [*waiting, awaited]:
                     await ws.send(sync_update(update))
 
