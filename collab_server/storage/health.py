@@ -58,7 +58,7 @@ class CommitHealth:
         if not self._failures or now - self._latest >= FAILING_FOR:  # a new spell (an old one may have ended
             self._failures, self._first = 0, now  # with a success too early to count as settled)
         self._failures += 1
-        self._latest, self._error = now, str(exc) or type(exc).__name__  # a timeout says nothing itself
+        self._latest, self._error = now, reason(exc)
         self._log("storage commit failed updates=%d error=%s", updates, self._error)
 
     def succeeded(self) -> None:
@@ -67,3 +67,8 @@ class CommitHealth:
             log.warning("storage commits succeed again after %d failed over %.1f s",
                         self._failures, self._latest - self._first)
             self._failures = 0
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message: a timeout (acquiring a connection, a statement) says nothing itself."""
+    return str(exc) or type(exc).__name__

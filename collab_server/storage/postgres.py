@@ -33,7 +33,7 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
-from collab_server.storage.health import CommitHealth
+from collab_server.storage.health import CommitHealth, reason
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class PostgresStore:
                     await pool.close()
             if isinstance(exc, StorageError):
                 raise
-            raise StorageError(f"opening postgres store failed: {_reason(exc)}") from exc
+            raise StorageError(f"opening postgres store failed: {reason(exc)}") from exc
         self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
 
     async def _join(self, settings: dict[str, str] | None) -> None:
@@ -201,7 +201,7 @@ class PostgresStore:
                     "ON CONFLICT (name) DO UPDATE SET updated = excluded.updated",
                     sorted({doc for doc, _, _ in batch}), now)
         except Exception as exc:  # noqa: BLE001  any failure, even an unknown commit outcome: not durable
-            error = StorageError(f"commit of {len(batch)} updates failed: {_reason(exc)}")
+            error = StorageError(f"commit of {len(batch)} updates failed: {reason(exc)}")
             self.health.failed(len(batch), exc)
             for _, _, fut in batch:
                 if not fut.done():
@@ -235,7 +235,7 @@ class PostgresStore:
                 row = await conn.fetchrow("SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
                 rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
         except Exception as exc:
-            raise StorageError(f"loading {doc!r} failed: {_reason(exc)}") from exc
+            raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
         checkpoint = row["checkpoint"] if row else None
         return checkpoint, (row["checkpoint_seq"] if row else 0), [(r["id"], r["data"]) for r in rows]
 
@@ -263,7 +263,7 @@ class PostgresStore:
                         folded, max(checkpoint_seq, folded_ids[-1]), doc)
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
-                raise StorageError(f"compaction of {doc!r} failed: {_reason(exc)}") from exc
+                raise StorageError(f"compaction of {doc!r} failed: {reason(exc)}") from exc
             self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
@@ -282,7 +282,7 @@ class PostgresStore:
                 status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
                 await conn.execute("DELETE FROM versions WHERE doc = $1", doc)
         except Exception as exc:
-            raise StorageError(f"deleting {doc!r} failed: {_reason(exc)}") from exc
+            raise StorageError(f"deleting {doc!r} failed: {reason(exc)}") from exc
         return row is not None or status != "DELETE 0"
 
     async def list_docs(self, prefix: str = "", after: str = "", limit: int | None = None) -> list[DocInfo]:
@@ -334,13 +334,8 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self.timeout) as conn:
                 return await conn.fetch(query, *args)
         except Exception as exc:
-            raise StorageError(f"{what} failed: {_reason(exc)}") from exc
+            raise StorageError(f"{what} failed: {reason(exc)}") from exc
 
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _reason(exc: BaseException) -> str:
-    """What went wrong, for a message: a timeout (acquiring a connection, a statement) says nothing itself."""
-    return str(exc) or type(exc).__name__
