@@ -30,7 +30,7 @@ class Replay:
         """Apply `update` (what pycrdt raises when it refuses one is raised here)."""
         reported = self._reported
         reported.clear()
-        doc, update = self.characters.prepare(self.doc, update, self.held.updates)
+        doc, update, seconds = self.characters.prepare_and_read(self.doc, update, self.held.updates)
         if doc is not self.doc:  # built from a state: it holds nothing back
             self.doc.unobserve(self._subscription)
             self.doc, self._subscription = doc, doc.observe(self._report)
@@ -38,7 +38,7 @@ class Replay:
             doc.apply_update(update)
             self.held.give(doc)
         if self.held.whole(reported, update):
-            self.characters.add(update)
+            self.characters.applied(update, seconds)  # not read a second time
             return
         for part in reported:
             self.characters.add(part)

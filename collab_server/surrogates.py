@@ -54,6 +54,13 @@ class Characters:
         if _beyond_bmp(update):
             self._note(_Scan(update, cuts=False).seconds)
 
+    def applied(self, update: bytes, seconds: list[Point] | None) -> None:
+        """Note the characters of `update`, applied whole, as `prepare_and_read` read them (read again if None)."""
+        if seconds is None:
+            self.add(update)
+        else:
+            self._note(seconds)
+
     def _note(self, seconds: list[Point]) -> None:
         for client, clock in seconds:
             clocks = self.seconds.get(client)
@@ -68,12 +75,13 @@ class Characters:
         holds back of earlier updates (heldback.py), which integrates with this one and may cut its text or be
         cut by it: a character it holds that is cut is replaced in `held` itself, in a new document (yrs keeps
         the uncut copy it holds back, so the caller gives `held` to the new document)."""
-        doc, update, _ = self._prepare(doc, update, held)
+        doc, update, _ = self.prepare_and_read(doc, update, held)
         return doc, update
 
-    def _prepare(self, doc: Doc, update: bytes,
-                 held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
-        """As `prepare`, and the characters of the update returned if they were read (None if not)."""
+    def prepare_and_read(self, doc: Doc, update: bytes,
+                         held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
+        """As `prepare`, and the characters of the update returned if they were read (None if not): give them
+        to `applied` once the update is applied whole."""
         held = held if held is not None else []
         if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
             return doc, update, []
@@ -112,12 +120,9 @@ class Characters:
 def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
     """Apply `update` to `doc` or, where it cuts a character, to a rebuilt document; returns the one applied.
     What `doc` holds back is not tracked: see replay.py for updates that may wait on one another."""
-    doc, update, seconds = characters._prepare(doc, update)
+    doc, update, seconds = characters.prepare_and_read(doc, update)
     doc.apply_update(update)
-    if seconds is None:
-        characters.add(update)
-    else:
-        characters._note(seconds)
+    characters.applied(update, seconds)
     return doc
 
 
