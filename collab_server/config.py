@@ -23,7 +23,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # distributed broker only: seconds between checks that loaded rooms hold all that other nodes committed
     # (a node that dies between commit and publish, or events lost while Redis was down); 0 = off
-    resync_interval: float = 30.0
+    resync_interval: float = 5.0
     # sqlite synchronous pragma: "full" survives power loss, "normal" survives process crashes
     sqlite_synchronous: str = "full"
     # compaction: fold the update log into the checkpoint once a document has this many log entries

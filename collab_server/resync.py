@@ -2,11 +2,13 @@
 
 With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while Redis
 was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query reads the
-last-write time of every loaded room; a room whose time changed since the last look is read from storage and given
-what it lacks, which is broadcast to its local connections; that is logged as a warning only when the document's
-latest commit is older than IN_FLIGHT (in a busy room a change is often caught up from storage just before its
-broadcast arrives, which is no loss). A loaded room that holds committed changes while storage holds no such
-document was deleted by another node: it is dropped, as the deletion event would have done.
+last-write time of every loaded room; a room whose time changed since the last look reads from storage what was
+committed since that look (`Store.load_new`: its log entries only, unless a compaction replaced the checkpoint; all
+of the document the first time) and is given what it lacks, which is broadcast to its local connections. So a busy
+room's check costs a read of its few newest entries, and the interval can be short. A catch-up is logged as a
+warning only when the document's latest commit is older than IN_FLIGHT (in a busy room a change is often caught up
+from storage just before its broadcast arrives, which is no loss). A loaded room that holds committed changes while
+storage holds no such document was deleted by another node: it is dropped, as the deletion event would have done.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import logging
 import time
 
 from collab_server.connection import CloseCode
+from collab_server.room import Room
 from collab_server.rooms import Rooms
-from collab_server.storage import StorageError, Store
+from collab_server.storage import LogMark, StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ class Resync:
         self.rooms = rooms
         self.store = store
         self.interval = interval
-        self._seen: dict[str, float] = {}  # room -> last-write time as of its last catch-up
+        # room name -> the room, its last-write time and what storage held, as of its last catch-up
+        self._seen: dict[str, tuple[Room, float, LogMark | None]] = {}
 
     async def run(self) -> None:
         """Check every `interval` seconds until cancelled; a failure is logged and the check runs again next time
@@ -58,11 +62,13 @@ class Resync:
                 room.discard(CloseCode.DELETED, "document deleted")
         caught = []
         for name, stamp in stamps.items():
-            if self._seen.get(name) == stamp:
-                continue
-            updates = await self.store.load(name)  # read after the stamp: it holds at least what the stamp saw
             room = self.rooms.loaded.get(name)
-            if room is None or room.failed:
+            seen = self._seen.get(name)
+            if room is None or room.loading or (seen is not None and seen[0] is room and seen[1] == stamp):
+                continue
+            since = seen[2] if seen is not None and seen[0] is room else None
+            updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
+            if self.rooms.loaded.get(name) is not room or room.failed:
                 continue
             if room.catch_up(updates):
                 caught.append(name)
@@ -71,5 +77,5 @@ class Resync:
                     log.debug("room caught up from storage name=%s (its latest commit may still be in flight)", name)
                 else:
                     log.warning("room caught up from storage name=%s (a committed change was never broadcast)", name)
-            self._seen[name] = stamp
+            self._seen[name] = (room, stamp, mark)
         return caught

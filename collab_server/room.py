@@ -161,6 +161,11 @@ class Room:
         self._persist(None)
 
     @property
+    def loading(self) -> bool:
+        """Whether the room is still reading its document from storage."""
+        return self._early is not None
+
+    @property
     def settled(self) -> bool:
         """Whether every change applied here so far has been committed (or has failed)."""
         return self._inflight is None or self._inflight.done()
@@ -377,8 +382,8 @@ class Room:
 
     def catch_up(self, updates: list[bytes]) -> bool:
         """Apply what storage holds and this document lacks (committed by another node whose broadcast never
-        arrived) and broadcast it here; returns whether anything was missing."""
-        if not updates or self._early is not None:
+        arrived) and broadcast it here; returns whether anything was missing. The room has loaded."""
+        if not updates:
             return False
         for update in merge_safely(updates):
             missing = self._prepare(get_update(update, self.doc.get_state()))

@@ -148,6 +148,14 @@ class LogEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class LogMark:
+    """What one read of a document held: its checkpoint (a number that changes whenever it is replaced) and the
+    log entries beside it. Only compaction removes entries, and it replaces the checkpoint."""
+    checkpoint: int
+    entries: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class VersionInfo:
     id: int  # unique in the store, increasing
     time: float  # unix seconds
@@ -198,6 +206,10 @@ class Store(Protocol):
 
     async def load(self, doc: str) -> list[bytes]:
         """The checkpoint (if any) followed by the log, in commit order."""
+
+    async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
+        """The updates of `doc` that the read marked `since` did not hold (all of them if None), at least, in commit
+        order, and the mark of this read (None if the store does not keep one: the next read returns all)."""
 
     async def compact(self, doc: str) -> None:
         """Fold the log into the checkpoint atomically."""

@@ -25,6 +25,7 @@ from collab_server.storage.base import (
     DocInfo,
     HistoryCompacted,
     LogEntry,
+    LogMark,
     Pending,
     StorageError,
     VersionInfo,
@@ -226,6 +227,25 @@ class PostgresStore:
             raise HistoryCompacted(f"history of {doc!r} before entry {checkpoint_seq} was compacted")
         return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
 
+    async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
+        """One snapshot; the checkpoint and the entries `since` held are left out (not sent) if still there."""
+        assert self._pool is not None
+        known = since.checkpoint if since else -1
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, \
+                    conn.transaction(isolation="repeatable_read", readonly=True):
+                row = await conn.fetchrow("SELECT checkpoint_seq, CASE WHEN checkpoint_seq = $2 THEN NULL ELSE "
+                                          "checkpoint END AS checkpoint FROM documents WHERE name = $1", doc, known)
+                same = row is not None and row["checkpoint_seq"] == known
+                held = list(since.entries) if since and same else []
+                rows = await conn.fetch("SELECT id, CASE WHEN id = ANY($2::bigint[]) THEN NULL ELSE data END AS data "
+                                        "FROM updates WHERE doc = $1 ORDER BY id", doc, held)
+        except Exception as exc:
+            raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
+        checkpoint = row["checkpoint"] if row else None
+        updates = ([checkpoint] if checkpoint else []) + [r["data"] for r in rows if r["data"] is not None]
+        return updates, LogMark(row["checkpoint_seq"] if row else 0, frozenset(r["id"] for r in rows))
+
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log read in one snapshot, so a concurrent compaction is never half seen."""
         assert self._pool is not None
@@ -260,7 +280,7 @@ class PostgresStore:
                         continue  # another node compacted since the snapshot
                     await conn.execute(
                         "UPDATE documents SET checkpoint = $1, checkpoint_seq = $2 WHERE name = $3",
-                        folded, max(checkpoint_seq, folded_ids[-1]), doc)
+                        folded, max(checkpoint_seq + 1, folded_ids[-1]), doc)  # grows with every fold
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
                 raise StorageError(f"compaction of {doc!r} failed: {reason(exc)}") from exc

@@ -11,6 +11,7 @@ from pycrdt import Doc
 
 from collab_server.metrics import Metrics
 from collab_server.resync import Resync
+from collab_server.storage import LogMark
 
 
 class _Rooms:
@@ -43,7 +44,7 @@ async def test_an_unexpected_error_is_logged_and_the_next_check_still_runs(caplo
 
 
 class _Room:
-    settled, failed = True, False
+    settled, failed, loading = True, False, False
 
     def __init__(self) -> None:
         self.doc = Doc()
@@ -59,8 +60,8 @@ class _StampedStore:
     async def updated(self, docs: list[str]) -> dict[str, float]:
         return {doc: self.stamp for doc in docs}
 
-    async def load(self, doc: str) -> list[bytes]:
-        return []
+    async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
+        return [], None
 
 
 @pytest.mark.parametrize(("age", "level"), [(0.5, logging.DEBUG), (60.0, logging.WARNING)],
@@ -75,3 +76,35 @@ async def test_a_catch_up_is_a_warning_only_when_the_missing_change_cannot_still
     assert caught == ["doc"]
     assert [(r.levelno, "room caught up from storage name=doc" in r.getMessage()) for r in caplog.records] == [
         (level, True)]
+
+
+class _MarkingStore:
+    """Stamps that change on every read; `load_new` notes the mark each read was given and returns a new one."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, LogMark | None]] = []
+
+    async def updated(self, docs: list[str]) -> dict[str, float]:
+        return {doc: time.time() for doc in docs}
+
+    async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
+        self.reads.append((doc, since))
+        return [b"update"], LogMark(len(self.reads), frozenset())
+
+
+async def test_a_room_reads_what_was_committed_since_its_last_catch_up() -> None:
+    """Each read of a room is given the mark of its previous one (so a busy room reads only its newest entries);
+    a room loaded again, or still loading, starts over: its document may lack what the old mark saw."""
+    store = _MarkingStore()
+    rooms = _Rooms()
+    first, loading = _Room(), _Room()
+    loading.loading = True
+    rooms.loaded = {"doc": first, "new": loading}
+    rooms.metrics = Metrics()
+    resync = Resync(rooms, store, 30)  # type: ignore[arg-type]
+    await resync.once()
+    await resync.once()
+    rooms.loaded["doc"] = _Room()  # unloaded and loaded again meanwhile
+    loading.loading = False
+    await resync.once()
+    assert store.reads == [("doc", None), ("doc", LogMark(1, frozenset())), ("doc", None), ("new", None)]

@@ -240,6 +240,31 @@ async def test_updated_moves_with_every_commit(store: Store) -> None:
     assert list(await store.updated([f"x{i}" for i in range(1200)] + ["d"])) == ["d"]  # many names at once
 
 
+async def test_load_new_returns_what_was_committed_since_a_read(store: Store) -> None:
+    """What resync reads: everything the first time, then at least what was committed since its last read (with a
+    mark: exactly that), across a compaction too."""
+    doc, updates = text_updates(30)
+    replica = Doc()
+    await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))
+    got, mark = await store.load_new("d", None)
+    assert got == updates[:10]
+    for part, until in ((updates[10:20], None), (updates[20:], "compacted")):
+        for update in got:
+            replica.apply_update(update)
+        await asyncio.gather(*(store.submit("d", u) for u in part))
+        if until:
+            await store.compact("d")
+        got, later = await store.load_new("d", mark)
+        if mark is not None and not until:
+            assert got == part  # the log entries read last time are not sent again
+        mark = later
+    for update in got:
+        replica.apply_update(update)
+    assert text_of(replica) == text_of(doc)
+    if mark is not None:  # nothing committed since: nothing read
+        assert await store.load_new("d", mark) == ([], mark)
+
+
 async def test_delete_erases_checkpoint_and_log(store: Store) -> None:
     _, updates = text_updates(30)
     await asyncio.gather(*(store.submit("d", u) for u in updates[:20]))
