@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from collab_server import looplag
 from collab_server.broker import Broker, BrokerError, create_broker
 from collab_server.config import Settings
 from collab_server.cors import cors_middleware
@@ -106,16 +107,16 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             log.error("cannot start: %s", exc)
             app.startup_reported = True
             raise
-        resync = None
+        watchers = [asyncio.create_task(looplag.watch(metrics), name="loop-lag")]
         if settings.broker != "local" and settings.resync_interval > 0:
-            resync = asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync")
+            watchers.append(asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync"))
         log.info("collab server ready store=%s broker=%s", settings.store, settings.broker)
         try:
             yield
         finally:
-            if resync is not None:
-                resync.cancel()
-                await asyncio.gather(resync, return_exceptions=True)
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             await rooms.close()
             if versions is not None:
                 await versions.close()

@@ -63,6 +63,8 @@ class Metrics:
                                           registry=r)
         self.versions_saved = Counter("collab_versions_saved", "Automatic versions saved", registry=r)
         self.errors = Counter("collab_errors", "Errors by kind", ["kind"], registry=r)
+        self.loop_lag = Histogram("collab_event_loop_lag_seconds", "How late a timer of the event loop fired",
+                                  registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
     def observe_commit(self, batch: int, seconds: float) -> None:
         self.commit_batch.observe(batch)
