@@ -103,7 +103,11 @@ class Network:
         return {w.id for w in self.writes.values() if clocks.get(w.client, 0) >= w.end_clock}
 
     def _write(self, i: int, action, block: str, name: str, status: str) -> None:
-        known = self._integrated(i)
+        # yrs (0.28) also shows a struct past a gap in its client's clocks when its origins are there, though it
+        # reports it held back (README, "Changes that wait on another change"): a write the entry shows was seen
+        before = find_index_entry(self.docs[i], block, name)
+        shown = {record["id"] for record in before["statusWrites"]} if before is not None else set()
+        known = self._integrated(i) | shown
         self._as_local(i, action)
         entry = find_index_entry(self.docs[i], block, name)
         (record,) = entry["statusWrites"]  # a local write supersedes and deletes all others
