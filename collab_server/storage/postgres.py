@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -237,14 +238,14 @@ class PostgresStore:
                 row = await conn.fetchrow("SELECT checkpoint_seq, CASE WHEN checkpoint_seq = $2 THEN NULL ELSE "
                                           "checkpoint END AS checkpoint FROM documents WHERE name = $1", doc, known)
                 same = row is not None and row["checkpoint_seq"] == known
-                held = list(since.entries) if since and same else []
+                held = since.entries.tolist() if since and same else []
                 rows = await conn.fetch("SELECT id, CASE WHEN id = ANY($2::bigint[]) THEN NULL ELSE data END AS data "
                                         "FROM updates WHERE doc = $1 ORDER BY id", doc, held)
         except Exception as exc:
             raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
         checkpoint = row["checkpoint"] if row else None
         updates = ([checkpoint] if checkpoint else []) + [r["data"] for r in rows if r["data"] is not None]
-        return updates, LogMark(row["checkpoint_seq"] if row else 0, frozenset(r["id"] for r in rows))
+        return updates, LogMark(row["checkpoint_seq"] if row else 0, array("q", [r["id"] for r in rows]))
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log read in one snapshot, so a concurrent compaction is never half seen."""
