@@ -261,8 +261,7 @@ class SQLiteStore:
     async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
         """All of `doc`, with no mark: entry ids are not unique over time here (a deleted last row's id is given
         again), and only one process opens a database, so no other node commits to it."""
-        checkpoint, _, rows = await self._snapshot(doc)
-        return ([checkpoint] if checkpoint else []) + [data for _, data in rows], None
+        return await self.load(doc), None
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
