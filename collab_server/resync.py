@@ -3,8 +3,8 @@
 With a distributed broker a node commits, then publishes; one that dies in between (or events dropped while Redis
 was down) leaves other nodes' loaded rooms without a committed change. Every `interval` seconds one query reads the
 last-write time of every loaded room; a room whose time changed since the last look reads from storage what was
-committed since that look (`Store.load_new`: its log entries only, unless a compaction replaced the checkpoint; all
-of the document the first time) and is given what it lacks, which is broadcast to its local connections. So a busy
+committed since that look (`Store.load_new`: its log entries only, unless a compaction replaced the checkpoint; the
+first time, what came after the room's load) and is given what it lacks, which is broadcast to its local connections. So a busy
 room's check costs a read of its few newest entries, and the interval can be short. A catch-up is logged as a
 warning only when the document's latest commit is older than IN_FLIGHT (in a busy room a change is often caught up
 from storage just before its broadcast arrives, which is no loss). A loaded room that holds committed changes while
@@ -66,7 +66,7 @@ class Resync:
             seen = self._seen.get(name)
             if room is None or room.loading or (seen is not None and seen[0] is room and seen[1] == stamp):
                 continue
-            since = seen[2] if seen is not None and seen[0] is room else None
+            since = seen[2] if seen is not None and seen[0] is room else room.mark
             updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
             if self.rooms.loaded.get(name) is not room or room.failed:
                 continue

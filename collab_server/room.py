@@ -19,7 +19,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.replay import Replay
-from collab_server.storage import StorageError, Store
+from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, merge_safely
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
@@ -128,6 +128,7 @@ class Room:
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
+        self.mark: LogMark | None = None  # what the load read from storage (resync.py reads what came after)
 
     def __repr__(self) -> str:
         return f"Room({self.name!r})"
@@ -138,7 +139,7 @@ class Room:
         """Subscribe first, then read storage: a change another node commits meanwhile is never missed
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
-        updates = await self.store.load(self.name)
+        updates, self.mark = await self.store.load_new(self.name, None)
         replay = Replay(self.doc, self._characters, self._held)
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
             try:

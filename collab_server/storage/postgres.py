@@ -218,9 +218,8 @@ class PostgresStore:
             self.on_commit(len(batch), time.perf_counter() - started)
 
     async def load(self, doc: str) -> list[bytes]:
-        checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = rows_weight(rows)
-        return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
+        updates, _ = await self.load_new(doc, None)
+        return updates
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
         checkpoint, checkpoint_seq, rows = await self._snapshot(doc)
@@ -244,8 +243,11 @@ class PostgresStore:
         except Exception as exc:
             raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
         checkpoint = row["checkpoint"] if row else None
-        updates = ([checkpoint] if checkpoint else []) + [r["data"] for r in rows if r["data"] is not None]
-        return updates, LogMark(row["checkpoint_seq"] if row else 0, array("q", [r["id"] for r in rows]))
+        log = [r["data"] for r in rows if r["data"] is not None]
+        if since is None:  # the whole log, as a room's load reads it: what counts toward the next compaction
+            self._log_counts[doc] = sum(map(log_weight, log))
+        mark = LogMark(row["checkpoint_seq"] if row else 0, array("q", [r["id"] for r in rows]))
+        return ([checkpoint] if checkpoint else []) + log, mark
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log read in one snapshot, so a concurrent compaction is never half seen."""

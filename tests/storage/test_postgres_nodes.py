@@ -9,6 +9,9 @@ import asyncpg
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server.broker.local import LocalBroker
+from collab_server.metrics import Metrics
+from collab_server.room import Room
 from collab_server.storage.base import StorageError
 from collab_server.storage.postgres import PostgresStore
 from tests.rawclient import text_updates
@@ -109,6 +112,21 @@ async def test_a_late_row_folded_alone_is_still_read_as_new(
     assert len(await a.history("d")) == 0
     new, _ = await a.load_new("d", mark)
     assert text_of(rebuild(seen + new)) == text_of(doc)
+
+
+async def test_a_room_loaded_on_one_node_then_reads_only_what_came_after(
+        nodes: tuple[PostgresStore, PostgresStore]) -> None:
+    """The mark of a room's load is where its node's resync starts: the next read holds only later commits."""
+    a, b = nodes
+    doc, updates = text_updates(4)
+    await asyncio.gather(*(a.submit("d", u) for u in updates[:3]))
+    room = Room("d", a, LocalBroker(), Metrics())
+    await room.load()
+    assert room.mark is not None and await a.load_new("d", room.mark) == ([], room.mark)
+    await b.submit("d", updates[3])  # another node commits
+    new, _ = await a.load_new("d", room.mark)
+    assert new == [updates[3]]
+    assert room.catch_up(new) and text_of(room.doc) == text_of(doc)
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
