@@ -30,6 +30,7 @@ class Replay:
         """Apply `update` (what pycrdt raises when it refuses one is raised here)."""
         reported = self._reported
         reported.clear()
+        held_before = bool(self.held.updates)
         doc, update, seconds = self.characters.prepare_and_read(self.doc, update, self.held.updates)
         if doc is not self.doc:  # built from a state: it holds nothing back
             self.doc.unobserve(self._subscription)
@@ -40,9 +41,12 @@ class Replay:
         if self.held.whole(reported, update):
             self.characters.applied(update, seconds)  # not read a second time
             return
+        if self.held.note(doc, update) is None and not held_before:
+            # all of it is in the document, and nothing else came with it (a state with deletions re-encoded)
+            self.characters.applied(update, seconds)
+            return
         for part in reported:
             self.characters.add(part)
-        self.held.note(doc, update)
 
     def close(self) -> Doc:
         """The document, no longer observed."""

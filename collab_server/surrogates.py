@@ -93,7 +93,7 @@ class Characters:
         scan = _Scan(update)
         scans = [_Scan(rest) for rest in held]
         cuts = set(scan.cuts).union(*(rest.cuts for rest in scans))
-        cut = {point for point in cuts if point in self}
+        cut = {point for point in cuts if point in self} if self.seconds else set()
         cut_own = cuts.intersection(scan.seconds)
         seconds: list[Point] | None = scan.seconds
         if cut_own:
