@@ -70,7 +70,13 @@ class Resync:
             updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
             if self.rooms.loaded.get(name) is not room or room.failed:
                 continue
-            if room.catch_up(updates):
+            try:
+                missing = room.catch_up(updates)
+            except Exception:  # its document is in doubt: its clients reconnect to a fresh load, the others go on
+                log.exception("room failed to catch up from storage name=%s", name)
+                room.discard(CloseCode.INTERNAL_ERROR, "server error")
+                continue
+            if missing:
                 caught.append(name)
                 self.rooms.metrics.resync_catch_ups.inc()
                 if time.time() - stamp < IN_FLIGHT:  # a busy room: the change may just not have arrived yet

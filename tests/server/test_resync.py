@@ -112,3 +112,28 @@ async def test_a_room_reads_what_was_committed_since_its_last_catch_up() -> None
     loading.loading = False
     await resync.once()
     assert store.reads == [("doc", first.mark), ("doc", LogMark(1, array("q"))), ("doc", None), ("new", None)]
+
+
+class _BrokenRoom(_Room):
+    def __init__(self) -> None:
+        super().__init__()
+        self.discarded: tuple[int, str] | None = None
+
+    def catch_up(self, updates: list[bytes]) -> bool:
+        raise RuntimeError("yrs refused what storage holds")
+
+    def discard(self, code: int, reason: str) -> None:
+        self.discarded = (code, reason)
+
+
+async def test_a_room_that_fails_to_catch_up_is_discarded_and_the_others_still_catch_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    rooms = _Rooms()
+    broken, fine = _BrokenRoom(), _Room()
+    rooms.loaded = {"broken": broken, "fine": fine}
+    rooms.metrics = Metrics()
+    with caplog.at_level(logging.ERROR, logger="collab_server.resync"):
+        caught = await Resync(rooms, _MarkingStore(), 30).once()  # type: ignore[arg-type]
+    assert caught == ["fine"]
+    assert broken.discarded == (1011, "server error")
+    assert "room failed to catch up from storage name=broken" in caplog.text
