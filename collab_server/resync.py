@@ -67,6 +67,7 @@ class Resync:
             if room is None or room.loading or (seen is not None and seen[0] is room and seen[1] == stamp):
                 continue
             since = seen[2] if seen is not None and seen[0] is room else room.mark
+            room.mark = None  # from now on the mark is kept here
             updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
             if self.rooms.loaded.get(name) is not room or room.failed:
                 continue

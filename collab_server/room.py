@@ -128,7 +128,7 @@ class Room:
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
-        self.mark: LogMark | None = None  # what the load read from storage (resync.py reads what came after)
+        self.mark: LogMark | None = None  # what the load read from storage, until resync.py takes it
 
     def __repr__(self) -> str:
         return f"Room({self.name!r})"
