@@ -64,7 +64,7 @@ class Resync:
         for name, stamp in stamps.items():
             room = self.rooms.loaded.get(name)
             seen = self._seen.get(name)
-            if room is None or room.loading or (seen is not None and seen[0] is room and seen[1] == stamp):
+            if room is None or (seen is not None and seen[0] is room and seen[1] == stamp):
                 continue
             since = seen[2] if seen is not None and seen[0] is room else room.mark
             room.mark = None  # from now on the mark is kept here

@@ -162,11 +162,6 @@ class Room:
         self._persist(None)
 
     @property
-    def loading(self) -> bool:
-        """Whether the room is still reading its document from storage."""
-        return self._early is not None
-
-    @property
     def settled(self) -> bool:
         """Whether every change applied here so far has been committed (or has failed)."""
         return self._inflight is None or self._inflight.done()

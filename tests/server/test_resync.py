@@ -45,7 +45,7 @@ async def test_an_unexpected_error_is_logged_and_the_next_check_still_runs(caplo
 
 
 class _Room:
-    settled, failed, loading = True, False, False
+    settled, failed = True, False
     mark: LogMark | None = None
 
     def __init__(self) -> None:
@@ -97,22 +97,19 @@ class _MarkingStore:
 async def test_a_room_reads_what_was_committed_since_its_last_catch_up() -> None:
     """Each read of a room is given the mark of its previous one, the first the mark of the room's load (so a busy
     room reads only its newest entries); a room loaded again starts from its own load's mark, since its document
-    may lack what the old mark saw; a room still loading is not read."""
+    may lack what the old mark saw."""
     store = _MarkingStore()
     rooms = _Rooms()
-    first, loading = _Room(), _Room()
+    first = _Room()
     first.mark = LogMark(7, array("q", [3, 5]))
-    loading.loading = True
-    rooms.loaded = {"doc": first, "new": loading}
+    rooms.loaded = {"doc": first}
     rooms.metrics = Metrics()
     resync = Resync(rooms, store, 30)  # type: ignore[arg-type]
     await resync.once()
     await resync.once()
     rooms.loaded["doc"] = _Room()  # unloaded and loaded again meanwhile
-    loading.loading = False
     await resync.once()
-    assert store.reads == [("doc", LogMark(7, array("q", [3, 5]))), ("doc", LogMark(1, array("q"))), ("doc", None),
-                           ("new", None)]
+    assert store.reads == [("doc", LogMark(7, array("q", [3, 5]))), ("doc", LogMark(1, array("q"))), ("doc", None)]
     assert first.mark is None  # taken by the first read
 
 
