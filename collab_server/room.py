@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
+LOAD_TURN = 0.01  # seconds of a load's replay between turns given to the rest of the event loop
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 _AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
@@ -141,7 +142,11 @@ class Room:
         await self.broker.subscribe(self.name, self._on_broker)
         updates, self.mark = await self.store.load_new(self.name, None)
         replay = Replay(self.doc, self._characters, self._held)
+        turn_ends = time.perf_counter() + LOAD_TURN
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
+            if time.perf_counter() >= turn_ends:  # nothing else can reach the room until it is in the registry
+                await asyncio.sleep(0)
+                turn_ends = time.perf_counter() + LOAD_TURN
             try:
                 replay.apply(update)
             except BaseException as exc:

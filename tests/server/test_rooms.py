@@ -2,13 +2,16 @@
 done in slices."""
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
+from pycrdt import Text
 
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
-from collab_server.room import Room, RoomClosed
+from collab_server.replay import Replay
+from collab_server.room import LOAD_TURN, Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
@@ -86,3 +89,39 @@ async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -
     finally:
         await rooms.close()
         await store.close()
+
+
+async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load replays stored updates on the event loop: one that takes long (here 40 updates of 5 ms each) lets the
+    loop run other work every LOAD_TURN, rather than holding every connection of the process until it is done."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    doc, updates = text_updates(40)
+    for update in updates:
+        await store.submit("d", update)
+    slow_apply = Replay.apply
+    seen_at: list[int] = []  # the ticker's count as each update is replayed
+
+    def apply(replay: Replay, update: bytes) -> None:
+        seen_at.append(turns)
+        time.sleep(0.005)
+        slow_apply(replay, update)
+
+    monkeypatch.setattr(Replay, "apply", apply)
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    ticker = asyncio.create_task(tick())
+    room = Room("d", store, LocalBroker(), Metrics())
+    await room.load()
+    ticker.cancel()
+    await store.close()
+    assert str(room.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
+    assert len(seen_at) == 40
+    # ~200 ms of replay: the loop ran other work about every LOAD_TURN (10 ms) of it
+    assert seen_at[-1] - seen_at[0] >= 0.2 / LOAD_TURN / 2
