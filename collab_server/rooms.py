@@ -4,8 +4,9 @@ every loaded room needs (keepalives, awareness expiry): one of each for all room
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode
@@ -19,6 +20,29 @@ log = logging.getLogger(__name__)
 
 class RoomFull(Exception):
     """The room has reached its connection limit."""
+
+
+class _NameLocks:
+    """A lock per room name, kept while anyone holds or waits for it. (Dropped when it was released, while the
+    waiter it woke had not run yet, it let a later caller take a new lock and load a second copy of the room.)"""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> the lock, [holders and waiters]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[name]
 
 
 class Rooms:
@@ -37,15 +61,14 @@ class Rooms:
         self.on_load = on_load  # installs per-room hooks (resolver, webhooks) before the first hook run
         self.on_delete = on_delete  # told the name of each document deleted here
         self.loaded: dict[str, Room] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = _NameLocks()
         self._unloads: set[asyncio.Task[None]] = set()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, name: str, *, connection: bool = False) -> Room:
         """The loaded room `name`, loading it first if needed; pair every call with `release`."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(name):
             room = self.loaded.get(name)
             if room is None:
                 room = Room(name, self.store, self.broker, self.metrics, awareness_timeout=self.awareness_timeout,
@@ -80,8 +103,7 @@ class Rooms:
         task.add_done_callback(self._unloads.discard)
 
     async def _unload(self, room: Room) -> None:
-        lock = self._locks.setdefault(room.name, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(room.name):
             if room.holders or self.loaded.get(room.name) is not room:
                 return
             await room.flush()
@@ -89,7 +111,6 @@ class Rooms:
             del self.loaded[room.name]
             self.store.unloaded(room.name)
             log.info("room unloaded name=%s", room.name)
-        self._forget_lock(room.name, lock)
 
     async def delete(self, name: str) -> bool:
         """Delete document `name`: stop its room applying changes, erase what storage holds, close the room's
@@ -98,8 +119,7 @@ class Rooms:
 
         Clients hold replicas: one that reconnected would send its copy back, as to any empty document. 4410
         is in the range y-websocket's provider treats as permanent (4400-4499): it stops reconnecting."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(name):
             room = self.loaded.pop(name, None)
             in_use = room is not None and (bool(room.connections) or room.doc.get_state() != b"\x00")
             try:
@@ -117,13 +137,7 @@ class Rooms:
             log.info("document deleted name=%s", name)
             if self.on_delete is not None and (existed or in_use):
                 self.on_delete(name)
-        self._forget_lock(name, lock)
         return existed or in_use
-
-    def _forget_lock(self, name: str, lock: asyncio.Lock) -> None:
-        """Drop the per-name lock of a room no longer loaded, unless someone holds or replaced it."""
-        if not lock.locked() and self._locks.get(name) is lock and name not in self.loaded:
-            del self._locks[name]
 
     def _start_timers(self) -> None:
         """Arm whichever of the two timers is not armed, while any room is loaded (the only place they are)."""

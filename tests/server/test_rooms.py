@@ -125,3 +125,57 @@ async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatc
     assert len(seen_at) == 40
     # ~200 ms of replay: the loop ran other work about every LOAD_TURN (10 ms) of it
     assert seen_at[-1] - seen_at[0] >= 0.2 / LOAD_TURN / 2
+
+
+class _GatedLoads(SQLiteStore):
+    """Counts loads; while `gate` is clear, a load waits for it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.loads = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def load(self, doc: str) -> list[bytes]:
+        self.loads += 1
+        await self.gate.wait()
+        return await super().load(doc)
+
+
+async def test_a_room_is_never_loaded_twice_at_once(tmp_path: Path) -> None:
+    """A room unloading while a client waits to join it: the waiter reloads it, and a client arriving during that
+    reload joins the same room. (The name's lock was dropped as the unload released it, with the waiter not yet
+    running; the late client took a new lock and loaded a second room, which replaced the first in the registry
+    and its broker subscription: the first room's clients stopped hearing other nodes.)"""
+    store = _GatedLoads(str(tmp_path / "r.db"))
+    await store.open()
+    rooms = Rooms(store, LocalBroker(), Metrics(), idle_unload_seconds=3600)
+    first = await rooms.acquire("r")
+    rooms.release(first)
+    closing, original_close = asyncio.Event(), first.close
+
+    async def slow_close() -> None:
+        await closing.wait()
+        await original_close()
+
+    first.close = slow_close  # type: ignore[method-assign]
+    unload = asyncio.create_task(rooms._unload(first))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(rooms.acquire("r"))  # waits for the unload
+    await asyncio.sleep(0)
+    store.gate.clear()
+    closing.set()
+    await unload
+    async with asyncio.timeout(5):
+        while store.loads < 2:  # the waiter is reloading the room
+            await asyncio.sleep(0)
+    late = asyncio.create_task(rooms.acquire("r"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    store.gate.set()
+    reloaded, joined = await waiter, await late
+    assert joined is reloaded and rooms.loaded["r"] is reloaded and store.loads == 2
+    rooms.release(reloaded)
+    rooms.release(joined)
+    await rooms.close()
+    await store.close()
