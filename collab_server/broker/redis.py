@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from collab_server.broker.base import BrokerError, Handler, Kind
 log = logging.getLogger(__name__)
 
 BATCH = 500  # stream entries per XADD pipeline and per stream per XREAD
+TURN = 0.01  # seconds of handling read entries between turns given to the rest of the event loop
 WAKE_TTL = 3600  # seconds a node's wake stream outlives its last poke (a killed node leaves it behind)
 
 
@@ -207,8 +209,12 @@ class RedisBroker:
                     await self._drop_broken_streams()
                 continue
             backoff = _backoff()
+            turn_ends = time.perf_counter() + TURN
             for key, entries in reply or ():
-                self._dispatch(key.decode(), entries)
+                for done in self._dispatch(key.decode(), entries):
+                    if done >= turn_ends:  # handlers may be slow (a room rebuilt): let the loop run between them
+                        await asyncio.sleep(0)
+                        turn_ends = time.perf_counter() + TURN
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the broker is closing."""
@@ -217,12 +223,15 @@ class RedisBroker:
         except TimeoutError:
             pass
 
-    def _dispatch(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _dispatch(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Iterator[float]:
+        """Hand `entries` to their room's handler, yielding the time before each (the subscription is looked up
+        for each entry: it may change between them)."""
         if key == self._wake_key:
             self._wake_id = entries[-1][0].decode()
             return
         room = key.removeprefix(f"{self.prefix}room:")
         for raw_id, fields in entries:
+            yield time.perf_counter()
             entry_id = raw_id.decode()
             sub = self._subs.get(room)
             if sub is None or not _after(entry_id, sub.last_id):

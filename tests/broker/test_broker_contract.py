@@ -4,6 +4,7 @@ Redis broker's behaviour between nodes: ordering, the local flag, subscriptions,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -11,7 +12,7 @@ import redis.asyncio
 
 from collab_server.broker import Broker, BrokerError, Kind
 from collab_server.broker.local import LocalBroker
-from collab_server.broker.redis import RedisBroker
+from collab_server.broker.redis import TURN, RedisBroker
 from tests.serverproc import free_port
 
 Event = tuple[Kind, bytes, bool]
@@ -141,6 +142,40 @@ async def test_other_nodes_receive_in_order_and_own_events_once(redis_node: Node
     a.publish("r", Kind.UPDATE, b"from a")  # b sees it after its own events, which it got only once
     assert (await inbox_b.wait_for(2002))[-1] == (Kind.UPDATE, b"from a", False)
     assert len(inbox_b.events) == 2002 and all(local for _, _, local in inbox_b.events[:2001])
+
+
+@pytest.mark.distributed
+async def test_slow_handlers_leave_the_event_loop_turns(redis_node: Nodes) -> None:
+    """A batch of entries whose handler is slow (a room rebuilding its document for each) is handed over with a
+    turn for the rest of the event loop every TURN, not in one stretch that holds every connection."""
+    a, b = await redis_node(), await redis_node()
+    turns = 0
+    seen_at: list[int] = []
+
+    def slow(kind: Kind, payload: bytes, local: bool) -> None:
+        seen_at.append(turns)
+        time.sleep(0.005)
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    await a.subscribe("r", slow)
+    await b.subscribe("r", Inbox())
+    for payload in numbered(40):
+        b.publish("r", Kind.UPDATE, payload)
+    ticker = asyncio.create_task(tick())
+    try:
+        async with asyncio.timeout(10):
+            while len(seen_at) < 40:
+                await asyncio.sleep(0.01)
+    finally:
+        ticker.cancel()
+    # ~200 ms of handlers; those read in one batch still let the loop run about every TURN (10 ms)
+    gaps = [later - earlier for earlier, later in zip(seen_at, seen_at[1:])]
+    assert sum(1 for gap in gaps if gap > 0) >= 0.2 / TURN / 2
 
 
 @pytest.mark.distributed
