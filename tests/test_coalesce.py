@@ -104,8 +104,11 @@ def test_a_merged_queue_leaves_a_peer_where_the_messages_would(steps, rnd) -> No
     for message in merged:
         at_once.receive(message)
     # The document is compared with the one built in causal order: yrs (pycrdt 0.14) can drop an update from a
-    # client when that client's updates come out of order one by one (docs/model.md), which yjs does not do.
-    assert at_once.seen()[:4] == in_order.seen()[:4]
+    # client when that client's updates come out of order one by one (docs/model.md), which yjs does not do. When
+    # the swap leaves them out of order across several merged messages (other messages keep their place), a yrs
+    # peer may drop some of them just as it drops them one by one; Yjs took one such merged queue whole (found by
+    # this test, 2026-12-04). Merging must never leave a peer anywhere else.
+    assert at_once.seen()[:4] in (in_order.seen()[:4], one_by_one.seen()[:4])
     assert at_once.seen()[4:] == one_by_one.seen()[4:]
     assert len(merged) <= len(messages)
 
