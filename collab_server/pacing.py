@@ -1,11 +1,13 @@
-"""Periodic passes over every connection or room, in slices. A keepalive pass over 5,000 idle connections
-takes ~0.1 s; done in one callback, every message that arrives meanwhile waits for all of it. In slices,
-the event loop handles what is ready between them."""
+"""Long work done a part at a time, so the event loop handles what is ready between the parts. Periodic passes
+over every connection or room go in slices: a keepalive pass over 5,000 idle connections takes ~0.1 s, and done in
+one callback, every message that arrives meanwhile waits for all of it. A coroutine with a long run of synchronous
+steps (a room's load, a batch of broker entries) offers the loop a turn between them (`Turns`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -14,6 +16,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SLICE = 128  # items per turn of the event loop: a few milliseconds of sends at most
+TURN = 0.01  # seconds of a coroutine's synchronous steps between the turns it gives the rest of the loop
+
+
+class Turns:
+    """`await turns.offer()` between the steps of a long run gives the rest of the event loop a turn once per
+    TURN of them."""
+
+    __slots__ = ("ends",)
+
+    def __init__(self) -> None:
+        self.ends = time.perf_counter() + TURN
+
+    async def offer(self) -> None:
+        if time.perf_counter() >= self.ends:
+            await asyncio.sleep(0)
+            self.ends = time.perf_counter() + TURN
 
 
 def in_slices(items: Sequence[T], action: Callable[[T], None], *, what: str, size: int = SLICE) -> None:

@@ -18,6 +18,7 @@ from collab_server.heldback import Held
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
+from collab_server.pacing import Turns
 from collab_server.replay import Replay
 from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, merge_safely
@@ -30,7 +31,6 @@ T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
-LOAD_TURN = 0.01  # seconds of a load's replay between turns given to the rest of the event loop
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 _AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
@@ -142,11 +142,9 @@ class Room:
         await self.broker.subscribe(self.name, self._on_broker)
         updates, self.mark = await self.store.load_new(self.name, None)
         replay = Replay(self.doc, self._characters, self._held)
-        turn_ends = time.perf_counter() + LOAD_TURN
+        turns = Turns()  # nothing else can reach the room until it is in the registry
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
-            if time.perf_counter() >= turn_ends:  # nothing else can reach the room until it is in the registry
-                await asyncio.sleep(0)
-                turn_ends = time.perf_counter() + LOAD_TURN
+            await turns.offer()
             try:
                 replay.apply(update)
             except BaseException as exc:

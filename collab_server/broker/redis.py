@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -27,11 +26,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from collab_server.broker.base import BrokerError, Handler, Kind
+from collab_server.pacing import Turns
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # stream entries per XADD pipeline and per stream per XREAD
-TURN = 0.01  # seconds of handling read entries between turns given to the rest of the event loop
 WAKE_TTL = 3600  # seconds a node's wake stream outlives its last poke (a killed node leaves it behind)
 
 
@@ -209,12 +208,9 @@ class RedisBroker:
                     await self._drop_broken_streams()
                 continue
             backoff = _backoff()
-            turn_ends = time.perf_counter() + TURN
+            turns = Turns()  # handlers may be slow (a room rebuilt): the loop runs between them
             for key, entries in reply or ():
-                for done in self._dispatch(key.decode(), entries):
-                    if done >= turn_ends:  # handlers may be slow (a room rebuilt): let the loop run between them
-                        await asyncio.sleep(0)
-                        turn_ends = time.perf_counter() + TURN
+                await self._dispatch(key.decode(), entries, turns)
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the broker is closing."""
@@ -223,15 +219,15 @@ class RedisBroker:
         except TimeoutError:
             pass
 
-    def _dispatch(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Iterator[float]:
-        """Hand `entries` to their room's handler, yielding the time before each (the subscription is looked up
-        for each entry: it may change between them)."""
+    async def _dispatch(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]], turns: Turns) -> None:
+        """Hand `entries` to their room's handler in order, offering the loop turns between them (the
+        subscription is looked up for each entry: it may change meanwhile)."""
         if key == self._wake_key:
             self._wake_id = entries[-1][0].decode()
             return
         room = key.removeprefix(f"{self.prefix}room:")
         for raw_id, fields in entries:
-            yield time.perf_counter()
+            await turns.offer()
             entry_id = raw_id.decode()
             sub = self._subs.get(room)
             if sub is None or not _after(entry_id, sub.last_id):

@@ -12,7 +12,8 @@ import redis.asyncio
 
 from collab_server.broker import Broker, BrokerError, Kind
 from collab_server.broker.local import LocalBroker
-from collab_server.broker.redis import TURN, RedisBroker
+from collab_server.broker.redis import RedisBroker
+from collab_server.pacing import TURN
 from tests.serverproc import free_port
 
 Event = tuple[Kind, bytes, bool]

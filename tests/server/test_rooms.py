@@ -10,8 +10,9 @@ from pycrdt import Text
 
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
+from collab_server.pacing import TURN
 from collab_server.replay import Replay
-from collab_server.room import LOAD_TURN, Room, RoomClosed
+from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
@@ -93,7 +94,7 @@ async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -
 
 async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A load replays stored updates on the event loop: one that takes long (here 40 updates of 5 ms each) lets the
-    loop run other work every LOAD_TURN, rather than holding every connection of the process until it is done."""
+    loop run other work every TURN, rather than holding every connection of the process until it is done."""
     store = SQLiteStore(str(tmp_path / "r.db"))
     await store.open()
     doc, updates = text_updates(40)
@@ -123,8 +124,8 @@ async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatc
     await store.close()
     assert str(room.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
     assert len(seen_at) == 40
-    # ~200 ms of replay: the loop ran other work about every LOAD_TURN (10 ms) of it
-    assert seen_at[-1] - seen_at[0] >= 0.2 / LOAD_TURN / 2
+    # ~200 ms of replay: the loop ran other work about every TURN (10 ms) of it
+    assert seen_at[-1] - seen_at[0] >= 0.2 / TURN / 2
 
 
 class _GatedLoads(SQLiteStore):
