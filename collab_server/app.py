@@ -62,10 +62,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     """Build the app; `store` and `broker` default to the implementations the settings name. Without `settings`
     they come from the environment (COLLAB_<NAME>), as when uvicorn runs `collab_server.app:create_app --factory`."""
     settings = settings or Settings.load()
-    if settings.auth_required and not settings.auth_secret:
-        raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
-    if settings.version_interval > 0 and settings.versions_keep < 1:
-        raise ValueError("version_interval needs versions_keep of at least 1")
     middleware = cors_middleware(settings.cors_origins)
     store = store or create_store(settings)
     broker = broker or create_broker(settings)

@@ -78,17 +78,20 @@ class Server(uvicorn.Server):
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per setting (env COLLAB_<NAME> and the TOML file give the same settings)."""
+    """One --flag per setting (env COLLAB_<NAME> and the TOML file give the same settings). Values are checked
+    by Settings, so that a flag, the environment and the file are refused alike."""
     defaults = Settings()
     for f in fields(Settings):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata["choices"]
+        shown = repr(default) if isinstance(default, str) else default
+        text = f"{f.metadata['help']} (default {shown}; env COLLAB_{f.name.upper()})"
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"(default {default}; env COLLAB_{f.name.upper()})")
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=type(default), metavar=f.name.upper(),
-                                help=f"(default {default}; env COLLAB_{f.name.upper()})")
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(flag, dest=f.name, default=None, type=str, metavar=metavar, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backed up {args.db} to {args.dest}: {docs} documents")
         return 0
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args)  # values it cannot use are refused here, before anything starts
         check_tls(settings)
-        app = create_app(settings)  # settings that contradict each other are refused here, before anything starts
+        app = create_app(settings)
     except (ValueError, OSError) as exc:
         print(f"collab-server: {exc}", file=sys.stderr)
         return 2

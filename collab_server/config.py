@@ -4,82 +4,118 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "COLLAB_"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def setting(default: Any, help: str, *, least: float | None = None, above: float | None = None,
+            most: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A setting's default, its help line (shown by `collab-server serve --help`) and the values it accepts:
+    at least `least`, more than `above`, at most `most`, or one of `choices` (in any case; kept in lower case)."""
+    return field(default=default, metadata={"help": help, "least": least, "above": above, "most": most,
+                                            "choices": choices})
+
+
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 1234
-    db: str = "./collab.db"
-    # storage / broker backends: "sqlite" | "postgres", "local" | "redis"
-    store: str = "sqlite"
-    broker: str = "local"
-    postgres_dsn: str = "postgresql://127.0.0.1:5432/test"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # distributed broker only: seconds between checks that loaded rooms hold all that other nodes committed
-    # (a node that dies between commit and publish, or events lost while Redis was down); 0 = off
-    resync_interval: float = 5.0
-    # sqlite synchronous pragma: "full" survives power loss, "normal" survives process crashes
-    sqlite_synchronous: str = "full"
-    # compaction: fold the update log into the checkpoint once a document has this many log entries
-    compact_threshold: int = 500
-    # rooms with no connection for this long are flushed and unloaded
-    idle_unload_seconds: float = 30.0
-    # connections
-    request_header_timeout: float = 20.0  # seconds to send a request's line and headers (websocket upgrades too)
-    max_message_size: int = 16 * 1024 * 1024
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    keepalive_interval: float = 10.0
-    per_message_deflate: bool = False  # compress frames: saves bandwidth on slow links, costs server CPU
-    # trust X-Forwarded-For/-Proto from a proxy on 127.0.0.1 (uvicorn's ProxyHeadersMiddleware) for the client
-    # address in uvicorn's log lines; nothing else reads it, and it costs every connection a coroutine frame
-    proxy_headers: bool = False
-    awareness_timeout: float = 30.0  # presence not renewed for this long is removed (clients renew every 15 s)
-    # a peer too slow to read is closed (1013) once this many messages, or bytes, wait for it even after
-    # merging them (coalesce.py); a message bigger than the byte limit still goes out when nothing else waits
-    send_queue_limit: int = 4096
-    send_queue_bytes: int = 64 * 1024 * 1024
-    max_connections_per_room: int = 10_000
-    rate_limit_per_second: float = 0.0  # incoming messages per connection; 0 = unlimited
-    rate_limit_burst: int = 2000
-    # access control
-    auth_secret: str = ""
-    auth_required: bool = False
-    # refused websockets: by default the upgrade is refused with 403, which a browser sees only as a failed
-    # connection (y-websocket retries forever); on, the upgrade is accepted and closed at once with 4401 (no
-    # token) or 4403 (invalid, expired or not covering) and the reason, which y-websocket treats as permanent
-    auth_close_codes: bool = False
-    # browser pages on these origins may call the HTTP API (CORS; cors.py): comma-separated scheme://host[:port],
-    # or * for any; "" = none, so only pages the server itself serves can (websockets are not affected)
-    cors_origins: str = ""
-    # TLS: serve https:// and wss:// with this certificate chain and private key (PEM files; the key may be in the
-    # certificate file); "" = plain http:// and ws://, as behind a proxy that terminates TLS
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    # automatic versions (versions.py): a document that changes gets a saved version at most every this many
-    # seconds (its first at its first change); the newest `versions_keep` automatic ones are kept; 0 = off
-    version_interval: float = 0.0
-    versions_keep: int = 24
-    # webhooks (webhooks.py): POST document.changed (after `webhook_debounce` quiet seconds, at least every
-    # `webhook_max_wait` while changes go on) and document.deleted events to this URL; "" = off
-    webhook_url: str = ""
-    webhook_secret: str = ""  # signs each body: X-Collab-Signature: sha256=<HMAC-SHA256 hex>
-    webhook_debounce: float = 2.0
-    webhook_max_wait: float = 10.0
-    # static web demo, served at / when the directory exists
-    web_demo_dir: str = str(Path(__file__).resolve().parent.parent / "web_demo" / "dist")
-    # seconds between returns of freed C heap memory to the OS (glibc malloc_trim, in a worker thread; heap.py);
-    # 0 = never. Only `collab-server serve` does it: it is a process setting
-    heap_trim_interval: float = 30.0
-    log_level: str = "info"
-    log_format: str = "text"  # "text" | "json"
-    shutdown_timeout: float = 10.0
+    """Every setting of the server; an instance holds usable values only (ValueError otherwise)."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(1234, "port to listen on (0: any free port)", least=0, most=65535)
+    db: str = setting("./collab.db", "SQLite database file (store sqlite)")
+    store: str = setting("sqlite", "where documents are kept: the SQLite file, or PostgreSQL (several nodes)",
+                         choices=("sqlite", "postgres"))
+    broker: str = setting("local", "how nodes hear each other's changes: not at all, or through Redis streams",
+                          choices=("local", "redis"))
+    postgres_dsn: str = setting("postgresql://127.0.0.1:5432/test", "PostgreSQL to use with store postgres "
+                                "(?search_path=<schema> keeps a deployment in a schema of its own)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use with broker redis")
+    resync_interval: float = setting(
+        5.0, "broker redis: seconds between checks that loaded rooms hold all that other nodes committed (a node "
+        "that died between commit and publish, events lost while Redis was away); 0 = never", least=0)
+    sqlite_synchronous: str = setting(
+        "full", "SQLite's synchronous pragma: full survives power loss, normal survives process crashes only",
+        choices=("full", "normal", "extra"))
+    compact_threshold: int = setting(
+        500, "fold a document's update log into its checkpoint once it has this many entries", least=1)
+    idle_unload_seconds: float = setting(
+        30.0, "a room with no connection for this long is flushed and unloaded", least=0)
+    request_header_timeout: float = setting(
+        20.0, "seconds a client has to send a request's line and headers (websocket upgrades too)", above=0)
+    max_message_size: int = setting(16 * 1024 * 1024, "bytes in one incoming websocket message (more: close 1009)",
+                                    least=1)
+    ping_interval: float = setting(20.0, "seconds between websocket pings to each connection; 0 = none", least=0)
+    ping_timeout: float = setting(20.0, "a connection that does not answer a ping within this is dropped",
+                                  above=0)
+    keepalive_interval: float = setting(
+        10.0, "a connection sent nothing for half of this gets an empty awareness message (y-websocket drops a "
+        "connection silent for 30 s)", above=0)
+    per_message_deflate: bool = setting(
+        False, "compress frames (permessage-deflate): saves bandwidth on slow links, costs server CPU")
+    proxy_headers: bool = setting(
+        False, "trust X-Forwarded-For/-Proto from a proxy on 127.0.0.1, for the client address in uvicorn's log "
+        "lines (nothing else reads it; it costs every connection a coroutine frame)")
+    awareness_timeout: float = setting(
+        30.0, "presence not renewed for this long is removed (clients renew every 15 s)", above=0)
+    send_queue_limit: int = setting(
+        4096, "a peer too slow to read is closed (1013) once this many messages wait for it, even after merging "
+        "them", least=1)
+    send_queue_bytes: int = setting(
+        64 * 1024 * 1024, "... or this many bytes (a bigger message still goes out when nothing else waits)",
+        least=1)
+    max_connections_per_room: int = setting(10_000, "connections one room admits (more: close 1008)", least=1)
+    rate_limit_per_second: float = setting(
+        0.0, "incoming messages per second per connection (more: close 1008); 0 = unlimited", least=0)
+    rate_limit_burst: int = setting(2000, "messages a connection may send at once before the rate applies",
+                                    least=1)
+    auth_secret: str = setting("", "secret that signs access tokens (collab-server token); \"\" = tokens off")
+    auth_required: bool = setting(False, "refuse websockets and API calls without a valid token")
+    auth_close_codes: bool = setting(
+        False, "refuse a websocket by accepting it and closing with 4401 (no token) or 4403 (invalid, expired, "
+        "not covering) and the reason, which y-websocket treats as final; off: refuse the upgrade with 403, "
+        "which a browser sees only as a failed connection (y-websocket retries for ever)")
+    cors_origins: str = setting(
+        "", "browser pages on these origins may call the HTTP API: comma-separated scheme://host[:port], or * for "
+        "any; \"\" = only pages the server serves (websockets are not affected)")
+    ssl_certfile: str = setting(
+        "", "serve https:// and wss:// with this certificate chain (PEM; SIGHUP reloads it); \"\" = plain "
+        "http:// and ws://, as behind a proxy that terminates TLS")
+    ssl_keyfile: str = setting("", "its private key (PEM); \"\" = in the certificate file")
+    version_interval: float = setting(
+        0.0, "a document that changes gets a saved version at most every this many seconds (its first at its "
+        "first change); 0 = no automatic versions", least=0)
+    versions_keep: int = setting(24, "automatic versions kept per document (the newest)", least=0)
+    webhook_url: str = setting(
+        "", "POST document.changed and document.deleted events to this URL; \"\" = no webhooks")
+    webhook_secret: str = setting("", "signs each webhook body: X-Collab-Signature: sha256=<HMAC-SHA256 hex>")
+    webhook_debounce: float = setting(2.0, "document.changed is sent after this many quiet seconds ...", least=0)
+    webhook_max_wait: float = setting(10.0, "... and at least this often while changes go on", least=0)
+    web_demo_dir: str = setting(str(Path(__file__).resolve().parent.parent / "web_demo" / "dist"),
+                                "static web demo served at / when the directory exists")
+    heap_trim_interval: float = setting(
+        30.0, "seconds between returns of freed C heap memory to the OS (glibc malloc_trim); 0 = never",
+        least=0)
+    log_level: str = setting("info", "least severe log lines written", choices=LOG_LEVELS)
+    log_format: str = setting("text", "log lines as text or one JSON object each", choices=("text", "json"))
+    shutdown_timeout: float = setting(
+        10.0, "seconds SIGTERM waits for connections to close before the server stops", least=0)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.metadata["choices"] is not None:
+                object.__setattr__(self, f.name, getattr(self, f.name).lower())
+            _check(f.name, getattr(self, f.name), f.metadata)
+        if self.auth_required and not self.auth_secret:
+            raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
+        if self.version_interval > 0 and self.versions_keep < 1:
+            raise ValueError("version_interval needs versions_keep of at least 1")
 
     @classmethod
     def load(cls, config_file: str | None = None, **overrides: Any) -> "Settings":
@@ -97,6 +133,18 @@ class Settings:
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         return replace(cls(), **{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def _check(name: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """ValueError unless `value` is one the setting `name` accepts (see `setting`)."""
+    if (least := rules["least"]) is not None and value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value!r}")
+    if (above := rules["above"]) is not None and value <= above:
+        raise ValueError(f"{name} must be more than {above}, not {value!r}")
+    if (most := rules["most"]) is not None and value > most:
+        raise ValueError(f"{name} must be at most {most}, not {value!r}")
+    if (choices := rules["choices"]) is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _coerce(cls: type[Settings], name: str, value: Any) -> Any:

@@ -8,6 +8,7 @@ import resource
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from pycrdt import Text
 
 from collab_server import protocol as p
 from collab_server.app import create_app
-from collab_server.cli import Server, uvicorn_config
+from collab_server.cli import Server, build_parser, uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
@@ -233,7 +234,12 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     (["--auth-required"], {}, "auth_required needs auth_secret (COLLAB_AUTH_SECRET)"),
     (["--version-interval", "60", "--versions-keep", "0"], {}, "version_interval needs versions_keep of at least 1"),
     ([], {"COLLAB_PING_INTERVAL": "often"}, "ping_interval: expected float, got 'often'"),
-], ids=["auth-without-secret", "versions-kept-none", "not-a-number"])
+    (["--log-level", "loud"], {}, "log_level must be one of debug, info, warning, error, critical, not 'loud'"),
+    (["--compact-threshold", "0"], {}, "compact_threshold must be at least 1, not 0"),
+    (["--port", "70000"], {}, "port must be at most 65535, not 70000"),
+    ([], {"COLLAB_KEEPALIVE_INTERVAL": "0"}, "keepalive_interval must be more than 0, not 0.0"),
+], ids=["auth-without-secret", "versions-kept-none", "not-a-number", "unknown-choice", "below-least", "above-most",
+        "zero-interval"])
 def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
                                                               reason: str) -> None:
     done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
@@ -242,6 +248,20 @@ def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, ar
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"collab-server: {reason}\n"
     assert not (tmp_path / "x.db").exists()  # refused before anything was opened
+
+
+def test_every_setting_is_explained_in_help_and_choices_take_any_case(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # lines wrap where the terminal's width says
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text and f"envCOLLAB_{f.name.upper()})" in text
+        assert len(f.metadata["help"]) > 10 and "".join(f.metadata["help"].split()) in text, f.name
+    settings = Settings.load(None, log_level="DEBUG", store="SQLite")
+    assert (settings.log_level, settings.store) == ("debug", "sqlite")
+    with pytest.raises(ValueError, match="ping_timeout must be more than 0"):
+        Settings(ping_timeout=0)
 
 
 async def test_the_server_gives_freed_heap_memory_back_every_interval(server_factory) -> None:
