@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from client_py.client import CollabClient, _Link
-
 from collab_server import protocol as p
 from collab_server.coalesce import coalesce
 from collab_server.surrogates import Characters, apply

@@ -9,14 +9,13 @@ __all__ = ["DocInfo", "HistoryCompacted", "LogEntry", "LogMark", "StorageError",
 
 
 def create_store(settings: Settings) -> Store:
-    if settings.store == "sqlite":
-        from collab_server.storage.sqlite import SQLiteStore
-
-        return SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous,
-                           compact_threshold=settings.compact_threshold)
+    """The store `settings.store` names (Settings admits only "sqlite" and "postgres")."""
     if settings.store == "postgres":
         from collab_server.storage.postgres import PostgresStore
 
         return PostgresStore(settings.postgres_dsn, compact_threshold=settings.compact_threshold,
                              sole=settings.broker == "local")
-    raise ValueError(f"unknown store {settings.store!r} (expected 'sqlite' or 'postgres')")
+    from collab_server.storage.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous,
+                       compact_threshold=settings.compact_threshold)
