@@ -20,6 +20,7 @@ from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns
 from collab_server.replay import Replay
+from collab_server.slicing import slices, slow_documents
 from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, merge_safely
 from collab_server.transport import binary_frame
@@ -144,9 +145,13 @@ class Room:
         replay = Replay(self.doc, self._characters, self._held)
         turns = Turns()  # nothing else can reach the room until it is in the registry
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
-            await turns.offer()
             try:
-                replay.apply(update)
+                # a large one of a document known to be slow to apply, in parts: whole it may hold the loop for a
+                # second (slicing.py); cutting it reads it in Python, in a worker thread
+                cut = slow_documents.cut(self.name, update)
+                for part in await asyncio.to_thread(slices, update) if cut else (update,):
+                    await turns.offer()
+                    slow_documents.timed(self.name, replay.apply, part)
             except BaseException as exc:
                 if not _refusal(exc):
                     raise

@@ -88,12 +88,12 @@ class Walk:
     def string(self) -> None:
         self.skip(self.uint())
 
-    def struct(self) -> None:
+    def struct(self) -> int:
+        """Read one struct; returns how many clocks it takes."""
         info = self.byte()
         ref = info & 0x1F
         if ref in (0, 10):  # GC, Skip
-            self.uint()
-            return
+            return self.uint()
         if info & 0x80:  # origin
             self.uint()
             self.uint()
@@ -108,15 +108,24 @@ class Walk:
                 self.uint()
             if info & 0x20:
                 self.string()  # parent's key
-        self.content(ref)
+        return self.content(ref)
 
-    def content(self, ref: int) -> None:
+    def content(self, ref: int) -> int:
+        """Read an item's content of type `ref`; returns how many clocks it takes."""
         if ref == 1:  # deleted
-            self.uint()
-        elif ref == 2:  # JSON strings
-            for _ in range(self.count()):
+            return self.uint()
+        if ref == 2:  # JSON strings
+            count = self.count()
+            for _ in range(count):
                 self.string()
-        elif ref in (3, 4, 5):  # binary, string, embed
+            return count
+        if ref == 4:  # string: one clock per UTF-16 unit
+            size = self.uint()
+            start = self.pos
+            self.skip(size)
+            raw = self.data[start:self.pos]
+            return size if raw.isascii() else len(raw.decode("utf-8", "replace").encode("utf-16-le")) // 2
+        if ref in (3, 5):  # binary, embed
             self.string()
         elif ref == 6:  # format: key, JSON value
             self.string()
@@ -128,12 +137,15 @@ class Walk:
             if type_ref == _XML_ELEMENT:
                 self.string()
         elif ref == 8:  # any values
-            self.values(self.count())
+            count = self.count()
+            self.values(count)
+            return count
         elif ref == 9:  # subdocument: guid, options
             self.string()
             self.values(1)
         else:
             raise self.fail(f"content type {ref}")
+        return 1
 
     def values(self, count: int) -> None:
         """Skip `count` lib0 values, iteratively: each frame is [values left, whether each has a key first]."""

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from collab_server.merge import merge_all
 from collab_server.replay import Replay
+from collab_server.slicing import slices, slow_documents
 from collab_server.storage.health import CommitHealth
 
 
@@ -20,9 +21,10 @@ log = logging.getLogger(__name__)
 GIL_TURN = 0.001  # seconds of folding between offers of the GIL to the event loop
 
 
-def fold_updates(updates: list[bytes]) -> bytes:
+def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     """One compact update equivalent to `updates` applied in order (a checkpoint). `updates` is the previous
-    checkpoint, if any, then the log: at least one.
+    checkpoint, if any, then the log: at least one; `doc` names their document, to apply its large updates in
+    parts once it is known to be slow to apply (slicing.py), and to learn that.
 
     Applying through a document, unlike merge_updates, joins adjacent items and drops deleted content,
     so the checkpoint is small and fast to load. What the document holds back (changes whose causal
@@ -36,8 +38,9 @@ def fold_updates(updates: list[bytes]) -> bytes:
     replay = Replay()
     turn = _GilTurn()
     for update in updates:
-        replay.apply(update)
-        turn.offer()
+        for part in slices(update) if slow_documents.cut(doc, update) else (update,):
+            slow_documents.timed(doc, replay.apply, part)
+            turn.offer()
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
 

@@ -274,7 +274,7 @@ class PostgresStore:
                 break
             parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
             folded_ids = [id_ for id_, _ in rows]
-            folded = await asyncio.to_thread(fold_updates, parts)
+            folded = await asyncio.to_thread(fold_updates, parts, doc)
             try:
                 async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                     current = await conn.fetchval(

@@ -291,7 +291,7 @@ class SQLiteStore:
             self._log_counts[doc] = 0
             return
         parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
-        folded = await asyncio.to_thread(fold_updates, parts)
+        folded = await asyncio.to_thread(fold_updates, parts, doc)
         last = rows[-1][0]
         async with self._write_lock:
             try:

@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 
 import pytest
-from pycrdt import Text
+from pycrdt import Doc, Text
 
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
 from collab_server.pacing import TURN
 from collab_server.replay import Replay
 from collab_server.room import Room, RoomClosed
+from collab_server.slicing import SLICE_STRUCTS, SLOW_APPLY, slow_documents
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
@@ -126,6 +127,48 @@ async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatc
     assert len(seen_at) == 40
     # ~200 ms of replay: the loop ran other work about every TURN (10 ms) of it
     assert seen_at[-1] - seen_at[0] >= 0.2 / TURN / 2
+
+
+async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """yrs holds the GIL while it applies an update, and integrating some documents takes a second
+    (collab_server/slicing.py): a load applies a large update of a document seen to be slow in parts of
+    SLICE_STRUCTS structs, giving the loop turns between them."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(2000):
+        text.insert(0, "é" if i % 2 else "x")  # each before the last: 2,000 items that cannot join
+    update = doc.get_update()
+    name = "test_rooms-slow"
+    await store.submit(name, update)
+    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), update)  # as an earlier slow load would
+    slow_apply = Replay.apply
+    seen_at: list[int] = []  # the ticker's count as each part is replayed
+
+    def apply(replay: Replay, part: bytes) -> None:
+        seen_at.append(turns)
+        time.sleep(0.005)
+        slow_apply(replay, part)
+
+    monkeypatch.setattr(Replay, "apply", apply)
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    ticker = asyncio.create_task(tick())
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+    ticker.cancel()
+    await store.close()
+    assert str(room.doc.get("t", type=Text)) == str(text)
+    assert len(seen_at) >= 2000 // SLICE_STRUCTS
+    assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
 
 
 class _GatedLoads(SQLiteStore):

@@ -158,10 +158,10 @@ async def test_commits_proceed_while_a_compaction_folds(
     folding, release = threading.Event(), threading.Event()
     real_fold = postgres_module.fold_updates
 
-    def held_fold(parts: list[bytes]) -> bytes:
+    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
         folding.set()
         release.wait(10)
-        return real_fold(parts)
+        return real_fold(parts, doc)
 
     monkeypatch.setattr(postgres_module, "fold_updates", held_fold)
     store = PostgresStore(postgres_dsn, schema=pg_schema, compact_threshold=10)

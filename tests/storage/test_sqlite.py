@@ -61,10 +61,10 @@ async def test_commits_proceed_while_a_compaction_folds(tmp_path: Path, monkeypa
     released: list[bool] = []  # False: the fold gave up waiting, so nothing could commit meanwhile
     real_fold = sqlite_module.fold_updates
 
-    def held_fold(parts: list[bytes]) -> bytes:
+    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
         folding.set()
         released.append(release.wait(5))
-        return real_fold(parts)
+        return real_fold(parts, doc)
 
     path = str(tmp_path / "c.db")
     store = await store_folding_with(monkeypatch, path, held_fold)
@@ -93,12 +93,12 @@ async def test_a_burst_committed_during_a_fold_is_folded_without_further_commits
     first_held, release, second_done = threading.Event(), threading.Event(), threading.Event()
     real_fold = sqlite_module.fold_updates
 
-    def counted_fold(parts: list[bytes]) -> bytes:
+    def counted_fold(parts: list[bytes], doc: str | None = None) -> bytes:
         folds.append(len(parts))
         if len(folds) == 1:
             first_held.set()
             release.wait(5)
-        folded = real_fold(parts)
+        folded = real_fold(parts, doc)
         if len(folds) == 2:
             second_done.set()
         return folded

@@ -322,10 +322,10 @@ async def test_a_compaction_that_ends_after_a_delete_brings_nothing_back(
     """The fold works on a snapshot taken before the delete; its swap must not write a checkpoint back."""
     folding, release = threading.Event(), threading.Event()
 
-    def held_fold(parts: list[bytes]) -> bytes:
+    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
         folding.set()
         assert release.wait(10), "the fold was never released"
-        return fold_updates(parts)
+        return fold_updates(parts, doc)
 
     _, updates = text_updates(20)
     await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))

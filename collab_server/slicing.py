@@ -1,0 +1,83 @@
+"""Large updates of slow documents applied a part at a time, so that applying one never holds the event loop long.
+
+yrs holds the GIL while it applies an update, and integrating a document's state can take far longer than its
+size suggests: where many items were inserted concurrently at the same place (bursts at the start of a text by
+several clients), integrating them client by client makes each one skip over the others' (Yjs takes as long).
+A soak's 190 KB checkpoint took 600 ms to apply in one call, and every room of the process waited that long at
+each load or compaction of that document. Cut at struct boundaries into updates of a few dozen structs, it takes
+1.2-1.4 times as long in all, in steps of a few milliseconds with the loop's turns between them. Most documents
+gain nothing from it and pay for finding the boundaries in Python (65 ms for an array of 100,000 numbers that
+yrs applies in 10 ms), so only documents seen to be slow are applied in parts (`SlowDocuments`): a document's
+first load in a process or a fold that takes long tells (finding 50 in benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from operator import itemgetter
+
+from collab_server.protocol import write_varuint
+from collab_server.updatecheck import Walk
+
+SLICE_STRUCTS = 64  # structs per part
+SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
+SLOW_APPLY = 0.05  # seconds: a document one of whose updates took longer than this to apply is applied in parts
+
+
+def slices(update: bytes, size: int = SLICE_STRUCTS, least: int = SLICE_FROM_BYTES) -> list[bytes]:
+    """`update` (v1) as updates of at most `size` structs each, whose application in the order given has the
+    effect of `update`'s: each client's structs in order, the clients' runs interleaved by how far along each is
+    (so that what a struct refers to has mostly come before it; what has not is held back until it comes), and
+    the delete set last. `[update]` if it is shorter than `least` bytes or has no more than `size` structs.
+    Raises ProtocolError on a malformed update."""
+    if len(update) < least:
+        return [update]
+    walk = Walk(update, "update")
+    pieces = []
+    for _ in range(walk.count()):
+        structs, client, clock = walk.count(), walk.uint(), walk.uint()
+        parts = -(-structs // size)
+        for i in range(parts):
+            start, first, count = walk.pos, clock, min(size, structs - i * size)
+            for _ in range(count):
+                clock += walk.struct()
+            pieces.append(((i + 0.5) / parts, client, first, count, update[start:walk.pos]))
+    if len(pieces) <= 1:
+        return [update]
+    pieces.sort(key=itemgetter(0))  # stable: a client's pieces keep their order
+    out = [b"".join((b"\x01", write_varuint(count), write_varuint(client), write_varuint(first), body, b"\x00"))
+           for _, client, first, count, body in pieces]
+    out.append(b"\x00" + update[walk.pos:])
+    return out
+
+
+class SlowDocuments:
+    """The names of documents one of whose updates took more than SLOW_APPLY to apply in this process (the `size`
+    most recently seen); their large updates are applied in parts from then on. Loads (on the event loop) and
+    folds (in worker threads) share it; each operation on it is atomic under the GIL."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._names: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, name: str | None) -> bool:
+        return name in self._names
+
+    def cut(self, name: str | None, update: bytes) -> bool:
+        """Whether `update` of document `name` is to be applied in parts (see `slices`); never unnamed."""
+        return len(update) >= SLICE_FROM_BYTES and name in self._names
+
+    def timed(self, name: str | None, apply: Callable[[bytes], object], update: bytes) -> None:
+        """`apply(update)`, noting `name` (unless None) as slow if it takes longer than SLOW_APPLY."""
+        started = time.perf_counter()
+        apply(update)
+        if name is not None and time.perf_counter() - started > SLOW_APPLY:
+            self._names[name] = None
+            self._names.move_to_end(name)
+            if len(self._names) > self.size:
+                self._names.popitem(last=False)
+
+
+slow_documents = SlowDocuments()

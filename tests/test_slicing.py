@@ -1,0 +1,130 @@
+"""A large update applied in parts has the effect of the whole; documents seen to be slow are applied so
+(collab_server/slicing.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pycrdt import Array, Doc, Map, Text
+
+from collab_server.protocol import ProtocolError
+from collab_server.replay import Replay
+from collab_server.slicing import SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
+from collab_server.storage.base import fold_updates
+from tests.rawclient import state_vector
+
+PIECES = ["a", "bc", "é", "😀", "👍🏽", "z" * 20]
+EDIT = st.tuples(st.integers(0, 2), st.sampled_from(["insert", "delete", "map", "array", "nested"]),
+                 st.integers(0, 10_000), st.sampled_from(PIECES))
+
+
+def seen(doc: Doc) -> tuple:
+    return (str(doc.get("t", type=Text)), doc.get("m", type=Map).to_py(), doc.get("a", type=Array).to_py(),
+            state_vector(doc))
+
+
+def edit(doc: Doc, kind: str, n: int, piece: str) -> None:
+    text = doc.get("t", type=Text)
+    chars = str(text)
+    k = n % (len(chars) + 1)
+    at = len(chars[:k].encode())  # pycrdt counts UTF-8 bytes: at a character boundary
+    if kind == "insert":
+        text.insert(at, piece)
+    elif kind == "delete" and k < len(chars):
+        del text[at:at + len(chars[k].encode())]
+    elif kind == "map":
+        doc.get("m", type=Map)[f"k{n % 4}"] = piece
+    elif kind == "array":
+        doc.get("a", type=Array).insert(n % (len(doc.get("a", type=Array)) + 1), n)
+    else:
+        doc.get("a", type=Array).append(Map({"n": n, "t": Text(piece)}))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(EDIT, st.just("sync")), min_size=1, max_size=80), st.floats(0, 1), st.integers(1, 6))
+def test_an_update_applied_in_parts_leaves_the_document_it_leaves_whole(steps, base_share, size) -> None:
+    """Three replicas edit concurrently (syncing now and then); a document holding replica 0 as it was after the
+    first `base_share` of the steps gets the rest of everything as one update, whole or in parts of `size`
+    structs (any order of the parts would do: what comes before what it refers to is held back until then)."""
+    base_at = int(base_share * len(steps))
+    docs = [Doc(client_id=i + 1) for i in range(3)]
+    base = b"\x00\x00"
+    for i, step in enumerate(steps):
+        if step == "sync":
+            updates = [doc.get_update() for doc in docs]
+            for doc in docs:
+                for update in updates:
+                    doc.apply_update(update)
+        else:
+            edit(docs[step[0]], *step[1:])
+        if i + 1 == base_at:
+            base = docs[0].get_update()
+    everything = Doc()
+    for doc in docs:
+        everything.apply_update(doc.get_update())
+    with_base = Doc()
+    with_base.apply_update(base)
+    rest = everything.get_update(with_base.get_state())
+    parts = slices(rest, size, least=0)
+    whole, in_parts = Replay(), Replay()
+    whole.apply(base)
+    whole.apply(rest)
+    in_parts.apply(base)
+    for part in parts:
+        in_parts.apply(part)
+    assert seen(in_parts.close()) == seen(whole.close()) == seen(everything)
+
+
+def test_small_updates_stay_whole_and_a_malformed_one_raises() -> None:
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "x" * 100)
+    update = doc.get_update()
+    assert slices(update) == [update]  # under the size from which updates are cut
+    assert slices(update, 1, least=0) == [update]  # one struct
+    for i in range(200):
+        doc.get("t", type=Text).insert(0, "y")  # each before the last: items that cannot join
+    update = doc.get_update()
+    parts = slices(update, 16, least=0)
+    assert len(parts) > 5 and all(len(part) < len(update) for part in parts)
+    with pytest.raises(ProtocolError):
+        slices(update[:-40], 16, least=0)
+
+
+def slow_apply(update: bytes) -> None:
+    time.sleep(SLOW_APPLY * 1.5)
+
+
+def test_documents_slow_to_apply_are_remembered_and_their_large_updates_cut() -> None:
+    docs = SlowDocuments(size=2)
+    large, small = b"x" * SLICE_FROM_BYTES, b"x" * (SLICE_FROM_BYTES - 1)
+    docs.timed("quick", lambda update: None, large)
+    assert "quick" not in docs and not docs.cut("quick", large)
+    for name in ("a", "b", "c"):
+        docs.timed(name, slow_apply, large)
+    assert "a" not in docs and "b" in docs and "c" in docs  # the least recently seen made room
+    assert docs.cut("c", large) and not docs.cut("c", small)
+
+
+def test_a_fold_learns_a_document_is_slow_and_then_applies_it_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(2000):
+        text.insert(0, "é" if i % 2 else "x")  # each before the last: 2,000 items that cannot join
+    update = doc.get_update()
+    applied: list[int] = []
+    real_apply = Replay.apply
+
+    def apply(replay: Replay, part: bytes) -> None:
+        applied.append(len(part))
+        real_apply(replay, part)
+
+    monkeypatch.setattr(Replay, "apply", apply)
+    name = "test_slicing-fold"
+    assert fold_updates([update], name) == doc.get_update() and applied == [len(update)]  # whole: not known slow
+    slow_documents.timed(name, slow_apply, update)  # as a slow load would
+    applied.clear()
+    assert fold_updates([update], name) == doc.get_update()
+    assert len(applied) >= 2000 // 64 and max(applied) < len(update) // 10
