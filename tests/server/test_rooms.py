@@ -93,16 +93,12 @@ async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -
         await store.close()
 
 
-async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A load replays stored updates on the event loop: one that takes long (here 40 updates of 5 ms each) lets the
-    loop run other work every TURN, rather than holding every connection of the process until it is done."""
-    store = SQLiteStore(str(tmp_path / "r.db"))
-    await store.open()
-    doc, updates = text_updates(40)
-    for update in updates:
-        await store.submit("d", update)
+async def load_counting_turns(store: SQLiteStore, name: str,
+                              monkeypatch: pytest.MonkeyPatch) -> tuple[Room, list[int]]:
+    """Load room `name` with each Replay.apply taking 5 ms more; also returns how many turns the rest of the loop had
+    had as each apply began."""
     slow_apply = Replay.apply
-    seen_at: list[int] = []  # the ticker's count as each update is replayed
+    seen_at: list[int] = []
 
     def apply(replay: Replay, update: bytes) -> None:
         seen_at.append(turns)
@@ -119,9 +115,21 @@ async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatc
             turns += 1
 
     ticker = asyncio.create_task(tick())
-    room = Room("d", store, LocalBroker(), Metrics())
+    room = Room(name, store, LocalBroker(), Metrics())
     await room.load()
     ticker.cancel()
+    return room, seen_at
+
+
+async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load replays stored updates on the event loop: one that takes long (here 40 updates of 5 ms each) lets the
+    loop run other work every TURN, rather than holding every connection of the process until it is done."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    doc, updates = text_updates(40)
+    for update in updates:
+        await store.submit("d", update)
+    room, seen_at = await load_counting_turns(store, "d", monkeypatch)
     await store.close()
     assert str(room.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
     assert len(seen_at) == 40
@@ -144,27 +152,7 @@ async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between
     name = "test_rooms-slow"
     await store.submit(name, update)
     slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), update)  # as an earlier slow load would
-    slow_apply = Replay.apply
-    seen_at: list[int] = []  # the ticker's count as each part is replayed
-
-    def apply(replay: Replay, part: bytes) -> None:
-        seen_at.append(turns)
-        time.sleep(0.005)
-        slow_apply(replay, part)
-
-    monkeypatch.setattr(Replay, "apply", apply)
-    turns = 0
-
-    async def tick() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
-
-    ticker = asyncio.create_task(tick())
-    room = Room(name, store, LocalBroker(), Metrics())
-    await room.load()
-    ticker.cancel()
+    room, seen_at = await load_counting_turns(store, name, monkeypatch)
     await store.close()
     assert str(room.doc.get("t", type=Text)) == str(text)
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
