@@ -26,14 +26,12 @@ SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
 SLOW_APPLY = 0.05  # seconds: a document one of whose updates took longer than this to apply is applied in parts
 
 
-def slices(update: bytes, size: int = SLICE_STRUCTS, least: int = SLICE_FROM_BYTES) -> list[bytes]:
+def slices(update: bytes, size: int = SLICE_STRUCTS) -> list[bytes]:
     """`update` (v1) as updates of at most `size` structs each, whose application in the order given has the
     effect of `update`'s: each client's structs in order, the clients' runs interleaved by how far along each is
     (so that what a struct refers to has mostly come before it; what has not is held back until it comes), and
-    the delete set last. `[update]` if it is shorter than `least` bytes or has no more than `size` structs.
-    Raises ProtocolError on a malformed update."""
-    if len(update) < least:
-        return [update]
+    the delete set last. `[update]` if it has no more than `size` structs. Raises ProtocolError on a malformed
+    update. Which updates are worth cutting is `SlowDocuments.cut`'s to say."""
     walk = Walk(update, "update")
     pieces = []
     for _ in range(walk.count()):

@@ -68,7 +68,7 @@ def test_an_update_applied_in_parts_leaves_the_document_it_leaves_whole(steps, b
     with_base = Doc()
     with_base.apply_update(base)
     rest = everything.get_update(with_base.get_state())
-    parts = slices(rest, size, least=0)
+    parts = slices(rest, size)
     whole, in_parts = Replay(), Replay()
     whole.apply(base)
     whole.apply(rest)
@@ -82,15 +82,15 @@ def test_small_updates_stay_whole_and_a_malformed_one_raises() -> None:
     doc = Doc()
     doc.get("t", type=Text).insert(0, "x" * 100)
     update = doc.get_update()
-    assert slices(update) == [update]  # under the size from which updates are cut
-    assert slices(update, 1, least=0) == [update]  # one struct
+    assert slices(update) == [update]  # one struct
+    assert slices(update, 1) == [update]
     for i in range(200):
         doc.get("t", type=Text).insert(0, "y")  # each before the last: items that cannot join
     update = doc.get_update()
-    parts = slices(update, 16, least=0)
+    parts = slices(update, 16)
     assert len(parts) > 5 and all(len(part) < len(update) for part in parts)
     with pytest.raises(ProtocolError):
-        slices(update[:-40], 16, least=0)
+        slices(update[:-40], 16)
 
 
 def slow_apply(update: bytes) -> None:
