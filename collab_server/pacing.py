@@ -1,7 +1,8 @@
 """Long work done a part at a time, so the event loop handles what is ready between the parts. Periodic passes
 over every connection or room go in slices: a keepalive pass over 5,000 idle connections takes ~0.1 s, and done in
 one callback, every message that arrives meanwhile waits for all of it. A coroutine with a long run of synchronous
-steps (a room's load, a batch of broker entries) offers the loop a turn between them (`Turns`)."""
+steps (a room's load, a batch of broker entries) offers the loop a turn between them (`Turns`), and long work in a
+worker thread (a compaction's fold) offers it the GIL (`GilTurns`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ T = TypeVar("T")
 
 SLICE = 128  # items per turn of the event loop: a few milliseconds of sends at most
 TURN = 0.01  # seconds of a coroutine's synchronous steps between the turns it gives the rest of the loop
+GIL_TURN = 0.001  # seconds of a worker thread's work between offers of the GIL to the event loop
 
 
 class Turns:
@@ -32,6 +34,22 @@ class Turns:
         if time.perf_counter() >= self.ends:
             await asyncio.sleep(0)
             self.ends = time.perf_counter() + TURN
+
+
+class GilTurns:
+    """`turns.offer()` between the steps of long work in a worker thread offers the GIL to other threads once per
+    GIL_TURN of them, so the event loop waits at most about that long behind it rather than a whole switch
+    interval (5 ms)."""
+
+    __slots__ = ("ends",)
+
+    def __init__(self) -> None:
+        self.ends = time.perf_counter() + GIL_TURN
+
+    def offer(self) -> None:
+        if time.perf_counter() >= self.ends:
+            time.sleep(0)
+            self.ends = time.perf_counter() + GIL_TURN
 
 
 def in_slices(items: Sequence[T], action: Callable[[T], None], *, what: str, size: int = SLICE) -> None:

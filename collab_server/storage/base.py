@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from collab_server.merge import merge_all
+from collab_server.pacing import GilTurns
 from collab_server.replay import Replay
 from collab_server.slicing import slices, slow_documents
 from collab_server.storage.health import CommitHealth
 
 
 log = logging.getLogger(__name__)
-
-GIL_TURN = 0.001  # seconds of folding between offers of the GIL to the event loop
 
 
 def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
@@ -32,28 +30,15 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     is carried over, so it applies once its dependencies arrive. Usually there is none, and the checkpoint is
     just the document's state.
 
-    Compaction runs this in a worker thread: it offers the GIL back every millisecond of work, so the event
-    loop waits at most that long behind it rather than a whole switch interval (5 ms).
+    Compaction runs this in a worker thread: it offers the GIL back every GIL_TURN (1 ms) of work (GilTurns).
     """
     replay = Replay()
-    turn = _GilTurn()
+    turn = GilTurns()
     for update in updates:
         for part in slices(update) if slow_documents.cut(doc, update) else (update,):
             slow_documents.timed(doc, replay.apply, part)
             turn.offer()
     return merge_all([replay.close().get_update(), *replay.held.updates])
-
-
-class _GilTurn:
-    """Offers the GIL to other threads once per GIL_TURN of work."""
-
-    def __init__(self) -> None:
-        self.ends = time.perf_counter() + GIL_TURN
-
-    def offer(self) -> None:
-        if time.perf_counter() >= self.ends:
-            time.sleep(0)
-            self.ends = time.perf_counter() + GIL_TURN
 
 
 class StorageError(RuntimeError):
