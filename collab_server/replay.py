@@ -1,25 +1,33 @@
 """A document built from stored updates (a checkpoint and its log, at load or in a compaction's fold), each applied
 as a Yjs replica applies it: characters cut between their UTF-16 units as Yjs cuts them (surrogates.py), and what
-waits on a change still to come held and given again (heldback.py)."""
+waits on a change still to come held and given again (heldback.py). A large update of a document known to be slow
+to apply, and the state such a document is rebuilt from, are applied in parts with turns for the rest of the
+process between them (slicing.py)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from pycrdt import Doc, TransactionEvent
 
 from collab_server.heldback import Held
-from collab_server.surrogates import Characters
+from collab_server.pacing import GilTurns, Turns
+from collab_server.slicing import slices, slow_documents
+from collab_server.surrogates import Characters, Cut
 
 
 class Replay:
-    """Applies updates one by one to `doc`; `doc` is replaced when a cut needs it rebuilt."""
+    """Applies updates one by one to `doc`, of document `name` (None: unnamed, never applied in parts); `doc` is
+    replaced when a cut needs it rebuilt."""
 
-    __slots__ = ("doc", "characters", "held", "_reported", "_subscription")
+    __slots__ = ("doc", "characters", "held", "name", "_reported", "_subscription")
 
     def __init__(self, doc: Doc | None = None, characters: Characters | None = None,
-                 held: Held | None = None) -> None:
+                 held: Held | None = None, name: str | None = None) -> None:
         self.doc = Doc() if doc is None else doc
         self.characters = Characters() if characters is None else characters
         self.held = Held() if held is None else held
+        self.name = name
         self._reported: list[bytes] = []
         self._subscription = self.doc.observe(self._report)
 
@@ -27,23 +35,38 @@ class Replay:
         self._reported.append(event.update)
 
     def apply(self, update: bytes) -> None:
-        """Apply `update` (what pycrdt raises when it refuses one is raised here)."""
-        reported = self._reported
+        """Apply `update` (what pycrdt raises when it refuses one is raised here). A document rebuilt for it is
+        built in parts if it is known to be slow, offering the GIL between them (a fold runs in a worker thread;
+        a load, on the event loop, uses `apply_paced`)."""
+        cut = self.plan(update)
+        if cut.state is not None:
+            self.replace(build(cut.state, self.doc.client_id, self.name))
+        self.integrate(cut)
+
+    def plan(self, update: bytes) -> Cut:
+        """How to apply `update` (Characters.plan): a state to rebuild the document from first (`replace`), then
+        `integrate`."""
+        return self.characters.plan(self.doc, update, self.held.updates)
+
+    def replace(self, doc: Doc) -> None:
+        """Go on with `doc`, built from the state `plan` gave."""
+        self.doc.unobserve(self._subscription)
+        self.doc, self._subscription = doc, doc.observe(self._report)
+
+    def integrate(self, cut: Cut) -> None:
+        """Apply the update `plan` gave, to the document rebuilt if it said so."""
+        update, doc, reported = cut.update, self.doc, self._reported
         reported.clear()
         held_before = bool(self.held.updates)
-        doc, update, seconds = self.characters.prepare_and_read(self.doc, update, self.held.updates)
-        if doc is not self.doc:  # built from a state: it holds nothing back
-            self.doc.unobserve(self._subscription)
-            self.doc, self._subscription = doc, doc.observe(self._report)
         with doc.transaction():
             doc.apply_update(update)
             self.held.give(doc)
         if self.held.whole(reported, update):
-            self.characters.applied(update, seconds)  # not read a second time
+            self.characters.applied(update, cut.seconds)  # not read a second time
             return
         if self.held.note(doc, update) is None and not held_before:
             # all of it is in the document, and nothing else came with it (a state with deletions re-encoded)
-            self.characters.applied(update, seconds)
+            self.characters.applied(update, cut.seconds)
             return
         for part in reported:
             self.characters.add(part)
@@ -52,3 +75,34 @@ class Replay:
         """The document, no longer observed."""
         self.doc.unobserve(self._subscription)
         return self.doc
+
+
+def apply_offering_gil(replay: Replay, update: bytes, turns: GilTurns) -> None:
+    """`replay.apply(update)` in a worker thread, in parts if it is a large update of a document known to be slow,
+    offering the GIL between them. Notes the document as slow if one application takes long."""
+    for part in slices(update) if slow_documents.cut(replay.name, update) else (update,):
+        slow_documents.timed(replay.name, replay.apply, part)
+        turns.offer()
+
+
+def build(state: bytes, client_id: int, name: str | None) -> Doc:
+    """A document of `client_id` (its own later changes carry on its clock) built from `state` (see surrogates.Cut)."""
+    replay = Replay(Doc(client_id=client_id), name=name)
+    apply_offering_gil(replay, state, GilTurns())
+    return replay.close()
+
+
+async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
+    """`replay.apply(update)` on the event loop, offering the rest of the loop `turns` before it; a large update of
+    a document known to be slow is applied in parts with turns between them, cut in a worker thread (cutting reads
+    it in Python), and so is the state it is rebuilt from where a part cuts a character. Notes the document as
+    slow if one application takes long."""
+    name = replay.name
+    for part in await asyncio.to_thread(slices, update) if slow_documents.cut(name, update) else (update,):
+        await turns.offer()
+        cut = replay.plan(part)
+        if cut.state is not None:
+            rebuilt = Replay(Doc(client_id=replay.doc.client_id), name=name)
+            await apply_paced(rebuilt, cut.state, turns)
+            replay.replace(rebuilt.close())
+        slow_documents.timed(name, replay.integrate, cut)

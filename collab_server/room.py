@@ -19,8 +19,8 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns
-from collab_server.replay import Replay
-from collab_server.slicing import slices, slow_documents
+from collab_server.replay import Replay, apply_paced, build
+from collab_server.slicing import slow_documents
 from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, merge_safely
 from collab_server.transport import binary_frame
@@ -123,6 +123,8 @@ class Room:
         self._inflight: asyncio.Future[int] | None = None  # latest submitted write; commits are FIFO
         self._write: _Write | None = None  # the latest submitted write, open while the store has not taken it
         self._hold: asyncio.Future[None] | None = None  # closed while a sync reply waits for commits
+        self._rebuild: asyncio.Task[None] | None = None  # builds the document again in parts (see _prepare)
+        self._deferred: list[bytes] = []  # other nodes' changes that came during the rebuild
         self._outbox: list[bytes] = []
         self._awareness_outbox: list[bytes] = []
         self._relayed = _Relayed()
@@ -142,16 +144,11 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates, self.mark = await self.store.load_new(self.name, None)
-        replay = Replay(self.doc, self._characters, self._held)
+        replay = Replay(self.doc, self._characters, self._held, name=self.name)
         turns = Turns()  # nothing else can reach the room until it is in the registry
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
             try:
-                # a large one of a document known to be slow to apply, in parts: whole it may hold the loop for a
-                # second (slicing.py); cutting it reads it in Python, in a worker thread
-                cut = slow_documents.cut(self.name, update)
-                for part in await asyncio.to_thread(slices, update) if cut else (update,):
-                    await turns.offer()
-                    slow_documents.timed(self.name, replay.apply, part)
+                await apply_paced(replay, update, turns)
             except BaseException as exc:
                 if not _refusal(exc):
                     raise
@@ -175,7 +172,10 @@ class Room:
         return self._inflight is None or self._inflight.done()
 
     async def flush(self) -> None:
-        """Wait until everything applied so far is committed (errors are handled by the commit callback)."""
+        """Wait until everything applied so far is committed (errors are handled by the commit callback), and
+        until the document is no longer being rebuilt."""
+        while self._rebuild is not None:
+            await asyncio.wait([self._rebuild])
         while self._inflight is not None and not self._inflight.done():
             await asyncio.wait([self._inflight])
 
@@ -183,6 +183,8 @@ class Room:
         self.closed = True
         if self.unload_handle is not None:
             self.unload_handle.cancel()
+        if self._rebuild is not None:  # what it would apply is stored already, or by another node
+            self._rebuild.cancel()
         if self._subscription is not None:
             self.doc.unobserve(self._subscription)
             self._subscription = None
@@ -237,7 +239,11 @@ class Room:
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
         check_update(update)
         await self._writable()
-        update = self._prepare(update)
+        prepared = self._prepare(update)
+        while prepared is None:  # the document is rebuilt first, in parts
+            await self._writable()
+            prepared = self._prepare(update)
+        update = prepared
         refused: BaseException | None = None
         try:
             with self.doc.transaction(origin=origin):
@@ -276,9 +282,12 @@ class Room:
             self._persist(None)
 
     async def _writable(self) -> None:
-        """Wait while a sync answer is being prepared; RoomClosed once the room is closed."""
-        while self._hold is not None:
-            await asyncio.shield(self._hold)
+        """Wait while a sync answer is being prepared or the document rebuilt; RoomClosed once the room is closed."""
+        while self._hold is not None or self._rebuild is not None:
+            if self._hold is not None:
+                await asyncio.shield(self._hold)
+            else:
+                await asyncio.wait([self._rebuild])
         if self.closed:
             raise RoomClosed(self.name)
 
@@ -298,20 +307,49 @@ class Room:
                 self._hold.set_result(None)
                 self._hold = None
 
-    def _prepare(self, update: bytes) -> bytes:
-        """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
-        its two UTF-16 units (see surrogates.py)."""
-        doc, update = self._characters.prepare(self.doc, update, self._held.updates)
-        if doc is not self.doc:
-            log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
-            self._held.give(doc)  # a document built from a state holds nothing back
-            if self._subscription is not None:
-                self.doc.unobserve(self._subscription)
-                self._subscription = doc.observe(self._observe)
-            self.doc = doc
-            for callback in self.on_new_doc:
-                callback(doc)
-        return update
+    def _prepare(self, update: bytes) -> bytes | None:
+        """The update to apply instead of `update`, with the document rebuilt first where it cuts a character
+        between its two UTF-16 units (see surrogates.py). None while the document is being rebuilt: a document
+        known to be slow to apply (slicing.py) is rebuilt in parts, with the loop's turns between them; meanwhile
+        writes wait, other nodes' changes are deferred, and the caller prepares the update again after."""
+        if self._rebuild is not None:
+            return None
+        cut = self._characters.plan(self.doc, update, self._held.updates)
+        if cut.state is None:
+            return cut.update
+        if slow_documents.cut(self.name, cut.state):
+            self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_in_parts(cut.state))
+            return None
+        log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
+        self._replace_doc(build(cut.state, self.doc.client_id, self.name))
+        return cut.update
+
+    async def _rebuild_in_parts(self, state: bytes) -> None:
+        """Build the document again from `state` in parts (see _prepare), then apply what was deferred meanwhile."""
+        log.info("room rebuilding in parts to cut a character as Yjs does name=%s", self.name)
+        try:
+            replay = Replay(Doc(client_id=self.doc.client_id), name=self.name)
+            await apply_paced(replay, state, Turns())
+            self._characters = replay.characters
+            self._replace_doc(replay.close())
+        except Exception:  # the document is in doubt: its clients reconnect to a fresh load
+            log.exception("room failed to rebuild name=%s", self.name)
+            self.discard(CloseCode.INTERNAL_ERROR, "server error")
+        finally:
+            self._rebuild, deferred, self._deferred = None, self._deferred, []
+        if not self.closed:
+            for update in deferred:
+                self._on_broker(Kind.UPDATE, update, False)
+
+    def _replace_doc(self, doc: Doc) -> None:
+        """Make `doc`, built from this document's state, the room's document."""
+        self._held.give(doc)  # a document built from a state holds nothing back
+        if self._subscription is not None:
+            self.doc.unobserve(self._subscription)
+            self._subscription = doc.observe(self._observe)
+        self.doc = doc
+        for callback in self.on_new_doc:
+            callback(doc)
 
     def _observe(self, event: TransactionEvent) -> None:
         update = event.update
@@ -389,8 +427,13 @@ class Room:
         arrived) and broadcast it here; returns whether anything was missing. The room has loaded."""
         if not updates:
             return False
+        deferred = False
         for update in merge_safely(updates):
             missing = self._prepare(get_update(update, self.doc.get_state()))
+            if missing is None:  # the document is being rebuilt: applied and relayed after, as other nodes' are
+                self._deferred.append(update)
+                deferred = True
+                continue
             with self.doc.transaction(origin="broker"):
                 self.doc.apply_update(missing)
                 self._held.give(self.doc)
@@ -398,7 +441,7 @@ class Room:
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
-        return bool(changed)
+        return bool(changed) or deferred
 
     def _on_broker(self, kind: Kind, payload: bytes, local: bool) -> None:
         if self._early is not None:
@@ -411,6 +454,9 @@ class Room:
         elif kind is Kind.UPDATE:
             if not local:  # committed by another node: apply here without persisting again
                 update = self._prepare(payload)
+                if update is None:  # the document is being rebuilt
+                    self._deferred.append(payload)
+                    return
                 with self.doc.transaction(origin="broker"):
                     self.doc.apply_update(update)
                     self._held.give(self.doc)

@@ -17,12 +17,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from operator import itemgetter
+from typing import TypeVar
 
 from collab_server.protocol import write_varuint
 from collab_server.updatecheck import Walk
 
 SLICE_STRUCTS = 64  # structs per part
 SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
+T = TypeVar("T")
+
 SLOW_APPLY = 0.05  # seconds: a document one of whose updates took longer than this to apply is applied in parts
 
 
@@ -67,7 +70,7 @@ class SlowDocuments:
         """Whether `update` of document `name` is to be applied in parts (see `slices`); never unnamed."""
         return len(update) >= SLICE_FROM_BYTES and name in self._names
 
-    def timed(self, name: str | None, apply: Callable[[bytes], object], update: bytes) -> None:
+    def timed(self, name: str | None, apply: Callable[[T], object], update: T) -> None:
         """`apply(update)`, noting `name` (unless None) as slow if it takes longer than SLOW_APPLY."""
         started = time.perf_counter()
         apply(update)

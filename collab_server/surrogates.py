@@ -7,14 +7,16 @@ item whose length no longer matches its text: every state it encodes from then o
 the same client wrote after it, so a reload, a compaction or a fresh client's sync silently drops edits.
 
 So the cut is made here as Yjs makes it, before yrs sees it. `Characters` knows where a document's text
-holds such characters; `Characters.prepare` rebuilds the document from its state with each character an
-update cuts replaced by two U+FFFD (the same two UTF-16 units, so every item keeps its clocks). yrs then
-cuts between two characters, and the document is the one every Yjs replica holds.
+holds such characters; `Characters.plan` gives the document's state with each character an update cuts
+replaced by two U+FFFD (the same two UTF-16 units, so every item keeps its clocks), to build the document again
+from (`prepare` builds it at once; a room builds a slow document's in parts, see room.py). yrs then cuts between
+two characters, and the document is the one every Yjs replica holds.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from pycrdt import Doc
 
@@ -75,11 +77,7 @@ class Characters:
 
     def prepare(self, doc: Doc, update: bytes, held: list[bytes] | None = None) -> tuple[Doc, bytes]:
         """The document and the update to apply instead of `doc` and `update`, so that yrs cuts no character:
-        the same two unless the update cuts one. A character of the document it cuts is replaced in a new
-        document built from `doc`'s state; one of its own text, in a copy of the update. `held`: what `doc`
-        holds back of earlier updates (heldback.py), which integrates with this one and may cut its text or be
-        cut by it: a character it holds that is cut is replaced in `held` itself, in a new document (yrs keeps
-        the uncut copy it holds back, so the caller gives `held` to the new document)."""
+        the same two unless the update cuts one. See `plan`."""
         doc, update, _ = self.prepare_and_read(doc, update, held)
         return doc, update
 
@@ -87,9 +85,19 @@ class Characters:
                          held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
         """As `prepare`, and the characters of the update returned if they were read (None if not): give them
         to `applied` once the update is applied whole."""
+        cut = self.plan(doc, update, held)
+        return (doc if cut.state is None else rebuilt(doc, cut.state)), cut.update, cut.seconds
+
+    def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None) -> Cut:
+        """How to apply `update` to `doc` so that yrs cuts no character. A character of the document it cuts is
+        replaced in a state to build a new document from (`Cut.state`; from then on this object knows that
+        document's characters); one of its own text, in a copy of the update. `held`: what `doc` holds back of
+        earlier updates (heldback.py), which integrates with this one and may cut its text or be cut by it: a
+        character it holds that is cut is replaced in `held` itself, and the document is rebuilt (yrs keeps the
+        uncut copy it holds back, so the caller gives `held` to the new document)."""
         held = held if held is not None else []
         if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
-            return doc, update, []
+            return Cut(update, [], None)
         scan = _Scan(update)
         scans = [_Scan(rest) for rest in held]
         cuts = set(scan.cuts).union(*(rest.cuts for rest in scans))
@@ -112,14 +120,27 @@ class Characters:
             cut |= cut_held
             fixed = _replace(state, known, cut)
             if fixed is not state or cut_held:
-                doc = Doc(client_id=doc.client_id)  # its own later changes carry on its clock
-                doc.apply_update(fixed)
                 self.seconds = {}
                 self._note([point for point in known.seconds if point not in cut])
-            else:  # those characters were deleted since: forget them, so the next cut there reads nothing
-                for client, clock in cut:
-                    self.seconds[client].discard(clock)
-        return doc, update, seconds
+                return Cut(update, seconds, fixed)
+            for client, clock in cut:  # those characters were deleted since: forget them, so the next cut there
+                self.seconds[client].discard(clock)  # reads nothing
+        return Cut(update, seconds, None)
+
+
+class Cut(NamedTuple):
+    """How to apply an update so that yrs cuts no character (`Characters.plan`)."""
+
+    update: bytes  # to apply instead of the update
+    seconds: list[Point] | None  # the characters of its text, if read (for `Characters.applied`)
+    state: bytes | None  # to build the document again from before applying it (None: the document as it is)
+
+
+def rebuilt(doc: Doc, state: bytes) -> Doc:
+    """A document built from `state` (see `Cut`) to replace `doc`: its own later changes carry on its clock."""
+    new = Doc(client_id=doc.client_id)
+    new.apply_update(state)
+    return new
 
 
 def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:

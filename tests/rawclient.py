@@ -103,6 +103,18 @@ def text_updates(count: int, name: str = "t") -> tuple[Doc, list[bytes]]:
     return doc, updates
 
 
+def slow_text(count: int) -> Doc:
+    """A document whose text is slow to integrate (collab_server/slicing.py): `count` characters, each typed before
+    the last, which cannot join."""
+    from pycrdt import Text
+
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(count):
+        text.insert(0, "é" if i % 2 else "x")
+    return doc
+
+
 def state_vector(doc: Doc) -> dict[int, int]:
     """A document's state vector as {client id: clock}, without clients at clock 0 (the same as absent): its
     encoding lists clients in hash order."""

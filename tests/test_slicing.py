@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from collab_server.protocol import ProtocolError
+from collab_server.pacing import GilTurns
 from collab_server.replay import Replay
 from collab_server.slicing import SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
 from collab_server.storage.base import fold_updates
-from tests.rawclient import state_vector
+from tests.rawclient import deletion, second_unit, slow_text, state_vector
 
 PIECES = ["a", "bc", "é", "😀", "👍🏽", "z" * 20]
 EDIT = st.tuples(st.integers(0, 2), st.sampled_from(["insert", "delete", "map", "array", "nested"]),
@@ -109,10 +110,7 @@ def test_documents_slow_to_apply_are_remembered_and_their_large_updates_cut() ->
 
 
 def test_a_fold_learns_a_document_is_slow_and_then_applies_it_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    doc = Doc()
-    text = doc.get("t", type=Text)
-    for i in range(2000):
-        text.insert(0, "é" if i % 2 else "x")  # each before the last: 2,000 items that cannot join
+    doc = slow_text(2000)
     update = doc.get_update()
     applied: list[int] = []
     real_apply = Replay.apply
@@ -128,3 +126,37 @@ def test_a_fold_learns_a_document_is_slow_and_then_applies_it_in_parts(monkeypat
     applied.clear()
     assert fold_updates([update], name) == doc.get_update()
     assert len(applied) >= 2000 // 64 and max(applied) < len(update) // 10
+
+
+def test_a_fold_rebuilding_a_slow_document_for_a_cut_builds_it_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log entry cutting a character has the fold rebuild its document (surrogates.py): for a slow document, in
+    parts too, offering the GIL between them, so the event loop never waits behind a whole application."""
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    updates = [doc.get_update(), deletion(*second_unit(doc))]
+    expected = Replay()
+    for update in updates:
+        expected.apply(update)
+    applied: list[int] = []
+    offered = 0
+    real_apply, real_offer = Replay.apply, GilTurns.offer
+
+    def apply(replay: Replay, part: bytes) -> None:
+        applied.append(len(part))
+        real_apply(replay, part)
+
+    def offer(turns: GilTurns) -> None:
+        nonlocal offered
+        offered += 1
+        real_offer(turns)
+
+    monkeypatch.setattr(Replay, "apply", apply)
+    monkeypatch.setattr(GilTurns, "offer", offer)
+    name = "test_slicing-fold-cut"
+    slow_documents.timed(name, slow_apply, b"")
+    folded = Doc()
+    folded.apply_update(fold_updates(updates, name))
+    assert str(folded.get("t", type=Text)) == str(expected.doc.get("t", type=Text))
+    assert str(folded.get("t", type=Text)).startswith("\ufffd")
+    assert len(applied) >= 2 * (2000 // 64)  # the state, then the state it is rebuilt from, in parts
+    assert max(applied) < len(updates[0]) // 10 and offered >= len(applied)

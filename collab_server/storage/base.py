@@ -11,8 +11,7 @@ from typing import Protocol
 
 from collab_server.merge import merge_all
 from collab_server.pacing import GilTurns
-from collab_server.replay import Replay
-from collab_server.slicing import slices, slow_documents
+from collab_server.replay import Replay, apply_offering_gil
 from collab_server.storage.health import CommitHealth
 
 
@@ -32,12 +31,10 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
 
     Compaction runs this in a worker thread: it offers the GIL back every GIL_TURN (1 ms) of work (GilTurns).
     """
-    replay = Replay()
-    turn = GilTurns()
+    replay = Replay(name=doc)
+    turns = GilTurns()
     for update in updates:
-        for part in slices(update) if slow_documents.cut(doc, update) else (update,):
-            slow_documents.timed(doc, replay.apply, part)
-            turn.offer()
+        apply_offering_gil(replay, update, turns)
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
 

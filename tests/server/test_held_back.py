@@ -4,7 +4,9 @@ relayed to every client, kept across a rebuild, and checked for characters they 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from collab_server.connection import Connection
 from collab_server.metrics import Metrics
 from collab_server.replay import Replay
 from collab_server.room import Room
+from collab_server import replay as replay_module
+from collab_server import slicing
 from collab_server.surrogates import Characters
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import (
@@ -67,11 +71,23 @@ class Client:
         return str(self.doc.get("t", type=Text))
 
 
-@pytest.fixture
-async def room(tmp_path: Path):
+def rebuilt_in_parts(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of a document known to be slow (slicing.py), whose every update is applied in parts of one struct
+    (so a room rebuilds it in parts, deferring other writes meanwhile)."""
+    name = "doc-known-slow"
+    slicing.slow_documents.timed(name, lambda _: time.sleep(slicing.SLOW_APPLY * 1.5), b"")
+    monkeypatch.setattr(slicing, "SLICE_FROM_BYTES", 0)
+    monkeypatch.setattr(replay_module, "slices", partial(slicing.slices, size=1))
+    return name
+
+
+@pytest.fixture(params=["whole", "in-parts"])
+async def room(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A loaded room; its document rebuilt whole where a change cuts a character, or in parts."""
     store = SQLiteStore(str(tmp_path / "held.db"))
     await store.open()
-    room = Room("doc", store, LocalBroker(), Metrics())
+    room = Room("doc" if request.param == "whole" else rebuilt_in_parts(monkeypatch), store, LocalBroker(),
+                Metrics())
     await room.load()
     yield room
     await room.close()
@@ -280,13 +296,16 @@ def histories(draw: st.DrawFn) -> list[tuple[int, bytes]]:
     return made
 
 
+@pytest.mark.parametrize("rebuild", ["whole", "in-parts"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=histories(), data=st.data())
 def test_changes_arriving_in_any_order_from_clients_and_other_nodes_all_reach_room_store_and_clients(
-        tmp_path_factory: pytest.TempPathFactory, history: list[tuple[int, bytes]], data: st.DataObject) -> None:
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, rebuild: str,
+        history: list[tuple[int, bytes]], data: st.DataObject) -> None:
     """Each writer's changes come in the order it made them (a websocket is FIFO), through a client connection or
     as another node's commits, interleaved at random with the other writers'. Whatever the order, the room, what
-    is stored (with the other nodes' commits) and a client that joined at the start hold every change."""
+    is stored (with the other nodes' commits) and a client that joined at the start hold every change; also when
+    the room rebuilds its document in parts, with changes coming meanwhile."""
     queues = {writer: [update for w, update in history if w == writer] for writer in range(3)}
     from_node = {writer: data.draw(st.booleans(), label=f"writer {writer} on another node") for writer in range(3)}
     order = []
@@ -297,23 +316,29 @@ def test_changes_arriving_in_any_order_from_clients_and_other_nodes_all_reach_ro
     for _, update in history:
         expected.apply(update)
     want = str(expected.doc.get("t", type=Text))
-    asyncio.run(_deliver(tmp_path_factory.mktemp("held"), order, from_node, want))
+    name = "doc" if rebuild == "whole" else rebuilt_in_parts(monkeypatch)
+    asyncio.run(_deliver(tmp_path_factory.mktemp("held"), name, order, from_node, want))
 
 
-async def _deliver(path: Path, order: list[tuple[int, bytes]], from_node: dict[int, bool], want: str) -> None:
+async def _deliver(path: Path, name: str, order: list[tuple[int, bytes]], from_node: dict[int, bool],
+                   want: str) -> None:
     store = SQLiteStore(str(path / "held.db"))
     await store.open()
-    room = Room("doc", store, LocalBroker(), Metrics())
+    room = Room(name, store, LocalBroker(), Metrics())
     await room.load()
     client = Client(room)
     try:
         elsewhere = []
+        writes = []
         for writer, update in order:
             if from_node[writer]:
                 room._on_broker(Kind.UPDATE, update, False)
                 elsewhere.append(update)
-            else:
-                await room.apply(update)
+            else:  # a client's next message may come while the room rebuilds its document
+                writes.append(asyncio.create_task(room.apply(update)))
+                await asyncio.sleep(0)
+        await asyncio.gather(*writes)
+        await room.flush()
         assert str(room.doc.get("t", type=Text)) == want
         await wait_for(client, want)
         assert await stored_text(room, *elsewhere) == want

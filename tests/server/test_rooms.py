@@ -3,11 +3,14 @@ done in slices."""
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server.broker import Kind
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
 from collab_server.pacing import TURN
@@ -16,7 +19,8 @@ from collab_server.room import Room, RoomClosed
 from collab_server.slicing import SLICE_STRUCTS, SLOW_APPLY, slow_documents
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
-from tests.rawclient import text_updates
+from collab_server.surrogates import Cut
+from tests.rawclient import deletion, second_unit, slow_text, text_updates
 
 
 class _Peer:
@@ -93,19 +97,19 @@ async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -
         await store.close()
 
 
-async def load_counting_turns(store: SQLiteStore, name: str,
-                              monkeypatch: pytest.MonkeyPatch) -> tuple[Room, list[int]]:
-    """Load room `name` with each Replay.apply taking 5 ms more; also returns how many turns the rest of the loop had
-    had as each apply began."""
-    slow_apply = Replay.apply
+@asynccontextmanager
+async def counting_turns(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[int]]:
+    """Meanwhile each update a Replay integrates takes 5 ms more; yields how many turns the rest of the loop had had
+    as each began."""
+    slow_integrate = Replay.integrate
     seen_at: list[int] = []
 
-    def apply(replay: Replay, update: bytes) -> None:
+    def integrate(replay: Replay, cut: Cut) -> None:
         seen_at.append(turns)
         time.sleep(0.005)
-        slow_apply(replay, update)
+        slow_integrate(replay, cut)
 
-    monkeypatch.setattr(Replay, "apply", apply)
+    monkeypatch.setattr(Replay, "integrate", integrate)
     turns = 0
 
     async def tick() -> None:
@@ -115,10 +119,30 @@ async def load_counting_turns(store: SQLiteStore, name: str,
             turns += 1
 
     ticker = asyncio.create_task(tick())
-    room = Room(name, store, LocalBroker(), Metrics())
-    await room.load()
-    ticker.cancel()
+    try:
+        yield seen_at
+    finally:
+        ticker.cancel()
+        monkeypatch.setattr(Replay, "integrate", slow_integrate)
+
+
+async def load_counting_turns(store: SQLiteStore, name: str,
+                              monkeypatch: pytest.MonkeyPatch) -> tuple[Room, list[int]]:
+    """Load room `name` counting turns (see counting_turns)."""
+    async with counting_turns(monkeypatch) as seen_at:
+        room = Room(name, store, LocalBroker(), Metrics())
+        await room.load()
     return room, seen_at
+
+
+def typed_after(doc: Doc, client_id: int, chars: str) -> bytes:
+    """What a replica holding `doc` sends when it types `chars` at the end of its text."""
+    replica = Doc(client_id=client_id)
+    replica.apply_update(doc.get_update())
+    text = replica.get("t", type=Text)
+    before = replica.get_state()
+    text += chars
+    return replica.get_update(before)
 
 
 async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,10 +168,8 @@ async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between
     SLICE_STRUCTS structs, giving the loop turns between them."""
     store = SQLiteStore(str(tmp_path / "r.db"))
     await store.open()
-    doc = Doc()
+    doc = slow_text(2000)
     text = doc.get("t", type=Text)
-    for i in range(2000):
-        text.insert(0, "é" if i % 2 else "x")  # each before the last: 2,000 items that cannot join
     update = doc.get_update()
     name = "test_rooms-slow"
     await store.submit(name, update)
@@ -157,6 +179,68 @@ async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between
     assert str(room.doc.get("t", type=Text)) == str(text)
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
+
+
+async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_changes_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change cutting a character between its UTF-16 units has the room rebuild its document (surrogates.py).
+    Rebuilt whole, a slow document would hold the loop for as long as its load; rebuilt in parts, the loop has
+    turns between them, while a client's change waits and other nodes' changes (broadcast, or caught up from
+    storage) are deferred: once it is rebuilt, the document holds them all, as a Yjs replica does."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    name = "test_rooms-slow-cut"
+    await store.submit(name, doc.get_update())
+    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), b"")  # as an earlier slow load would
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+    cut = deletion(*second_unit(doc))
+    written, broadcast, stored = (typed_after(doc, 100 + i, chars) for i, chars in enumerate(["A", "B", "C"]))
+    async with counting_turns(monkeypatch) as seen_at:
+        cutting = asyncio.create_task(room.apply(cut))
+        await asyncio.sleep(0)
+        assert room._rebuild is not None
+        writing = asyncio.create_task(room.apply(written))
+        room._on_broker(Kind.UPDATE, broadcast, False)
+        assert room.catch_up([stored]) is True
+        await asyncio.gather(cutting, writing)
+        await room.flush()
+    expected = Replay()
+    for update in [doc.get_update(), cut, written, broadcast, stored]:
+        expected.apply(update)
+    want = str(expected.doc.get("t", type=Text))
+    assert want.startswith("\ufffd") and sorted(want[-3:]) == list("ABC")  # the cut made as Yjs makes it
+    assert str(room.doc.get("t", type=Text)) == want
+    assert len(seen_at) >= 2000 // SLICE_STRUCTS
+    assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
+    await room.close()
+    await store.close()
+
+
+async def test_a_cut_stored_in_the_log_of_a_document_known_to_be_slow_is_made_in_parts_at_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load replays the log as a Yjs replica would: a stored change that cuts a character has the document
+    rebuilt, and that of a slow document in parts, with the loop's turns between them."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    cut = deletion(*second_unit(doc))
+    name = "test_rooms-slow-cut-stored"
+    for update in (doc.get_update(), cut):
+        await store.submit(name, update)
+    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), b"")
+    room, seen_at = await load_counting_turns(store, name, monkeypatch)
+    await store.close()
+    expected = Replay()
+    for update in (doc.get_update(), cut):
+        expected.apply(update)
+    assert str(room.doc.get("t", type=Text)) == str(expected.doc.get("t", type=Text))
+    assert str(room.doc.get("t", type=Text)).startswith("\ufffd")
+    assert len(seen_at) >= 2 * (2000 // SLICE_STRUCTS)  # the state loaded, then built again, in parts
+    assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8
 
 
 class _GatedLoads(SQLiteStore):
