@@ -36,8 +36,8 @@ class Replay:
 
     def apply(self, update: bytes) -> None:
         """Apply `update` (what pycrdt raises when it refuses one is raised here). A document rebuilt for it is
-        built in parts if it is known to be slow, offering the GIL between them (a fold runs in a worker thread;
-        a load, on the event loop, uses `apply_paced`)."""
+        built in parts if it is known to be slow, offering the GIL between them (see `build`; a load, on the event
+        loop, uses `apply_paced`)."""
         cut = self.plan(update)
         if cut.state is not None:
             self.replace(build(cut.state, self.doc.client_id, self.name))
@@ -85,13 +85,6 @@ def apply_offering_gil(replay: Replay, update: bytes, turns: GilTurns) -> None:
         turns.offer()
 
 
-def build(state: bytes, client_id: int, name: str | None) -> Doc:
-    """A document of `client_id` (its own later changes carry on its clock) built from `state` (see surrogates.Cut)."""
-    replay = Replay(Doc(client_id=client_id), name=name)
-    apply_offering_gil(replay, state, GilTurns())
-    return replay.close()
-
-
 async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
     """`replay.apply(update)` on the event loop, offering the rest of the loop `turns` before it; a large update of
     a document known to be slow is applied in parts with turns between them, cut in a worker thread (cutting reads
@@ -102,7 +95,41 @@ async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
         await turns.offer()
         cut = replay.plan(part)
         if cut.state is not None:
-            rebuilt = Replay(Doc(client_id=replay.doc.client_id), name=name)
-            await apply_paced(rebuilt, cut.state, turns)
-            replay.replace(rebuilt.close())
+            replay.replace(await build_paced(cut.state, replay.doc.client_id, name, turns))
         slow_documents.timed(name, replay.integrate, cut)
+
+
+class _Build:
+    """A document built from a state, a part at a time. The parts of a state cut none of its characters (their
+    items are split where the document's are), so only what a part leaves waiting on a later one is tracked."""
+
+    __slots__ = ("doc", "held")
+
+    def __init__(self, client_id: int) -> None:
+        self.doc = Doc(client_id=client_id)  # its own later changes carry on its clock
+        self.held = Held()
+
+    def apply(self, part: bytes) -> None:
+        self.doc.apply_update(part)
+        self.held.give(self.doc)
+        self.held.note(self.doc, part)
+
+
+def build(state: bytes, client_id: int, name: str | None) -> Doc:
+    """A document of `client_id` built from `state` (see surrogates.Cut), in parts offering the GIL between them if
+    it is a slow document's (a fold's rebuild, in a worker thread)."""
+    built = _Build(client_id)
+    turns = GilTurns()
+    for part in slices(state) if slow_documents.cut(name, state) else (state,):
+        slow_documents.timed(name, built.apply, part)
+        turns.offer()
+    return built.doc
+
+
+async def build_paced(state: bytes, client_id: int, name: str | None, turns: Turns) -> Doc:
+    """As `build`, on the event loop: a slow document's in parts with `turns` between them."""
+    built = _Build(client_id)
+    for part in await asyncio.to_thread(slices, state) if slow_documents.cut(name, state) else (state,):
+        await turns.offer()
+        slow_documents.timed(name, built.apply, part)
+    return built.doc

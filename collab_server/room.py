@@ -19,7 +19,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns
-from collab_server.replay import Replay, apply_paced, build
+from collab_server.replay import Replay, apply_paced, build, build_paced
 from collab_server.slicing import slow_documents
 from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, merge_safely
@@ -328,10 +328,7 @@ class Room:
         """Build the document again from `state` in parts (see _prepare), then apply what was deferred meanwhile."""
         log.info("room rebuilding in parts to cut a character as Yjs does name=%s", self.name)
         try:
-            replay = Replay(Doc(client_id=self.doc.client_id), name=self.name)
-            await apply_paced(replay, state, Turns())
-            self._characters = replay.characters
-            self._replace_doc(replay.close())
+            self._replace_doc(await build_paced(state, self.doc.client_id, self.name, Turns()))
         except Exception:  # the document is in doubt: its clients reconnect to a fresh load
             log.exception("room failed to rebuild name=%s", self.name)
             self.discard(CloseCode.INTERNAL_ERROR, "server error")

@@ -26,7 +26,7 @@ SLICE_STRUCTS = 64  # structs per part
 SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
 T = TypeVar("T")
 
-SLOW_APPLY = 0.05  # seconds: a document one of whose updates took longer than this to apply is applied in parts
+SLOW_APPLY = 0.05  # CPU seconds: a document one of whose updates took longer than this to apply is applied in parts
 
 
 def slices(update: bytes, size: int = SLICE_STRUCTS) -> list[bytes]:
@@ -56,8 +56,10 @@ def slices(update: bytes, size: int = SLICE_STRUCTS) -> list[bytes]:
 
 class SlowDocuments:
     """The names of documents one of whose updates took more than SLOW_APPLY to apply in this process (the `size`
-    most recently seen); their large updates are applied in parts from then on. Loads (on the event loop) and
-    folds (in worker threads) share it; each operation on it is atomic under the GIL."""
+    most recently seen); their large updates are applied in parts from then on. The time is the applying thread's
+    CPU time: under load, waiting for the GIL or a CPU makes quick documents take that long too, and applying
+    those in parts costs up to ten times as much. Loads (on the event loop) and folds (in worker threads) share
+    it; each operation on it is atomic under the GIL."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
@@ -72,13 +74,17 @@ class SlowDocuments:
 
     def timed(self, name: str | None, apply: Callable[[T], object], update: T) -> None:
         """`apply(update)`, noting `name` (unless None) as slow if it takes longer than SLOW_APPLY."""
-        started = time.perf_counter()
+        started = time.thread_time()
         apply(update)
-        if name is not None and time.perf_counter() - started > SLOW_APPLY:
-            self._names[name] = None
-            self._names.move_to_end(name)
-            if len(self._names) > self.size:
-                self._names.popitem(last=False)
+        if name is not None and time.thread_time() - started > SLOW_APPLY:
+            self.note(name)
+
+    def note(self, name: str) -> None:
+        """Note `name` as slow."""
+        self._names[name] = None
+        self._names.move_to_end(name)
+        if len(self._names) > self.size:
+            self._names.popitem(last=False)
 
 
 slow_documents = SlowDocuments()

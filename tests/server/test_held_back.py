@@ -4,7 +4,6 @@ relayed to every client, kept across a rebuild, and checked for characters they 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -75,7 +74,7 @@ def rebuilt_in_parts(monkeypatch: pytest.MonkeyPatch) -> str:
     """The name of a document known to be slow (slicing.py), whose every update is applied in parts of one struct
     (so a room rebuilds it in parts, deferring other writes meanwhile)."""
     name = "doc-known-slow"
-    slicing.slow_documents.timed(name, lambda _: time.sleep(slicing.SLOW_APPLY * 1.5), b"")
+    slicing.slow_documents.note(name)
     monkeypatch.setattr(slicing, "SLICE_FROM_BYTES", 0)
     monkeypatch.setattr(replay_module, "slices", partial(slicing.slices, size=1))
     return name

@@ -3,9 +3,10 @@ done in slices."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from pycrdt import Doc, Text
@@ -16,11 +17,12 @@ from collab_server.metrics import Metrics
 from collab_server.pacing import TURN
 from collab_server.replay import Replay
 from collab_server.room import Room, RoomClosed
-from collab_server.slicing import SLICE_STRUCTS, SLOW_APPLY, slow_documents
+from collab_server.slicing import SLICE_STRUCTS, SlowDocuments, slow_documents
 from collab_server.rooms import Rooms
 from collab_server.storage.sqlite import SQLiteStore
-from collab_server.surrogates import Cut
 from tests.rawclient import deletion, second_unit, slow_text, text_updates
+
+T = TypeVar("T")
 
 
 class _Peer:
@@ -97,19 +99,28 @@ async def test_a_room_held_during_a_delete_stores_nothing_more(tmp_path: Path) -
         await store.close()
 
 
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open store, closed however the test ends (its threads would keep the process from exiting)."""
+    store = SQLiteStore(str(tmp_path / "r.db"))
+    await store.open()
+    yield store
+    await store.close()
+
+
 @asynccontextmanager
 async def counting_turns(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[int]]:
-    """Meanwhile each update a Replay integrates takes 5 ms more; yields how many turns the rest of the loop had had
-    as each began."""
-    slow_integrate = Replay.integrate
+    """Meanwhile each update or part of one applied to a document being built (slow_documents times each) takes 5 ms
+    more; yields how many turns the rest of the loop had had as each began."""
+    timed = SlowDocuments.timed
     seen_at: list[int] = []
 
-    def integrate(replay: Replay, cut: Cut) -> None:
+    def slower(documents: SlowDocuments, name: str | None, apply: Callable[[T], object], update: T) -> None:
         seen_at.append(turns)
         time.sleep(0.005)
-        slow_integrate(replay, cut)
+        timed(documents, name, apply, update)
 
-    monkeypatch.setattr(Replay, "integrate", integrate)
+    monkeypatch.setattr(SlowDocuments, "timed", slower)
     turns = 0
 
     async def tick() -> None:
@@ -123,7 +134,7 @@ async def counting_turns(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[
         yield seen_at
     finally:
         ticker.cancel()
-        monkeypatch.setattr(Replay, "integrate", slow_integrate)
+        monkeypatch.setattr(SlowDocuments, "timed", timed)
 
 
 async def load_counting_turns(store: SQLiteStore, name: str,
@@ -145,16 +156,13 @@ def typed_after(doc: Doc, client_id: int, chars: str) -> bytes:
     return replica.get_update(before)
 
 
-async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_long_load_gives_the_event_loop_turns(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A load replays stored updates on the event loop: one that takes long (here 40 updates of 5 ms each) lets the
     loop run other work every TURN, rather than holding every connection of the process until it is done."""
-    store = SQLiteStore(str(tmp_path / "r.db"))
-    await store.open()
     doc, updates = text_updates(40)
     for update in updates:
         await store.submit("d", update)
     room, seen_at = await load_counting_turns(store, "d", monkeypatch)
-    await store.close()
     assert str(room.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
     assert len(seen_at) == 40
     # ~200 ms of replay: the loop ran other work about every TURN (10 ms) of it
@@ -162,38 +170,33 @@ async def test_a_long_load_gives_the_event_loop_turns(tmp_path: Path, monkeypatc
 
 
 async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """yrs holds the GIL while it applies an update, and integrating some documents takes a second
     (collab_server/slicing.py): a load applies a large update of a document seen to be slow in parts of
     SLICE_STRUCTS structs, giving the loop turns between them."""
-    store = SQLiteStore(str(tmp_path / "r.db"))
-    await store.open()
     doc = slow_text(2000)
     text = doc.get("t", type=Text)
     update = doc.get_update()
     name = "test_rooms-slow"
     await store.submit(name, update)
-    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), update)  # as an earlier slow load would
+    slow_documents.note(name)  # as an earlier slow load would
     room, seen_at = await load_counting_turns(store, name, monkeypatch)
-    await store.close()
     assert str(room.doc.get("t", type=Text)) == str(text)
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
 
 
 async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_changes_wait(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change cutting a character between its UTF-16 units has the room rebuild its document (surrogates.py).
     Rebuilt whole, a slow document would hold the loop for as long as its load; rebuilt in parts, the loop has
     turns between them, while a client's change waits and other nodes' changes (broadcast, or caught up from
     storage) are deferred: once it is rebuilt, the document holds them all, as a Yjs replica does."""
-    store = SQLiteStore(str(tmp_path / "r.db"))
-    await store.open()
     doc = slow_text(2000)
     doc.get("t", type=Text).insert(0, "😀")
     name = "test_rooms-slow-cut"
     await store.submit(name, doc.get_update())
-    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), b"")  # as an earlier slow load would
+    slow_documents.note(name)  # as an earlier slow load would
     room = Room(name, store, LocalBroker(), Metrics())
     await room.load()
     cut = deletion(*second_unit(doc))
@@ -216,24 +219,20 @@ async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_c
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
     await room.close()
-    await store.close()
 
 
 async def test_a_cut_stored_in_the_log_of_a_document_known_to_be_slow_is_made_in_parts_at_load(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A load replays the log as a Yjs replica would: a stored change that cuts a character has the document
     rebuilt, and that of a slow document in parts, with the loop's turns between them."""
-    store = SQLiteStore(str(tmp_path / "r.db"))
-    await store.open()
     doc = slow_text(2000)
     doc.get("t", type=Text).insert(0, "😀")
     cut = deletion(*second_unit(doc))
     name = "test_rooms-slow-cut-stored"
     for update in (doc.get_update(), cut):
         await store.submit(name, update)
-    slow_documents.timed(name, lambda _: time.sleep(SLOW_APPLY * 1.5), b"")
+    slow_documents.note(name)
     room, seen_at = await load_counting_turns(store, name, monkeypatch)
-    await store.close()
     expected = Replay()
     for update in (doc.get_update(), cut):
         expected.apply(update)
