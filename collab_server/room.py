@@ -234,7 +234,8 @@ class Room:
     async def apply(self, update: bytes, origin: object = None) -> None:
         """Apply an update under `origin`, then persist (and later broadcast) what it changed.
 
-        Waits while a sync answer is being prepared, so that answer holds committed changes only. Raises
+        Waits while a sync answer is being prepared, so that answer holds committed changes only, and while the
+        document is rebuilt (see _prepare). Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message.
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
         check_update(update)
@@ -319,21 +320,24 @@ class Room:
             return cut.update
         if slow_documents.cut(self.name, cut.state):
             self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_in_parts(cut.state))
+            self._rebuild.add_done_callback(self._rebuilt)  # before any waiter's: they find it cleared
             return None
         log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
         self._replace_doc(build(cut.state, self.doc.client_id, self.name))
         return cut.update
 
     async def _rebuild_in_parts(self, state: bytes) -> None:
-        """Build the document again from `state` in parts (see _prepare), then apply what was deferred meanwhile."""
+        """Build the document again from `state` in parts (see _prepare)."""
         log.info("room rebuilding in parts to cut a character as Yjs does name=%s", self.name)
-        try:
-            self._replace_doc(await build_paced(state, self.doc.client_id, self.name, Turns()))
-        except Exception:  # the document is in doubt: its clients reconnect to a fresh load
-            log.exception("room failed to rebuild name=%s", self.name)
+        self._replace_doc(await build_paced(state, self.doc.client_id, self.name, Turns()))
+
+    def _rebuilt(self, rebuild: asyncio.Task[None]) -> None:
+        """The rebuild ended (or was cancelled with the room, maybe before it began): apply what was deferred
+        meanwhile. One that failed leaves the document in doubt: its clients reconnect to a fresh load."""
+        self._rebuild, deferred, self._deferred = None, self._deferred, []
+        if not rebuild.cancelled() and rebuild.exception() is not None:
+            log.error("room failed to rebuild name=%s", self.name, exc_info=rebuild.exception())
             self.discard(CloseCode.INTERNAL_ERROR, "server error")
-        finally:
-            self._rebuild, deferred, self._deferred = None, self._deferred, []
         if not self.closed:
             for update in deferred:
                 self._on_broker(Kind.UPDATE, update, False)

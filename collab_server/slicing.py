@@ -8,7 +8,7 @@ each load or compaction of that document. Cut at struct boundaries into updates 
 1.2-1.4 times as long in all, in steps of a few milliseconds with the loop's turns between them. Most documents
 gain nothing from it and pay for finding the boundaries in Python (65 ms for an array of 100,000 numbers that
 yrs applies in 10 ms), so only documents seen to be slow are applied in parts (`SlowDocuments`): a document's
-first load in a process or a fold that takes long tells (finding 50 in benchmarks/README.md).
+first load in a process, a fold or a rebuild that takes long tells (findings 50 and 51 in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import TypeVar
 from collab_server.protocol import write_varuint
 from collab_server.updatecheck import Walk
 
-SLICE_STRUCTS = 64  # structs per part
-SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
 T = TypeVar("T")
 
+SLICE_STRUCTS = 64  # structs per part
+SLICE_FROM_BYTES = 16 * 1024  # smaller updates are applied whole
 SLOW_APPLY = 0.05  # CPU seconds: a document one of whose updates took longer than this to apply is applied in parts
 
 
@@ -58,7 +58,7 @@ class SlowDocuments:
     """The names of documents one of whose updates took more than SLOW_APPLY to apply in this process (the `size`
     most recently seen); their large updates are applied in parts from then on. The time is the applying thread's
     CPU time: under load, waiting for the GIL or a CPU makes quick documents take that long too, and applying
-    those in parts costs up to ten times as much. Loads (on the event loop) and folds (in worker threads) share
+    those in parts costs up to twenty times as much. Loads (on the event loop) and folds (in worker threads) share
     it; each operation on it is atomic under the GIL."""
 
     def __init__(self, size: int = 4096) -> None:

@@ -16,6 +16,7 @@ from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
 from collab_server.pacing import TURN
 from collab_server.replay import Replay
+from collab_server import room as room_module
 from collab_server.room import Room, RoomClosed
 from collab_server.slicing import SLICE_STRUCTS, SlowDocuments, slow_documents
 from collab_server.rooms import Rooms
@@ -218,6 +219,50 @@ async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_c
     assert str(room.doc.get("t", type=Text)) == want
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
+    await room.close()
+
+
+async def test_a_room_closed_while_it_rebuilds_stops_the_rebuild_and_refuses_the_changes_that_wait(
+        store: SQLiteStore) -> None:
+    """A room can be deleted, or the server stop, while it rebuilds its document: the rebuild is dropped, and a
+    change that waits for it is refused as any change to a closed room is, rather than applied and stored."""
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    name = "test_rooms-slow-cut-closed"
+    await store.submit(name, doc.get_update())
+    slow_documents.note(name)
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+    cutting = asyncio.create_task(room.apply(deletion(*second_unit(doc))))
+    await asyncio.sleep(0)
+    rebuild = room._rebuild
+    assert rebuild is not None and not rebuild.done()
+    await room.close()
+    with pytest.raises(RoomClosed):
+        await cutting
+    assert rebuild.cancelled() and room._rebuild is None
+    assert len(await store.load(name)) == 1  # nothing more stored
+
+
+async def test_a_rebuild_that_fails_discards_the_room(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild that fails leaves the document in doubt: the room is discarded (its clients reconnect to a fresh
+    load of what is stored), and the change that waited for it is refused, not applied to the old document."""
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    name = "test_rooms-slow-cut-fails"
+    await store.submit(name, doc.get_update())
+    slow_documents.note(name)
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+
+    async def failing(*args: object) -> Doc:
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(room_module, "build_paced", failing)
+    with pytest.raises(RoomClosed):
+        await room.apply(deletion(*second_unit(doc)))
+    assert room.failed and room._rebuild is None
+    assert len(await store.load(name)) == 1
     await room.close()
 
 
