@@ -187,19 +187,25 @@ async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
 
 
+async def slow_room_with_an_emoji(store: SQLiteStore, name: str) -> tuple[Room, Doc]:
+    """Room `name`, loaded from a slow document (see slow_text) with an emoji at the start, and that document; the
+    room's document is known to be slow, as after an earlier slow load."""
+    doc = slow_text(2000)
+    doc.get("t", type=Text).insert(0, "😀")
+    await store.submit(name, doc.get_update())
+    slow_documents.note(name)
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+    return room, doc
+
+
 async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_changes_wait(
         store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change cutting a character between its UTF-16 units has the room rebuild its document (surrogates.py).
     Rebuilt whole, a slow document would hold the loop for as long as its load; rebuilt in parts, the loop has
     turns between them, while a client's change waits and other nodes' changes (broadcast, or caught up from
     storage) are deferred: once it is rebuilt, the document holds them all, as a Yjs replica does."""
-    doc = slow_text(2000)
-    doc.get("t", type=Text).insert(0, "😀")
-    name = "test_rooms-slow-cut"
-    await store.submit(name, doc.get_update())
-    slow_documents.note(name)  # as an earlier slow load would
-    room = Room(name, store, LocalBroker(), Metrics())
-    await room.load()
+    room, doc = await slow_room_with_an_emoji(store, "test_rooms-slow-cut")
     cut = deletion(*second_unit(doc))
     written, broadcast, stored = (typed_after(doc, 100 + i, chars) for i, chars in enumerate(["A", "B", "C"]))
     async with counting_turns(monkeypatch) as seen_at:
@@ -226,13 +232,7 @@ async def test_a_room_closed_while_it_rebuilds_stops_the_rebuild_and_refuses_the
         store: SQLiteStore) -> None:
     """A room can be deleted, or the server stop, while it rebuilds its document: the rebuild is dropped, and a
     change that waits for it is refused as any change to a closed room is, rather than applied and stored."""
-    doc = slow_text(2000)
-    doc.get("t", type=Text).insert(0, "😀")
-    name = "test_rooms-slow-cut-closed"
-    await store.submit(name, doc.get_update())
-    slow_documents.note(name)
-    room = Room(name, store, LocalBroker(), Metrics())
-    await room.load()
+    room, doc = await slow_room_with_an_emoji(store, "test_rooms-slow-cut-closed")
     cutting = asyncio.create_task(room.apply(deletion(*second_unit(doc))))
     await asyncio.sleep(0)
     rebuild = room._rebuild
@@ -241,19 +241,13 @@ async def test_a_room_closed_while_it_rebuilds_stops_the_rebuild_and_refuses_the
     with pytest.raises(RoomClosed):
         await cutting
     assert rebuild.cancelled() and room._rebuild is None
-    assert len(await store.load(name)) == 1  # nothing more stored
+    assert len(await store.load(room.name)) == 1  # nothing more stored
 
 
 async def test_a_rebuild_that_fails_discards_the_room(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild that fails leaves the document in doubt: the room is discarded (its clients reconnect to a fresh
     load of what is stored), and the change that waited for it is refused, not applied to the old document."""
-    doc = slow_text(2000)
-    doc.get("t", type=Text).insert(0, "😀")
-    name = "test_rooms-slow-cut-fails"
-    await store.submit(name, doc.get_update())
-    slow_documents.note(name)
-    room = Room(name, store, LocalBroker(), Metrics())
-    await room.load()
+    room, doc = await slow_room_with_an_emoji(store, "test_rooms-slow-cut-fails")
 
     async def failing(*args: object) -> Doc:
         raise RuntimeError("no memory left")
@@ -262,7 +256,7 @@ async def test_a_rebuild_that_fails_discards_the_room(store: SQLiteStore, monkey
     with pytest.raises(RoomClosed):
         await room.apply(deletion(*second_unit(doc)))
     assert room.failed and room._rebuild is None
-    assert len(await store.load(name)) == 1
+    assert len(await store.load(room.name)) == 1
     await room.close()
 
 
