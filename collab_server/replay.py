@@ -7,6 +7,7 @@ process between them (slicing.py)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from pycrdt import Doc, TransactionEvent
 
@@ -77,11 +78,11 @@ class Replay:
         return self.doc
 
 
-def apply_offering_gil(replay: Replay, update: bytes, turns: GilTurns) -> None:
-    """`replay.apply(update)` in a worker thread, in parts if it is a large update of a document known to be slow,
-    offering the GIL between them. Notes the document as slow if one application takes long."""
-    for part in slices(update) if slow_documents.cut(replay.name, update) else (update,):
-        slow_documents.timed(replay.name, replay.apply, part)
+def apply_offering_gil(apply: Callable[[bytes], None], update: bytes, name: str | None, turns: GilTurns) -> None:
+    """`apply(update)` of document `name` in a worker thread, in parts if it is a large update of a document known
+    to be slow, offering the GIL between them. Notes the document as slow if one application takes long."""
+    for part in slices(update) if slow_documents.cut(name, update) else (update,):
+        slow_documents.timed(name, apply, part)
         turns.offer()
 
 
@@ -119,10 +120,7 @@ def build(state: bytes, client_id: int, name: str | None) -> Doc:
     """A document of `client_id` built from `state` (see surrogates.Cut), in parts offering the GIL between them if
     it is a slow document's (a fold's rebuild, in a worker thread)."""
     built = _Build(client_id)
-    turns = GilTurns()
-    for part in slices(state) if slow_documents.cut(name, state) else (state,):
-        slow_documents.timed(name, built.apply, part)
-        turns.offer()
+    apply_offering_gil(built.apply, state, name, GilTurns())
     return built.doc
 
 

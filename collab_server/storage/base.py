@@ -34,7 +34,7 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     replay = Replay(name=doc)
     turns = GilTurns()
     for update in updates:
-        apply_offering_gil(replay, update, turns)
+        apply_offering_gil(replay.apply, update, doc, turns)
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
 
