@@ -240,10 +240,8 @@ class Room:
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
         check_update(update)
         await self._writable()
-        prepared = self._prepare(update)
-        while prepared is None:  # the document is rebuilt first, in parts
+        while (prepared := self._prepare(update)) is None:  # the document is rebuilt first, in parts
             await self._writable()
-            prepared = self._prepare(update)
         update = prepared
         refused: BaseException | None = None
         try:
