@@ -16,10 +16,12 @@ two characters, and the document is the one every Yjs replica holds.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import NamedTuple
 
-from pycrdt import Doc
+from pycrdt import Doc, merge_updates
 
+from collab_server.heldback import clocks
 from collab_server.merge import merge_all
 from collab_server.protocol import ProtocolError, write_varuint
 from collab_server.updatecheck import Walk
@@ -29,6 +31,7 @@ _SEQUENCE = re.compile(rb"[\xf0-\xf4][\x80-\xbf]{3}")  # a lead and three bytes 
 _LEADS = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
 
 Point = tuple[int, int]  # (client, clock)
+_BEYOND = write_varuint(0xFFFFFFFF)  # a clock (yrs's are 32-bit) past every struct of a client
 
 
 def _beyond_bmp(data: bytes) -> bool:
@@ -113,16 +116,20 @@ class Characters:
                 held[i] = _replace(held[i], rest, cut_rest)
                 cut_held |= cut_rest
         if cut or cut_held:
-            state = doc.get_update()
-            known = _Scan(state, cuts=False)
             # yrs integrates a struct past a gap in its client's clocks when its origins are there, and encodes it
             # in the state while reporting it held back: so a character held back may be in the state too
             cut |= cut_held
-            fixed = _replace(state, known, cut)
-            if fixed is not state or cut_held:
-                self.seconds = {}
+            clients = {client for client, _ in cut}
+            others = [client for client in clocks(doc.get_state()) if client not in clients]
+            part = doc.get_update(_holding(others))  # only the cut clients' structs are read
+            known = _Scan(part, cuts=False)
+            fixed = _replace(part, known, cut)
+            if fixed is not part or cut_held:
+                for client in clients:
+                    self.seconds.pop(client, None)
                 self._note([point for point in known.seconds if point not in cut])
-                return Cut(update, seconds, fixed)
+                state = merge_updates(doc.get_update(_holding(clients)), fixed) if others else fixed
+                return Cut(update, seconds, state)
             for client, clock in cut:  # those characters were deleted since: forget them, so the next cut there
                 self.seconds[client].discard(clock)  # reads nothing
         return Cut(update, seconds, None)
@@ -134,6 +141,12 @@ class Cut(NamedTuple):
     update: bytes  # to apply instead of the update
     seconds: list[Point] | None  # the characters of its text, if read (for `Characters.applied`)
     state: bytes | None  # to build the document again from before applying it (None: the document as it is)
+
+
+def _holding(clients: Iterable[int]) -> bytes:
+    """A v1 state vector holding every struct of `clients`: a document's update for it leaves them out."""
+    clients = list(clients)
+    return b"".join([write_varuint(len(clients)), *(write_varuint(client) + _BEYOND for client in clients)])
 
 
 def rebuilt(doc: Doc, state: bytes) -> Doc:

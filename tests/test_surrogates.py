@@ -146,3 +146,26 @@ def test_updates_holding_a_character_whole_and_cut_are_relayed_unmerged() -> Non
     ascii_.get("t", type=Text).insert(2, "cd")
     assert all(b"\xf0" in edit for edit in edits)
     assert merge_safely(edits) == [merge_updates(*edits)]
+
+
+def test_a_cut_reads_only_the_structs_of_the_clients_it_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A document typed mostly by others: rebuilding it for a cut reads the cut character's client alone, and keeps
+    what it knows of the others' characters."""
+    doc, characters = Doc(), Characters()
+    for client, typed in ((11, "other 🙂 text " * 200), (12, "a😀b"), (13, "🎉 more " * 200)):
+        writer = Doc(client_id=client)
+        writer.apply_update(doc.get_update())
+        writer.get("t", type=Text).insert(0, typed)
+        doc = apply(doc, writer.get_update(doc.get_state()), characters)
+    [clock] = [clock for clock in characters.seconds[12]]
+    others = {client: set(characters.seconds[client]) for client in (11, 13)}
+    reads: list[bytes] = []
+    scan = surrogates._Scan.__init__
+    monkeypatch.setattr(surrogates._Scan, "__init__",
+                        lambda self, data, cuts=True: (reads.append(data), scan(self, data, cuts))[1])
+    doc = apply(doc, deletion(12, clock), characters)
+    assert str(doc.get("t", type=Text)).count("a\ufffdb") == 1
+    assert delta(reloaded(doc)) == delta(doc)
+    assert max(map(len, reads)) < 100 and all(b"other" not in data and b"more" not in data for data in reads)
+    assert characters.seconds[11] == others[11] and characters.seconds[13] == others[13]
+    assert (12, clock) not in characters
