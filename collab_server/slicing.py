@@ -8,7 +8,8 @@ each load or compaction of that document. Cut at struct boundaries into updates 
 1.2-1.4 times as long in all, in steps of a few milliseconds with the loop's turns between them. Most documents
 gain nothing from it and pay for finding the boundaries in Python (65 ms for an array of 100,000 numbers that
 yrs applies in 10 ms), so only documents seen to be slow are applied in parts (`SlowDocuments`): a document's
-first load in a process, a fold or a rebuild that takes long tells (findings 50 and 51 in benchmarks/README.md).
+first load, a fold or a rebuild that takes long tells, and the stores keep the mark with the document, so its next
+load in any process is applied in parts from the start (findings 50-52 in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def slices(update: bytes, size: int = SLICE_STRUCTS) -> list[bytes]:
 
 
 class SlowDocuments:
-    """The names of documents one of whose updates took more than SLOW_APPLY to apply in this process (the `size`
-    most recently seen); their large updates are applied in parts from then on. The time is the applying thread's
+    """The names of documents one of whose updates took more than SLOW_APPLY to apply, in this process or (as the
+    stores recall) in an earlier one; the `size` most recently seen. Their large updates are applied in parts. The time is the applying thread's
     CPU time: under load, waiting for the GIL or a CPU makes quick documents take that long too, and applying
     those in parts costs up to twenty times as much. Loads (on the event loop) and folds (in worker threads) share
     it; each operation on it is atomic under the GIL."""
@@ -64,6 +65,8 @@ class SlowDocuments:
     def __init__(self, size: int = 4096) -> None:
         self.size = size
         self._names: OrderedDict[str, None] = OrderedDict()
+        # told of each name newly found slow, from whichever thread found it (stores keep the mark: SlowMarks)
+        self.listeners: list[Callable[[str], None]] = []
 
     def __contains__(self, name: str | None) -> bool:
         return name in self._names
@@ -80,7 +83,15 @@ class SlowDocuments:
             self.note(name)
 
     def note(self, name: str) -> None:
-        """Note `name` as slow."""
+        """Note `name` as slow, telling the listeners if it was not."""
+        new = name not in self._names
+        self.recall(name)
+        if new:
+            for listener in list(self.listeners):
+                listener(name)
+
+    def recall(self, name: str) -> None:
+        """Note `name` as slow, as storage remembers it (the listeners are not told)."""
         self._names[name] = None
         self._names.move_to_end(name)
         if len(self._names) > self.size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from array import array
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from typing import Protocol
 from collab_server.merge import merge_all
 from collab_server.pacing import GilTurns
 from collab_server.replay import Replay, apply_offering_gil
+from collab_server.slicing import slow_documents
 from collab_server.storage.health import CommitHealth
 
 
@@ -36,6 +38,45 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     for update in updates:
         apply_offering_gil(replay.apply, update, doc, turns)
     return merge_all([replay.close().get_update(), *replay.held.updates])
+
+
+class SlowMarks:
+    """Documents found slow to apply (slicing.py) while a store is open, for the store to mark so, with the
+    document: a store recalls the mark when it reads the document (`slow_documents.recall`), so that its next
+    load, in any process, is applied in parts from the start instead of holding the event loop once to learn it.
+    `wake` is the store's write loop's event: it writes the marks (`take`) in a transaction of their own."""
+
+    def __init__(self, wake: asyncio.Event) -> None:
+        self._wake = wake
+        self._names: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        slow_documents.listeners.append(self._found)
+
+    def close(self) -> None:
+        if self._found in slow_documents.listeners:
+            slow_documents.listeners.remove(self._found)
+
+    def _found(self, name: str) -> None:
+        """Told by slow_documents, from the thread that applied (a fold's is a worker thread)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed without closing the store: nothing to mark
+            self._loop.call_soon_threadsafe(self._add, name)
+
+    def _add(self, name: str) -> None:
+        self._names.add(name)
+        self._wake.set()
+
+    def take(self) -> list[str]:
+        """The names to mark, sorted (two nodes' writers lock document rows in the same order), forgotten here: a
+        mark that fails to be written is learned again at a later load."""
+        names, self._names = sorted(self._names), set()
+        return names
 
 
 class StorageError(RuntimeError):

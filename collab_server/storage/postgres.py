@@ -28,6 +28,7 @@ from collab_server.storage.base import (
     LogEntry,
     LogMark,
     Pending,
+    SlowMarks,
     StorageError,
     VersionInfo,
     fold_updates,
@@ -35,6 +36,7 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
+from collab_server.slicing import slow_documents
 from collab_server.storage.health import CommitHealth, reason
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ CREATE TABLE IF NOT EXISTS documents (
     name TEXT PRIMARY KEY,
     checkpoint BYTEA,
     checkpoint_seq BIGINT NOT NULL DEFAULT 0,
-    updated DOUBLE PRECISION NOT NULL
+    updated DOUBLE PRECISION NOT NULL,
+    slow BOOLEAN NOT NULL DEFAULT FALSE  -- slow to apply, applied in parts (base.SlowMarks)
 );
 CREATE TABLE IF NOT EXISTS updates (
     id BIGSERIAL PRIMARY KEY,
@@ -88,6 +91,7 @@ class PostgresStore:
         self._writes: asyncpg.Pool | None = None
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
+        self._slow = SlowMarks(self._wake)  # documents found slow to apply, to mark so
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._log_counts: dict[str, int] = defaultdict(int)  # this node's appends since its last compaction
@@ -109,6 +113,7 @@ class PostgresStore:
                     " AND relname = ANY($1::text[])", SCHEMA_OBJECTS)
                 if present < len(SCHEMA_OBJECTS):
                     await conn.execute(SCHEMA)
+                await _migrate(conn)
             self._writes = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1, command_timeout=self.timeout,
                                                      server_settings=settings)
             await self._join(settings)
@@ -120,6 +125,7 @@ class PostgresStore:
                 raise
             raise StorageError(f"opening postgres store failed: {reason(exc)}") from exc
         self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
+        self._slow.open()
 
     async def _join(self, settings: dict[str, str] | None) -> None:
         """Take this node's advisory lock on the schema, on a connection of its own held until `close`: shared by
@@ -145,6 +151,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         self._closing = True
+        self._slow.close()
         self._wake.set()
         if self._task is not None:
             await self._task
@@ -170,12 +177,14 @@ class PostgresStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._queue:
+            if not self._queue and not self._slow:
                 if self._closing:
                     return
                 continue
             batch, self._queue = self._queue, []
             await self._commit(batch)
+            if self._slow:
+                await self._mark_slow(self._slow.take())
             for doc in {doc for doc, _, _ in batch}:
                 self._compactor.after_commit(doc)
             if self._queue or self._closing:
@@ -217,6 +226,15 @@ class PostgresStore:
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
 
+    async def _mark_slow(self, docs: list[str]) -> None:
+        """Mark `docs` slow to apply (see SlowMarks); a failure is logged, the mark learned again later."""
+        assert self._writes is not None
+        try:
+            async with self._writes.acquire(timeout=self.timeout) as conn:
+                await conn.execute("UPDATE documents SET slow = TRUE WHERE name = ANY($1::text[]) AND NOT slow", docs)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("postgres: marking documents slow to apply failed error=%s", reason(exc))
+
     async def load(self, doc: str) -> list[bytes]:
         updates, _ = await self.load_new(doc, None)
         return updates
@@ -235,13 +253,16 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self.timeout) as conn, \
                     conn.transaction(isolation="repeatable_read", readonly=True):
                 row = await conn.fetchrow("SELECT checkpoint_seq, CASE WHEN checkpoint_seq = $2 THEN NULL ELSE "
-                                          "checkpoint END AS checkpoint FROM documents WHERE name = $1", doc, known)
+                                          "checkpoint END AS checkpoint, slow FROM documents WHERE name = $1",
+                                          doc, known)
                 same = row is not None and row["checkpoint_seq"] == known
                 held = since.entries.tolist() if since and same else []
                 rows = await conn.fetch("SELECT id, CASE WHEN id = ANY($2::bigint[]) THEN NULL ELSE data END AS data "
                                         "FROM updates WHERE doc = $1 ORDER BY id", doc, held)
         except Exception as exc:
             raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
+        if row is not None and row["slow"]:
+            slow_documents.recall(doc)
         checkpoint = row["checkpoint"] if row else None
         log = [r["data"] for r in rows if r["data"] is not None]
         if since is None:  # the whole log, as a room's load reads it: what counts toward the next compaction
@@ -255,10 +276,13 @@ class PostgresStore:
         try:
             async with self._pool.acquire(timeout=self.timeout) as conn, \
                     conn.transaction(isolation="repeatable_read", readonly=True):
-                row = await conn.fetchrow("SELECT checkpoint, checkpoint_seq FROM documents WHERE name = $1", doc)
+                row = await conn.fetchrow("SELECT checkpoint, checkpoint_seq, slow FROM documents WHERE name = $1",
+                                          doc)
                 rows = await conn.fetch("SELECT id, data FROM updates WHERE doc = $1 ORDER BY id", doc)
         except Exception as exc:
             raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
+        if row is not None and row["slow"]:
+            slow_documents.recall(doc)
         checkpoint = row["checkpoint"] if row else None
         return checkpoint, (row["checkpoint_seq"] if row else 0), [(r["id"], r["data"]) for r in rows]
 
@@ -358,6 +382,14 @@ class PostgresStore:
                 return await conn.fetch(query, *args)
         except Exception as exc:
             raise StorageError(f"{what} failed: {reason(exc)}") from exc
+
+
+async def _migrate(conn: asyncpg.Connection) -> None:
+    """Bring an older schema's `documents` table up to date (the slow mark added), touching it only if it lacks
+    something: altering a table waits for every transaction using it."""
+    if not await conn.fetchval("SELECT count(*) FROM pg_attribute WHERE attrelid = 'documents'::regclass "
+                               "AND attname = 'slow' AND NOT attisdropped"):
+        await conn.execute("ALTER TABLE documents ADD COLUMN IF NOT EXISTS slow BOOLEAN NOT NULL DEFAULT FALSE")
 
 
 def _quote(identifier: str) -> str:

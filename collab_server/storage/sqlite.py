@@ -33,6 +33,7 @@ from collab_server.storage.base import (
     LogEntry,
     LogMark,
     Pending,
+    SlowMarks,
     StorageError,
     VersionInfo,
     fold_updates,
@@ -40,6 +41,7 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
+from collab_server.slicing import slow_documents
 from collab_server.storage.health import CommitHealth
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     name TEXT PRIMARY KEY,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    slow INTEGER NOT NULL DEFAULT 0  -- 1: slow to apply, applied in parts (base.SlowMarks)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT PRIMARY KEY,
@@ -86,9 +89,12 @@ ALTER TABLE documents DROP COLUMN checkpoint;
 ALTER TABLE documents DROP COLUMN checkpoint_seq;
 """
 
-# the checkpoint row (kind 0), then the log in commit order (kind 1)
+# a row if the document is marked slow to apply (kind -1), the checkpoint row (kind 0), then the log in commit
+# order (kind 1)
 SNAPSHOT = """
-SELECT 0 AS kind, seq, data FROM checkpoints WHERE name = ?
+SELECT -1 AS kind, 0 AS seq, NULL AS data FROM documents WHERE name = ? AND slow
+UNION ALL
+SELECT 0, seq, data FROM checkpoints WHERE name = ?
 UNION ALL
 SELECT 1, id, data FROM updates WHERE doc = ?
 ORDER BY kind, seq
@@ -114,6 +120,7 @@ class SQLiteStore:
         self._write_lock = asyncio.Lock()  # group commits and compaction swaps take turns on the writer
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
+        self._slow = SlowMarks(self._wake)  # documents found slow to apply, to mark so
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._next_id = 1
@@ -157,11 +164,15 @@ class SQLiteStore:
         await self._reader.execute("PRAGMA query_only=1")
         await self._reader.execute("PRAGMA busy_timeout=5000")
         self._task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._slow.open()
 
     async def _migrate(self) -> None:
-        """Move checkpoints out of an older database's `documents` rows, in one transaction."""
+        """Bring an older database's `documents` table up to date: the slow mark added, checkpoints moved out of
+        its rows (in one transaction)."""
         assert self._writer is not None
         columns = {row[1] for row in await self._writer.execute_fetchall("PRAGMA table_info(documents)")}
+        if "slow" not in columns:
+            await self._writer.execute("ALTER TABLE documents ADD COLUMN slow INTEGER NOT NULL DEFAULT 0")
         if "checkpoint" not in columns:
             return
         try:
@@ -173,6 +184,7 @@ class SQLiteStore:
 
     async def close(self) -> None:
         self._closing = True
+        self._slow.close()
         self._wake.set()
         if self._task is not None:
             await self._task
@@ -202,13 +214,15 @@ class SQLiteStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._queue:
+            if not self._queue and not self._slow:
                 if self._closing:
                     return
                 continue
             batch, self._queue = self._queue, []
             async with self._write_lock:
                 await self._commit(batch)
+                if self._slow:
+                    await self._mark_slow(self._slow.take())
             for doc in {doc for doc, _, _ in batch}:
                 self._compactor.after_commit(doc)
             if self._queue or self._closing:
@@ -245,6 +259,15 @@ class SQLiteStore:
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
 
+    async def _mark_slow(self, docs: list[str]) -> None:
+        """Mark `docs` slow to apply (see SlowMarks); a failure is logged, the mark learned again later."""
+        assert self._writer is not None
+        try:
+            await self._writer.execute(
+                f"UPDATE documents SET slow = 1 WHERE NOT slow AND name IN ({','.join('?' * len(docs))})", docs)
+        except Exception as exc:
+            log.warning("sqlite: marking documents slow to apply failed error=%s", exc)
+
     async def _rollback(self) -> None:
         assert self._writer is not None
         try:
@@ -272,11 +295,13 @@ class SQLiteStore:
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log in one statement: SQLite runs a statement on one read snapshot, so a concurrent
         compaction is never half seen, and concurrent loads need no lock (one trip to the database thread)."""
-        rows = await self._read(SNAPSHOT, (doc, doc), what=f"loading {doc!r}")
+        rows = await self._read(SNAPSHOT, (doc, doc, doc), what=f"loading {doc!r}")
         checkpoint, checkpoint_seq = None, 0
         log_rows = []
         for kind, seq, data in rows:
-            if kind == 0:
+            if kind == -1:
+                slow_documents.recall(doc)
+            elif kind == 0:
                 checkpoint, checkpoint_seq = (bytes(data) if data is not None else None), seq
             else:
                 log_rows.append((seq, bytes(data)))

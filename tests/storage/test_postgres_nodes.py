@@ -242,3 +242,28 @@ async def test_commits_do_not_wait_for_a_connection_busy_reads_hold(postgres_dsn
     finally:
         await locker.close()
         await store.close()
+
+
+async def test_a_schema_written_before_the_slow_mark_gets_it_and_keeps_its_documents(
+        postgres_dsn: str, pg_schema: str) -> None:
+    from collab_server.storage import postgres
+
+    _, updates = text_updates(5)
+    old = postgres.SCHEMA.replace(",\n    slow BOOLEAN NOT NULL DEFAULT FALSE  -- slow to apply, applied in parts "
+                                  "(base.SlowMarks)", "")
+    assert "slow" not in old
+    conn = await asyncpg.connect(postgres_dsn, server_settings={"search_path": pg_schema})
+    try:
+        await conn.execute(old)
+        await conn.execute("INSERT INTO documents (name, updated) VALUES ('d', 1.0)")
+        await conn.execute("INSERT INTO updates (doc, ts, data) VALUES ('d', 1.0, $1)", updates[0])
+    finally:
+        await conn.close()
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    try:
+        assert await store.load("d") == [updates[0]]
+        assert await store.submit("d", updates[1]) > 0
+        assert await store.load("d") == updates[:2]
+    finally:
+        await store.close()

@@ -167,7 +167,7 @@ async def test_a_database_with_checkpoints_in_the_documents_table_is_migrated(tm
         await store.close()
     with sqlite3.connect(path) as conn:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
-    assert columns == {"name", "updated"}
+    assert columns == {"name", "updated", "slow"}
 
 
 async def test_compaction_gives_freed_pages_back_to_the_file_system(tmp_path: Path) -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from pycrdt import Doc, Text, merge_updates
 
+from collab_server import slicing
 from collab_server.storage import HistoryCompacted, StorageError, Store
 from collab_server.storage import postgres as postgres_store
 from collab_server.storage import sqlite as sqlite_store
@@ -363,3 +366,48 @@ async def test_listing_by_prefix_in_pages(store: Store) -> None:
     for prefix, expected in (("a*", ["a*b", "a*c"]), ("a?", ["a?"]), ("a[", ["a[1]"]), ("a%", ["a%_"]),
                              ("a_", ["a_b"])):
         assert [d.name for d in await store.list_docs(prefix=prefix)] == expected, prefix
+
+
+@pytest.mark.parametrize("found_by", ["load", "fold"])
+async def test_a_document_found_slow_to_apply_is_recalled_slow_by_the_next_process(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch, found_by: str) -> None:
+    """What a process learned by applying a document slowly (on the event loop at a load, in a worker thread in a
+    fold) the next one knows before it applies anything: the store keeps the mark with the document."""
+    _, updates = text_updates(20)
+    monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())  # a process that has not seen them
+    store = await backend.open()
+    try:
+        for doc in ("slow", "quick"):
+            await asyncio.gather(*(store.submit(doc, u) for u in updates))
+        if found_by == "load":
+            slicing.slow_documents.timed("slow", lambda _: _spin(slicing.SLOW_APPLY), b"")
+        else:
+            with monkeypatch.context() as patch:
+                patch.setattr(slicing, "SLOW_APPLY", -1.0)  # every application counts as slow
+                await store.compact("slow")
+            assert await store.load("slow") == [fold_updates(updates)]
+        assert "slow" in slicing.slow_documents
+    finally:
+        await store.close()  # writes what was found before it, as it commits what was submitted
+    monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())  # as in a new process
+    store = await backend.open()
+    try:
+        assert rebuild(await store.load("quick")) == rebuild(updates) and "quick" not in slicing.slow_documents
+        assert rebuild(await store.load("slow")) == rebuild(updates) and "slow" in slicing.slow_documents
+        assert await store.delete("slow")
+        await store.submit("slow", updates[0])
+    finally:
+        await store.close()
+    monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())
+    store = await backend.open()
+    try:
+        assert await store.load("slow") == [updates[0]] and "slow" not in slicing.slow_documents  # deleted with it
+    finally:
+        await store.close()
+
+
+def _spin(seconds: float) -> None:
+    """Use `seconds` of the thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() <= end:
+        pass
