@@ -132,7 +132,8 @@ class Settings:
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return replace(cls(), **{k: _coerce(cls, k, v) for k, v in values.items()})
+        defaults = cls()
+        return replace(defaults, **{k: _coerce(type(getattr(defaults, k)), k, v) for k, v in values.items()})
 
 
 def _check(name: str, value: Any, rules: Mapping[str, Any]) -> None:
@@ -147,8 +148,8 @@ def _check(name: str, value: Any, rules: Mapping[str, Any]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
-    kind = type(getattr(cls(), name))
+def _coerce(kind: type, name: str, value: Any) -> Any:
+    """`value` of setting `name` as its default's type `kind` (booleans also from their usual spellings)."""
     if kind is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
