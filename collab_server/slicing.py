@@ -57,10 +57,10 @@ def slices(update: bytes, size: int = SLICE_STRUCTS) -> list[bytes]:
 
 class SlowDocuments:
     """The names of documents one of whose updates took more than SLOW_APPLY to apply, in this process or (as the
-    stores recall) in an earlier one; the `size` most recently seen. Their large updates are applied in parts. The time is the applying thread's
-    CPU time: under load, waiting for the GIL or a CPU makes quick documents take that long too, and applying
-    those in parts costs up to twenty times as much. Loads (on the event loop) and folds (in worker threads) share
-    it; each operation on it is atomic under the GIL."""
+    stores recall) in an earlier one; the `size` most recently seen. Their large updates are applied in parts. The
+    time is the applying thread's CPU time: under load, waiting for the GIL or a CPU makes quick documents take that
+    long too, and applying those in parts costs up to twenty times as much. Loads (on the event loop) and folds (in
+    worker threads) share it; each operation on it is atomic under the GIL."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size

@@ -73,9 +73,8 @@ class SlowMarks:
         self._wake.set()
 
     def take(self) -> list[str]:
-        """The names to mark, sorted (two nodes' writers lock document rows in the same order), forgotten here: a
-        mark that fails to be written is learned again at a later load."""
-        names, self._names = sorted(self._names), set()
+        """The names to mark, forgotten here: a mark that fails to be written is learned again at a later load."""
+        names, self._names = list(self._names), set()
         return names
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from collab_server.slicing import slow_documents
 from collab_server.storage.base import (
     Compactor,
     Deferred,
@@ -36,7 +37,6 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
-from collab_server.slicing import slow_documents
 from collab_server.storage.health import CommitHealth, reason
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,8 @@ class PostgresStore:
         assert self._writes is not None
         try:
             async with self._writes.acquire(timeout=self.timeout) as conn:
-                await conn.execute("UPDATE documents SET slow = TRUE WHERE name = ANY($1::text[]) AND NOT slow", docs)
+                for doc in docs:  # a row at a time: locking several could deadlock with another node's commit
+                    await conn.execute("UPDATE documents SET slow = TRUE WHERE name = $1 AND NOT slow", doc)
         except Exception as exc:  # noqa: BLE001
             log.warning("postgres: marking documents slow to apply failed error=%s", reason(exc))
 

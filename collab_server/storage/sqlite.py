@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 
+from collab_server.slicing import slow_documents
 from collab_server.storage.base import (
     Compactor,
     Deferred,
@@ -41,7 +42,6 @@ from collab_server.storage.base import (
     rows_weight,
     take,
 )
-from collab_server.slicing import slow_documents
 from collab_server.storage.health import CommitHealth
 
 log = logging.getLogger(__name__)
