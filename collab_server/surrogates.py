@@ -62,7 +62,7 @@ class Characters:
     def add(self, update: bytes) -> None:
         """Note the characters beyond the BMP in the text of `update`, which the document has applied."""
         if _beyond_bmp(update):
-            self._note(_Scan(update, cuts=False).seconds)
+            self._note(Scan(update, cuts=False).seconds)
 
     def applied(self, update: bytes, seconds: list[Point] | None) -> None:
         """Note the characters of `update`, applied whole, as `prepare_and_read` read them (read again if None)."""
@@ -91,18 +91,23 @@ class Characters:
         cut = self.plan(doc, update, held)
         return (doc if cut.state is None else rebuilt(doc, cut.state)), cut.update, cut.seconds
 
-    def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None) -> Cut:
+    def reads(self, update: bytes) -> bool:
+        """Whether `plan` reads `update` in Python (`Scan`; a large one is worth reading in a worker thread)."""
+        return bool(self.seconds) or _beyond_bmp(update)
+
+    def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None, scan: Scan | None = None) -> Cut:
         """How to apply `update` to `doc` so that yrs cuts no character. A character of the document it cuts is
         replaced in a state to build a new document from (`Cut.state`; from then on this object knows that
         document's characters); one of its own text, in a copy of the update. `held`: what `doc` holds back of
         earlier updates (heldback.py), which integrates with this one and may cut its text or be cut by it: a
         character it holds that is cut is replaced in `held` itself, and the document is rebuilt (yrs keeps the
-        uncut copy it holds back, so the caller gives `held` to the new document)."""
+        uncut copy it holds back, so the caller gives `held` to the new document). `scan`: `update` read already."""
         held = held if held is not None else []
-        if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
-            return Cut(update, [], None)
-        scan = _Scan(update)
-        scans = [_Scan(rest) for rest in held]
+        if scan is None:
+            if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
+                return Cut(update, [], None)
+            scan = Scan(update)
+        scans = [Scan(rest) for rest in held]
         cuts = set(scan.cuts).union(*(rest.cuts for rest in scans))
         cut = {point for point in cuts if point in self} if self.seconds else set()
         cut_own = cuts.intersection(scan.seconds)
@@ -122,7 +127,7 @@ class Characters:
             clients = {client for client, _ in cut}
             others = [client for client in clocks(doc.get_state()) if client not in clients]
             part = doc.get_update(_holding(others))  # only the cut clients' structs are read
-            known = _Scan(part, cuts=False)
+            known = Scan(part, cuts=False)
             fixed = _replace(part, known, cut)
             if fixed is not part or cut_held:
                 for client in clients:
@@ -178,10 +183,10 @@ def merge_safely(updates: list[bytes]) -> list[bytes]:
 def _holds_beyond_bmp(update: bytes) -> bool:
     """Whether the text of `update` holds a character beyond the BMP. What may encode one also occurs outside
     text (see _beyond_bmp), so where it occurs the text is read."""
-    return _beyond_bmp(update) and bool(_Scan(update, cuts=False).seconds)
+    return _beyond_bmp(update) and bool(Scan(update, cuts=False).seconds)
 
 
-def _replace(data: bytes, scan: _Scan, seconds: set[Point]) -> bytes:
+def _replace(data: bytes, scan: Scan, seconds: set[Point]) -> bytes:
     """`data` with each character whose second unit is at one of `seconds` replaced by two U+FFFD; `data`
     itself if none is in its text (it may have been deleted)."""
     parts = []
@@ -206,7 +211,7 @@ def _replace(data: bytes, scan: _Scan, seconds: set[Point]) -> bytes:
     return b"".join(parts)
 
 
-class _Scan:
+class Scan:
     """What a v1 update holds that matters here: `seconds`, the clocks of the second units of characters beyond
     the BMP in its text; `cuts` (if asked for), the points where integrating it splits items: after each origin,
     before each right origin, at both ends of each deleted range; `strings`, where each text holding such

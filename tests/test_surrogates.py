@@ -104,7 +104,7 @@ def test_a_large_document_without_such_characters_is_not_read(monkeypatch: pytes
     state = source.get_update()
     assert any(lead in state for lead in b"\xf0\xf1\xf2\xf3\xf4")
     reads: list[bytes] = []
-    monkeypatch.setattr(surrogates._Scan, "__init__", lambda scan, data, cuts=True: reads.append(data))
+    monkeypatch.setattr(surrogates.Scan, "__init__", lambda scan, data, cuts=True: reads.append(data))
     assert merge_safely([state, state]) != [state, state]
     doc = apply(Doc(), state, Characters())
     assert doc.get("c", type=Array).to_py() == items.to_py() and reads == []
@@ -160,8 +160,8 @@ def test_a_cut_reads_only_the_structs_of_the_clients_it_cuts(monkeypatch: pytest
     [clock] = [clock for clock in characters.seconds[12]]
     others = {client: set(characters.seconds[client]) for client in (11, 13)}
     reads: list[bytes] = []
-    scan = surrogates._Scan.__init__
-    monkeypatch.setattr(surrogates._Scan, "__init__",
+    scan = surrogates.Scan.__init__
+    monkeypatch.setattr(surrogates.Scan, "__init__",
                         lambda self, data, cuts=True: (reads.append(data), scan(self, data, cuts))[1])
     doc = apply(doc, deletion(12, clock), characters)
     assert str(doc.get("t", type=Text)).count("a\ufffdb") == 1

@@ -2,6 +2,7 @@
 done in slices."""
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,8 @@ from collab_server.broker import Kind
 from collab_server.broker.local import LocalBroker
 from collab_server.metrics import Metrics
 from collab_server.pacing import TURN
-from collab_server.replay import Replay
+from collab_server import surrogates
+from collab_server.replay import READ_APART, Replay
 from collab_server import room as room_module
 from collab_server.room import Room, RoomClosed
 from collab_server.slicing import SLICE_STRUCTS, SlowDocuments, slow_documents
@@ -185,6 +187,38 @@ async def test_a_document_known_to_be_slow_is_loaded_in_parts_with_turns_between
     assert str(room.doc.get("t", type=Text)) == str(text)
     assert len(seen_at) >= 2000 // SLICE_STRUCTS
     assert seen_at[-1] - seen_at[0] >= len(seen_at) // 8  # parts of 5 ms: a turn every TURN (10 ms), give or take
+
+
+async def test_a_large_stored_update_is_read_for_emoji_off_the_event_loop(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python reads a state for characters beyond the BMP ~12 times slower than yrs applies it: a load reads a
+    large update in a worker thread (the GIL is handed back and forth every few ms meanwhile), and the room knows
+    its characters after, so a cut of one is made as Yjs makes it."""
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    for i in range(3000):
+        text.insert(0, "😀" if i % 3 == 0 else "x")  # each typed before the last: items that cannot join
+    update = doc.get_update()
+    assert len(update) >= READ_APART
+    await store.submit("emoji", update)
+    reads: list[tuple[int, bool]] = []
+    scan = surrogates.Scan.__init__
+
+    def read(self: surrogates.Scan, data: bytes, cuts: bool = True) -> None:
+        reads.append((len(data), threading.current_thread() is threading.main_thread()))
+        scan(self, data, cuts)
+
+    monkeypatch.setattr(surrogates.Scan, "__init__", read)
+    room = Room("emoji", store, LocalBroker(), Metrics())
+    await room.load()
+    assert str(room.doc.get("t", type=Text)) == str(text)
+    assert (len(update), False) in reads and not any(on_loop for size, on_loop in reads if size >= READ_APART)
+    characters = surrogates.Characters()
+    characters.add(update)
+    client, clocks = next(iter(characters.seconds.items()))
+    await room.apply(deletion(client, min(clocks)))
+    assert str(room.doc.get("t", type=Text)).count("\ufffd") == 1
+    await room.flush()
 
 
 async def slow_room_with_an_emoji(store: SQLiteStore, name: str) -> tuple[Room, Doc]:
