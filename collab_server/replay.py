@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 
 from pycrdt import Doc, TransactionEvent
 
@@ -40,11 +41,13 @@ class Replay:
     def apply(self, update: bytes) -> None:
         """Apply `update` (what pycrdt raises when it refuses one is raised here). A document rebuilt for it is
         built in parts if it is known to be slow, offering the GIL between them (see `build`; a load, on the event
-        loop, uses `apply_paced`)."""
+        loop, uses `apply_paced`). Notes the document as slow if integrating takes long: yrs holds the GIL for all
+        of it, where Python reading the update (`plan`) hands the GIL on every few milliseconds in a worker thread,
+        and applying in parts would not shorten that."""
         cut = self.plan(update)
         if cut.state is not None:
             self.replace(build(cut.state, self.doc.client_id, self.name))
-        self.integrate(cut)
+        slow_documents.timed(self.name, self.integrate, cut)
 
     def plan(self, update: bytes, scan: Scan | None = None) -> Cut:
         """How to apply `update` (Characters.plan; `scan`: it read already): a state to rebuild the document from
@@ -82,9 +85,9 @@ class Replay:
 
 def apply_offering_gil(apply: Callable[[bytes], None], update: bytes, name: str | None, turns: GilTurns) -> None:
     """`apply(update)` of document `name` in a worker thread, in parts if it is a large update of a document known
-    to be slow, offering the GIL between them. Notes the document as slow if one application takes long."""
+    to be slow, offering the GIL between them. `apply` notes the document as slow if it takes long."""
     for part in slices(update) if slow_documents.cut(name, update) else (update,):
-        slow_documents.timed(name, apply, part)
+        apply(part)
         turns.offer()
 
 
@@ -124,7 +127,7 @@ def build(state: bytes, client_id: int, name: str | None) -> Doc:
     """A document of `client_id` built from `state` (see surrogates.Cut), in parts offering the GIL between them if
     it is a slow document's (a fold's rebuild, in a worker thread)."""
     built = _Build(client_id)
-    apply_offering_gil(built.apply, state, name, GilTurns())
+    apply_offering_gil(partial(slow_documents.timed, name, built.apply), state, name, GilTurns())
     return built.doc
 
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
+from collab_server import surrogates
 from collab_server.protocol import ProtocolError
 from collab_server.pacing import GilTurns
 from collab_server.replay import Replay
 from collab_server.slicing import SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
 from collab_server.storage.base import fold_updates
+from collab_server.surrogates import Cut
 from tests.rawclient import deletion, second_unit, slow_text, state_vector
+
+T = TypeVar("T")
 
 PIECES = ["a", "bc", "é", "😀", "👍🏽", "z" * 20]
 EDIT = st.tuples(st.integers(0, 2), st.sampled_from(["insert", "delete", "map", "array", "nested"]),
@@ -148,8 +153,8 @@ def test_a_fold_rebuilding_a_slow_document_for_a_cut_builds_it_in_parts(monkeypa
     offered = 0
     real_timed, real_offer = SlowDocuments.timed, GilTurns.offer
 
-    def timed(documents: SlowDocuments, name: str | None, apply: Callable[[bytes], object], part: bytes) -> None:
-        applied.append(len(part))
+    def timed(documents: SlowDocuments, name: str | None, apply: Callable[[T], object], part: T) -> None:
+        applied.append(len(part.update if isinstance(part, Cut) else part))  # a fold times what it integrates
         real_timed(documents, name, apply, part)
 
     def offer(turns: GilTurns) -> None:
@@ -167,3 +172,25 @@ def test_a_fold_rebuilding_a_slow_document_for_a_cut_builds_it_in_parts(monkeypa
     assert str(folded.get("t", type=Text)).startswith("\ufffd")
     assert len(applied) >= 2 * (2000 // 64)  # the state, then the state it is rebuilt from, in parts
     assert max(applied) < len(updates[0]) // 10 and offered >= len(applied)
+
+
+def test_a_fold_judges_a_document_slow_by_integrating_it_not_by_reading_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python reading an update for characters beyond the BMP (surrogates.Scan) hands the GIL on every few
+    milliseconds in a fold's worker thread, and applying in parts would not shorten it: only what yrs takes to
+    integrate counts, or a document yrs applies quickly would be applied in parts (at many times the cost) ever
+    after, on every node, since the stores keep the mark."""
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "a😀b")
+    update = doc.get_update()
+    read = surrogates.Scan.__init__
+
+    def slow_read(scan: surrogates.Scan, data: bytes, cuts: bool = True) -> None:
+        slow_apply(data)
+        read(scan, data, cuts)
+
+    monkeypatch.setattr(surrogates.Scan, "__init__", slow_read)
+    fold_updates([update], "test_slicing-read-slowly")
+    assert "test_slicing-read-slowly" not in slow_documents
+    monkeypatch.setattr(Replay, "integrate", lambda replay, cut: slow_apply(cut.update))
+    fold_updates([update], "test_slicing-integrated-slowly")
+    assert "test_slicing-integrated-slowly" in slow_documents
