@@ -151,11 +151,13 @@ class PostgresStore:
 
     async def close(self) -> None:
         self._closing = True
-        self._slow.close()
         self._wake.set()
         if self._task is not None:
             await self._task
         await self._compactor.close()
+        self._slow.close()
+        if self._slow:  # found by the last folds
+            await self._mark_slow(self._slow.take())
         for pool in (self._pool, self._writes):
             if pool is not None:
                 await pool.close()

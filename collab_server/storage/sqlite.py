@@ -184,11 +184,13 @@ class SQLiteStore:
 
     async def close(self) -> None:
         self._closing = True
-        self._slow.close()
         self._wake.set()
         if self._task is not None:
             await self._task
         await self._compactor.close()
+        self._slow.close()
+        if self._slow:  # found by the last folds
+            await self._mark_slow(self._slow.take())
         await self._release()
 
     async def _release(self) -> None:

@@ -411,3 +411,34 @@ def _spin(seconds: float) -> None:
     end = time.thread_time() + seconds
     while time.thread_time() <= end:
         pass
+
+
+async def test_a_document_found_slow_by_a_fold_that_ends_as_the_store_closes_is_marked(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing waits for the running folds, and writes what they found."""
+    folding, release = threading.Event(), threading.Event()
+
+    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
+        folding.set()
+        assert release.wait(10), "the fold was never released"
+        return fold_updates(parts, doc)
+
+    _, updates = text_updates(20)
+    monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())
+    for module in (sqlite_store, postgres_store):
+        monkeypatch.setattr(module, "fold_updates", held_fold)
+    store = await backend.open(compact_threshold=10)
+    await asyncio.gather(*(store.submit("slow", u) for u in updates))  # past the threshold: a fold starts
+    assert await asyncio.to_thread(folding.wait, 10)
+    with monkeypatch.context() as patch:
+        patch.setattr(slicing, "SLOW_APPLY", -1.0)  # every application counts as slow
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)  # one turn: close() runs up to its first wait, so the fold ends after it began
+        release.set()
+        await closing
+    monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())  # as in a new process
+    store = await backend.open()
+    try:
+        assert rebuild(await store.load("slow")) == rebuild(updates) and "slow" in slicing.slow_documents
+    finally:
+        await store.close()
