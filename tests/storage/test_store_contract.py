@@ -35,6 +35,20 @@ def text_of(doc: Doc) -> str:
     return str(doc.get("t", type=Text))
 
 
+def held_folds(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make every store's fold wait for `release` (the second event) once it has set `folding` (the first)."""
+    folding, release = threading.Event(), threading.Event()
+
+    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
+        folding.set()
+        assert release.wait(10), "the fold was never released"
+        return fold_updates(parts, doc)
+
+    for module in (sqlite_store, postgres_store):
+        monkeypatch.setattr(module, "fold_updates", held_fold)
+    return folding, release
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.distributed)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
@@ -323,20 +337,12 @@ async def test_pruning_keeps_the_newest_automatic_versions_and_every_requested_o
 async def test_a_compaction_that_ends_after_a_delete_brings_nothing_back(
         store: Store, monkeypatch: pytest.MonkeyPatch, compacted_before: bool) -> None:
     """The fold works on a snapshot taken before the delete; its swap must not write a checkpoint back."""
-    folding, release = threading.Event(), threading.Event()
-
-    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
-        folding.set()
-        assert release.wait(10), "the fold was never released"
-        return fold_updates(parts, doc)
-
     _, updates = text_updates(20)
     await asyncio.gather(*(store.submit("d", u) for u in updates[:10]))
     if compacted_before:
         await store.compact("d")
     await asyncio.gather(*(store.submit("d", u) for u in updates[10:]))
-    for module in (sqlite_store, postgres_store):
-        monkeypatch.setattr(module, "fold_updates", held_fold)
+    folding, release = held_folds(monkeypatch)
     compaction = asyncio.create_task(store.compact("d"))
     assert await asyncio.to_thread(folding.wait, 10)
     assert await store.delete("d") is True
@@ -416,17 +422,9 @@ def _spin(seconds: float) -> None:
 async def test_a_document_found_slow_by_a_fold_that_ends_as_the_store_closes_is_marked(
         backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Closing waits for the running folds, and writes what they found."""
-    folding, release = threading.Event(), threading.Event()
-
-    def held_fold(parts: list[bytes], doc: str | None = None) -> bytes:
-        folding.set()
-        assert release.wait(10), "the fold was never released"
-        return fold_updates(parts, doc)
-
     _, updates = text_updates(20)
     monkeypatch.setattr(slicing.slow_documents, "_names", OrderedDict())
-    for module in (sqlite_store, postgres_store):
-        monkeypatch.setattr(module, "fold_updates", held_fold)
+    folding, release = held_folds(monkeypatch)
     store = await backend.open(compact_threshold=10)
     await asyncio.gather(*(store.submit("slow", u) for u in updates))  # past the threshold: a fold starts
     assert await asyncio.to_thread(folding.wait, 10)
