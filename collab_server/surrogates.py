@@ -104,7 +104,7 @@ class Characters:
         uncut copy it holds back, so the caller gives `held` to the new document). `scan`: `update` read already."""
         held = held if held is not None else []
         if scan is None:
-            if not self.seconds and not _beyond_bmp(update) and not any(map(_beyond_bmp, held)):
+            if not self.reads(update) and not any(map(_beyond_bmp, held)):
                 return Cut(update, [], None)
             scan = Scan(update)
         scans = [Scan(rest) for rest in held]
