@@ -30,7 +30,8 @@ from collab_server.protocol import (
     sync_update,
 )
 from collab_server.heldback import Held
-from collab_server.surrogates import Characters, apply
+from collab_server.replay import apply, build
+from collab_server.surrogates import Characters
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
 from client_py.store import LocalStore
@@ -241,14 +242,15 @@ class CollabClient:
         """The update to apply instead of `update`, with `doc` rebuilt first where it cuts a character between
         its two UTF-16 units, as Yjs peers do (yrs alone would corrupt the document; collab_server/surrogates.py).
         Read `client.doc` afresh after awaiting: a rebuild replaces it."""
-        doc, update = self._characters.prepare(self.doc, update, self._held.updates)
-        if doc is not self.doc:
+        cut = self._characters.plan(self.doc, update, self._held.updates)
+        if cut.state is not None:
+            doc = build(cut.state, self.doc.client_id, None)
             self._held.give(doc)  # a document built from a state holds nothing back
             if self._subscription is not None:
                 self.doc.unobserve(self._subscription)
                 self._subscription = doc.observe(self._on_update)
             self.doc = doc
-        return update
+        return cut.update
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._characters.add(event.update)

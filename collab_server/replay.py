@@ -138,3 +138,14 @@ async def build_paced(state: bytes, client_id: int, name: str | None, turns: Tur
         await turns.offer()
         slow_documents.timed(name, built.apply, part)
     return built.doc
+
+
+def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
+    """Apply `update` to `doc` or, where it cuts a character, to a document built again (`build`); returns the one
+    applied. What `doc` holds back is not tracked: `Replay` does that, for updates that may wait on one another."""
+    cut = characters.plan(doc, update)
+    if cut.state is not None:
+        doc = build(cut.state, doc.client_id, None)
+    doc.apply_update(cut.update)
+    characters.applied(cut.update, cut.seconds)
+    return doc

@@ -9,8 +9,8 @@ the same client wrote after it, so a reload, a compaction or a fresh client's sy
 So the cut is made here as Yjs makes it, before yrs sees it. `Characters` knows where a document's text
 holds such characters; `Characters.plan` gives the document's state with each character an update cuts
 replaced by two U+FFFD (the same two UTF-16 units, so every item keeps its clocks), to build the document again
-from (`prepare` builds it at once; a room builds a slow document's in parts, see room.py). yrs then cuts between
-two characters, and the document is the one every Yjs replica holds.
+from (replay.py builds it, a slow document's in parts). yrs then cuts between two characters, and the document is
+the one every Yjs replica holds.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Characters:
             self._note(Scan(update, cuts=False).seconds)
 
     def applied(self, update: bytes, seconds: list[Point] | None) -> None:
-        """Note the characters of `update`, applied whole, as `prepare_and_read` read them (read again if None)."""
+        """Note the characters of `update`, applied whole, as `plan` read them (`Cut.seconds`; read again if None)."""
         if seconds is None:
             self.add(update)
         else:
@@ -77,19 +77,6 @@ class Characters:
             if clocks is None:
                 clocks = self.seconds[client] = set()
             clocks.add(clock)
-
-    def prepare(self, doc: Doc, update: bytes, held: list[bytes] | None = None) -> tuple[Doc, bytes]:
-        """The document and the update to apply instead of `doc` and `update`, so that yrs cuts no character:
-        the same two unless the update cuts one. See `plan`."""
-        doc, update, _ = self.prepare_and_read(doc, update, held)
-        return doc, update
-
-    def prepare_and_read(self, doc: Doc, update: bytes,
-                         held: list[bytes] | None = None) -> tuple[Doc, bytes, list[Point] | None]:
-        """As `prepare`, and the characters of the update returned if they were read (None if not): give them
-        to `applied` once the update is applied whole."""
-        cut = self.plan(doc, update, held)
-        return (doc if cut.state is None else rebuilt(doc, cut.state)), cut.update, cut.seconds
 
     def reads(self, update: bytes) -> bool:
         """Whether `plan` reads `update` in Python (`Scan`; a large one is worth reading in a worker thread)."""
@@ -152,22 +139,6 @@ def _holding(clients: Iterable[int]) -> bytes:
     """A v1 state vector holding every struct of `clients`: a document's update for it leaves them out."""
     clients = list(clients)
     return b"".join([write_varuint(len(clients)), *(write_varuint(client) + _BEYOND for client in clients)])
-
-
-def rebuilt(doc: Doc, state: bytes) -> Doc:
-    """A document built from `state` (see `Cut`) to replace `doc`: its own later changes carry on its clock."""
-    new = Doc(client_id=doc.client_id)
-    new.apply_update(state)
-    return new
-
-
-def apply(doc: Doc, update: bytes, characters: Characters) -> Doc:
-    """Apply `update` to `doc` or, where it cuts a character, to a rebuilt document; returns the one applied.
-    What `doc` holds back is not tracked: see replay.py for updates that may wait on one another."""
-    doc, update, seconds = characters.prepare_and_read(doc, update)
-    doc.apply_update(update)
-    characters.applied(update, seconds)
-    return doc
 
 
 def merge_safely(updates: list[bytes]) -> list[bytes]:

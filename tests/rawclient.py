@@ -179,7 +179,7 @@ def whole_and_cut() -> tuple[bytes, bytes]:
     catch-up or a client's copy holds it)."""
     from pycrdt import Text
 
-    from collab_server.surrogates import apply
+    from collab_server.replay import apply
 
     source = Doc(client_id=7)
     source.get("t", type=Text).insert(0, "X😀Y")

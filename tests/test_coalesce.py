@@ -12,7 +12,8 @@ from pycrdt import Array, Doc, Map, Text
 from client_py.client import CollabClient, _Link
 from collab_server import protocol as p
 from collab_server.coalesce import coalesce
-from collab_server.surrogates import Characters, apply
+from collab_server.replay import apply
+from collab_server.surrogates import Characters
 from tests.rawclient import state_vector, whole_and_cut
 
 

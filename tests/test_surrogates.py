@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Text, merge_updates
 
 from collab_server import surrogates
+from collab_server.replay import apply
 from collab_server.storage.base import fold_updates
-from collab_server.surrogates import Characters, apply, merge_safely
+from collab_server.surrogates import Characters, merge_safely
 from tests.rawclient import deletion, second_unit, state_vector, whole_and_cut
 
 CUTS = Path(__file__).parent / "js" / "cuts.mjs"
@@ -75,7 +76,7 @@ def test_text_without_characters_beyond_the_bmp_is_left_alone() -> None:
     source.get("t", type=Text).insert(0, "héllo 中文")
     update = source.get_update()
     doc, characters = Doc(), Characters()
-    assert characters.prepare(doc, update) == (doc, update)
+    assert characters.plan(doc, update) == (update, [], None)  # not read, nothing to rebuild
     assert apply(doc, update, characters) is doc
     assert not characters.seconds
 
@@ -117,7 +118,7 @@ def test_a_cut_where_a_deleted_character_was_leaves_the_document_and_forgets_it(
     characters.add(doc.get_update())
     client, clock = second_unit(doc)
     del text[1:5]  # the whole emoji (pycrdt counts UTF-8 bytes)
-    assert characters.prepare(doc, deletion(client, clock)) == (doc, deletion(client, clock))
+    assert characters.plan(doc, deletion(client, clock)).state is None
     assert (client, clock) not in characters
     assert apply(doc, deletion(client, clock), characters) is doc
     assert str(text) == "ab"

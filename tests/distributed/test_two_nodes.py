@@ -14,7 +14,8 @@ from websockets.exceptions import ConnectionClosed
 
 from collab_server import protocol as p
 from collab_server.model import blocks_to_json
-from collab_server.surrogates import Characters, apply
+from collab_server.replay import apply
+from collab_server.surrogates import Characters
 from tests.distributed.cluster import Cluster
 from tests.rawclient import RawPeer, deletion, second_unit, text_updates, two_changes
 from tests.serverproc import ServerProcess
