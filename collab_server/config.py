@@ -37,6 +37,9 @@ class Settings:
     postgres_dsn: str = setting("postgresql://127.0.0.1:5432/test", "PostgreSQL to use with store postgres "
                                 "(?search_path=<schema> keeps a deployment in a schema of its own)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use with broker redis")
+    redis_stream_ttl: int = setting(
+        600, "broker redis: seconds a room's event stream is kept in Redis after its last event (nodes read events "
+        "at once; one that misses them takes the changes from storage at its next resync)", least=1)
     resync_interval: float = setting(
         5.0, "broker redis: seconds between checks that loaded rooms hold all that other nodes committed (a node "
         "that died between commit and publish, events lost while Redis was away); 0 = never", least=0)

@@ -13,7 +13,7 @@ def create_broker(settings: Settings) -> Broker:
     if settings.broker == "redis":
         from collab_server.broker.redis import RedisBroker
 
-        return RedisBroker(settings.redis_url)
+        return RedisBroker(settings.redis_url, stream_ttl=settings.redis_stream_ttl)
     from collab_server.broker.local import LocalBroker
 
     return LocalBroker()

@@ -7,6 +7,12 @@ entries to their handlers (local=False). A subscription starts at the stream's l
 `subscribe` runs, so nothing published after it returns is missed. The reader also blocks on a per-node wake
 stream, which `subscribe` pokes so a new room is read at once.
 
+Redis is a relay here, not a store: a room's stream keeps its last `maxlen` entries (approximately) and is dropped
+`stream_ttl` seconds after its last event, so Redis holds only rooms active lately, not every document ever edited.
+Subscribed nodes read events within milliseconds; a node that misses some (it lagged past `maxlen`, or was cut off
+from Redis longer than `stream_ttl`) takes the changes from storage at its next resync (resync.py). A stream created
+again gets ids past those of the one dropped (they are Redis's clock), so its subscribers read on from their last ids.
+
 While Redis is down, a node's own clients are still served; events wait in a bounded queue (the oldest are
 dropped, and logged, past `max_pending`), the reader retries with backoff and resumes from its last ids, and
 `subscribe` raises BrokerError, so a room that cannot be kept in sync with other nodes is not opened.
@@ -42,11 +48,12 @@ class _Subscription:
 
 
 class RedisBroker:
-    def __init__(self, url: str, *, prefix: str = "collab:", maxlen: int = 10_000, block_ms: int = 5_000,
-                 max_pending: int = 100_000, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, prefix: str = "collab:", maxlen: int = 10_000, stream_ttl: int = 600,
+                 block_ms: int = 5_000, max_pending: int = 100_000, connect_timeout: float = 5.0) -> None:
         self.url = url
         self.prefix = prefix
         self.maxlen = maxlen  # entries kept per room stream (approximately): how long a node may lag
+        self.stream_ttl = stream_ttl  # seconds a room's stream outlives its last event
         self.block_ms = block_ms
         self.node_id = uuid.uuid4().hex
         self._wake_key = f"{prefix}node:{self.node_id}"
@@ -168,6 +175,8 @@ class RedisBroker:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for key, fields in batch:
                         pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+                    for key in dict.fromkeys(key for key, _ in batch):
+                        pipe.expire(key, self.stream_ttl)
                     results = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 if self._closing.is_set():
@@ -181,7 +190,7 @@ class RedisBroker:
             if self._dropped:
                 log.error("redis publishing resumed; %d events were dropped", self._dropped)
                 self._dropped = 0
-            for (key, _), result in zip(batch, results):
+            for (key, _), result in zip(batch, results):  # the XADDs' (the EXPIREs' follow)
                 if isinstance(result, Exception):
                     log.error("redis rejected an event stream=%s error=%s", key, result)
             return

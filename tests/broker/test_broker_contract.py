@@ -272,6 +272,35 @@ async def test_reconnects_after_redis_drops_its_connections(redis_node: Nodes, r
 
 
 @pytest.mark.distributed
+async def test_a_room_stream_is_dropped_after_its_last_event_and_delivery_goes_on(
+        redis_url: str, redis_prefix: str) -> None:
+    """Redis holds a room's stream only while the room is active (every document ever edited would otherwise stay
+    in its memory); a node subscribed across the drop reads on from its last id when the room is active again."""
+    a, b = (RedisBroker(redis_url, prefix=redis_prefix, block_ms=1000, stream_ttl=1) for _ in range(2))
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    await a.start()
+    await b.start()
+    try:
+        inbox = Inbox()
+        await b.subscribe("r", inbox)
+        key = a.stream_key("r")
+        a.publish("r", Kind.UPDATE, b"one")
+        await inbox.wait_for(1)
+        assert 0 < await raw.ttl(key) <= 1
+        deadline = time.monotonic() + 10
+        while await raw.exists(key):
+            assert time.monotonic() < deadline, "the stream outlived its time to live"
+            await asyncio.sleep(0.1)
+        a.publish("r", Kind.UPDATE, b"two")
+        assert await inbox.wait_for(2, timeout=5) == [(Kind.UPDATE, b"one", False), (Kind.UPDATE, b"two", False)]
+        assert 0 < await raw.ttl(key) <= 1  # renewed by each event
+    finally:
+        await raw.aclose()
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.distributed
 async def test_close_sends_everything_queued(redis_node: Nodes) -> None:
     a, b = await redis_node(), await redis_node()
     inbox = Inbox()
