@@ -4,7 +4,7 @@
 //
 // Common options: url (ws://127.0.0.1:PORT), client ("yws" = y-websocket WebsocketProvider,
 // "hocus" = @hocuspocus/provider), room (name or prefix), timeoutMs (hard limit for every wait).
-// Scenarios: fanout, latency, presence, rooms, build, sync, memory (see README.md for what each measures).
+// Scenarios: fanout, latency, presence, rooms, flood, build, sync, memory (see README.md for what each measures).
 // Output: JSON lines on stdout: {"event": "result", ...} at the end, {"event": "built"} for build
 // (then the driver waits for a line on stdin before it disconnects). Progress goes to stderr.
 // Packages resolve from benchmarks/node_modules (benchmarks/package.json, installed by `make bench`).
@@ -14,6 +14,9 @@ import WebSocket from 'ws'
 import { readFileSync, readdirSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import { createInterface } from 'node:readline'
+import { spawn } from 'node:child_process'
+import { setPriority } from 'node:os'
+import { fileURLToPath } from 'node:url'
 
 const now = () => performance.now()
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
@@ -344,6 +347,65 @@ async function rooms (opts) {
   }
 }
 
+
+/**
+ * One room's latency while other clients flood rooms of their own: `flooders` clients (in a child process at the
+ * lowest CPU priority, so they take no CPU from the server or the probe they do not need) push one-item updates as
+ * fast as their sockets take them for `seconds`; meanwhile a writer in another room pushes {t, i} every
+ * `interval` ms and a reader there measures receive − send time. The run ends when the reader holds them all.
+ */
+async function flood (opts) {
+  const probeRoom = `${opts.room}-probe`
+  const writer = await makeClient(opts, probeRoom)
+  const reader = await makeClient(opts, probeRoom)
+  await syncAll([writer, reader], opts.timeoutMs)
+  const samples = []
+  reader.doc.getArray('l').observe(ev => {
+    const t = now()
+    for (const d of ev.changes.delta) for (const v of d.insert ?? []) samples.push(t - v.t)
+  })
+  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), 'flooders', JSON.stringify(opts)],
+    { stdio: ['ignore', 'pipe', 'inherit'] })
+  setPriority(child.pid, 19)
+  let floodOut = ''
+  child.stdout.on('data', chunk => { floodOut += chunk })
+  const flooding = new Promise(resolve => child.on('exit', resolve))
+  await waitFor(() => floodOut.includes('"flooding"'), opts.timeoutMs, 'the flooders to start')
+  const warr = writer.doc.getArray('l')
+  const start = now()
+  let sent = 0
+  while (now() - start < opts.seconds * 1000) {
+    warr.push([{ t: now(), i: sent++ }])
+    await sleep(opts.interval)
+  }
+  await flooding
+  const flooded = JSON.parse(floodOut.trim().split('\n').pop())
+  const error = await finish([writer, reader], () => samples.length >= sent, 'every probe update', opts.timeoutMs)
+  return { flooders: opts.flooders, seconds: opts.seconds, sent, received: samples.length, ...delays(samples),
+    flood_updates: flooded.updates, error }
+}
+
+/** The flood scenario's child: its flooders, one room each, until `seconds` are up; prints how many they sent. */
+async function flooders (opts) {
+  const clients = []
+  for (let k = 0; k < opts.flooders; k++) clients.push(await makeClient(opts, `${opts.room}-flood-${k}`))
+  await syncAll(clients, opts.timeoutMs)
+  emit({ event: 'flooding' })
+  const ends = now() + opts.seconds * 1000
+  let updates = 0
+  await Promise.all(clients.map(async c => {
+    const arr = c.doc.getArray('f')
+    while (now() < ends) {
+      for (let j = 0; j < 100; j++) arr.push([updates++])
+      const ws = c.provider.ws
+      while (ws && ws.bufferedAmount > 1 << 20 && now() < ends) await sleep(1) // as fast as the socket takes them
+      await sleep(0)
+    }
+  }))
+  clients.forEach(c => c.destroy())
+  emit({ updates })
+  process.exit(0)
+}
 /**
  * Build a document of `updates` small updates through the server. The writer sends in chunks and
  * waits until a second client has received each chunk (so no server has to queue 100,000 messages),
@@ -463,7 +525,7 @@ async function memory (opts) {
   }
 }
 
-const SCENARIOS = { fanout, latency, presence, rooms, build, sync, memory }
+const SCENARIOS = { fanout, latency, presence, rooms, flood, flooders, build, sync, memory }
 
 async function main () {
   const [name, json] = process.argv.slice(2)

@@ -6,8 +6,8 @@
     .venv/bin/python benchmarks/run.py --servers ours,yws --scenarios fanout,latency --repeat 5
 
 Every server runs on a free 127.0.0.1 port in its own subprocess with its own scratch database. The live
-scenarios (fan-out, latency, presence, rooms) run with every server up and their repeats interleaved; cold load and
-memory run one server at a time. Real yjs clients (benchmarks/driver.mjs, one Node process per scenario
+scenarios (fan-out, latency, presence, rooms, flood) run with every server up and their repeats interleaved; cold
+load and memory run one server at a time. Real yjs clients (benchmarks/driver.mjs, one Node process per scenario
 run) drive them. Results go to benchmarks/results/latest.json and a table on stdout. Only the standard
 library is used here.
 """
@@ -58,6 +58,7 @@ FULL = {
     "latency": {"readers": 20, "rate": 100, "seconds": 5},
     "presence": {"clients": 20, "rate": 20, "seconds": 5},
     "rooms": {"rooms": 200, "updatesPerRoom": 20},
+    "flood": {"flooders": 2, "seconds": 5, "interval": 20},
     "cold": {"sizes": [5000, 100000], "trials": 3, "chunk": 1000},
     "memory": {"rooms": 100, "extraConns": 200, "updatesPerRoom": 10, "settleMs": 2000},
     "timeout_ms": 120000,
@@ -68,12 +69,13 @@ QUICK = {
     "latency": {"readers": 5, "rate": 100, "seconds": 1},
     "presence": {"clients": 5, "rate": 20, "seconds": 1},
     "rooms": {"rooms": 10, "updatesPerRoom": 5},
+    "flood": {"flooders": 1, "seconds": 1, "interval": 20},
     "cold": {"sizes": [1000], "trials": 1, "chunk": 500},
     "memory": {"rooms": 10, "extraConns": 10, "updatesPerRoom": 5, "settleMs": 200},
     "after_build_sleep_s": 0.3,
     "timeout_ms": 30000,
 }
-ALL_SCENARIOS = ["fanout", "latency", "presence", "rooms", "cold", "memory"]
+ALL_SCENARIOS = ["fanout", "latency", "presence", "rooms", "flood", "cold", "memory"]
 
 # ------------------------------------------------------------------------------------------------
 # servers
@@ -546,7 +548,7 @@ def _timed_driver(server: ServerProc, scenario: str, opts: dict[str, Any], timeo
 
 
 def live_once(ctx: "Ctx", server: ServerProc, scenario: str, i: int) -> dict[str, Any]:
-    """Repeat `i` of a live scenario (fan-out, latency, presence or rooms) in fresh rooms of a running server."""
+    """Repeat `i` of a live scenario (fan-out, latency, presence, rooms or flood) in fresh rooms of a running server."""
     opts = {**ctx.base_opts(server), **ctx.sizes[scenario], "room": f"{scenario}-{i}-{ctx.nonce}"}
     r = _timed_driver(server, scenario, opts, ctx.timeout_s)
     figures = {
@@ -554,6 +556,8 @@ def live_once(ctx: "Ctx", server: ServerProc, scenario: str, i: int) -> dict[str
         "latency": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms",
         "presence": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms",
         "rooms": lambda: f"connect+sync {_fmt(r.get('connect_sync_ms'))} ms, {_fmt(r.get('updates_per_s'))} updates/s",
+        "flood": lambda: f"p50 {_fmt(r.get('p50_ms'))} ms, p99 {_fmt(r.get('p99_ms'))} ms, "
+                         f"{_fmt(r.get('flood_updates'))} flood updates",
     }[scenario]()
     ctx.progress(f"{scenario} run {i + 1}: {figures}{' ERROR ' + str(r['error'])[:200] if r.get('error') else ''}")
     return r
@@ -564,6 +568,7 @@ LIVE_KEYS = {
     "latency": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "expected"],
     "presence": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "sent"],
     "rooms": ["connect_sync_ms", "updates_per_s", "server_cpu_s", "delivered", "expected"],
+    "flood": ["p50_ms", "p99_ms", "max_ms", "server_cpu_s", "received", "sent", "flood_updates"],
 }
 
 
@@ -789,6 +794,7 @@ def paired_ratios(ours: dict[str, Any], other: dict[str, Any], path: tuple[str, 
 
 def metric_rows(sizes: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], Any], bool, str, list[str]]]:
     f, l_, a, r, m = sizes["fanout"], sizes["latency"], sizes["presence"], sizes["rooms"], sizes["memory"]
+    fl = sizes["flood"]
     rows = [
         (f"fan-out 1→{f['readers']}, {f['updates']} upd: deliveries/s", _get("fanout", "deliveries_per_s"), True,
          "{:,.0f}", ["fanout"]),
@@ -803,6 +809,8 @@ def metric_rows(sizes: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, An
         (f"{r['rooms']} rooms × 2: connect+sync ms", _get("rooms", "connect_sync_ms"), False, "{:,.0f}", ["rooms"]),
         (f"{r['rooms']} rooms: updates/s ({r['updatesPerRoom']}/room)", _get("rooms", "updates_per_s"), True,
          "{:,.0f}", ["rooms"]),
+        (f"a room beside {fl['flooders']} flooding: p50 ms", _get("flood", "p50_ms"), False, "{:.1f}", ["flood"]),
+        ("  beside flooding: p99 ms", _get("flood", "p99_ms"), False, "{:.1f}", ["flood"]),
     ]
     for size in sizes["cold"]["sizes"]:
         rows.append((f"cold load {size:,} upd: fresh client has all ms", _get("cold", str(size), "cold_full_ms"), False,
@@ -873,9 +881,9 @@ def render_table(results: dict[str, Any], sizes: dict[str, Any], servers: list[s
                        + "|")
     out.append("")
     out.append("↑ higher is better, ↓ lower is better. Values are medians over the repeats. Ratio columns: > 1× "
-               "means ours is better (ours÷other for ↑, other÷ours for ↓). For fan-out, latency, presence and rooms, where "
-               "repeat i of every server runs back to back, the ratio is the median of the per-repeat ratios, "
-               "their range in brackets; elsewhere it is the ratio of the medians.")
+               "means ours is better (ours÷other for ↑, other÷ours for ↓). For fan-out, latency, presence, rooms and "
+               "flood, where repeat i of every server runs back to back, the ratio is the median of the per-repeat "
+               "ratios, their range in brackets; elsewhere it is the ratio of the medians.")
     if flagged:
         out.append("")
         out.append("! = the run reported a problem:")
