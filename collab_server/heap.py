@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Callable
 
+from collab_server.pacing import in_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ async def trim_every(interval: float, trim: Callable[[], int]) -> None:
         await asyncio.sleep(interval)
         before, started = resident_bytes(), time.perf_counter()
         try:
-            await asyncio.to_thread(trim)
+            await in_thread(trim)
         except Exception:
             log.exception("heap trim failed")
             continue

@@ -6,14 +6,13 @@ process between them (slicing.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from functools import partial
 
 from pycrdt import Doc, TransactionEvent
 
 from collab_server.heldback import Held
-from collab_server.pacing import GilTurns, Turns
+from collab_server.pacing import GilTurns, Turns, in_thread
 from collab_server.slicing import slices, slow_documents
 from collab_server.surrogates import Characters, Cut, Scan
 
@@ -98,10 +97,10 @@ async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
     hold characters beyond the BMP is read for them in a worker thread too (~30 ms per 100,000 items in Python,
     where yrs applies them in 2.5). Notes the document as slow if one application takes long."""
     name = replay.name
-    for part in await asyncio.to_thread(slices, update) if slow_documents.cut(name, update) else (update,):
+    for part in await in_thread(slices, update) if slow_documents.cut(name, update) else (update,):
         await turns.offer()
         read = len(part) >= READ_APART and replay.characters.reads(part)
-        cut = replay.plan(part, await asyncio.to_thread(Scan, part) if read else None)
+        cut = replay.plan(part, await in_thread(Scan, part) if read else None)
         if cut.state is not None:
             replay.replace(await build_paced(cut.state, replay.doc.client_id, name, turns))
         slow_documents.timed(name, replay.integrate, cut)
@@ -134,7 +133,7 @@ def build(state: bytes, client_id: int, name: str | None) -> Doc:
 async def build_paced(state: bytes, client_id: int, name: str | None, turns: Turns) -> Doc:
     """As `build`, on the event loop: a slow document's in parts with `turns` between them."""
     built = _Build(client_id)
-    for part in await asyncio.to_thread(slices, state) if slow_documents.cut(name, state) else (state,):
+    for part in await in_thread(slices, state) if slow_documents.cut(name, state) else (state,):
         await turns.offer()
         slow_documents.timed(name, built.apply, part)
     return built.doc

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from collab_server.pacing import in_thread
 from collab_server.slicing import slow_documents
 from collab_server.storage.base import (
     Compactor,
@@ -301,7 +302,7 @@ class PostgresStore:
                 break
             parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
             folded_ids = [id_ for id_, _ in rows]
-            folded = await asyncio.to_thread(fold_updates, parts, doc)
+            folded = await in_thread(fold_updates, parts, doc)
             try:
                 async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                     current = await conn.fetchval(

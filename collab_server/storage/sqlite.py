@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-
+from collab_server.pacing import in_thread, offering_gil
 from collab_server.slicing import slow_documents
 from collab_server.storage.base import (
     Compactor,
@@ -115,8 +115,8 @@ class SQLiteStore:
         self.path = path
         self.lock_wait = lock_wait
         self.synchronous = synchronous.upper()
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
         self._write_lock = asyncio.Lock()  # group commits and compaction swaps take turns on the writer
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
@@ -142,8 +142,7 @@ class SQLiteStore:
             raise
 
     async def _connect(self) -> None:
-        # autocommit: each statement is its own transaction unless BEGIN opens one explicitly
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        self._writer = await _Connection.to(self.path)
         # a new database gives back the pages compaction frees; the mode is fixed before its first table
         # (and before WAL mode) is written, so an older database keeps reusing them instead
         await self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -160,7 +159,7 @@ class SQLiteStore:
         async with self._writer.execute("PRAGMA auto_vacuum") as cur:
             (mode,) = await cur.fetchone()  # type: ignore[misc]
         self._reclaims = mode == 2
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader = await _Connection.to(self.path)
         await self._reader.execute("PRAGMA query_only=1")
         await self._reader.execute("PRAGMA busy_timeout=5000")
         self._task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
@@ -318,7 +317,7 @@ class SQLiteStore:
             self._log_counts[doc] = 0
             return
         parts = ([checkpoint] if checkpoint else []) + [data for _, data in rows]
-        folded = await asyncio.to_thread(fold_updates, parts, doc)
+        folded = await in_thread(fold_updates, parts, doc)
         last = rows[-1][0]
         async with self._write_lock:
             try:
@@ -445,6 +444,19 @@ class SQLiteStore:
             return list(await self._reader.execute_fetchall(query, params))
         except Exception as exc:
             raise StorageError(f"{what} failed: {exc}") from exc
+
+
+class _Connection(aiosqlite.Connection):
+    """An aiosqlite connection (autocommit: each statement is its own transaction unless BEGIN opens one) whose
+    thread the event loop offers the GIL while it waits on it (pacing.offering_gil), so that a busy loop does not
+    hold up commits, and with them every room's broadcasts."""
+
+    @classmethod
+    def to(cls, path: str) -> _Connection:
+        return cls(lambda: sqlite3.connect(path, isolation_level=None), 64)
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # every call goes here
+        return await offering_gil(super()._execute(fn, *args, **kwargs))
 
 
 async def claim(path: str, wait: float) -> int:

@@ -1,13 +1,19 @@
-"""Passes over many connections or rooms run in slices, with the event loop turning between them."""
+"""Passes over many connections or rooms run in slices, with the event loop turning between them; a busy loop
+still lets the worker threads it waits on finish."""
 
 import asyncio
 import gc
 import logging
+import time
 import weakref
+from pathlib import Path
 
 import pytest
+from pycrdt import Doc, Text
 
 from collab_server.pacing import in_slices
+from collab_server.storage.sqlite import SQLiteStore
+from tests.rawclient import text_updates
 
 
 async def test_a_pass_gives_the_loop_back_between_slices_and_survives_a_failing_item(
@@ -52,3 +58,40 @@ async def test_a_finished_pass_holds_nothing_for_the_cyclic_collector() -> None:
                 await asyncio.sleep(0)
     finally:
         gc.enable()
+
+
+async def test_commits_and_folds_go_on_while_the_event_loop_is_kept_busy(tmp_path: Path) -> None:
+    """A worker thread back from SQLite (or a fold) must take the GIL again, which CPython hands over only after
+    5 ms without a switch; a loop that never idles lets go of it for an instant at every turn, and so kept the
+    thread waiting while it stayed busy (measured: up to a minute per aiosqlite call). With a coroutine busy in
+    Python between turns, as a client flooding a room keeps the loop, commits and a compaction still finish."""
+    store = SQLiteStore(str(tmp_path / "busy.db"))
+    await store.open()
+    source, updates = text_updates(20)
+    stop = False
+
+    async def busy() -> None:
+        while not stop:
+            ends = time.perf_counter() + 0.001
+            while time.perf_counter() < ends:
+                pass
+            await asyncio.sleep(0)
+
+    async def commit_and_fold() -> None:
+        for update in updates:  # one at a time: a trip to the writer thread each
+            await store.submit("d", update)
+        await store.compact("d")
+
+    spinning = asyncio.create_task(busy())
+    try:
+        try:
+            await asyncio.wait_for(commit_and_fold(), 20)
+        finally:
+            stop = True
+            await spinning
+        [checkpoint] = await store.load("d")
+    finally:
+        await store.close()
+    doc = Doc()
+    doc.apply_update(checkpoint)
+    assert str(doc.get("t", type=Text)) == str(source.get("t", type=Text))
