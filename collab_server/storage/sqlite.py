@@ -105,6 +105,7 @@ LOCK_POLL = 0.1  # seconds between attempts while another process holds the data
 LOCK_WAIT = 15.0  # seconds to wait for the process holding a database: a predecessor still shutting down
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
+RECLAIM_SHARE = 8  # free pages are given back once they are 1/RECLAIM_SHARE of the file; fewer are reused
 
 
 class SQLiteStore:
@@ -343,10 +344,17 @@ class SQLiteStore:
             await self._reclaim()
 
     async def _reclaim(self) -> None:
-        """Shrink the file by the pages compaction freed, a batch per transaction so commits interleave.
+        """Shrink the file by the pages compaction or a deletion freed, a batch per transaction so commits
+        interleave, once they are a share of the file worth giving back; fewer are left for the next writes to
+        reuse (a busy document's compaction frees its old checkpoint each time, and giving that back cost a
+        transaction and its fsync holding the writer each time, 20-60 ms with clients flooding their rooms).
         A failure only leaves the pages free for reuse."""
         assert self._writer is not None
         try:
+            (free, pages), = await self._writer.execute_fetchall("SELECT * FROM pragma_freelist_count, "
+                                                                  "pragma_page_count")
+            if free * RECLAIM_SHARE < pages:
+                return
             while True:
                 async with self._write_lock:
                     (free,), = await self._writer.execute_fetchall("PRAGMA freelist_count")

@@ -199,6 +199,36 @@ async def test_compaction_gives_freed_pages_back_to_the_file_system(tmp_path: Pa
             assert free == 0 and size < grown - 20
 
 
+async def test_a_few_freed_pages_are_kept_for_reuse_not_given_back(tmp_path: Path) -> None:
+    """A compaction that frees a small share of the file leaves the pages for the next writes: giving them back
+    is a write transaction (and an fsync) holding the writer, after every compaction of a busy document."""
+    import sqlite3
+
+    path = str(tmp_path / "reuse.db")
+
+    def pages() -> tuple[int, int]:
+        with sqlite3.connect(path) as conn:
+            return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+    _, big = text_updates(3000)
+    doc, small = text_updates(300)
+    store = SQLiteStore(path, compact_threshold=100_000)
+    await store.open()
+    try:
+        await asyncio.gather(*(store.submit("big", u) for u in big))
+        await asyncio.gather(*(store.submit("d", u) for u in small))
+        await store.compact("d")
+        size, free = pages()
+        assert 0 < free * 8 < size  # kept: a small share of the file
+        assert rebuild(await store.load("d")) == str(doc.get("t", type=Text))
+        _, more = text_updates(300, name="u")
+        await asyncio.gather(*(store.submit("e", u) for u in more))
+        grown, left = pages()
+        assert grown == size and left < free  # the next writes took them
+    finally:
+        await store.close()
+
+
 async def test_a_database_is_open_in_one_store_at_a_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A second store (in production, a second process) on the same file waits for the first to close, and is
     refused with the holder's pid once its wait is over; the first keeps working meanwhile."""
