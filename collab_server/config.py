@@ -47,7 +47,8 @@ class Settings:
         "full", "SQLite's synchronous pragma: full survives power loss, normal survives process crashes only",
         choices=("full", "normal", "extra"))
     compact_threshold: int = setting(
-        500, "fold a document's update log into its checkpoint once it has this many entries", least=1)
+        500, "fold a document's update log into its checkpoint once it has this many entries (a large document's: "
+             "once they weigh half its checkpoint, if more)", least=1)
     idle_unload_seconds: float = setting(
         30.0, "a room with no connection for this long is flushed and unloaded", least=0)
     request_header_timeout: float = setting(

@@ -98,11 +98,21 @@ def rows_weight(rows: list[tuple[int, bytes]]) -> int:
     return sum(log_weight(update) for _, update in rows)
 
 
+FOLD_SHARE = 2  # a served document's log is folded at 1/FOLD_SHARE of its checkpoint's weight, if over the threshold
+
+
 class Compactor:
     """Runs a store's compactions off its commit path: at most one per document at a time, started when a
-    commit brings the document's log count (entries weighed by log_weight) to the threshold, and again while
+    commit brings the document's log count (entries weighed by log_weight) to its threshold, and again while
     the count is still over it (a burst committed during a fold, with nothing committed after it, must not
     stay in the log).
+
+    A served document's threshold grows with its checkpoint (weighed like a log entry) to 1/FOLD_SHARE of it: a
+    fold applies and rewrites the whole checkpoint, so folding a large document every `threshold` entries made
+    its compaction cost grow with its size at a fixed rate of edits (a 50-80 KB document flooded by a client
+    folded ten times a second, each fold taking the GIL from the loop and its swap the writer from every other
+    room's commits), where this way a fold's cost is in proportion to what it folds, and a load replays at most
+    about half a checkpoint's worth of log after the checkpoint.
 
     A document no longer served gets its log folded once it holds a tenth of the threshold, so its next load
     reads one checkpoint instead of replaying the log (a shorter log is not worth rewriting the checkpoint).
@@ -113,14 +123,30 @@ class Compactor:
         self._compact = compact
         self._log_counts = log_counts
         self.threshold = threshold
+        self._checkpoints: dict[str, int] = {}  # served documents' checkpoints, weighed by log_weight
         self._running: dict[str, asyncio.Task[None]] = {}
         self._closing = False
 
+    def loaded(self, doc: str, log: list[bytes], checkpoint: bytes | None) -> None:
+        """A room loaded `doc`: count its log, and weigh its checkpoint for its threshold."""
+        self._log_counts[doc] = sum(map(log_weight, log))
+        self._checkpoints[doc] = log_weight(checkpoint) if checkpoint else 0
+
+    def folded(self, doc: str, weight: int, checkpoint: bytes) -> None:
+        """A compaction folded log entries weighing `weight` of `doc` into `checkpoint`."""
+        self._log_counts[doc] = max(0, self._log_counts[doc] - weight)
+        if doc in self._checkpoints:
+            self._checkpoints[doc] = log_weight(checkpoint)
+
+    def threshold_of(self, doc: str) -> int:
+        return max(self.threshold, self._checkpoints.get(doc, 0) // FOLD_SHARE)
+
     def after_commit(self, doc: str) -> None:
-        if self._log_counts.get(doc, 0) >= self.threshold:
+        if self._log_counts.get(doc, 0) >= self.threshold_of(doc):
             self._start(doc)
 
     def after_unload(self, doc: str) -> None:
+        self._checkpoints.pop(doc, None)
         if self._log_counts.get(doc, 0) >= max(1, self.threshold // 10):
             self._start(doc)
         elif doc not in self._running:
@@ -148,6 +174,7 @@ class Compactor:
         while (task := self._running.get(doc)) is not None:
             await asyncio.wait([task])
         self._log_counts.pop(doc, None)
+        self._checkpoints.pop(doc, None)
 
     async def close(self) -> None:
         """Start no more compactions and wait for those running."""

@@ -270,7 +270,7 @@ class PostgresStore:
         checkpoint = row["checkpoint"] if row else None
         log = [r["data"] for r in rows if r["data"] is not None]
         if since is None:  # the whole log, as a room's load reads it: what counts toward the next compaction
-            self._log_counts[doc] = sum(map(log_weight, log))
+            self._compactor.loaded(doc, log, checkpoint)
         mark = LogMark(row["checkpoint_seq"] if row else 0, array("q", [r["id"] for r in rows]))
         return ([checkpoint] if checkpoint else []) + log, mark
 
@@ -315,7 +315,7 @@ class PostgresStore:
                     await conn.execute("DELETE FROM updates WHERE id = ANY($1::bigint[])", folded_ids)
             except Exception as exc:
                 raise StorageError(f"compaction of {doc!r} failed: {reason(exc)}") from exc
-            self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
+            self._compactor.folded(doc, rows_weight(rows), folded)
             return
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 

@@ -20,7 +20,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -45,6 +45,7 @@ from collab_server.storage.base import (
 from collab_server.storage.health import CommitHealth
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Checkpoints live apart from `documents`: the trigger updates a document's row on every commit, and SQLite
 # rewrites a whole row when one column changes (a 6 MB checkpoint made every commit take ~8 ms).
@@ -280,8 +281,9 @@ class SQLiteStore:
 
     async def load(self, doc: str) -> list[bytes]:
         checkpoint, _, rows = await self._snapshot(doc)
-        self._log_counts[doc] = rows_weight(rows)
-        return ([checkpoint] if checkpoint else []) + [data for _, data in rows]
+        log = [data for _, data in rows]
+        self._compactor.loaded(doc, log, checkpoint)
+        return ([checkpoint] if checkpoint else []) + log
 
     async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
         """All of `doc`, with no mark: entry ids are not unique over time here (a deleted last row's id is given
@@ -322,24 +324,11 @@ class SQLiteStore:
         last = rows[-1][0]
         async with self._write_lock:
             try:
-                await self._writer.execute("BEGIN IMMEDIATE")
-                if checkpoint is None:
-                    swap = ("INSERT INTO checkpoints (name, seq, data) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                            (doc, last, folded))
-                else:
-                    swap = ("UPDATE checkpoints SET data = ?, seq = ? WHERE name = ? AND seq = ?",
-                            (folded, last, doc, checkpoint_seq))
-                async with self._writer.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, last)) as cur:
-                    if cur.rowcount != len(rows):  # e.g. the document was deleted: no checkpoint brings it back
-                        raise StorageError("the log changed during compaction")
-                async with self._writer.execute(*swap) as cur:
-                    if cur.rowcount != 1:
-                        raise StorageError("the checkpoint changed during compaction")
-                await self._writer.execute("COMMIT")
+                await self._writer.run(_swap, doc, last, len(rows), None if checkpoint is None else checkpoint_seq,
+                                       folded)
             except Exception as exc:
-                await self._rollback()
                 raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
-        self._log_counts[doc] = max(0, self._log_counts[doc] - rows_weight(rows))
+        self._compactor.folded(doc, rows_weight(rows), folded)
         if self._reclaims:
             await self._reclaim()
 
@@ -357,11 +346,8 @@ class SQLiteStore:
                 return
             while True:
                 async with self._write_lock:
-                    (free,), = await self._writer.execute_fetchall("PRAGMA freelist_count")
-                    if not free:
+                    if not await self._writer.run(_give_back):
                         return
-                    # executescript steps the pragma to completion (one execute() frees a single page)
-                    await self._writer.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES})")
         except Exception as exc:
             log.warning("sqlite: giving back free pages failed path=%s error=%s", self.path, exc)
 
@@ -454,6 +440,41 @@ class SQLiteStore:
             raise StorageError(f"{what} failed: {exc}") from exc
 
 
+def _swap(conn: sqlite3.Connection, doc: str, last: int, rows: int, checkpoint_seq: int | None,
+          folded: bytes) -> None:
+    """Replace `doc`'s log rows up to `last` (`rows` of them) and its checkpoint at `checkpoint_seq` (None: it had
+    none) by `folded`, in one transaction, on the connection's own thread: one trip to it rather than one per
+    statement, each of which waited up to a millisecond for the GIL while clients flooded the loop, all of it
+    holding the writer."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        deleted = conn.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, last)).rowcount
+        if deleted != rows:  # e.g. the document was deleted: no checkpoint brings it back
+            raise StorageError("the log changed during compaction")
+        if checkpoint_seq is None:
+            swapped = conn.execute("INSERT INTO checkpoints (name, seq, data) VALUES (?, ?, ?) "
+                                   "ON CONFLICT (name) DO NOTHING", (doc, last, folded)).rowcount
+        else:
+            swapped = conn.execute("UPDATE checkpoints SET data = ?, seq = ? WHERE name = ? AND seq = ?",
+                                   (folded, last, doc, checkpoint_seq)).rowcount
+        if swapped != 1:
+            raise StorageError("the checkpoint changed during compaction")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _give_back(conn: sqlite3.Connection) -> bool:
+    """Give up to RECLAIM_PAGES free pages back to the file system (one trip to the connection's thread); False
+    if there were none."""
+    (free,), = conn.execute("PRAGMA freelist_count").fetchall()
+    if free:  # executescript steps the pragma to completion (one execute() frees a single page)
+        conn.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES})")
+    return bool(free)
+
+
 class _Connection(aiosqlite.Connection):
     """An aiosqlite connection (autocommit: each statement is its own transaction unless BEGIN opens one) whose
     thread the event loop offers the GIL while it waits on it (pacing.offering_gil), so that a busy loop does not
@@ -465,6 +486,10 @@ class _Connection(aiosqlite.Connection):
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # every call goes here
         return await offering_gil(super()._execute(fn, *args, **kwargs))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` on the connection's thread, with its sqlite3 connection."""
+        return await self._execute(fn, self._conn, *args)
 
 
 async def claim(path: str, wait: float) -> int:
