@@ -385,7 +385,10 @@ async function flood (opts) {
     flood_updates: flooded.updates, error }
 }
 
-/** The flood scenario's child: its flooders, one room each, until `seconds` are up; prints how many they sent. */
+/**
+ * The flood scenario's child: its flooders, one room each, until `seconds` are up; prints how many they sent.
+ * With `cut`, each appends an emoji and inserts a character between its two UTF-16 units, ten at a time.
+ */
 async function flooders (opts) {
   const clients = []
   for (let k = 0; k < opts.flooders; k++) clients.push(await makeClient(opts, `${opts.room}-flood-${k}`))
@@ -395,8 +398,11 @@ async function flooders (opts) {
   let updates = 0
   await Promise.all(clients.map(async c => {
     const arr = c.doc.getArray('f')
+    const text = c.doc.getText('t')
     while (now() < ends) {
-      for (let j = 0; j < 100; j++) arr.push([updates++])
+      if (opts.cut) {
+        for (let j = 0; j < 10; j++) { text.insert(text.length, '😀'); text.insert(text.length - 1, 'x'); updates += 2 }
+      } else for (let j = 0; j < 100; j++) arr.push([updates++])
       const ws = c.provider.ws
       while (ws && ws.bufferedAmount > 1 << 20 && now() < ends) await sleep(1) // as fast as the socket takes them
       await sleep(0)

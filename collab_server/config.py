@@ -79,6 +79,10 @@ class Settings:
         0.0, "incoming messages per second per connection (more: close 1008); 0 = unlimited", least=0)
     rate_limit_burst: int = setting(2000, "messages a connection may send at once before the rate applies",
                                     least=1)
+    loop_share: float = setting(
+        0.25, "share of the event loop's time one connection's messages may take, over a while (an update that "
+        "rebuilds its document, a sync request on a large one); past it the connection is read again once even, "
+        "nothing refused; 0 = no limit", least=0, most=1)
     auth_secret: str = setting("", "secret that signs access tokens (collab-server token); \"\" = tokens off")
     auth_required: bool = setting(False, "refuse websockets and API calls without a valid token")
     auth_close_codes: bool = setting(

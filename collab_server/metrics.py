@@ -55,6 +55,8 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.commit_batch = Histogram("collab_commit_batch_size", "Log entries per group commit", registry=r,
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.share_pauses = Counter("collab_share_pauses", "Pauses in reading a connection whose messages took more "
+                                    "than its share of the event loop (--loop-share)", registry=r)
         self.resolver_actions = Counter("collab_resolver_actions", "Statuses materialised by the resolver",
                                         registry=r)
         self.resync_catch_ups = Counter("collab_resync_catch_ups", "Loaded rooms that caught up from storage "

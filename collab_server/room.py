@@ -18,11 +18,11 @@ from collab_server.heldback import Held
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
-from collab_server.pacing import Turns
-from collab_server.replay import Replay, apply_paced, build, build_paced
+from collab_server.pacing import Turns, in_thread
+from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced
 from collab_server.slicing import slow_documents
 from collab_server.storage import LogMark, StorageError, Store
-from collab_server.surrogates import Characters, merge_safely
+from collab_server.surrogates import Characters, Cut, merge_safely
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
@@ -213,35 +213,43 @@ class Room:
         if gone:
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(gone))
 
-    async def handle(self, conn: Connection, data: bytes) -> None:
-        """Handle one frame from `conn`; raises ProtocolError on malformed input."""
+    async def handle(self, conn: Connection, data: bytes) -> float:
+        """Handle one frame from `conn`; return the seconds of the event loop's time its document work took
+        (fairshare.py). Raises ProtocolError on malformed input."""
         msg = p.decode_message(data)
         if isinstance(msg, p.SyncMessage):
             if msg.kind == p.SyncType.STEP1:
-                conn.send(p.sync_step2(await self.encode_state(msg.payload)))
-            elif conn.readonly:
+                check_state_vector(msg.payload)
+                await self._settle()
+                started = time.perf_counter()
+                conn.send(p.sync_step2(self._state(msg.payload)))
+                return time.perf_counter() - started
+            if conn.readonly:
                 conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
             else:
-                await self.apply(msg.payload, origin=conn)
+                return await self.apply(msg.payload, origin=conn)
         elif isinstance(msg, p.AwarenessMessage):
             self.apply_awareness(msg.payload, conn)
         elif isinstance(msg, p.QueryAwarenessMessage):
             conn.send(p.encode_awareness(list(self._awareness.values())))
         # AuthMessage from a client carries nothing for the server.
+        return 0.0
 
     # --- document ------------------------------------------------------------------------------------
 
-    async def apply(self, update: bytes, origin: object = None) -> None:
-        """Apply an update under `origin`, then persist (and later broadcast) what it changed.
+    async def apply(self, update: bytes, origin: object = None) -> float:
+        """Apply an update under `origin`, then persist (and later broadcast) what it changed; return the seconds
+        of the event loop's time that took (waits for others left out, a rebuild for it counted whole).
 
         Waits while a sync answer is being prepared, so that answer holds committed changes only, and while the
         document is rebuilt (see _prepare). Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message.
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
-        check_update(update)
         await self._writable()
-        while (prepared := self._prepare(update)) is None:  # the document is rebuilt first, in parts
-            await self._writable()
+        started = time.perf_counter()
+        check_update(update)
+        while (prepared := self._prepare(update)) is None:  # the document is rebuilt first, for this update: the
+            await self._writable()  # rebuild's time is counted as the update's (in threads, in parts, it is most)
         update = prepared
         refused: BaseException | None = None
         try:
@@ -266,6 +274,7 @@ class Room:
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
         if refused is not None:
             raise p.ProtocolError(f"invalid update: {refused}") from None
+        return time.perf_counter() - started
 
     async def edit(self, change: Callable[[Doc], T], origin: object = "http") -> T:
         """Run `change` on the document in one transaction under `origin`, then persist what it changed, as
@@ -293,27 +302,43 @@ class Room:
     async def encode_state(self, state_vector: bytes = b"\x00") -> bytes:
         """The update a peer with `state_vector` lacks, containing committed changes only."""
         check_state_vector(state_vector)
+        await self._settle()
+        return self._state(state_vector)
+
+    async def _settle(self) -> None:
+        """Wait until the document holds committed changes only, holding writes meanwhile; the caller encodes
+        it before its next await (writes resume only then)."""
         try:
             while self._inflight is not None and not self._inflight.done():
                 if self._hold is None:
                     self._hold = asyncio.get_running_loop().create_future()
                 await asyncio.wait([self._inflight])
-            return self.doc.get_update(state_vector)
-        except ValueError as exc:
-            raise p.ProtocolError(f"invalid state vector: {exc}") from exc
         finally:
             if self._hold is not None:
                 self._hold.set_result(None)
                 self._hold = None
 
+    def _state(self, state_vector: bytes) -> bytes:
+        try:
+            return self.doc.get_update(state_vector)
+        except ValueError as exc:
+            raise p.ProtocolError(f"invalid state vector: {exc}") from exc
+
     def _prepare(self, update: bytes) -> bytes | None:
         """The update to apply instead of `update`, with the document rebuilt first where it cuts a character
-        between its two UTF-16 units (see surrogates.py). None while the document is being rebuilt: a document
-        known to be slow to apply (slicing.py) is rebuilt in parts, with the loop's turns between them; meanwhile
-        writes wait, other nodes' changes are deferred, and the caller prepares the update again after."""
+        between its two UTF-16 units (see surrogates.py). None while the document is being rebuilt: where the cut
+        clients' structs are large, the cut is made in a worker thread; a document known to be slow to apply
+        (slicing.py) is rebuilt in parts, with the loop's turns between them; meanwhile writes wait, other nodes'
+        changes are deferred, and the caller prepares the update again after."""
         if self._rebuild is not None:
             return None
-        cut = self._characters.plan(self.doc, update, self._held.updates)
+        cut = self._characters.plan(self.doc, update, self._held.updates, apart=True)
+        if cut.fix is not None:
+            if len(cut.fix.part) >= READ_APART:
+                self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_apart(cut))
+                self._rebuild.add_done_callback(self._rebuilt)
+                return None
+            cut = self._characters.settle(cut, *cut.fix.run())
         if cut.state is None:
             return cut.update
         if slow_documents.cut(self.name, cut.state):
@@ -323,6 +348,15 @@ class Room:
         log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
         self._replace_doc(build(cut.state, self.doc.client_id, self.name))
         return cut.update
+
+    async def _rebuild_apart(self, cut: Cut) -> None:
+        """Cut a large document's characters in a worker thread, then build it again (see _prepare): reading all
+        of a client's text in Python took the loop from every room for as long (~0.1 s per 50,000 items)."""
+        assert cut.fix is not None
+        log.info("room rebuilding to cut a character as Yjs does, read apart name=%s", self.name)
+        cut = self._characters.settle(cut, *await in_thread(cut.fix.run))
+        if cut.state is not None:
+            self._replace_doc(await build_paced(cut.state, self.doc.client_id, self.name, Turns()))
 
     async def _rebuild_in_parts(self, state: bytes) -> None:
         """Build the document again from `state` in parts (see _prepare)."""

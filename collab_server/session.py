@@ -14,6 +14,7 @@ from collab_server.auth import SUBPROTOCOL_PREFIX, AuthError, Grant, authorize, 
 from collab_server.broker import BrokerError
 from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
+from collab_server.fairshare import LoopShare
 from collab_server.logs import Throttled
 from collab_server.protocol import ProtocolError
 from collab_server.room import LimitExceeded, Room, RoomClosed
@@ -149,6 +150,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    share = LoopShare(settings.loop_share)
     # copies of the room's relayed awareness; a direct connection's transport drops them already (see there)
     copies: Container[bytes] = () if conn.direct else room.relayed_awareness
     frames = 0
@@ -177,7 +179,10 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return
         try:
-            await room.handle(conn, data)
+            pause = share.spend(await room.handle(conn, data))
+            if pause:  # not read meanwhile: TCP holds its next messages back (fairshare.py)
+                metrics.share_pauses.inc()
+                await asyncio.sleep(pause)
         except ProtocolError as exc:
             metrics.errors.labels("protocol").inc()
             log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)

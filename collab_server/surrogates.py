@@ -82,13 +82,16 @@ class Characters:
         """Whether `plan` reads `update` in Python (`Scan`; a large one is worth reading in a worker thread)."""
         return bool(self.seconds) or _beyond_bmp(update)
 
-    def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None, scan: Scan | None = None) -> Cut:
+    def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None, scan: Scan | None = None, *,
+             apart: bool = False) -> Cut:
         """How to apply `update` to `doc` so that yrs cuts no character. A character of the document it cuts is
         replaced in a state to build a new document from (`Cut.state`; from then on this object knows that
         document's characters); one of its own text, in a copy of the update. `held`: what `doc` holds back of
         earlier updates (heldback.py), which integrates with this one and may cut its text or be cut by it: a
         character it holds that is cut is replaced in `held` itself, and the document is rebuilt (yrs keeps the
-        uncut copy it holds back, so the caller gives `held` to the new document). `scan`: `update` read already."""
+        uncut copy it holds back, so the caller gives `held` to the new document). `scan`: `update` read already.
+        `apart`: leave reading the document for the cut (`Cut.fix`, all of a cut client's text) to the caller,
+        who may do it in a worker thread (`Fix.run`) and then `settle` the cut; nothing may change `doc` meanwhile."""
         held = held if held is not None else []
         if scan is None:
             if not self.reads(update) and not any(map(_beyond_bmp, held)):
@@ -113,18 +116,23 @@ class Characters:
             cut |= cut_held
             clients = {client for client, _ in cut}
             others = [client for client in clocks(doc.get_state()) if client not in clients]
-            part = doc.get_update(_holding(others))  # only the cut clients' structs are read
-            known = Scan(part, cuts=False)
-            fixed = _replace(part, known, cut)
-            if fixed is not part or cut_held:
-                for client in clients:
-                    self.seconds.pop(client, None)
-                self._note([point for point in known.seconds if point not in cut])
-                state = merge_updates(doc.get_update(_holding(clients)), fixed) if others else fixed
-                return Cut(update, seconds, state)
-            for client, clock in cut:  # those characters were deleted since: forget them, so the next cut there
-                self.seconds[client].discard(clock)  # reads nothing
+            fix = Fix(doc.get_update(_holding(others)),  # only the cut clients' structs are read
+                      doc.get_update(_holding(clients)) if others else None, cut, bool(cut_held))
+            planned = Cut(update, seconds, None, fix)
+            return planned if apart else self.settle(planned, *fix.run())
         return Cut(update, seconds, None)
+
+    def settle(self, cut: Cut, state: bytes | None, seconds: list[Point]) -> Cut:
+        """`cut` (planned `apart`) with what its `Fix.run` gave: the state to rebuild the document from, if any."""
+        assert cut.fix is not None
+        if state is not None:
+            for client in {client for client, _ in cut.fix.cut}:
+                self.seconds.pop(client, None)
+            self._note([point for point in seconds if point not in cut.fix.cut])
+            return Cut(cut.update, cut.seconds, state)
+        for client, clock in cut.fix.cut:  # those characters were deleted since: forget them, so the next cut
+            self.seconds[client].discard(clock)  # there reads nothing
+        return Cut(cut.update, cut.seconds, None)
 
 
 class Cut(NamedTuple):
@@ -133,6 +141,27 @@ class Cut(NamedTuple):
     update: bytes  # to apply instead of the update
     seconds: list[Point] | None  # the characters of its text, if read (for `Characters.applied`)
     state: bytes | None  # to build the document again from before applying it (None: the document as it is)
+    fix: Fix | None = None  # planned apart: the document's characters to cut, to `run` and `settle` first
+
+
+class Fix(NamedTuple):
+    """Characters of a document to cut as Yjs cuts them: `part`, the structs of every client with one of them,
+    `rest`, the other clients' (None: there are none), `cut`, the clocks of their second units; `held`: one is
+    in what the document holds back, so it is rebuilt even if the document has none of them."""
+
+    part: bytes
+    rest: bytes | None
+    cut: set[Point]
+    held: bool
+
+    def run(self) -> tuple[bytes | None, list[Point]]:
+        """The state with those characters cut (None: the document no longer holds any, and nothing is held), and
+        the characters beyond the BMP of `part`. Reads bytes only: a worker thread can run it."""
+        known = Scan(self.part, cuts=False)
+        fixed = _replace(self.part, known, self.cut)
+        if fixed is self.part and not self.held:
+            return None, known.seconds
+        return (merge_updates(self.rest, fixed) if self.rest is not None else fixed), known.seconds
 
 
 def _holding(clients: Iterable[int]) -> bytes:

@@ -76,7 +76,7 @@ def test_text_without_characters_beyond_the_bmp_is_left_alone() -> None:
     source.get("t", type=Text).insert(0, "héllo 中文")
     update = source.get_update()
     doc, characters = Doc(), Characters()
-    assert characters.plan(doc, update) == (update, [], None)  # not read, nothing to rebuild
+    assert characters.plan(doc, update) == (update, [], None, None)  # not read, nothing to rebuild
     assert apply(doc, update, characters) is doc
     assert not characters.seconds
 

@@ -233,6 +233,40 @@ async def slow_room_with_an_emoji(store: SQLiteStore, name: str) -> tuple[Room, 
     return room, doc
 
 
+async def test_a_cut_in_a_large_document_is_read_in_a_worker_thread_and_counted_to_its_update(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading all of the cut client's text for the character took the loop ~0.1 s per 50,000 items: a large
+    one is read in a worker thread, the loop going on meanwhile, and the rebuild counts as the update's time
+    (fairshare.py). The document is then the one a Yjs replica holds."""
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    text += "😀" + "x" * (2 * READ_APART)
+    name = "test_rooms-large-cut"
+    await store.submit(name, doc.get_update())
+    room = Room(name, store, LocalBroker(), Metrics())
+    await room.load()
+    cut = deletion(*second_unit(doc))
+    threads: list[str] = []
+    run = surrogates.Fix.run
+
+    def recorded_run(fix: surrogates.Fix) -> tuple[bytes | None, list[tuple[int, int]]]:
+        threads.append(threading.current_thread().name)
+        return run(fix)
+
+    monkeypatch.setattr(surrogates.Fix, "run", recorded_run)
+    turned = asyncio.Event()
+    asyncio.get_running_loop().call_soon(turned.set)
+    spent = await room.apply(cut)
+    assert turned.is_set() and threads and threads[0] != threading.main_thread().name
+    expected = Replay()
+    for update in (doc.get_update(), cut):
+        expected.apply(update)
+    assert str(room.doc.get("t", type=Text)) == str(expected.doc.get("t", type=Text))
+    assert str(room.doc.get("t", type=Text)).startswith("\ufffd")
+    assert spent > 0
+    await room.close()
+
+
 async def test_a_cut_in_a_document_known_to_be_slow_rebuilds_it_in_parts_while_changes_wait(
         store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A change cutting a character between its UTF-16 units has the room rebuild its document (surrogates.py).

@@ -1,0 +1,33 @@
+"""A connection's share of the event loop. Most messages take microseconds, but some take the loop for
+milliseconds or more: an update cutting an emoji between its UTF-16 units rebuilds its room's document
+(surrogates.py), a sync request on a large document encodes all of it. A client sending such messages as fast as
+it can took the loop from every other room (two clients cutting emoji put another room's updates 0.4 s late at
+p50). Each connection has an account of the loop time its messages took, refilled at `share` seconds a second up
+to BURST seconds' worth; once it is overdrawn the connection is not read until it is even again, so TCP holds its
+further messages back, its peers and every other room go on, and nothing it sent is refused."""
+
+from __future__ import annotations
+
+import time
+
+BURST = 2.0  # seconds' worth of its share a connection may take at once before its reading pauses (0.5 s at 0.25)
+
+
+class LoopShare:
+    """The loop time one connection's messages took against its share."""
+
+    __slots__ = ("share", "balance", "stamp")
+
+    def __init__(self, share: float) -> None:
+        self.share = share  # of the loop's time, over a while; 0: unlimited
+        self.balance = BURST * share
+        self.stamp = time.perf_counter()
+
+    def spend(self, seconds: float) -> float:
+        """Account for a message that took the loop `seconds`; return how long to pause reading (0: none)."""
+        if not self.share:
+            return 0.0
+        now = time.perf_counter()
+        self.balance = min(BURST * self.share, self.balance + (now - self.stamp) * self.share) - seconds
+        self.stamp = now
+        return -self.balance / self.share if self.balance < 0 else 0.0

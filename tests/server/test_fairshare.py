@@ -1,0 +1,81 @@
+"""A connection whose messages take more than its share of the event loop is read more slowly, not refused."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from collab_server import fairshare, session
+from collab_server.config import Settings
+from collab_server.fairshare import BURST, LoopShare
+from collab_server.metrics import Metrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_connection_pauses_once_overdrawn_and_its_account_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(fairshare, "time", clock)
+    share = LoopShare(0.25)
+    assert share.spend(BURST * 0.25 - 0.01) == 0  # the burst: no pause
+    assert share.spend(0.02) == pytest.approx(0.01 / 0.25)  # overdrawn by 10 ms: 40 ms to even out
+    clock.now += 0.04
+    assert share.spend(0) == 0  # even again
+    clock.now += 1000  # refilled, to the burst only
+    assert share.spend(BURST * 0.25) == 0
+    assert share.spend(0.001) == pytest.approx(0.004)
+    unlimited = LoopShare(0)
+    assert unlimited.spend(1000) == 0
+
+
+async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_everything_it_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each message of this connection takes the loop 50 ms (as a rebuild would): past the burst, reading pauses
+    for as long as its share needs to cover each one; every message is still handled, in order."""
+    cost, count = 0.05, 30
+    handled: list[bytes] = []
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+    clock = Clock()  # time passes only in the pauses
+    monkeypatch.setattr(fairshare, "time", clock)
+
+    async def recorded_sleep(seconds: float) -> None:
+        if seconds:
+            pauses.append(seconds)
+            clock.now += seconds
+        await real_sleep(0)
+
+    monkeypatch.setattr(session.asyncio, "sleep", recorded_sleep)
+    metrics = Metrics()
+
+    class Room:
+        relayed_awareness: frozenset[bytes] = frozenset()
+
+        def __init__(self) -> None:
+            self.metrics = metrics
+
+        async def handle(self, conn: object, data: bytes) -> float:
+            handled.append(data)
+            return cost
+
+    messages = [{"type": "websocket.receive", "bytes": bytes([i])} for i in range(count)]
+    messages.append({"type": "websocket.disconnect"})
+    inbox = iter(messages)
+
+    async def receive() -> dict:
+        return next(inbox)
+
+    conn = SimpleNamespace(closed=False, direct=True, close=lambda code, reason: setattr(conn, "closed", True))
+    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25))
+    assert handled == [m["bytes"] for m in messages[:-1]]
+    within = int(BURST * 0.25 / cost)  # messages the burst covers
+    assert len(pauses) == count - within
+    assert pauses == pytest.approx([cost / 0.25] * len(pauses))  # each overdraft covered, no more
+    assert sum(pauses) == pytest.approx((count * cost - BURST * 0.25) / 0.25)
+    assert metrics.share_pauses._value.get() == len(pauses)
