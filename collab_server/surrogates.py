@@ -164,6 +164,23 @@ class Fix(NamedTuple):
         return (merge_updates(self.rest, fixed) if self.rest is not None else fixed), known.seconds
 
 
+def precut(updates: list[bytes]) -> list[bytes]:
+    """`updates`, to be applied in order, with every character beyond the BMP that one of them cuts replaced by two
+    U+FFFD in whichever of them holds it: applied so, no document needs rebuilding for a cut (a fold of a log of
+    cuts rebuilt its document at each, ~0.8 s of CPU for 500 of them), and the document they make is the one
+    a Yjs replica holds, where such a character is replaced once cut, whenever that was. Reads them all, so a
+    worker thread's work (a fold's)."""
+    if not any(map(_beyond_bmp, updates)):
+        return updates
+    scans = [Scan(update) for update in updates]
+    seconds = {point for scan in scans for point in scan.seconds}
+    cut = {point for scan in scans for point in scan.cuts if point in seconds}
+    if not cut:
+        return updates
+    return [_replace(update, scan, cut) if cut.intersection(scan.seconds) else update
+            for update, scan in zip(updates, scans)]
+
+
 def _holding(clients: Iterable[int]) -> bytes:
     """A v1 state vector holding every struct of `clients`: a document's update for it leaves them out."""
     clients = list(clients)

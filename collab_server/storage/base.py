@@ -14,6 +14,7 @@ from collab_server.merge import merge_all
 from collab_server.pacing import GilTurns
 from collab_server.replay import Replay, apply_offering_gil
 from collab_server.slicing import slow_documents
+from collab_server.surrogates import precut
 from collab_server.storage.health import CommitHealth
 
 
@@ -35,7 +36,7 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     """
     replay = Replay(name=doc)
     turns = GilTurns()
-    for update in updates:
+    for update in precut(updates):
         apply_offering_gil(replay.apply, update, doc, turns)
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
