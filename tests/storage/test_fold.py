@@ -1,4 +1,5 @@
-"""fold_updates: a checkpoint never drops changes whose dependencies are not folded with them."""
+"""fold_updates: a checkpoint never drops changes whose dependencies are not folded with them; a log of cuts folds
+without rebuilding."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,3 +90,34 @@ def test_a_fold_of_integrated_updates_is_the_document_state() -> None:
         doc.apply_update(update)
     assert fold_updates(log) == doc.get_update()
     assert fold_updates([fold_updates(log[:30])] + log[30:]) == doc.get_update()
+
+
+def test_a_log_of_cuts_is_folded_without_rebuilding_the_document(monkeypatch) -> None:
+    """Each character a log cuts between its UTF-16 units is replaced before anything is applied, so a fold
+    rebuilds nothing (a fold of a client cutting emoji as fast as it can rebuilt its document at every cut), and
+    the checkpoint holds what applying the log one update at a time, rebuilding at each cut, holds."""
+    from collab_server.replay import Replay
+    from tests.rawclient import deletion
+
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    log, seconds, clock = [], [], 0
+    for i in range(20):
+        before = doc.get_state()
+        text += f"{i}😀"
+        log.append(doc.get_update(before))
+        clock += len(str(i))
+        seconds.append(clock + 1)  # the emoji's second UTF-16 unit
+        clock += 2
+    cuts = [deletion(doc.client_id, second) for second in seconds[::2]]  # every other emoji cut in two
+    updates = log + cuts
+    expected = Replay()
+    for update in updates:
+        expected.apply(update)
+    rebuilt: list[bytes] = []
+    monkeypatch.setattr(Replay, "replace", lambda self, new: rebuilt.append(b""))
+    folded = Doc()
+    folded.apply_update(fold_updates(updates))
+    assert not rebuilt
+    assert str(folded.get("t", type=Text)) == str(expected.doc.get("t", type=Text))
+    assert str(folded.get("t", type=Text)).count("\ufffd") == 10 and str(folded.get("t", type=Text)).count("😀") == 10
