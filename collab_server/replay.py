@@ -13,8 +13,9 @@ from pycrdt import Doc, TransactionEvent
 
 from collab_server.heldback import Held
 from collab_server.pacing import GilTurns, Turns, in_thread
+from collab_server.protocol import ProtocolError
 from collab_server.slicing import slices, slow_documents
-from collab_server.surrogates import Characters, Cut, Scan
+from collab_server.surrogates import Characters, Cut, Scan, precut
 
 READ_APART = 16 * 1024  # bytes from which a load reads an update for characters beyond the BMP in a worker thread
 
@@ -104,6 +105,15 @@ async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
         if cut.state is not None:
             replay.replace(await build_paced(cut.state, replay.doc.client_id, name, turns))
         slow_documents.timed(name, replay.integrate, cut)
+
+
+async def precut_apart(updates: list[bytes]) -> list[bytes]:
+    """`surrogates.precut(updates)`, in a worker thread if they are large (it reads them in Python); `updates` as
+    they are if one of them cannot be read, for applying it to say which and why."""
+    try:
+        return await in_thread(precut, updates) if sum(map(len, updates)) >= READ_APART else precut(updates)
+    except ProtocolError:
+        return updates
 
 
 class _Build:

@@ -19,7 +19,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns, in_thread
-from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced
+from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
 from collab_server.storage import LogMark, StorageError, Store
 from collab_server.surrogates import Characters, Cut, merge_safely
@@ -144,6 +144,7 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates, self.mark = await self.store.load_new(self.name, None)
+        updates = await precut_apart(updates)  # a log of cuts rebuilt the document at each
         replay = Replay(self.doc, self._characters, self._held, name=self.name)
         turns = Turns()  # nothing else can reach the room until it is in the registry
         for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
