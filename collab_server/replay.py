@@ -38,13 +38,13 @@ class Replay:
     def _report(self, event: TransactionEvent) -> None:
         self._reported.append(event.update)
 
-    def apply(self, update: bytes) -> None:
-        """Apply `update` (what pycrdt raises when it refuses one is raised here). A document rebuilt for it is
-        built in parts if it is known to be slow, offering the GIL between them (see `build`; a load, on the event
-        loop, uses `apply_paced`). Notes the document as slow if integrating takes long: yrs holds the GIL for all
-        of it, where Python reading the update (`plan`) hands the GIL on every few milliseconds in a worker thread,
-        and applying in parts would not shorten that."""
-        cut = self.plan(update)
+    def apply(self, update: bytes, scan: Scan | None = None) -> None:
+        """Apply `update` (`scan`: it read already; what pycrdt raises when it refuses one is raised here). A
+        document rebuilt for it is built in parts if it is known to be slow, offering the GIL between them (see
+        `build`; a load, on the event loop, uses `apply_paced`). Notes the document as slow if integrating takes
+        long: yrs holds the GIL for all of it, where Python reading the update (`plan`) hands the GIL on every few
+        milliseconds in a worker thread, and applying in parts would not shorten that."""
+        cut = self.plan(update, scan)
         if cut.state is not None:
             self.replace(build(cut.state, self.doc.client_id, self.name))
         slow_documents.timed(self.name, self.integrate, cut)
@@ -91,7 +91,17 @@ def apply_offering_gil(apply: Callable[[bytes], None], update: bytes, name: str 
         turns.offer()
 
 
-async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
+def replay_offering_gil(replay: Replay, update: bytes, scan: Scan | None, turns: GilTurns) -> None:
+    """`replay.apply(update, scan)` in a worker thread as `apply_offering_gil` applies, `scan` used unless it is
+    applied in parts."""
+    if scan is None or slow_documents.cut(replay.name, update):
+        apply_offering_gil(replay.apply, update, replay.name, turns)
+    else:
+        replay.apply(update, scan)
+        turns.offer()
+
+
+async def apply_paced(replay: Replay, update: bytes, turns: Turns, scan: Scan | None = None) -> None:
     """`replay.apply(update)` on the event loop, offering the rest of the loop `turns` before it; a large update of
     a document known to be slow is applied in parts with turns between them, cut in a worker thread (cutting reads
     it in Python), and so is the state it is rebuilt from where a part cuts a character. A large update that may
@@ -100,20 +110,23 @@ async def apply_paced(replay: Replay, update: bytes, turns: Turns) -> None:
     name = replay.name
     for part in await in_thread(slices, update) if slow_documents.cut(name, update) else (update,):
         await turns.offer()
-        read = len(part) >= READ_APART and replay.characters.reads(part)
-        cut = replay.plan(part, await in_thread(Scan, part) if read else None)
+        if part is update and scan is not None:
+            cut = replay.plan(part, scan)
+        else:
+            read = len(part) >= READ_APART and replay.characters.reads(part)
+            cut = replay.plan(part, await in_thread(Scan, part) if read else None)
         if cut.state is not None:
             replay.replace(await build_paced(cut.state, replay.doc.client_id, name, turns))
         slow_documents.timed(name, replay.integrate, cut)
 
 
-async def precut_apart(updates: list[bytes]) -> list[bytes]:
+async def precut_apart(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
     """`surrogates.precut(updates)`, in a worker thread if they are large (it reads them in Python); `updates` as
     they are if one of them cannot be read, for applying it to say which and why."""
     try:
         return await in_thread(precut, updates) if sum(map(len, updates)) >= READ_APART else precut(updates)
     except ProtocolError:
-        return updates
+        return [(update, None) for update in updates]
 
 
 class _Build:

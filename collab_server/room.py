@@ -144,12 +144,12 @@ class Room:
         (it may arrive twice, which a CRDT update tolerates). Broker events wait until the load is done."""
         await self.broker.subscribe(self.name, self._on_broker)
         updates, self.mark = await self.store.load_new(self.name, None)
-        updates = await precut_apart(updates)  # a log of cuts rebuilt the document at each
         replay = Replay(self.doc, self._characters, self._held, name=self.name)
         turns = Turns()  # nothing else can reach the room until it is in the registry
-        for number, update in enumerate(updates, 1):  # one by one: applying a merge of many is far slower
+        # one by one: applying a merge of many is far slower; precut: a log of cuts rebuilt the document at each
+        for number, (update, scan) in enumerate(await precut_apart(updates), 1):
             try:
-                await apply_paced(replay, update, turns)
+                await apply_paced(replay, update, turns, scan)
             except BaseException as exc:
                 if not _refusal(exc):
                     raise

@@ -164,20 +164,19 @@ class Fix(NamedTuple):
         return (merge_updates(self.rest, fixed) if self.rest is not None else fixed), known.seconds
 
 
-def precut(updates: list[bytes]) -> list[bytes]:
+def precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
     """`updates`, to be applied in order, with every character beyond the BMP that one of them cuts replaced by two
     U+FFFD in whichever of them holds it: applied so, no document needs rebuilding for a cut (a fold of a log of
     cuts rebuilt its document at each, ~0.8 s of CPU for 500 of them), and the document they make is the one
-    a Yjs replica holds, where such a character is replaced once cut, whenever that was. Reads them all, so a
-    worker thread's work (a fold's)."""
+    a Yjs replica holds, where such a character is replaced once cut, whenever that was. Each comes with what
+    reading it found (for `Characters.plan`, which would read it again), None where it was not read or changed.
+    Reads them all, so a worker thread's work (a fold's, a large load's)."""
     if not any(map(_beyond_bmp, updates)):
-        return updates
+        return [(update, None) for update in updates]
     scans = [Scan(update) for update in updates]
     seconds = {point for scan in scans for point in scan.seconds}
     cut = {point for scan in scans for point in scan.cuts if point in seconds}
-    if not cut:
-        return updates
-    return [_replace(update, scan, cut) if cut.intersection(scan.seconds) else update
+    return [(_replace(update, scan, cut), None) if cut.intersection(scan.seconds) else (update, scan)
             for update, scan in zip(updates, scans)]
 
 
