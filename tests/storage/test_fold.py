@@ -121,3 +121,29 @@ def test_a_log_of_cuts_is_folded_without_rebuilding_the_document(monkeypatch) ->
     assert not rebuilt
     assert str(folded.get("t", type=Text)) == str(expected.doc.get("t", type=Text))
     assert str(folded.get("t", type=Text)).count("\ufffd") == 10 and str(folded.get("t", type=Text)).count("😀") == 10
+
+
+def test_a_fold_reads_each_update_for_characters_once(monkeypatch) -> None:
+    """Finding the cuts ahead reads every update of a document with emoji in Python (~30 ms per 20,000 items);
+    applying them hands on what it read rather than reading each again."""
+    from collab_server.surrogates import Scan
+
+    doc = Doc()
+    text = doc.get("t", type=Text)
+    updates = []
+    for chars in ("😀ab", "cd😀", "e"):
+        before = doc.get_state()
+        text += chars
+        updates.append(doc.get_update(before))
+    reads: list[bytes] = []
+    real_init = Scan.__init__
+
+    def counted(scan: Scan, data: bytes, cuts: bool = True) -> None:
+        reads.append(data)
+        real_init(scan, data, cuts)
+
+    monkeypatch.setattr(Scan, "__init__", counted)
+    folded = Doc()
+    folded.apply_update(fold_updates(updates))
+    assert str(folded.get("t", type=Text)) == str(text)
+    assert sorted(reads) == sorted(updates)
