@@ -83,21 +83,16 @@ class Replay:
         return self.doc
 
 
-def apply_offering_gil(apply: Callable[[bytes], None], update: bytes, name: str | None, turns: GilTurns) -> None:
+def apply_offering_gil(apply: Callable[..., None], update: bytes, name: str | None, turns: GilTurns,
+                       scan: Scan | None = None) -> None:
     """`apply(update)` of document `name` in a worker thread, in parts if it is a large update of a document known
-    to be slow, offering the GIL between them. `apply` notes the document as slow if it takes long."""
+    to be slow, offering the GIL between them; `apply(update, scan)` if it is applied whole and `scan` (what reading
+    it found, for `Replay.apply`) is given. `apply` notes the document as slow if it takes long."""
     for part in slices(update) if slow_documents.cut(name, update) else (update,):
-        apply(part)
-        turns.offer()
-
-
-def replay_offering_gil(replay: Replay, update: bytes, scan: Scan | None, turns: GilTurns) -> None:
-    """`replay.apply(update, scan)` in a worker thread as `apply_offering_gil` applies, `scan` used unless it is
-    applied in parts."""
-    if scan is None or slow_documents.cut(replay.name, update):
-        apply_offering_gil(replay.apply, update, replay.name, turns)
-    else:
-        replay.apply(update, scan)
+        if part is update and scan is not None:
+            apply(part, scan)
+        else:
+            apply(part)
         turns.offer()
 
 

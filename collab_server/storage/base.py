@@ -12,7 +12,7 @@ from typing import Protocol
 
 from collab_server.merge import merge_all
 from collab_server.pacing import GilTurns
-from collab_server.replay import Replay, replay_offering_gil
+from collab_server.replay import Replay, apply_offering_gil
 from collab_server.slicing import slow_documents
 from collab_server.surrogates import precut
 from collab_server.storage.health import CommitHealth
@@ -37,7 +37,7 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     replay = Replay(name=doc)
     turns = GilTurns()
     for update, scan in precut(updates):
-        replay_offering_gil(replay, update, scan, turns)
+        apply_offering_gil(replay.apply, update, doc, turns, scan)
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
 
