@@ -27,6 +27,8 @@ from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
 log = logging.getLogger(__name__)
+# a client cutting emoji as fast as it can rebuilds its room for each (hundreds a second): one line per 10 s
+_log_rebuild = Throttled(log, logging.INFO)
 _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
 
@@ -346,7 +348,7 @@ class Room:
             self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_in_parts(cut.state))
             self._rebuild.add_done_callback(self._rebuilt)  # before any waiter's: they find it cleared
             return None
-        log.info("room rebuilt to cut a character as Yjs does name=%s", self.name)
+        _log_rebuild("room rebuilt to cut a character as Yjs does name=%s", self.name)
         self._replace_doc(build(cut.state, self.doc.client_id, self.name))
         return cut.update
 
@@ -354,14 +356,14 @@ class Room:
         """Cut a large document's characters in a worker thread, then build it again (see _prepare): reading all
         of a client's text in Python took the loop from every room for as long (~0.1 s per 50,000 items)."""
         assert cut.fix is not None
-        log.info("room rebuilding to cut a character as Yjs does, read apart name=%s", self.name)
+        _log_rebuild("room rebuilding to cut a character as Yjs does, read apart name=%s", self.name)
         cut = self._characters.settle(cut, *await in_thread(cut.fix.run))
         if cut.state is not None:
             self._replace_doc(await build_paced(cut.state, self.doc.client_id, self.name, Turns()))
 
     async def _rebuild_in_parts(self, state: bytes) -> None:
         """Build the document again from `state` in parts (see _prepare)."""
-        log.info("room rebuilding in parts to cut a character as Yjs does name=%s", self.name)
+        _log_rebuild("room rebuilding in parts to cut a character as Yjs does name=%s", self.name)
         self._replace_doc(await build_paced(state, self.doc.client_id, self.name, Turns()))
 
     def _rebuilt(self, rebuild: asyncio.Task[None]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Awaitable, Callable, Container
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -21,7 +21,7 @@ from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.transport import frame_writer
+from collab_server.transport import frame_writer, read_pause
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
@@ -89,7 +89,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
             room.join(conn)
             if frames is not None:
                 frames.ignore(room.relayed_awareness)
-            await _read_frames(receive, conn, room, settings)
+            await _read_frames(receive, conn, room, settings, read_pause(scope))
         finally:
             room.leave(conn)
             rooms.release(room)
@@ -147,7 +147,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return next((value.decode("latin-1") for key, value in scope["headers"] if key == name), None)
 
 
-async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings) -> None:
+async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings,
+                       pause_reading: Callable[[float], Awaitable[None]]) -> None:
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     share = LoopShare(settings.loop_share)
@@ -182,7 +183,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             pause = share.spend(await room.handle(conn, data))
             if pause:  # not read meanwhile: TCP holds its next messages back (fairshare.py)
                 metrics.share_pauses.inc()
-                await asyncio.sleep(pause)
+                await pause_reading(pause)
         except ProtocolError as exc:
             metrics.errors.labels("protocol").inc()
             log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)

@@ -18,7 +18,7 @@ import logging
 import random
 import struct
 import weakref
-from collections.abc import Container
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, Protocol
 
 from starlette.types import Scope
@@ -56,6 +56,13 @@ def frame_writer(scope: Scope) -> FrameWriter | None:
     return None
 
 
+def read_pause(scope: Scope) -> Callable[[float], Awaitable[None]]:
+    """How the application waits before it reads the connection's next message: the protocol's `pause`, which a
+    server shutdown ends early, or a plain sleep under another protocol."""
+    protocol = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
+    return protocol.pause if isinstance(protocol, CollabWebSocketProtocol) else asyncio.sleep
+
+
 def frame_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
     """Where the payload of the frame that starts at `pos` begins and how long it is (RFC 6455 §5.2; a masked
     frame's key precedes the payload), or None while its header is incomplete."""
@@ -90,12 +97,18 @@ class _Inbox:
     `pop(0)`, which moved every item behind: one 256 KB read of tiny frames queues ~37,000 messages, and
     draining them with `pop(0)` took 68 ms against 7."""
 
-    __slots__ = ("_items", "_next", "_waiter")
+    __slots__ = ("_items", "_next", "_waiter", "_deadline")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._next = 0  # index of the oldest item not yet taken
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None  # loop time after which received messages are dropped (shutdown)
+
+    def drop_after(self, deadline: float) -> None:
+        """From loop time `deadline` on, drop the received messages still queued rather than hand them out
+        (the events after them, a disconnect, are still handed out)."""
+        self._deadline = deadline
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
@@ -110,6 +123,8 @@ class _Inbox:
             finally:
                 self._waiter = None
         items, taken = self._items, self._next
+        if self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline:
+            taken = self._skip_received()
         item, items[taken] = items[taken], None
         self._next = taken + 1
         if self._next == len(items) or self._next > 4096:  # drained, or a long backlog: drop what was taken
@@ -119,6 +134,18 @@ class _Inbox:
 
     def empty(self) -> bool:
         return self._next >= len(self._items)
+
+    def _skip_received(self) -> int:
+        """Drop the received messages before the next other event, or before the last item if there is none;
+        return the index of the item to hand out."""
+        items, taken = self._items, self._next
+        while taken < len(items) - 1 and items[taken]["type"] == "websocket.receive":
+            items[taken] = None
+            taken += 1
+        if taken > self._next:
+            log.info("shutdown: dropped %d messages a connection sent that were not handled in time (never applied;"
+                     " the client sends them again when it syncs with the server next)", taken - self._next)
+        return taken
 
 
 class _Flag:
@@ -276,7 +303,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound", "_early", "_ignored",
+        "transport", "writable", "_inbound", "_early", "_ignored", "_pause",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -289,6 +316,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._inbound: bytearray | None = None  # received bytes not yet a whole frame, while this splits frames
         self._early = False  # bytes came after the request but before the acceptance
         self._ignored: Container[bytes] = ()
+        self._pause: asyncio.Future[None] | None = None  # while the application waits before reading on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -381,6 +409,31 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"].pop(SCOPE_EXTENSION, None)
 
+    def shutdown(self) -> None:
+        """Server shutdown: the application goes on taking what the peer sent before it (uvicorn closes the socket
+        and queues a disconnect after it) for half of the graceful timeout, and what is left then is dropped.
+        Those messages were never applied, so nothing acknowledged is lost, and a backlog of costly ones (each
+        cutting an emoji, paced by the connection's share of the loop) cannot hold the process until uvicorn
+        cancels its session."""
+        timeout = self.config.timeout_graceful_shutdown
+        if timeout is not None:
+            self.queue.drop_after(self.loop.time() + timeout / 2)  # type: ignore[attr-defined]
+        _wake(self._pause)
+        super().shutdown()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` before the application reads on (see fairshare.py), or until the server shuts down; not
+        at all once the socket is closing, when what is left to read is already queued."""
+        if self.transport.is_closing():
+            return
+        self._pause = self.loop.create_future()
+        timer = self.loop.call_later(seconds, _wake, self._pause)
+        try:
+            await self._pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
     # keepalive pings: one _PingRounds timer for all connections; handle_pong (uvicorn's) clears the payload
     def start_keepalive(self) -> None:
         if self.ping_interval is not None and self.ping_interval > 0:
@@ -409,3 +462,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(frame)
         return True
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)

@@ -12,7 +12,7 @@ from pycrdt import Doc, Text
 from websockets.exceptions import InvalidStatus
 
 from collab_server import protocol as p
-from tests.rawclient import RawPeer, text_updates
+from tests.rawclient import RawPeer, deletion, text_updates
 from tests.serverproc import GRACEFUL, ServerProcess, wait_until
 
 
@@ -194,6 +194,51 @@ async def test_sigterm_mid_burst_keeps_everything_acknowledged(server) -> None:
     seen = str(watcher.doc.get("t", type=Text))
     stored = stored_text(server.db)
     assert stored.startswith(seen) and len(stored) >= len(seen)
+
+
+async def test_sigterm_with_a_backlog_drops_what_was_never_applied_once_half_the_timeout_is_up(
+        server_factory) -> None:
+    """At shutdown a connection's queued messages are handled without pauses for its share of the loop, and those
+    still queued once half of the graceful timeout is up are dropped (never applied, so never acknowledged)
+    rather than handled until uvicorn cancels the session, which logged errors and tracebacks. Here each message
+    cuts an emoji of a large document, so the room rebuilds it for each."""
+    server = server_factory("--shutdown-timeout", "1")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    source = Doc(client_id=5)
+    source.get("t", type=Text).insert(0, "😀x" * 300 + "y" * 200_000)  # emoji i holds clocks 3i and 3i + 1
+    await writer.send(p.sync_update(source.get_update()))
+    await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) > 0, 20)
+    whole = watcher.doc.get_state()
+    for i in range(300):
+        await writer.send(p.sync_update(deletion(5, 3 * i + 1)))
+    await watcher.wait_for(lambda: watcher.doc.get_update(whole) != source.get_update(whole), 20)  # a cut came
+    await asyncio.to_thread(server.stop)  # raises unless clean and everything committed
+    log = server.log()
+    assert "shutdown: dropped" in log, log[-3000:]
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    stored = stored_doc(server.db)
+    assert "😀" in str(stored.get("t", type=Text))  # some cuts were dropped
+    assert_contains(stored, watcher.doc)
+
+
+async def test_sigterm_ends_a_connection_s_pause_for_its_share_of_the_loop(server_factory) -> None:
+    """A connection paused after a costly message (for its share of the loop, fairshare.py) reads on at once when
+    the server shuts down, rather than sleeping until uvicorn cancels its session. Here the share is so small
+    that one small update pauses its connection for seconds."""
+    server = server_factory("--loop-share", "0.00001", "--shutdown-timeout", "2")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    doc, updates = text_updates(2)
+    await writer.send(p.sync_update(updates[0]))
+    await writer.send(p.sync_update(updates[1]))
+    await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) == 1)
+    await asyncio.to_thread(server.stop)  # raises unless clean and everything committed
+    log = server.log()
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    assert stored_text(server.db) == str(doc.get("t", type=Text))  # the second came before the shutdown
 
 
 async def _send_all(peer: RawPeer, updates: list[bytes]) -> None:

@@ -41,7 +41,6 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
     cost, count = 0.05, 30
     handled: list[bytes] = []
     pauses: list[float] = []
-    real_sleep = asyncio.sleep
     clock = Clock()  # time passes only in the pauses
     monkeypatch.setattr(fairshare, "time", clock)
 
@@ -49,9 +48,8 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
         if seconds:
             pauses.append(seconds)
             clock.now += seconds
-        await real_sleep(0)
+        await asyncio.sleep(0)
 
-    monkeypatch.setattr(session.asyncio, "sleep", recorded_sleep)
     metrics = Metrics()
 
     class Room:
@@ -72,7 +70,7 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
         return next(inbox)
 
     conn = SimpleNamespace(closed=False, direct=True, close=lambda code, reason: setattr(conn, "closed", True))
-    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25))
+    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep)
     assert handled == [m["bytes"] for m in messages[:-1]]
     within = int(BURST * 0.25 / cost)  # messages the burst covers
     assert len(pauses) == count - within
