@@ -113,7 +113,8 @@ class Settings:
     log_level: str = setting("info", "least severe log lines written", choices=LOG_LEVELS)
     log_format: str = setting("text", "log lines as text or one JSON object each", choices=("text", "json"))
     shutdown_timeout: float = setting(
-        10.0, "seconds SIGTERM waits for connections to close before the server stops", least=0)
+        10.0, "seconds SIGTERM waits for connections to close before the server stops (what a client sent that "
+        "is still unhandled after half of it is dropped: never applied, its client sends it again)", least=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
