@@ -303,7 +303,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound", "_early", "_ignored", "_pause",
+        "transport", "writable", "_inbound", "_early", "_ignored", "_pause", "_shut_down",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -317,6 +317,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._early = False  # bytes came after the request but before the acceptance
         self._ignored: Container[bytes] = ()
         self._pause: asyncio.Future[None] | None = None  # while the application waits before reading on
+        self._shut_down = False  # the server is shutting down
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -415,6 +416,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         Those messages were never applied, so nothing acknowledged is lost, and a backlog of costly ones (each
         cutting an emoji, paced by the connection's share of the loop) cannot hold the process until uvicorn
         cancels its session."""
+        self._shut_down = True
         timeout = self.config.timeout_graceful_shutdown
         if timeout is not None:
             self.queue.drop_after(self.loop.time() + timeout / 2)  # type: ignore[attr-defined]
@@ -423,8 +425,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` before the application reads on (see fairshare.py), or until the server shuts down; not
-        at all once the socket is closing, when what is left to read is already queued."""
-        if self.transport.is_closing():
+        at all once it does. (A peer that closes its end still has what it sent before paced: handled at once, a
+        backlog of costly messages would take the loop from every other room.)"""
+        if self._shut_down:
             return
         self._pause = self.loop.create_future()
         timer = self.loop.call_later(seconds, _wake, self._pause)

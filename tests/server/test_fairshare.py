@@ -4,11 +4,14 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from pycrdt import Text
 
 from collab_server import fairshare, session
+from collab_server import protocol as p
 from collab_server.config import Settings
 from collab_server.fairshare import BURST, LoopShare
 from collab_server.metrics import Metrics
+from tests.rawclient import RawPeer, text_updates
 
 
 class Clock:
@@ -77,3 +80,22 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
     assert pauses[1:] == pytest.approx([cost / 0.25] * (len(pauses) - 1))  # each overdraft covered, no more
     assert sum(pauses) == pytest.approx((count * cost - BURST * 0.25) / 0.25)
     assert metrics.share_pauses._value.get() == len(pauses)
+
+
+async def test_what_a_peer_sent_before_it_left_is_all_applied_and_still_paced(server_factory) -> None:
+    """A peer that sends a backlog and closes its end has every message applied (its last edits are kept), at its
+    share of the loop still: handled at once, a departed client's backlog of costly messages would take the loop
+    from every other room. Here the share is so small that each message pauses the connection."""
+    server = server_factory("--loop-share", "0.001")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    doc, updates = text_updates(30)
+    for update in updates:
+        await writer.send(p.sync_update(update))
+    await writer.close()  # its close frame is read with (or soon after) the updates, while they wait
+    want = str(doc.get("t", type=Text))
+    await watcher.wait_for(lambda: str(watcher.doc.get("t", type=Text)) == want, 30)
+    # one at a time, each its own commit and broadcast; handled at once, they would join a few commits
+    updates_seen = [m for m in watcher.messages if isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE]
+    assert len(updates_seen) >= 25
