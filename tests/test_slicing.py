@@ -18,7 +18,7 @@ from collab_server.pacing import GilTurns
 from collab_server.replay import Replay
 from collab_server.slicing import SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
 from collab_server.storage.base import fold_updates
-from collab_server.surrogates import Cut
+from collab_server.surrogates import Cut, Scan
 from tests.rawclient import deletion, second_unit, slow_text, state_vector
 
 T = TypeVar("T")
@@ -127,9 +127,9 @@ def test_a_fold_learns_a_document_is_slow_and_then_applies_it_in_parts(monkeypat
     applied: list[int] = []
     real_apply = Replay.apply
 
-    def apply(replay: Replay, part: bytes) -> None:
+    def apply(replay: Replay, part: bytes, *scan: Scan) -> None:  # a scan when its client ids look like emoji
         applied.append(len(part))
-        real_apply(replay, part)
+        real_apply(replay, part, *scan)
 
     monkeypatch.setattr(Replay, "apply", apply)
     name = "test_slicing-fold"
