@@ -50,8 +50,8 @@ class FrameWriter(Protocol):
 def frame_writer(scope: Scope) -> FrameWriter | None:
     """The accepted connection's FrameWriter, or None if there is none or frames need per-connection
     encoding (a negotiated extension such as permessage-deflate)."""
-    writer = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
-    if isinstance(writer, CollabWebSocketProtocol) and writer.handshake_complete and not writer.conn.extensions:
+    writer = _protocol(scope)
+    if writer is not None and writer.handshake_complete and not writer.conn.extensions:
         return writer
     return None
 
@@ -59,8 +59,14 @@ def frame_writer(scope: Scope) -> FrameWriter | None:
 def read_pause(scope: Scope) -> Callable[[float], Awaitable[None]]:
     """How the application waits before it reads the connection's next message: the protocol's `pause`, which a
     server shutdown ends early, or a plain sleep under another protocol."""
+    protocol = _protocol(scope)
+    return protocol.pause if protocol is not None else asyncio.sleep
+
+
+def _protocol(scope: Scope) -> CollabWebSocketProtocol | None:
+    """The connection's protocol if it is this module's (it offers itself in the scope's extensions)."""
     protocol = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
-    return protocol.pause if isinstance(protocol, CollabWebSocketProtocol) else asyncio.sleep
+    return protocol if isinstance(protocol, CollabWebSocketProtocol) else None
 
 
 def frame_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
