@@ -196,13 +196,13 @@ async def test_sigterm_mid_burst_keeps_everything_acknowledged(server) -> None:
     assert stored.startswith(seen) and len(stored) >= len(seen)
 
 
-async def test_sigterm_with_a_backlog_drops_what_was_never_applied_once_half_the_timeout_is_up(
-        server_factory) -> None:
+async def test_sigterm_with_a_backlog_of_costly_messages_stops_cleanly_within_its_timeout(server_factory) -> None:
     """At shutdown a connection's queued messages are handled without pauses for its share of the loop, and those
-    still queued once half of the graceful timeout is up are dropped (never applied, so never acknowledged)
-    rather than handled until uvicorn cancels the session, which logged errors and tracebacks. Here each message
-    cuts an emoji of a large document, so the room rebuilds it for each."""
-    server = server_factory("--shutdown-timeout", "1")
+    still queued once half of the graceful timeout is up are dropped (never applied, so never acknowledged;
+    test_transport has the queue's part), rather than handled, paced, until uvicorn cancels the session, which
+    logged errors and tracebacks. Here each message cuts an emoji of a large document, so the room rebuilds it
+    for each, and the connection's share of the loop is small, so it pauses for a while after each."""
+    server = server_factory("--shutdown-timeout", "1", "--loop-share", "0.01")
     writer = await RawPeer.connect(f"{server.ws_url}/room")
     watcher = await RawPeer.connect(f"{server.ws_url}/room")
     await watcher.sync()
@@ -216,7 +216,6 @@ async def test_sigterm_with_a_backlog_drops_what_was_never_applied_once_half_the
     await watcher.wait_for(lambda: watcher.doc.get_update(whole) != source.get_update(whole), 20)  # a cut came
     await asyncio.to_thread(server.stop)  # raises unless clean and everything committed
     log = server.log()
-    assert "shutdown: dropped" in log, log[-3000:]
     assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
     assert_contains(stored_doc(server.db), watcher.doc)
 

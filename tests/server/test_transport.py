@@ -103,6 +103,25 @@ async def test_the_receive_queue_keeps_order_through_a_long_backlog() -> None:
     assert taken == list(range(10_000)) and inbox._items == []
 
 
+async def test_at_its_deadline_the_receive_queue_drops_received_messages_but_not_the_disconnect(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Server shutdown (CollabWebSocketProtocol.shutdown): messages are handed out until the deadline; then those
+    still queued are dropped, said once, and the disconnect queued after them is handed out."""
+    loop = asyncio.get_running_loop()
+    inbox = _Inbox()
+    for i in range(5):
+        inbox.put_nowait({"type": "websocket.receive", "bytes": bytes([i])})
+    inbox.put_nowait({"type": "websocket.disconnect", "code": 1012})
+    inbox.drop_after(loop.time() + 3600)
+    assert (await inbox.get())["bytes"] == b"\x00"  # before the deadline: in order
+    inbox.drop_after(loop.time())
+    with caplog.at_level("INFO", logger="collab_server.transport"):
+        assert await inbox.get() == {"type": "websocket.disconnect", "code": 1012}
+    assert inbox.empty() and "shutdown: dropped 4 messages" in caplog.text
+    inbox.put_nowait({"type": "websocket.receive", "bytes": b"late"})  # a last item is handed out, whatever it is
+    assert (await inbox.get())["bytes"] == b"late"
+
+
 async def test_the_writable_flag_holds_senders_until_set() -> None:
     flag = _Flag()
     waiters = [asyncio.create_task(flag.wait()) for _ in range(2)]
