@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Container
 from functools import partial
@@ -22,7 +23,7 @@ from collab_server.pacing import Turns, in_thread
 from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
 from collab_server.storage import LogMark, StorageError, Store
-from collab_server.surrogates import Characters, Cut, merge_safely
+from collab_server.surrogates import Characters, Cut, Scan, merge_safely, precut
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
 
@@ -52,6 +53,17 @@ class _Relayed(dict[bytes, None]):
         self[message] = None
         if len(self) > RELAYED_KEPT:
             del self[next(iter(self))]
+
+
+def _precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
+    """`surrogates.precut(updates)`; `updates` as they are, each planned on its own, if there is one or one's
+    delete set is truncated (refused then when it is planned, once those before it are applied)."""
+    if len(updates) > 1:
+        try:
+            return precut(updates)
+        except p.ProtocolError:
+            pass
+    return [(update, None) for update in updates]
 
 
 def _refusal(exc: BaseException) -> bool:
@@ -238,6 +250,27 @@ class Room:
         # AuthMessage from a client carries nothing for the server.
         return 0.0
 
+    async def handle_updates(self, conn: Connection, frames: list[bytes], budget: float = math.inf
+                             ) -> tuple[float, int]:
+        """Handle document update frames (`p.is_update`) that `conn`, which may write, sent one after another, as
+        `handle` would one by one, but applied together (`apply_all`, with `budget`); return the seconds that took
+        and how many were handled. Raises ProtocolError for the first that is malformed, once those before it are
+        applied."""
+        updates: list[bytes] = []
+        malformed: p.ProtocolError | None = None
+        for frame in frames:
+            try:
+                msg = p.decode_message(frame)
+            except p.ProtocolError as exc:
+                malformed = exc
+                break
+            assert isinstance(msg, p.SyncMessage)
+            updates.append(msg.payload)
+        spent, applied = await self.apply_all(updates, conn, budget)
+        if malformed is not None and applied == len(updates):
+            raise malformed
+        return spent, applied
+
     # --- document ------------------------------------------------------------------------------------
 
     async def apply(self, update: bytes, origin: object = None) -> float:
@@ -248,12 +281,39 @@ class Room:
         document is rebuilt (see _prepare). Raises
         RoomClosed once the room is closed: a deleted document must not be written again by a late message.
         Raises ProtocolError for an update pycrdt refuses, once what it integrated before refusing is stored."""
+        return (await self.apply_all([update], origin))[0]
+
+    async def apply_all(self, updates: list[bytes], origin: object = None, budget: float = math.inf
+                        ) -> tuple[float, int]:
+        """`apply` `updates` (one connection's, sent one after another) in turn, until they took more than `budget`
+        seconds; return the seconds they took and how many were applied. A character one of them cuts that an
+        earlier one wrote is replaced in that one before either is applied (surrogates.precut), so the document
+        need not be rebuilt for it: a client typing an emoji and cutting it in its next message, as fast as it
+        can, rebuilt its room for each (finding 57). Raises ProtocolError for the first that is invalid or refused,
+        once those before it are applied."""
         await self._writable()
         started = time.perf_counter()
-        check_update(update)
-        while (prepared := self._prepare(update)) is None:  # the document is rebuilt first, for this update: the
-            await self._writable()  # rebuild's time is counted as the update's (in threads, in parts, it is most)
-        update = prepared
+        valid, invalid = updates, None
+        for i, update in enumerate(updates):
+            try:
+                check_update(update)
+            except p.ProtocolError as exc:
+                valid, invalid = updates[:i], exc
+                break
+        applied = 0
+        for update, scan in _precut(valid):
+            while (prepared := self._prepare(update, scan)) is None:  # the document is rebuilt first, for this
+                await self._writable()  # update: the rebuild's time is counted as the update's (in threads, in
+            self._apply_one(prepared, origin)  # parts, it is most)
+            applied += 1
+            if applied < len(updates) and time.perf_counter() - started > budget:
+                break
+        else:
+            if invalid is not None:
+                raise invalid
+        return time.perf_counter() - started, applied
+
+    def _apply_one(self, update: bytes, origin: object) -> None:
         refused: BaseException | None = None
         try:
             with self.doc.transaction(origin=origin):
@@ -277,7 +337,6 @@ class Room:
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
         if refused is not None:
             raise p.ProtocolError(f"invalid update: {refused}") from None
-        return time.perf_counter() - started
 
     async def edit(self, change: Callable[[Doc], T], origin: object = "http") -> T:
         """Run `change` on the document in one transaction under `origin`, then persist what it changed, as
@@ -327,15 +386,15 @@ class Room:
         except ValueError as exc:
             raise p.ProtocolError(f"invalid state vector: {exc}") from exc
 
-    def _prepare(self, update: bytes) -> bytes | None:
+    def _prepare(self, update: bytes, scan: Scan | None = None) -> bytes | None:
         """The update to apply instead of `update`, with the document rebuilt first where it cuts a character
         between its two UTF-16 units (see surrogates.py). None while the document is being rebuilt: where the cut
         clients' structs are large, the cut is made in a worker thread; a document known to be slow to apply
         (slicing.py) is rebuilt in parts, with the loop's turns between them; meanwhile writes wait, other nodes'
-        changes are deferred, and the caller prepares the update again after."""
+        changes are deferred, and the caller prepares the update again after. `scan`: `update` read already."""
         if self._rebuild is not None:
             return None
-        cut = self._characters.plan(self.doc, update, self._held.updates, apart=True)
+        cut = self._characters.plan(self.doc, update, self._held.updates, scan, apart=True)
         if cut.fix is not None:
             if len(cut.fix.part) >= READ_APART:
                 self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_apart(cut))
