@@ -11,6 +11,7 @@ next one waits (a 200 ms update: 0.75 s)."""
 
 from __future__ import annotations
 
+import math
 import time
 
 BURST = 0.05  # seconds a connection's account takes to fill: it holds at most share × BURST of loop time
@@ -25,6 +26,12 @@ class LoopShare:
         self.share = share  # of the loop's time, over a while; 0: unlimited
         self.balance = BURST * share
         self.stamp = time.perf_counter()
+
+    def available(self) -> float:
+        """Seconds of loop time the connection's messages may take now before it is overdrawn (inf: unlimited)."""
+        if not self.share:
+            return math.inf
+        return min(BURST * self.share, self.balance + (time.perf_counter() - self.stamp) * self.share)
 
     def spend(self, seconds: float) -> float:
         """Account for a message that took the loop `seconds`; return how long to pause reading (0: none)."""

@@ -144,6 +144,14 @@ def decode_message(data: bytes) -> Message:
     return msg
 
 
+def is_update(data: bytes) -> bool:
+    """Whether frame `data` is (or claims to be) a document update: SyncStep2 or Update."""
+    return data[:2] in _UPDATE_PREFIXES
+
+
+_UPDATE_PREFIXES = (bytes((MessageType.SYNC, SyncType.STEP2)), bytes((MessageType.SYNC, SyncType.UPDATE)))
+
+
 def sync_step1(state_vector: bytes) -> bytes:
     return bytes((MessageType.SYNC, SyncType.STEP1)) + write_bytes(state_vector)
 

@@ -16,12 +16,12 @@ from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.fairshare import LoopShare
 from collab_server.logs import Throttled
-from collab_server.protocol import ProtocolError
+from collab_server.protocol import ProtocolError, is_update
 from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.transport import frame_writer, read_pause
+from collab_server.transport import frame_writer, queued, read_pause
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
@@ -89,7 +89,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
             room.join(conn)
             if frames is not None:
                 frames.ignore(room.relayed_awareness)
-            await _read_frames(receive, conn, room, settings, read_pause(scope))
+            await _read_frames(receive, conn, room, settings, read_pause(scope), queued(scope))
         finally:
             room.leave(conn)
             rooms.release(room)
@@ -148,39 +148,56 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings,
-                       pause_reading: Callable[[float], Awaitable[None]]) -> None:
+                       pause_reading: Callable[[float], Awaitable[None]],
+                       take_queued: Callable[[Callable[[bytes], bool]], bytes | None]) -> None:
+    """Handle the connection's frames in order. Document updates queued behind one are handled with it (up to
+    FRAMES_PER_TURN, as far as its share of the loop allows; `Room.handle_updates`)."""
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     share = LoopShare(settings.loop_share)
     # copies of the room's relayed awareness; a direct connection's transport drops them already (see there)
     copies: Container[bytes] = () if conn.direct else room.relayed_awareness
     frames = 0
+    batch: list[bytes] = []  # update frames taken and checked, not yet handled
+    refusal: tuple[int, str] | None = None  # why the connection is closed once `batch` is handled
     while not conn.closed:
-        frames += 1
-        if frames % FRAMES_PER_TURN == 0:  # receive() does not suspend while frames are queued
-            await asyncio.sleep(0)
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            conn.close(CloseCode.GOING_AWAY, "peer gone")
-            return
-        data = message.get("bytes")
-        if data is None:
-            metrics.errors.labels("text_frame").inc()
-            conn.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary y-websocket messages")
-            return
-        if data in copies:
-            continue
-        metrics.bytes_received.inc(len(data))
-        if len(data) > settings.max_message_size:
-            metrics.errors.labels("too_big").inc()
-            conn.close(CloseCode.TOO_BIG, f"message of {len(data)} bytes exceeds {settings.max_message_size}")
-            return
-        if not limiter.allow():
-            metrics.errors.labels("rate_limit").inc()
-            conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-            return
+        if not batch:
+            if refusal is not None:
+                conn.close(*refusal)
+                return
+            if frames >= FRAMES_PER_TURN:  # receive() does not suspend while frames are queued
+                frames = 0
+                await asyncio.sleep(0)
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                conn.close(CloseCode.GOING_AWAY, "peer gone")
+                return
+            data = message.get("bytes")
+            if data is None:
+                metrics.errors.labels("text_frame").inc()
+                conn.close(CloseCode.UNSUPPORTED_DATA,
+                           "text frames are not supported; send binary y-websocket messages")
+                return
+            frames += 1
+            if data in copies:
+                continue
+            refusal = _refusal(data, settings, limiter, room)
+            if refusal is not None:
+                continue
+            if is_update(data) and not conn.readonly:
+                batch.append(data)
+                while refusal is None and frames < FRAMES_PER_TURN and (more := take_queued(is_update)) is not None:
+                    frames += 1
+                    refusal = _refusal(more, settings, limiter, room)
+                    if refusal is None:
+                        batch.append(more)
         try:
-            pause = share.spend(await room.handle(conn, data))
+            if batch:
+                spent, handled = await room.handle_updates(conn, batch, share.available())
+                del batch[:handled]
+            else:
+                spent = await room.handle(conn, data)
+            pause = share.spend(spent)
             if pause:  # not read meanwhile: TCP holds its next messages back (fairshare.py)
                 metrics.share_pauses.inc()
                 await pause_reading(pause)
@@ -195,4 +212,18 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             conn.close(CloseCode.POLICY_VIOLATION, str(exc))
             return
         except RoomClosed:  # being deleted or discarded: the room closes this connection with the outcome
+            batch = []
             continue
+
+
+def _refusal(data: bytes, settings: Settings, limiter: RateLimiter, room: Room) -> tuple[int, str] | None:
+    """Count a received frame; the close code and reason if the connection may not send it (too big, too many)."""
+    metrics = room.metrics
+    metrics.bytes_received.inc(len(data))
+    if len(data) > settings.max_message_size:
+        metrics.errors.labels("too_big").inc()
+        return CloseCode.TOO_BIG, f"message of {len(data)} bytes exceeds {settings.max_message_size}"
+    if not limiter.allow():
+        metrics.errors.labels("rate_limit").inc()
+        return CloseCode.POLICY_VIOLATION, "rate limit exceeded"
+    return None

@@ -63,6 +63,18 @@ def read_pause(scope: Scope) -> Callable[[float], Awaitable[None]]:
     return protocol.pause if protocol is not None else asyncio.sleep
 
 
+def queued(scope: Scope) -> Callable[[Callable[[bytes], bool]], bytes | None]:
+    """How the application takes, without waiting, the connection's next queued message if it is a binary one a
+    predicate accepts (None: there is none, or it is not such a message): the protocol's `take_queued`, or
+    nothing ever under another protocol."""
+    protocol = _protocol(scope)
+    return protocol.take_queued if protocol is not None else _nothing
+
+
+def _nothing(accept: Callable[[bytes], bool]) -> None:
+    return None
+
+
 def _protocol(scope: Scope) -> CollabWebSocketProtocol | None:
     """The connection's protocol if it is this module's (it offers itself in the scope's extensions)."""
     protocol = (scope.get("extensions") or {}).get(SCOPE_EXTENSION)
@@ -140,6 +152,19 @@ class _Inbox:
 
     def empty(self) -> bool:
         return self._next >= len(self._items)
+
+    def take_now(self, accept: Callable[[bytes], bool]) -> bytes | None:
+        """The next item's bytes if it is a received binary message they `accept` (taken), else None (left)."""
+        items, taken = self._items, self._next
+        if taken >= len(items) or (self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline):
+            return None
+        item = items[taken]
+        data = item.get("bytes") if item["type"] == "websocket.receive" else None
+        if data is None or not accept(data):
+            return None
+        items[taken] = None
+        self._next = taken + 1
+        return data
 
     def _skip_received(self) -> int:
         """Drop the received messages before the next other event, or before the last item if there is none;
@@ -428,6 +453,15 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             self.queue.drop_after(self.loop.time() + timeout / 2)  # type: ignore[attr-defined]
         _wake(self._pause)
         super().shutdown()
+
+    def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
+        """The next queued message's bytes if it is a binary one `accept` accepts, taken as `receive` would take it
+        (which resumes reading the socket once the queue is empty); else None."""
+        data = self.queue.take_now(accept)  # type: ignore[attr-defined]
+        if data is not None and self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        return data
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` before the application reads on (see fairshare.py), or until the server shuts down; not

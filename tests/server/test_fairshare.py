@@ -1,6 +1,7 @@
 """A connection whose messages take more than its share of the event loop is read more slowly, not refused."""
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -73,7 +74,7 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
         return next(inbox)
 
     conn = SimpleNamespace(closed=False, direct=True, close=lambda code, reason: setattr(conn, "closed", True))
-    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep)
+    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep, lambda accept: None)
     assert handled == [m["bytes"] for m in messages[:-1]]
     within = int(BURST * 0.25 / cost)  # messages the burst covers
     assert len(pauses) == count - within
@@ -99,3 +100,65 @@ async def test_what_a_peer_sent_before_it_left_is_all_applied_and_still_paced(se
     # one at a time, each its own commit and broadcast; handled at once, they would join a few commits
     updates_seen = [m for m in watcher.messages if isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE]
     assert len(updates_seen) >= 25
+
+
+async def test_update_frames_queued_behind_one_are_handled_with_it_as_far_as_the_share_allows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session hands a room the update frames queued behind one together (up to FRAMES_PER_TURN frames a
+    turn), with what is left of the connection's account as their budget; what the room did not handle within it
+    is handed over again after the pause, before anything read later. Other frames are handled one at a time, in
+    order. A frame over the rate limit closes the connection once every frame before it is handled."""
+    clock = Clock()  # time passes only in the pauses
+    monkeypatch.setattr(fairshare, "time", clock)
+    calls: list[tuple[str, list[bytes], float]] = []
+    pauses: list[float] = []
+
+    async def recorded_sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        clock.now += seconds
+
+    class Room:
+        relayed_awareness: frozenset[bytes] = frozenset()
+        metrics = Metrics()
+
+        async def handle(self, conn: object, data: bytes) -> float:
+            calls.append(("one", [data], 0.0))
+            return 0.0
+
+        async def handle_updates(self, conn: object, frames: list[bytes], budget: float) -> tuple[float, int]:
+            calls.append(("updates", list(frames), budget))
+            return (0.02, 2) if len(calls) == 1 else (0.0, len(frames))  # the first two take 20 ms: overdrawn
+
+    update = [p.sync_update(bytes([i])) for i in range(24)]
+    awareness = p.awareness_message(b"\x00")
+    queue = [*update[:3], awareness, *update[3:]]
+    messages = [{"type": "websocket.receive", "bytes": frame} for frame in queue]
+    messages.append({"type": "websocket.disconnect"})
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    def take_queued(accept: Callable[[bytes], bool]) -> bytes | None:
+        if messages and "bytes" in messages[0] and accept(messages[0]["bytes"]):
+            return messages.pop(0)["bytes"]
+        return None
+
+    closed: list[tuple[int, str]] = []
+
+    def close(code: int, reason: str) -> None:
+        closed.append((code, reason))
+        conn.closed = True
+
+    conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=close)
+    settings = Settings(loop_share=0.25, rate_limit_per_second=0.001, rate_limit_burst=len(queue) - 1)
+    await session._read_frames(receive, conn, Room(), settings, recorded_sleep, take_queued)
+    assert calls == [
+        ("updates", update[:3], pytest.approx(BURST * 0.25)),
+        ("updates", update[2:3], pytest.approx(0.0)),  # after the pause that evens its account
+        ("one", [awareness], 0.0),
+        ("updates", update[3:15], pytest.approx(0.0)),  # the turn's 16 frames are up
+        ("updates", update[15:23], pytest.approx(0.0)),  # update[23] is over the rate limit
+    ]
+    assert pauses == [pytest.approx((0.02 - BURST * 0.25) / 0.25)]
+    assert closed == [(1008, "rate limit exceeded")]
+    assert messages == [{"type": "websocket.disconnect"}]
