@@ -235,6 +235,8 @@ class Room:
         if isinstance(msg, p.SyncMessage):
             if msg.kind == p.SyncType.STEP1:
                 check_state_vector(msg.payload)
+                if conn.send_failed:  # the peer is gone: nothing to answer (finding 58)
+                    return 0.0
                 await self._settle()
                 started = time.perf_counter()
                 conn.send(p.sync_step2(self._state(msg.payload)))

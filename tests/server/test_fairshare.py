@@ -1,11 +1,15 @@
 """A connection whose messages take more than its share of the event loop is read more slowly, not refused."""
 
 import asyncio
+import base64
+import os
+import socket
+import struct
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
-from pycrdt import Text
+from pycrdt import Array, Doc, Text
 
 from collab_server import fairshare, session
 from collab_server import protocol as p
@@ -13,6 +17,7 @@ from collab_server.config import Settings
 from collab_server.fairshare import BURST, LoopShare
 from collab_server.metrics import Metrics
 from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import wait_until
 
 
 class Clock:
@@ -162,3 +167,37 @@ async def test_update_frames_queued_behind_one_are_handled_with_it_as_far_as_the
     assert pauses == [pytest.approx((0.02 - BURST * 0.25) / 0.25)]
     assert closed == [(1008, "rate limit exceeded")]
     assert messages == [{"type": "websocket.disconnect"}]
+
+
+def _masked(payload: bytes) -> bytes:
+    """A client's binary frame of a short `payload`, masked with zeros (which leave it as it is)."""
+    return bytes((0x82, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+async def test_sync_requests_of_a_peer_that_is_gone_are_not_answered(server_factory) -> None:
+    """A client that sends many sync requests and resets its socket: once a write to it has failed, the rest are
+    dropped unanswered, rather than each encoding the document for no one at its share of the loop (finding 58).
+    Here the share is so small that each answer pauses the connection for a fifth of a second or more: answering
+    all 300 would keep the session for a minute."""
+    server = server_factory("--loop-share", "0.001")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    doc = Doc()
+    items = doc.get("a", type=Array)
+    for i in range(20_000):
+        items.append(i)
+    await writer.send(p.sync_update(doc.get_update()))
+    await writer.wait_for(lambda: len(writer.doc.get("a", type=Array)) == 20_000)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_until(lambda: server.metric("collab_connections") == 2)
+        sock.sendall(_masked(p.sync_step1(b"\x00")) * 300)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+    await wait_until(lambda: server.metric("collab_connections") == 1, 20)
+    assert server.metric("collab_share_pauses_total") <= 5
