@@ -90,11 +90,12 @@ class RawPeer:
         await self._reader
 
 
-def text_updates(count: int, name: str = "t") -> tuple[Doc, list[bytes]]:
-    """A doc with `count` one-character inserts into Text `name`, and the update of each insert."""
+def text_updates(count: int, name: str = "t", client_id: int | None = None) -> tuple[Doc, list[bytes]]:
+    """A doc with `count` one-character inserts into Text `name`, and the update of each insert (by a random
+    client, or `client_id`)."""
     from pycrdt import Text
 
-    doc = Doc()
+    doc = Doc(client_id=client_id) if client_id is not None else Doc()
     text = doc.get(name, type=Text)
     updates: list[bytes] = []
     doc.observe(lambda event: updates.append(event.update))

@@ -210,8 +210,8 @@ async def test_a_few_freed_pages_are_kept_for_reuse_not_given_back(tmp_path: Pat
         with sqlite3.connect(path) as conn:
             return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
 
-    _, big = text_updates(3000)
-    doc, small = text_updates(300)
+    _, big = text_updates(3000, client_id=1)
+    doc, small = text_updates(300, client_id=2)  # fixed clients: page counts do not depend on their ids' sizes
     store = SQLiteStore(path, compact_threshold=100_000)
     await store.open()
     try:
@@ -221,7 +221,7 @@ async def test_a_few_freed_pages_are_kept_for_reuse_not_given_back(tmp_path: Pat
         size, free = pages()
         assert 0 < free * 8 < size  # kept: a small share of the file
         assert rebuild(await store.load("d")) == str(doc.get("t", type=Text))
-        _, more = text_updates(300, name="u")
+        _, more = text_updates(300, name="u", client_id=3)
         await asyncio.gather(*(store.submit("e", u) for u in more))
         grown, left = pages()
         assert grown == size and left < free  # the next writes took them
