@@ -180,13 +180,15 @@ class Rooms:
         task.add_done_callback(self._unloads.discard)
 
     async def close(self) -> None:
-        """Graceful shutdown: tell clients we are going away, commit everything, unload every room."""
+        """Graceful shutdown: tell clients we are going away, commit everything, unload every room (the store
+        folds the logs worth folding before it closes, so the next start loads each from its checkpoint)."""
         for room in list(self.loaded.values()):
             for conn in list(room.connections):
                 conn.close(CloseCode.GOING_AWAY, "server shutting down")
         for room in list(self.loaded.values()):
             await room.flush()
             await room.close()
+            self.store.unloaded(room.name)
         self.loaded.clear()
         for timer in (self._keepalive_timer, self._sweep_timer):
             if timer is not None:

@@ -6,6 +6,7 @@ import gc
 import os
 import resource
 import socket
+import sqlite3
 import subprocess
 import sys
 from dataclasses import fields
@@ -107,6 +108,30 @@ async def test_idle_room_is_flushed_and_unloaded(server_factory) -> None:
                 break
             await asyncio.sleep(0.05)
     assert entry["log_entries"] == 0
+    again = await RawPeer.connect(f"{server.ws_url}/room")
+    await again.sync()
+    assert str(again.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
+
+
+async def test_a_shutdown_folds_the_logs_worth_folding_so_the_next_start_loads_checkpoints(server_factory) -> None:
+    """A room loaded at shutdown is unloaded as an idle one is: a log of a tenth of the threshold or more is folded
+    before the store closes (a 100,000-update document left ~2,500 entries to replay at the next start)."""
+    server = server_factory()
+    short = await RawPeer.connect(f"{server.ws_url}/short")
+    peer = await RawPeer.connect(f"{server.ws_url}/room")
+    doc, updates = text_updates(50)
+    for update in updates:  # each committed before the next is sent: 50 log entries
+        await peer.send(p.sync_update(update))
+        await peer.sync()
+    _, few = text_updates(3)
+    for update in few:
+        await short.send(p.sync_update(update))
+        await short.sync()
+    server.stop()
+    with sqlite3.connect(server.db) as db:
+        logs = dict(db.execute("SELECT doc, count(*) FROM updates GROUP BY doc").fetchall())
+    assert logs == {"short": 3}  # "room" folded; 3 entries are not worth rewriting a checkpoint for
+    server.start()
     again = await RawPeer.connect(f"{server.ws_url}/room")
     await again.sync()
     assert str(again.doc.get("t", type=Text)) == str(doc.get("t", type=Text))
