@@ -21,7 +21,7 @@ from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.transport import frame_writer, queued, read_pause
+from collab_server.transport import Queued, frame_writer, queued, read_pause
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
@@ -149,9 +149,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings,
                        pause_reading: Callable[[float], Awaitable[None]],
-                       take_queued: Callable[[Callable[[bytes], bool]], bytes | None]) -> None:
+                       inbox: Queued) -> None:
     """Handle the connection's frames in order. Document updates queued behind one are handled with it (up to
-    FRAMES_PER_TURN, as far as its share of the loop allows; `Room.handle_updates`)."""
+    FRAMES_PER_TURN, as far as its share of the loop allows; `Room.handle_updates`); at shutdown, those left
+    for after a pause are dropped with what is still queued (transport.py)."""
     metrics = room.metrics
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     share = LoopShare(settings.loop_share)
@@ -161,6 +162,10 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
     batch: list[bytes] = []  # update frames taken and checked, not yet handled
     refusal: tuple[int, str] | None = None  # why the connection is closed once `batch` is handled
     while not conn.closed:
+        if batch and inbox.dropping_received():
+            log.info("shutdown: dropped %d messages a connection sent that were not handled in time (never applied;"
+                     " the client sends them again when it syncs with the server next)", len(batch))
+            batch = []
         if not batch:
             if refusal is not None:
                 conn.close(*refusal)
@@ -186,7 +191,8 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
                 continue
             if is_update(data) and not conn.readonly:
                 batch.append(data)
-                while refusal is None and frames < FRAMES_PER_TURN and (more := take_queued(is_update)) is not None:
+                while (refusal is None and frames < FRAMES_PER_TURN
+                       and (more := inbox.take_queued(is_update)) is not None):
                     frames += 1
                     refusal = _refusal(more, settings, limiter, room)
                     if refusal is None:

@@ -10,7 +10,8 @@ not backed up writes those bytes straight to its transport (`FrameWriter.write_f
 The writer reaches the application as the ASGI scope extension `collab.frames`; under another server, or
 a uvicorn that does not load this class, it is absent and every send goes through ASGI. The same protocol
 object offers the application a pause in reading that a shutdown ends (`read_pause`) and the messages already
-queued behind the one it received (`queued`), so it can handle those together.
+queued behind the one it received (`queued`), so it can handle those together, and tells it when a shutdown
+drops what it has not handled yet.
 """
 
 from __future__ import annotations
@@ -65,16 +66,28 @@ def read_pause(scope: Scope) -> Callable[[float], Awaitable[None]]:
     return protocol.pause if protocol is not None else asyncio.sleep
 
 
-def queued(scope: Scope) -> Callable[[Callable[[bytes], bool]], bytes | None]:
-    """How the application takes, without waiting, the connection's next queued message if it is a binary one a
-    predicate accepts (None: there is none, or it is not such a message): the protocol's `take_queued`, or
-    nothing ever under another protocol."""
+class Queued(Protocol):
+    def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
+        """The connection's next queued message, taken without waiting, if it is a binary one `accept` accepts;
+        else None (there is none, or it is not such a message)."""
+
+    def dropping_received(self) -> bool:
+        """Whether received messages not yet handled are dropped now (the server is shutting down)."""
+
+
+class _NothingQueued:
+    def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
+        return None
+
+    def dropping_received(self) -> bool:
+        return False
+
+
+def queued(scope: Scope) -> Queued:
+    """The connection's queue of received messages as the application may take from it (the protocol's; under
+    another protocol, one that holds nothing)."""
     protocol = _protocol(scope)
-    return protocol.take_queued if protocol is not None else _nothing
-
-
-def _nothing(accept: Callable[[bytes], bool]) -> None:
-    return None
+    return protocol if protocol is not None else _NothingQueued()
 
 
 def _protocol(scope: Scope) -> CollabWebSocketProtocol | None:
@@ -144,7 +157,7 @@ class _Inbox:
             finally:
                 self._waiter = None
         items, taken = self._items, self._next
-        if self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline:
+        if self.dropping():
             taken = self._skip_received()
         item, items[taken] = items[taken], None
         self._next = taken + 1
@@ -156,10 +169,14 @@ class _Inbox:
     def empty(self) -> bool:
         return self._next >= len(self._items)
 
+    def dropping(self) -> bool:
+        """Whether received messages are dropped now (`drop_after`'s deadline has passed)."""
+        return self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline
+
     def take_now(self, accept: Callable[[bytes], bool]) -> bytes | None:
         """The next item's bytes if it is a received binary message they `accept` (taken), else None (left)."""
         items, taken = self._items, self._next
-        if taken >= len(items) or (self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline):
+        if taken >= len(items) or self.dropping():
             return None
         item = items[taken]
         data = item.get("bytes") if item["type"] == "websocket.receive" else None
@@ -465,6 +482,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = False
             self.transport.resume_reading()
         return data
+
+    def dropping_received(self) -> bool:
+        return self.queue.dropping()  # type: ignore[attr-defined, no-any-return]
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` before the application reads on (see fairshare.py), or until the server shuts down; not

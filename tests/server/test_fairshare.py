@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 import struct
@@ -79,7 +80,8 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
         return next(inbox)
 
     conn = SimpleNamespace(closed=False, direct=True, close=lambda code, reason: setattr(conn, "closed", True))
-    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep, lambda accept: None)
+    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep,
+                                 SimpleNamespace(take_queued=lambda accept: None, dropping_received=lambda: False))
     assert handled == [m["bytes"] for m in messages[:-1]]
     within = int(BURST * 0.25 / cost)  # messages the burst covers
     assert len(pauses) == count - within
@@ -156,7 +158,8 @@ async def test_update_frames_queued_behind_one_are_handled_with_it_as_far_as_the
 
     conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=close)
     settings = Settings(loop_share=0.25, rate_limit_per_second=0.001, rate_limit_burst=len(queue) - 1)
-    await session._read_frames(receive, conn, Room(), settings, recorded_sleep, take_queued)
+    inbox = SimpleNamespace(take_queued=take_queued, dropping_received=lambda: False)
+    await session._read_frames(receive, conn, Room(), settings, recorded_sleep, inbox)
     assert calls == [
         ("updates", update[:3], pytest.approx(BURST * 0.25)),
         ("updates", update[2:3], pytest.approx(0.0)),  # after the pause that evens its account
@@ -201,3 +204,36 @@ async def test_sync_requests_of_a_peer_that_is_gone_are_not_answered(server_fact
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
     await wait_until(lambda: server.metric("collab_connections") == 1, 20)
     assert server.metric("collab_share_pauses_total") <= 5
+
+
+async def test_at_shutdown_update_frames_left_for_after_a_pause_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Update frames taken together but left for after a pause are dropped once a shutdown drops the received
+    messages still queued (never applied, as those are not: the client sends them again when it syncs next),
+    rather than applied one by one past the graceful timeout (a rebuild each, in the backlog test)."""
+    caplog.set_level(logging.INFO, logger="collab_server.session")
+    calls: list[list[bytes]] = []
+    dropping = False
+
+    class Room:
+        relayed_awareness: frozenset[bytes] = frozenset()
+        metrics = Metrics()
+
+        async def handle_updates(self, conn: object, frames: list[bytes], budget: float) -> tuple[float, int]:
+            nonlocal dropping
+            calls.append(list(frames))
+            dropping = True  # the shutdown's deadline passes while the first is applied
+            return 0.0, 1
+
+    update = [p.sync_update(bytes([i])) for i in range(4)]
+    messages = [{"type": "websocket.receive", "bytes": update[0]}, {"type": "websocket.disconnect"}]
+    queue = update[1:]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=lambda code, reason: None)
+    inbox = SimpleNamespace(take_queued=lambda accept: queue.pop(0) if queue else None,
+                            dropping_received=lambda: dropping)
+    await session._read_frames(receive, conn, Room(), Settings(), asyncio.sleep, inbox)
+    assert calls == [update]
+    assert "shutdown: dropped 3 messages" in caplog.text
