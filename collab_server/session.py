@@ -21,7 +21,7 @@ from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.transport import Queued, frame_writer, queued, read_pause
+from collab_server.transport import Queued, frame_writer, log_dropped, queued, read_pause
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
@@ -163,8 +163,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
     refusal: tuple[int, str] | None = None  # why the connection is closed once `batch` is handled
     while not conn.closed:
         if batch and inbox.dropping_received():
-            log.info("shutdown: dropped %d messages a connection sent that were not handled in time (never applied;"
-                     " the client sends them again when it syncs with the server next)", len(batch))
+            log_dropped(len(batch))
             batch = []
         if not batch:
             if refusal is not None:

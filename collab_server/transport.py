@@ -194,9 +194,14 @@ class _Inbox:
             items[taken] = None
             taken += 1
         if taken > self._next:
-            log.info("shutdown: dropped %d messages a connection sent that were not handled in time (never applied;"
-                     " the client sends them again when it syncs with the server next)", taken - self._next)
+            log_dropped(taken - self._next)
         return taken
+
+
+def log_dropped(count: int) -> None:
+    """Say that a shutdown dropped `count` messages a connection sent, unhandled."""
+    log.info("shutdown: dropped %d messages a connection sent that were not handled in time (never applied; the"
+             " client sends them again when it syncs with the server next)", count)
 
 
 class _Flag:

@@ -211,7 +211,7 @@ async def test_at_shutdown_update_frames_left_for_after_a_pause_are_dropped(capl
     """Update frames taken together but left for after a pause are dropped once a shutdown drops the received
     messages still queued (never applied, as those are not: the client sends them again when it syncs next),
     rather than applied one by one past the graceful timeout (a rebuild each, in the backlog test)."""
-    caplog.set_level(logging.INFO, logger="collab_server.session")
+    caplog.set_level(logging.INFO, logger="collab_server.transport")
     calls: list[list[bytes]] = []
     dropping = False
 
