@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Container
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -21,7 +21,7 @@ from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER
-from collab_server.transport import Queued, frame_writer, log_dropped, queued, read_pause
+from collab_server.transport import Reading, frame_writer, log_dropped, reading
 
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
@@ -89,7 +89,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
             room.join(conn)
             if frames is not None:
                 frames.ignore(room.relayed_awareness)
-            await _read_frames(receive, conn, room, settings, read_pause(scope), queued(scope))
+            await _read_frames(receive, conn, room, settings, reading(scope))
         finally:
             room.leave(conn)
             rooms.release(room)
@@ -148,8 +148,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _read_frames(receive: Receive, conn: Connection, room: Room, settings: Settings,
-                       pause_reading: Callable[[float], Awaitable[None]],
-                       inbox: Queued) -> None:
+                       incoming: Reading) -> None:
     """Handle the connection's frames in order. Document updates queued behind one are handled with it (up to
     FRAMES_PER_TURN, as far as its share of the loop allows; `Room.handle_updates`); at shutdown, those left
     for after a pause are dropped with what is still queued (transport.py)."""
@@ -162,7 +161,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
     batch: list[bytes] = []  # update frames taken and checked, not yet handled
     refusal: tuple[int, str] | None = None  # why the connection is closed once `batch` is handled
     while not conn.closed:
-        if batch and inbox.dropping_received():
+        if batch and incoming.dropping_received():
             log_dropped(len(batch))
             batch = []
         if not batch:
@@ -191,7 +190,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             if is_update(data) and not conn.readonly:
                 batch.append(data)
                 while (refusal is None and frames < FRAMES_PER_TURN
-                       and (more := inbox.take_queued(is_update)) is not None):
+                       and (more := incoming.take_queued(is_update)) is not None):
                     frames += 1
                     refusal = _refusal(more, settings, limiter, room)
                     if refusal is None:
@@ -205,7 +204,7 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
             pause = share.spend(spent)
             if pause:  # not read meanwhile: TCP holds its next messages back (fairshare.py)
                 metrics.share_pauses.inc()
-                await pause_reading(pause)
+                await incoming.pause(pause)
         except ProtocolError as exc:
             metrics.errors.labels("protocol").inc()
             log.info("bad input room=%s connection=%d error=%s", room.name, conn.id, exc)

@@ -9,9 +9,9 @@ not backed up writes those bytes straight to its transport (`FrameWriter.write_f
 
 The writer reaches the application as the ASGI scope extension `collab.frames`; under another server, or
 a uvicorn that does not load this class, it is absent and every send goes through ASGI. The same protocol
-object offers the application a pause in reading that a shutdown ends (`read_pause`) and the messages already
-queued behind the one it received (`queued`), so it can handle those together, and tells it when a shutdown
-drops what it has not handled yet.
+object is how the application reads (`reading`): a pause that a shutdown ends, the messages already queued
+behind the one it received, so it can handle those together, and whether a shutdown drops what it has not
+handled yet.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import random
 import struct
 import weakref
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Callable, Container
 from typing import Any, Protocol
 
 from starlette.types import Scope
@@ -59,14 +59,12 @@ def frame_writer(scope: Scope) -> FrameWriter | None:
     return None
 
 
-def read_pause(scope: Scope) -> Callable[[float], Awaitable[None]]:
-    """How the application waits before it reads the connection's next message: the protocol's `pause`, which a
-    server shutdown ends early, or a plain sleep under another protocol."""
-    protocol = _protocol(scope)
-    return protocol.pause if protocol is not None else asyncio.sleep
+class Reading(Protocol):
+    """How the application reads a connection beyond ASGI's receive."""
 
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` before reading the connection's next message (a server shutdown ends the wait early)."""
 
-class Queued(Protocol):
     def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
         """The connection's next queued message, taken without waiting, if it is a binary one `accept` accepts;
         else None (there is none, or it is not such a message)."""
@@ -75,7 +73,12 @@ class Queued(Protocol):
         """Whether received messages not yet handled are dropped now (the server is shutting down)."""
 
 
-class _NothingQueued:
+class _PlainReading:
+    """Reading under another protocol: a plain sleep, nothing queued to take, nothing dropped."""
+
+    async def pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
     def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
         return None
 
@@ -83,11 +86,11 @@ class _NothingQueued:
         return False
 
 
-def queued(scope: Scope) -> Queued:
-    """The connection's queue of received messages as the application may take from it (the protocol's; under
-    another protocol, one that holds nothing)."""
+def reading(scope: Scope) -> Reading:
+    """The connection's protocol as the application reads through it, or a plain stand-in under another
+    protocol."""
     protocol = _protocol(scope)
-    return protocol if protocol is not None else _NothingQueued()
+    return protocol if protocol is not None else _PlainReading()
 
 
 def _protocol(scope: Scope) -> CollabWebSocketProtocol | None:

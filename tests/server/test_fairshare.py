@@ -80,8 +80,8 @@ async def test_the_session_pauses_reading_an_overdrawn_connection_and_handles_ev
         return next(inbox)
 
     conn = SimpleNamespace(closed=False, direct=True, close=lambda code, reason: setattr(conn, "closed", True))
-    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), recorded_sleep,
-                                 SimpleNamespace(take_queued=lambda accept: None, dropping_received=lambda: False))
+    reading = SimpleNamespace(pause=recorded_sleep, take_queued=lambda accept: None, dropping_received=lambda: False)
+    await session._read_frames(receive, conn, Room(), Settings(loop_share=0.25), reading)
     assert handled == [m["bytes"] for m in messages[:-1]]
     within = int(BURST * 0.25 / cost)  # messages the burst covers
     assert len(pauses) == count - within
@@ -158,8 +158,8 @@ async def test_update_frames_queued_behind_one_are_handled_with_it_as_far_as_the
 
     conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=close)
     settings = Settings(loop_share=0.25, rate_limit_per_second=0.001, rate_limit_burst=len(queue) - 1)
-    inbox = SimpleNamespace(take_queued=take_queued, dropping_received=lambda: False)
-    await session._read_frames(receive, conn, Room(), settings, recorded_sleep, inbox)
+    inbox = SimpleNamespace(pause=recorded_sleep, take_queued=take_queued, dropping_received=lambda: False)
+    await session._read_frames(receive, conn, Room(), settings, inbox)
     assert calls == [
         ("updates", update[:3], pytest.approx(BURST * 0.25)),
         ("updates", update[2:3], pytest.approx(0.0)),  # after the pause that evens its account
@@ -233,8 +233,8 @@ async def test_at_shutdown_update_frames_left_for_after_a_pause_are_dropped(capl
         return messages.pop(0)
 
     conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=lambda code, reason: None)
-    inbox = SimpleNamespace(take_queued=lambda accept: queue.pop(0) if queue else None,
+    inbox = SimpleNamespace(pause=asyncio.sleep, take_queued=lambda accept: queue.pop(0) if queue else None,
                             dropping_received=lambda: dropping)
-    await session._read_frames(receive, conn, Room(), Settings(), asyncio.sleep, inbox)
+    await session._read_frames(receive, conn, Room(), Settings(), inbox)
     assert calls == [update]
     assert "shutdown: dropped 3 messages" in caplog.text
