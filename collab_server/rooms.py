@@ -147,7 +147,7 @@ class Rooms:
         if self._keepalive_timer is None:
             self._keepalive_timer = loop.call_later(self.keepalive_interval, self._keep_alive)
         if self._sweep_timer is None:
-            self._sweep_timer = loop.call_later(self.awareness_timeout / 2, self._sweep_awareness)
+            self._sweep_timer = loop.call_later(self.awareness_timeout / 2, self._sweep)
 
     def _keep_alive(self) -> None:
         """Each interval, a keepalive to every connection sent nothing for half an interval: clients'
@@ -158,15 +158,16 @@ class Rooms:
         in_slices(connections, lambda conn: conn.keep_alive(since), what="keepalive")
         self._start_timers()
 
-    def _sweep_awareness(self) -> None:
-        """Every half awareness timeout, expire silent peers' presence (so after at most 1.5 timeouts)."""
+    def _sweep(self) -> None:
+        """Every half awareness timeout, each room's upkeep (`Room.sweep`): silent peers' presence expires after at
+        most 1.5 timeouts."""
         self._sweep_timer = None
-        in_slices(list(self.loaded.values()), self._sweep_room, what="awareness sweep")
+        in_slices(list(self.loaded.values()), self._sweep_room, what="room sweep")
         self._start_timers()
 
     def _sweep_room(self, room: Room) -> None:
         if self.loaded.get(room.name) is room:  # not unloaded since the pass began
-            room.sweep_awareness()
+            room.sweep()
 
     def _evict(self, room: Room) -> None:
         """Drop a discarded room without flushing; the next connection reloads what is durable."""

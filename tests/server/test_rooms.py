@@ -54,7 +54,7 @@ async def test_rooms_share_two_timers_that_stop_when_no_room_is_loaded(tmp_path:
         if room.name == "broken":
             raise RuntimeError("sweep failed")
 
-    monkeypatch.setattr(Room, "sweep_awareness", sweep)
+    monkeypatch.setattr(Room, "sweep", sweep)
     try:
         loaded = [await rooms.acquire(name) for name in ("a", "broken", "b")]
         for room in loaded:
