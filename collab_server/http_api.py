@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from collab_server import names
 from collab_server.auth import AuthError, Grant, authorize, token_from, verify_listing
 from collab_server.config import Settings
 from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
@@ -42,7 +43,6 @@ from collab_server.protocol import ProtocolError
 from collab_server.replay import Replay
 from collab_server.room import Room, RoomClosed
 from collab_server.rooms import Rooms
-from collab_server.session import MAX_ROOM_NAME
 from collab_server.storage import HistoryCompacted, StorageError, Store, VersionInfo
 from collab_server.storage.health import RETRY_AFTER
 
@@ -102,6 +102,14 @@ def export_json(doc: Doc) -> dict[str, Any]:
         raise ApiError(422, f"document does not follow the block model: {exc}") from exc
 
 
+class _EscapedJSON(JSONResponse):
+    """JSON with every character beyond ASCII escaped: presence states are JSON text clients wrote, whose strings
+    may hold a lone UTF-16 surrogate (a name cut in the middle of an emoji), which has no UTF-8 form."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute]:
     """Routes of the /api/ namespace; put them before the websocket catch-all route."""
 
@@ -121,7 +129,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
     def doc_name(request: Request, *, write: bool = False, name: str | None = None) -> str:
         """The path's document name (or `name`), once the request's token allows reading (or writing) it."""
         name = request.path_params["name"] if name is None else name
-        if not isinstance(name, str) or not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
+        if not names.valid(name) or not names.path_is_utf8(request.scope):
             raise ApiError(400, "invalid document name")
         if grant(request, name).readonly and write:
             raise ApiError(403, "read-only token: document changes are not accepted")
@@ -274,7 +282,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         name = doc_name(request)
         room = rooms.loaded.get(name)  # not loaded: nobody is connected to this node
         entries = room.presence() if room is not None else []
-        return JSONResponse({
+        return _EscapedJSON({
             "name": name,
             "connections": len(room.connections) if room is not None else 0,
             # states are JSON text a client sent; a NaN or Infinity literal in one is shown as null

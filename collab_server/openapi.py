@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from collab_server.names import MAX_NAME
+
 NAME = {
     "name": "name", "in": "path", "required": True,
-    "description": "Document name; may contain '/' (percent-encode '?', '#' and '%').",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 512, "pattern": "^[^\\x00-\\x1f]+$"},
+    "description": "Document name: UTF-8 text without control characters; may contain '/' (percent-encode '?', "
+                   "'#' and '%').",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": "^[^\\x00-\\x1f]+$"},
 }
 
 

@@ -16,6 +16,7 @@ from collab_server.config import Settings
 from collab_server.connection import CloseCode, Connection
 from collab_server.fairshare import LoopShare
 from collab_server.logs import Throttled
+from collab_server.names import room_name
 from collab_server.protocol import ProtocolError, is_update
 from collab_server.room import LimitExceeded, Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
@@ -26,16 +27,7 @@ from collab_server.transport import Reading, frame_writer, log_dropped, reading
 log = logging.getLogger(__name__)
 _log_load_failure = Throttled(log, logging.ERROR)  # while storage or the broker is away, every client retries
 
-MAX_ROOM_NAME = 512
 FRAMES_PER_TURN = 16  # a client's queued frames handled before other connections and rooms get a turn
-
-
-def room_name(scope: Scope) -> str | None:
-    """The room is the percent-decoded URL path without its leading slash (query string excluded)."""
-    name = scope["path"].removeprefix(scope.get("root_path", "")).removeprefix("/")
-    if not name or len(name) > MAX_ROOM_NAME or any(ord(c) < 32 for c in name):
-        return None
-    return name
 
 
 class RateLimiter:

@@ -278,3 +278,9 @@ async def test_presence_lists_the_awareness_states_and_connections_of_a_document
     assert answer["connections"] == 1 and [e["client_id"] for e in answer["presence"]] == [11]
     assert (await http.get("/api/docs/nobody/presence")).json() == {"name": "nobody", "connections": 0,
                                                                      "presence": []}
+    # a name cut in the middle of an emoji, as JSON.stringify writes it: a lone surrogate, escaped in the answer
+    await alice.send(p.encode_awareness([p.AwarenessEntry(11, 2, '{"user": {"name": "Zo\\ud83d"}}')]))
+    await alice.wait_for(lambda: "ud83d" in alice.awareness[11])
+    answer = await http.get("/api/docs/presence/p/presence")
+    assert answer.status_code == 200 and b'"Zo\\ud83d"' in answer.content
+    assert answer.json()["presence"] == [{"client_id": 11, "state": {"user": {"name": "Zo\ud83d"}}}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -202,13 +203,15 @@ async def test_a_document_or_one_of_its_versions_is_copied_to_a_new_document(ser
     ("template", {"to": "template"}, 409, "exists"),
     ("template", {}, 400, "expected"),
     ("template", {"to": 3}, 400, "invalid document name"),
+    ("template", {"to": "c\ud83d"}, 400, "invalid document name"),  # a lone surrogate: no UTF-8 form
     ("template", {"to": "new", "version": "1"}, 400, "expected"),
     ("template", {"to": "new", "extra": 1}, 400, "expected"),
 ])
 async def test_bad_copies(http, source, body, status, error) -> None:
     await edit(http, "template", {"op": "create_block", "id": "b", "type": "p"})
     await edit(http, "taken", {"op": "create_block", "id": "t", "type": "p"})
-    response = await http.post(f"/api/docs/{source}/copy", json=body)
+    response = await http.post(f"/api/docs/{source}/copy", content=json.dumps(body),  # lone surrogates escaped
+                               headers={"content-type": "application/json"})
     assert response.status_code == status and error in response.json()["error"], response.text
     assert (await http.get("/api/docs/new/json")).status_code == 404
     assert set((await http.get("/api/docs/taken/json")).json()["blocks"]) == {"t"}

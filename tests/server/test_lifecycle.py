@@ -199,6 +199,26 @@ async def test_room_name_is_the_decoded_path_without_query(server) -> None:
     assert str(c.doc.get("t", type=Text)) == ""
 
 
+async def test_paths_whose_escapes_are_not_utf8_name_no_room(server) -> None:
+    """uvicorn decodes each bad sequence as U+FFFD, so /x%FF and /x%FE would share one room, with a third path
+    that spells U+FFFD out: the first two are refused, the third is a room of its own."""
+    from websockets.exceptions import InvalidStatus
+
+    for path in ("x%FF", "x%FE", "x%C3%28"):
+        with pytest.raises(InvalidStatus) as info:
+            await RawPeer.connect(f"{server.ws_url}/{path}")
+        assert info.value.response.status_code == 403
+    spelled = await RawPeer.connect(f"{server.ws_url}/x%EF%BF%BD")
+    doc, updates = text_updates(1)
+    await spelled.send(p.sync_update(updates[0]))
+    again = await RawPeer.connect(f"{server.ws_url}/x\ufffd")
+    await again.wait_for(lambda: str(again.doc.get("t", type=Text)) == "a")
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.get("/api/docs/x%FF/json")).json() == {"error": "invalid document name"}
+        assert (await http.get("/api/docs/x%EF%BF%BD/update")).content == again.doc.get_update()
+    assert server.alive()
+
+
 async def test_the_server_lifts_a_low_open_file_limit_to_serve_more_clients(tmp_path: Path) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert hard >= 1024, "this test needs a hard limit of at least 1024 open files"
