@@ -80,3 +80,7 @@ class Held:
         if rest is not None:
             self.updates.append(rest)
         return rest
+
+    def forget(self, rest: bytes) -> None:
+        """Hold `rest`, which `note` returned, back no more."""
+        self.updates.remove(rest)

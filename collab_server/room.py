@@ -351,6 +351,9 @@ class Room:
         rest = None
         if refused is None and not self._held.whole(self._observed, update):
             rest = self._held.note(self.doc, update)
+            if rest is not None and (refused := self._unloadable(rest)) is not None:
+                self._held.forget(rest)  # held back, yrs took it; applied after what integrated, it fails
+                rest = None
             if rest is not None:  # stored and relayed with the rest: this document alone would lose it
                 self._observed.append(rest)
         self._run_hooks()
@@ -358,6 +361,21 @@ class Room:
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
         if refused is not None:
             raise p.ProtocolError(f"invalid update: {refused}") from None
+
+    def _unloadable(self, rest: bytes) -> BaseException | None:
+        """Why yrs refuses `rest`, what the document holds back of a change, applied to the document's state, as a
+        load applies it after what integrated of the change; None if it does not. yrs takes some structs it cannot
+        integrate (a parent that is no type) while their clock has a gap and only fails once it is filled: stored,
+        they made the document unloadable. Costs a copy of the document, for changes held back in part only."""
+        copy = Doc()
+        copy.apply_update(self.doc.get_update())
+        try:
+            copy.apply_update(rest)
+        except BaseException as exc:
+            if not _refusal(exc):
+                raise
+            return exc
+        return None
 
     async def edit(self, change: Callable[[Doc], T], origin: object = "http") -> T:
         """Run `change` on the document in one transaction under `origin`, then persist what it changed, as

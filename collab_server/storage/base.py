@@ -163,6 +163,10 @@ class Compactor:
         except StorageError:
             log.exception("compaction failed doc=%s", doc)
             return
+        except Exception:  # a log yrs cannot fold: tried again a threshold's worth of commits later, not at each
+            log.exception("compaction failed doc=%s", doc)
+            self._log_counts[doc] = 0
+            return
         finally:
             del self._running[doc]
             if self._log_counts.get(doc) == 0:

@@ -43,3 +43,28 @@ async def test_a_served_documents_threshold_grows_with_its_checkpoint() -> None:
     compactor.folded("big", 10, checkpoint)  # a fold after the unload does not weigh it again
     assert compactor.threshold_of("big") == 25
     await compactor.close()
+
+
+async def test_a_log_that_cannot_be_folded_is_logged_and_tried_again_a_threshold_later(caplog) -> None:
+    """A fold yrs refuses (a log no load could apply either) ends its task with one log line, not an exception
+    nobody retrieves, and is not tried again at every commit."""
+    started: list[str] = []
+
+    async def compact(doc: str) -> None:
+        started.append(doc)
+        raise RuntimeError("Cannot apply update: block parent must be deleted or shared ref type")
+
+    counts: dict[str, int] = defaultdict(int)
+    compactor = Compactor(compact, counts, threshold=25)
+    counts["doc"] = 30
+    compactor.after_commit("doc")
+    await asyncio.wait(list(compactor._running.values()))
+    assert started == ["doc"] and "compaction failed doc=doc" in caplog.text
+    counts["doc"] += 1  # the next commit
+    compactor.after_commit("doc")
+    assert not compactor._running and started == ["doc"]
+    counts["doc"] += 24
+    compactor.after_commit("doc")
+    await asyncio.wait(list(compactor._running.values()))
+    assert started == ["doc", "doc"]
+    await compactor.close()
