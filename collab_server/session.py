@@ -165,6 +165,10 @@ async def _read_frames(receive: Receive, conn: Connection, room: Room, settings:
                 await asyncio.sleep(0)
             message = await receive()
             if message["type"] == "websocket.disconnect":
+                if message.get("refused"):  # by websockets: a frame over the size limit, or malformed (transport.py)
+                    metrics.errors.labels("too_big" if message["code"] == CloseCode.TOO_BIG else "frame").inc()
+                    log.info("bad input room=%s connection=%d code=%d error=%s", room.name, conn.id,
+                             message["code"], message.get("reason"))
                 conn.close(CloseCode.GOING_AWAY, "peer gone")
                 return
             data = message.get("bytes")

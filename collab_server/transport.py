@@ -444,6 +444,23 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         del buf[:pos]
         return None
 
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text":  # refused whatever it says (session.py, 1003): uvicorn decoded it
+            # strictly, and invalid UTF-8 made it log a traceback and close with 1007 and no reason
+            self.frames = [b"".join(self.frames).decode(errors="replace").encode()]
+        super().send_receive_event_to_app()
+
+    def handle_parser_exception(self) -> None:
+        """As uvicorn's, but the disconnect says the server refused what the peer sent (a frame over the size
+        limit, a malformed frame), so the application logs and counts it as it does other bad input."""
+        close = self.conn.close_sent
+        assert close is not None
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason,
+                               "refused": True})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+
     def _release_handshake(self) -> None:
         """Free what only the handshake needed once accepted: collab_server reads the scope (path, query, headers,
         subprotocols) only while admitting, and uvicorn only before accepting. The application's frames hold the

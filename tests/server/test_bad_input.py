@@ -6,9 +6,11 @@ import base64
 import httpx
 import pytest
 from pycrdt import Text
+from websockets.frames import Frame, Opcode
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, state_vector, text_updates
+from tests.serverproc import wait_until
 
 BAD_FRAMES = {
     "truncated varint": (b"\x00\x02\x85", 1007),
@@ -91,6 +93,18 @@ async def test_oversized_message_closes_with_1009(server_factory) -> None:
     await good.sync()
     assert str(good.doc.get("t", type=Text)) == expected
     assert httpx.get(f"{server.http_url}/health").status_code == 200
+    # websockets refuses it from the frame's header: logged and counted as other bad input is
+    assert 'collab_errors_total{kind="too_big"} 1.0' in httpx.get(f"{server.http_url}/metrics").text
+    await wait_until(lambda: "bad input room=room" in server.log() and "code=1009" in server.log())
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_with_1003_and_no_traceback(server) -> None:
+    bad = await RawPeer.connect(f"{server.ws_url}/room")
+    frame = Frame(Opcode.TEXT, b"\xff\xfe not utf-8").serialize(mask=True, extensions=[])
+    bad.ws.transport.write(frame)  # websockets' client would not send it
+    code, reason = await bad.wait_closed()
+    assert code == 1003 and "text frames" in reason
+    assert "Traceback" not in server.log() and "Invalid UTF-8" not in server.log()
 
 
 async def test_many_bad_clients_at_once_leave_the_server_healthy(server) -> None:
