@@ -6,7 +6,7 @@ process between them (slicing.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 from pycrdt import Doc, TransactionEvent
@@ -14,7 +14,7 @@ from pycrdt import Doc, TransactionEvent
 from collab_server.heldback import Held
 from collab_server.pacing import GilTurns, Turns, in_thread
 from collab_server.protocol import ProtocolError
-from collab_server.slicing import slices, slow_documents
+from collab_server.slicing import HELD_PARTS, slices, slow_documents
 from collab_server.surrogates import Characters, Cut, Scan, precut
 
 READ_APART = 16 * 1024  # bytes from which a load reads an update for characters beyond the BMP in a worker thread
@@ -83,12 +83,24 @@ class Replay:
         return self.doc
 
 
-def apply_offering_gil(apply: Callable[..., None], update: bytes, name: str | None, turns: GilTurns,
+def _in_turn(update: bytes, parts: list[bytes], held: Held) -> Iterator[bytes]:
+    """`parts` of `update` (`slices`, or `[update]`) to apply in turn, and `update` itself instead of the rest once
+    more than HELD_PARTS of those applied are held back in `held` (see slicing.py; applied again, it adds only what
+    the document lacks)."""
+    for part in parts:
+        if part is not update and len(held.updates) > HELD_PARTS:
+            yield update
+            return
+        yield part
+
+
+def apply_offering_gil(apply: Callable[..., None], update: bytes, name: str | None, held: Held, turns: GilTurns,
                        scan: Scan | None = None) -> None:
     """`apply(update)` of document `name` in a worker thread, in parts if it is a large update of a document known
-    to be slow, offering the GIL between them; `apply(update, scan)` if it is applied whole and `scan` (what reading
-    it found, for `Replay.apply`) is given. `apply` notes the document as slow if it takes long."""
-    for part in slices(update) if slow_documents.cut(name, update) else (update,):
+    to be slow (`held`: what applying them holds back, see `_in_turn`), offering the GIL between them; `apply(update,
+    scan)` if it is applied whole and `scan` (what reading it found, for `Replay.apply`) is given. `apply` notes
+    the document as slow if it takes long."""
+    for part in _in_turn(update, slices(update) if slow_documents.cut(name, update) else [update], held):
         if part is update and scan is not None:
             apply(part, scan)
         else:
@@ -103,7 +115,8 @@ async def apply_paced(replay: Replay, update: bytes, turns: Turns, scan: Scan | 
     hold characters beyond the BMP is read for them in a worker thread too (~30 ms per 100,000 items in Python,
     where yrs applies them in 2.5). Notes the document as slow if one application takes long."""
     name = replay.name
-    for part in await in_thread(slices, update) if slow_documents.cut(name, update) else (update,):
+    parts = await in_thread(slices, update) if slow_documents.cut(name, update) else [update]
+    for part in _in_turn(update, parts, replay.held):
         await turns.offer()
         if part is update and scan is not None:
             cut = replay.plan(part, scan)
@@ -144,14 +157,15 @@ def build(state: bytes, client_id: int, name: str | None) -> Doc:
     """A document of `client_id` built from `state` (see surrogates.Cut), in parts offering the GIL between them if
     it is a slow document's (a fold's rebuild, in a worker thread)."""
     built = _Build(client_id)
-    apply_offering_gil(partial(slow_documents.timed, name, built.apply), state, name, GilTurns())
+    apply_offering_gil(partial(slow_documents.timed, name, built.apply), state, name, built.held, GilTurns())
     return built.doc
 
 
 async def build_paced(state: bytes, client_id: int, name: str | None, turns: Turns) -> Doc:
     """As `build`, on the event loop: a slow document's in parts with `turns` between them."""
     built = _Build(client_id)
-    for part in await in_thread(slices, state) if slow_documents.cut(name, state) else (state,):
+    parts = await in_thread(slices, state) if slow_documents.cut(name, state) else [state]
+    for part in _in_turn(state, parts, built.held):
         await turns.offer()
         slow_documents.timed(name, built.apply, part)
     return built.doc

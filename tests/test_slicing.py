@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
-from collab_server import surrogates
+from collab_server import slicing, surrogates
+from collab_server.heldback import Held
 from collab_server.protocol import ProtocolError
 from collab_server.pacing import GilTurns
-from collab_server.replay import Replay
-from collab_server.slicing import SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
+from collab_server.replay import Replay, build
+from collab_server.slicing import HELD_PARTS, SLICE_FROM_BYTES, SLOW_APPLY, SlowDocuments, slices, slow_documents
 from collab_server.storage.base import fold_updates
 from collab_server.surrogates import Cut, Scan
 from tests.rawclient import deletion, second_unit, slow_text, state_vector
@@ -197,3 +198,46 @@ def test_a_fold_judges_a_document_slow_by_integrating_it_not_by_reading_it(monke
     monkeypatch.setattr(Replay, "integrate", lambda replay, cut: slow_apply(cut.update))
     fold_updates([update], "test_slicing-integrated-slowly")
     assert "test_slicing-integrated-slowly" in slow_documents
+
+
+def two_sessions(appends: int) -> bytes:
+    """The state of a text two clients typed in turn, then two other clients went on with in a later session."""
+    first = [Doc(client_id=1), Doc(client_id=2)]
+    later = [Doc(client_id=3), Doc(client_id=4)]
+    for session in (first, later):
+        for i in range(appends):
+            writer, reader = session[i % 2], session[1 - i % 2]
+            if session is later and i < 2:
+                writer.apply_update(first[0].get_update())
+            before = writer.get_state()
+            text = writer.get("t", type=Text)
+            text.insert(len(str(text)), "x")
+            reader.apply_update(writer.get_update(before))
+    return later[0].get_update()
+
+
+def test_parts_held_back_past_a_few_have_the_rest_applied_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut by progress, the later session's parts come before the first session's end they build on, so all wait:
+    each part applied gave every one waiting again, quadratic (minutes for a 1.3 MB document). Past HELD_PARTS
+    waiting, the rest is applied whole, with the same result."""
+    state = two_sessions(3000)
+    name = "two-sessions"
+    slow_documents.recall(name)
+    monkeypatch.setattr(slicing, "SLICE_FROM_BYTES", 0)
+    given_again = 0
+    give = Held.give
+
+    def counting(held: Held, doc: Doc) -> None:
+        nonlocal given_again
+        given_again += len(held.updates)
+        give(held, doc)
+
+    monkeypatch.setattr(Held, "give", counting)
+    built = build(state, 9, name)
+    whole = Doc()
+    whole.apply_update(state)
+    assert seen(built) == seen(whole)
+    parts = len(slices(state))
+    assert parts > 8 * HELD_PARTS
+    # each part gives what waits, never more than HELD_PARTS (+ its own); unbounded, ~parts**2 / 4 in all
+    assert given_again <= (HELD_PARTS + 1) * parts

@@ -37,7 +37,7 @@ def fold_updates(updates: list[bytes], doc: str | None = None) -> bytes:
     replay = Replay(name=doc)
     turns = GilTurns()
     for update, scan in precut(updates):
-        apply_offering_gil(replay.apply, update, doc, turns, scan)
+        apply_offering_gil(replay.apply, update, doc, replay.held, turns, scan)
     return merge_all([replay.close().get_update(), *replay.held.updates])
 
 
