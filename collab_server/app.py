@@ -47,6 +47,11 @@ class CollabApp(Starlette):
         else:
             await super().__call__(scope, receive, send)
 
+    def stopping(self, grace: float) -> None:
+        """The server began a graceful shutdown of `grace` seconds: rebuilds still running at half of it stop, as
+        the connections' unhandled messages are dropped then (Rooms.stop_at)."""
+        self.state.rooms.stop_at(asyncio.get_running_loop().time() + grace / 2)
+
     def _lifespan_send(self, send: Send) -> Send:
         """Drop the traceback Starlette attaches to a startup failure whose reason is already logged: the log then
         reads `cannot start: <reason>`, not Starlette's internals."""

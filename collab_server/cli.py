@@ -18,7 +18,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from collab_server import logs
-from collab_server.app import create_app
+from collab_server.app import CollabApp, create_app
 from collab_server.auth import issue_token
 from collab_server.config import Settings
 from collab_server.heap import malloc_trim, trim_every
@@ -37,7 +37,7 @@ class Server(uvicorn.Server):
     """uvicorn's server that, once started, takes what exists by then (modules, the app, its store) out of the
     cyclic collector's view (it lives as long as the process, and every full collection walked it again), gives
     freed heap memory back to the OS every `heap_trim_interval` seconds (heap.py) and, serving TLS, reloads its
-    certificate on SIGHUP."""
+    certificate on SIGHUP. At shutdown it tells the app its graceful timeout (`CollabApp.stopping`)."""
 
     def __init__(self, config: uvicorn.Config, heap_trim_interval: float = 0.0) -> None:
         super().__init__(config)
@@ -70,6 +70,9 @@ class Server(uvicorn.Server):
         log.info("tls: certificate reloaded from %s", certfile)
 
     async def shutdown(self, sockets: list | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        if isinstance(self.config.app, CollabApp) and grace is not None:
+            self.config.app.stopping(grace)
         if self._trimming is not None:
             self._trimming.cancel()
         if self.config.ssl is not None:

@@ -213,6 +213,13 @@ class Room:
         while self._inflight is not None and not self._inflight.done():
             await asyncio.wait([self._inflight])
 
+    def stop_rebuilding(self) -> None:
+        """Server shutdown: cancel a rebuild of the document and take no more writes (the change it was for, and
+        those waiting on it, were never applied, so never acknowledged: their clients send them again)."""
+        if self._rebuild is not None:
+            self.closed = True
+            self._rebuild.cancel()
+
     async def close(self) -> None:
         self.closed = True
         if self.unload_handle is not None:

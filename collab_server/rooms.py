@@ -180,12 +180,24 @@ class Rooms:
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
 
+    def stop_at(self, when: float) -> None:
+        """Server shutdown: rooms still rebuilding their document at `when` (loop time; when the connections drop
+        the messages they have not handled, transport.py) stop (`Room.stop_rebuilding`), so no session waits for
+        a rebuild until uvicorn cancels it."""
+        asyncio.get_running_loop().call_at(when, self._stop_rebuilding)
+
+    def _stop_rebuilding(self) -> None:
+        for room in self.loaded.values():
+            room.stop_rebuilding()
+
     async def close(self) -> None:
-        """Graceful shutdown: tell clients we are going away, commit everything, unload every room (the store
-        folds the logs worth folding before it closes, so the next start loads each from its checkpoint)."""
+        """Graceful shutdown: tell clients we are going away, stop rebuilds, commit everything, unload every room
+        (the store folds the logs worth folding before it closes, so the next start loads each from its
+        checkpoint)."""
         for room in list(self.loaded.values()):
             for conn in list(room.connections):
                 conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        self._stop_rebuilding()
         for room in list(self.loaded.values()):
             await room.flush()
             await room.close()

@@ -313,6 +313,31 @@ async def test_a_room_closed_while_it_rebuilds_stops_the_rebuild_and_refuses_the
     assert len(await store.load(room.name)) == 1  # nothing more stored
 
 
+async def test_at_shutdown_a_rebuild_still_running_at_half_the_grace_stops_and_its_changes_are_refused(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server stopping gives the connections' messages half its graceful timeout; a rebuild still running then
+    (minutes, for a large document in parts) held the sessions waiting on it until uvicorn cancelled them, each
+    logging a traceback, and then the shutdown itself: it stops, and the changes waiting are refused, never
+    applied or stored (their clients send them again)."""
+    rooms = Rooms(store, LocalBroker(), Metrics())
+    room, doc = await slow_room_with_an_emoji(store, "test_rooms-slow-cut-shutdown")
+    rooms.loaded[room.name] = room
+    async with counting_turns(monkeypatch):  # every part takes 5 ms more: the rebuild takes over 150 ms
+        cutting = asyncio.create_task(room.apply(deletion(*second_unit(doc))))
+        await asyncio.sleep(0)
+        rebuild = room._rebuild
+        assert rebuild is not None
+        waiting = asyncio.create_task(room.apply(typed_after(doc, 100, "A")))
+        rooms.stop_at(asyncio.get_running_loop().time() + 0.02)
+        async with asyncio.timeout(5):
+            for change in (cutting, waiting):
+                with pytest.raises(RoomClosed):
+                    await change
+            assert rebuild.cancelled()
+            await rooms.close()
+    assert len(await store.load(room.name)) == 1  # nothing more stored
+
+
 async def test_a_rebuild_that_fails_discards_the_room(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild that fails leaves the document in doubt: the room is discarded (its clients reconnect to a fresh
     load of what is stored), and the change that waited for it is refused, not applied to the old document."""
