@@ -77,10 +77,10 @@ def _verified_claims(secret: str, token: str, now: float | None) -> tuple[dict, 
     """The claims of a well-formed, authentic, unexpired token, and whether it is read-only."""
     try:
         payload, signature = token.split(".")
-        expected = _sign(secret, payload)
+        expected, given = _sign(secret, payload).encode(), signature.encode("ascii")  # base64url is ASCII
     except (ValueError, UnicodeEncodeError) as exc:
         raise AuthError("malformed token") from exc
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected, given):
         raise AuthError("bad token signature")
     try:
         claims = json.loads(_unb64(payload))

@@ -45,7 +45,9 @@ def auth_replies(peer: RawPeer) -> list[p.AuthMessage]:
     f"?token={issue_token(SECRET, doc='doc', ttl=-5)}",
     f"?token={issue_token(SECRET, doc='other')}",
     f"?token={issue_token(SECRET, prefix='team/')}",
-], ids=["missing", "malformed", "bad-signature", "expired", "other-doc", "prefix-not-covering"])
+    "?token=abc.%C3%A9",
+], ids=["missing", "malformed", "bad-signature", "expired", "other-doc", "prefix-not-covering",
+        "non-ascii-signature"])
 async def test_refused_upgrade_is_403(server: ServerProcess, query: str) -> None:
     with pytest.raises(InvalidStatus) as refused:
         await RawPeer.connect(f"{server.ws_url}/doc{query}")
@@ -56,9 +58,10 @@ async def test_refused_upgrade_is_403(server: ServerProcess, query: str) -> None
     ({}, 4401, "missing token"),
     ({"query": f"?token={issue_token(SECRET, doc='doc', ttl=-5)}"}, 4403, "token expired"),
     ({"subprotocols": ["collab-token.garbage"]}, 4403, "malformed token"),
+    ({"query": "?token=abc.%C3%A9"}, 4403, "malformed token"),
     ({"headers": {"Authorization": f"Bearer {issue_token(SECRET, doc='other')}"}}, 4403,
      "token does not cover this document"),
-], ids=["missing", "expired-query", "malformed-subprotocol", "other-doc-header"])
+], ids=["missing", "expired-query", "malformed-subprotocol", "non-ascii-query", "other-doc-header"])
 async def test_with_auth_close_codes_a_refused_client_learns_why(server_factory, how: dict, code: int,
                                                                  reason: str) -> None:
     """Browsers hide a refused upgrade's status; accepting and closing with 44xx tells y-websocket to stop."""

@@ -189,7 +189,7 @@ async def test_wrong_method_is_405(http: httpx.AsyncClient) -> None:
 async def test_auth_missing_and_invalid_tokens(auth_http: httpx.AsyncClient) -> None:
     missing = await auth_http.get("/api/docs/a/json")
     assert missing.status_code == 401 and missing.json() == {"error": "missing token"}
-    for token in ("garbage", issue_token("wrong", doc="a"), issue_token(SECRET, doc="b"),
+    for token in ("garbage", "abc.\u00e9", issue_token("wrong", doc="a"), issue_token(SECRET, doc="b"),
                   issue_token(SECRET, doc="a", ttl=-10)):
         response = await auth_http.get("/api/docs/a/json", params={"token": token})
         assert response.status_code == 403 and response.json()["error"], token
