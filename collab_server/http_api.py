@@ -402,9 +402,21 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    value = _decimal(text)
+    if value is None or not low <= value <= high:
         raise ApiError(400, f"{name} must be an integer from {low} to {high}")
-    return int(text)
+    return value
+
+
+def _decimal(text: str) -> int | None:
+    """`text` as an integer if it is ASCII digits only, else None (str.isdigit also takes '²', which int() refuses;
+    int() refuses more than 4300 digits)."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _state_vector(text: str) -> bytes:
@@ -420,8 +432,8 @@ def _state_vector(text: str) -> bytes:
 async def _read_body(request: Request, limit: int, expected: str | None = "a binary Yjs v1 update") -> bytes:
     """The request body, refused with 413 beyond `limit` bytes and with 400 when empty, unless `expected` is
     None (an empty body is fine)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = _decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise ApiError(413, f"body exceeds {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

@@ -221,7 +221,7 @@ async def test_listing_in_pages_by_prefix(http: httpx.AsyncClient) -> None:
             break
         after = page["next"]
     assert pages == [["paged/0", "paged/1"], ["paged/2", "paged/3"], ["paged/4"]]
-    for limit in ("0", "10001", "two"):
+    for limit in ("0", "10001", "two", "\u00b2", "\uff12", "1" * 5000):  # superscript and fullwidth 2, too many digits
         bad = await http.get("/api/docs", params={"limit": limit})
         assert bad.status_code == 400 and "limit" in bad.json()["error"]
 
