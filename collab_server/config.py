@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -146,7 +147,9 @@ class Settings:
 
 
 def _check(name: str, value: Any, rules: Mapping[str, Any]) -> None:
-    """ValueError unless `value` is one the setting `name` accepts (see `setting`)."""
+    """ValueError unless `value` is one the setting `name` accepts (see `setting`); a number must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
     if (least := rules["least"]) is not None and value < least:
         raise ValueError(f"{name} must be at least {least}, not {value!r}")
     if (above := rules["above"]) is not None and value <= above:
@@ -167,5 +170,5 @@ def _coerce(kind: type, name: str, value: Any) -> Any:
         raise ValueError(f"{name}: expected a boolean, got {value!r}")
     try:
         return kind(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf), as TOML can write
         raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from exc

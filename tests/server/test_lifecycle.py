@@ -283,10 +283,28 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     (["--compact-threshold", "0"], {}, "compact_threshold must be at least 1, not 0"),
     (["--port", "70000"], {}, "port must be at most 65535, not 70000"),
     ([], {"COLLAB_KEEPALIVE_INTERVAL": "0"}, "keepalive_interval must be more than 0, not 0.0"),
+    (["--request-header-timeout", "nan"], {}, "request_header_timeout must be a finite number, not nan"),
+    ([], {"COLLAB_SHUTDOWN_TIMEOUT": "inf"}, "shutdown_timeout must be a finite number, not inf"),
 ], ids=["auth-without-secret", "versions-kept-none", "not-a-number", "unknown-choice", "below-least", "above-most",
-        "zero-interval"])
+        "zero-interval", "nan", "infinite"])
 def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
                                                               reason: str) -> None:
+    assert_refused(tmp_path, args, env, reason)
+
+
+@pytest.mark.parametrize(("toml", "reason"), [
+    ("loop_share = nan", "loop_share must be a finite number, not nan"),
+    ("idle_unload_seconds = -inf", "idle_unload_seconds must be a finite number, not -inf"),
+    ("compact_threshold = inf", "compact_threshold: expected int, got inf"),
+])
+def test_a_settings_file_the_server_cannot_use_stops_it_with_one_line(tmp_path: Path, toml: str,
+                                                                      reason: str) -> None:
+    """TOML writes nan and inf as floats of their own."""
+    (tmp_path / "settings.toml").write_text(toml + "\n")
+    assert_refused(tmp_path, ["--config", str(tmp_path / "settings.toml")], {}, reason)
+
+
+def assert_refused(tmp_path: Path, args: list[str], env: dict[str, str], reason: str) -> None:
     done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
                            "--db", str(tmp_path / "x.db"), *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
