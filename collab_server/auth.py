@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ def issue_token(secret: str, *, doc: str | None = None, prefix: str | None = Non
         raise ValueError("access must be 'rw' or 'ro'")
     if not secret:
         raise ValueError("a secret is required to sign tokens")
+    if not math.isfinite(ttl):
+        raise ValueError(f"ttl must be a finite number of seconds, not {ttl!r}")
     claims = {"access": access, "exp": int((now or time.time()) + ttl)}
     claims["doc" if doc is not None else "prefix"] = doc if doc is not None else prefix
     payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())

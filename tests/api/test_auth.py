@@ -144,3 +144,7 @@ def test_cli_token_verifies() -> None:
 
     no_secret = run_cli("--doc", "x", env={"COLLAB_AUTH_SECRET": ""})
     assert no_secret.returncode == 2 and "secret" in no_secret.stderr
+    for ttl in ("nan", "inf"):
+        endless = run_cli("--secret", SECRET, "--doc", "x", "--ttl", ttl)
+        assert (endless.returncode, endless.stderr) == (2, f"collab-server: ttl must be a finite number of seconds, "
+                                                           f"not {ttl}\n")
