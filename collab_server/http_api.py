@@ -22,13 +22,14 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
 from pycrdt import Doc
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
@@ -54,6 +55,8 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 
+log = logging.getLogger(__name__)
+
 
 class ApiError(Exception):
     """Ends a request with a JSON error body."""
@@ -71,7 +74,8 @@ class ApiError(Exception):
 
 
 class _Endpoint:
-    """An ASGI app dispatching on the HTTP method; ApiError and unknown methods become JSON errors.
+    """An ASGI app dispatching on the HTTP method; ApiError and unknown methods become JSON errors, and a client
+    that leaves before sending its whole body gets nothing.
 
     Being a class instance (not a function), Starlette's Route passes every method to it.
     """
@@ -91,6 +95,9 @@ class _Endpoint:
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
+        except ClientDisconnect:  # anyone can do this: an ERROR line with a traceback each time would flood the log
+            log.debug("client left during its request body: %s %s", request.method, request.url.path)
+            return
         await response(scope, receive, send)
 
 

@@ -15,7 +15,7 @@ from collab_server import protocol as p
 from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from tests.rawclient import RawPeer
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, wait_until
 
 SECRET = "s3cret"
 
@@ -179,6 +179,19 @@ async def test_oversized_update_is_refused(server_factory) -> None:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         response = await http.post("/api/docs/big/update", content=text_doc("y" * 500).get_update())
     assert response.status_code == 413 and response.json()["error"]
+
+
+async def test_a_client_that_leaves_mid_body_is_not_an_error(server_factory) -> None:
+    """Anyone can send part of a body and leave; an ERROR line with a traceback each time would flood the log."""
+    server = server_factory("--log-level", "debug")
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /api/docs/d/update HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await wait_until(lambda: "client left during its request body: POST /api/docs/d/update" in server.log()
+                     or "Exception in ASGI application" in server.log())
+    assert "Traceback" not in server.log()
 
 
 async def test_wrong_method_is_405(http: httpx.AsyncClient) -> None:
