@@ -23,6 +23,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -292,9 +293,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         return _EscapedJSON({
             "name": name,
             "connections": len(room.connections) if room is not None else 0,
-            # states are JSON text a client sent; a NaN or Infinity literal in one is shown as null
-            "presence": [{"client_id": e.client_id, "state": json.loads(e.state, parse_constant=lambda _: None)}
-                         for e in entries],
+            "presence": [{"client_id": e.client_id, "state": _awareness_state(e.state)} for e in entries],
         })
 
     async def get_history(request: Request) -> Response:
@@ -398,6 +397,21 @@ def _label(body: bytes) -> str:
     if any(ord(c) < 32 for c in label):  # PostgreSQL text cannot hold NUL; none of them belongs in a label
         raise ApiError(400, "label holds a control character")
     return label
+
+
+def _awareness_state(text: str) -> Any:
+    """A state as a client sent it, in JSON text, with what JSON cannot answer shown as null: NaN and Infinity
+    literals, and numbers beyond a double's range (1e400, which JavaScript reads as Infinity)."""
+    return json.loads(text, parse_constant=lambda _: None, parse_float=_finite_float, parse_int=_finite_int)
+
+
+def _finite_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _finite_int(text: str) -> int | None:
+    return int(text) if math.isfinite(float(text)) else None
 
 
 def _version_json(version: VersionInfo) -> dict[str, Any]:

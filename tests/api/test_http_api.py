@@ -297,3 +297,16 @@ async def test_presence_lists_the_awareness_states_and_connections_of_a_document
     answer = await http.get("/api/docs/presence/p/presence")
     assert answer.status_code == 200 and b'"Zo\\ud83d"' in answer.content
     assert answer.json()["presence"] == [{"client_id": 11, "state": {"user": {"name": "Zo\ud83d"}}}]
+
+
+async def test_presence_shows_numbers_beyond_a_double_as_null(shared_server: ServerProcess,
+                                                              http: httpx.AsyncClient) -> None:
+    """JavaScript reads 1e400 as Infinity, which JSON has no form for (as for NaN); a number within range stays."""
+    peer = await RawPeer.connect(f"{shared_server.ws_url}/presence/huge")
+    state = '{"a": 1e400, "b": [-1e400, 1%s, 1%s, 1.5e308]}' % ("0" * 400, "0" * 308)
+    await peer.send(p.encode_awareness([p.AwarenessEntry(5, 1, state)]))
+    await peer.wait_for(lambda: 5 in peer.awareness)
+    answer = await http.get("/api/docs/presence/huge/presence")
+    assert answer.status_code == 200
+    assert answer.json()["presence"] == [{"client_id": 5, "state": {"a": None, "b": [None, None, 10**308, 1.5e308]}}]
+    await peer.close()
