@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         watchers = [asyncio.create_task(looplag.watch(metrics), name="loop-lag")]
         if settings.broker != "local" and settings.resync_interval > 0:
             watchers.append(asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync"))
-        log.info("collab server ready store=%s broker=%s", settings.store, settings.broker)
+        log.info("collab server starting store=%s broker=%s", settings.store, settings.broker)  # not yet listening
         try:
             yield
         finally:

@@ -34,10 +34,11 @@ GC_THRESHOLDS = (10_000, 20, 10)
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server that, once started, takes what exists by then (modules, the app, its store) out of the
-    cyclic collector's view (it lives as long as the process, and every full collection walked it again), gives
-    freed heap memory back to the OS every `heap_trim_interval` seconds (heap.py) and, serving TLS, reloads its
-    certificate on SIGHUP. At shutdown it tells the app its graceful timeout (`CollabApp.stopping`)."""
+    """uvicorn's server that, once started (listening: then it logs "collab server ready"), takes what exists by
+    then (modules, the app, its store) out of the cyclic collector's view (it lives as long as the process, and
+    every full collection walked it again), gives freed heap memory back to the OS every `heap_trim_interval`
+    seconds (heap.py) and, serving TLS, reloads its certificate on SIGHUP. At shutdown it tells the app its
+    graceful timeout (`CollabApp.stopping`)."""
 
     def __init__(self, config: uvicorn.Config, heap_trim_interval: float = 0.0) -> None:
         super().__init__(config)
@@ -55,6 +56,7 @@ class Server(uvicorn.Server):
             self._trimming = asyncio.create_task(trim_every(self.heap_trim_interval, trim), name="heap-trim")
         if self.config.ssl is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_certificate)
+        log.info("collab server ready")
 
     def reload_certificate(self) -> None:
         """SIGHUP: read the certificate files again (a renewal) for the connections made from now on. Checked on a

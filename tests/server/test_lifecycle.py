@@ -257,6 +257,16 @@ async def test_once_started_the_server_keeps_what_exists_out_of_full_collections
         gc.unfreeze()
 
 
+async def test_the_server_says_it_is_ready_once_listening_only(tmp_path: Path, server: ServerProcess) -> None:
+    """Storage opens before the socket is bound, and binding may still fail (a port in use)."""
+    await wait_until(lambda: "collab server ready" in server.log())
+    assert server.log().index("Uvicorn running on") < server.log().index("collab server ready")
+    done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(server.port),
+                           "--db", str(tmp_path / "second.db")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "address already in use" in done.stderr, done.stderr
+    assert "collab server ready" not in done.stderr
+
+
 @pytest.mark.parametrize(("args", "reason"), [
     (["--db", "{tmp}/no-such-dir/x.db"], "cannot open {tmp}/no-such-dir/x.db-lock"),
     (["--db", "{tmp}/garbage.db"], "opening {tmp}/garbage.db failed: file is not a database"),
