@@ -202,11 +202,20 @@ def decode_awareness(payload: bytes, *, check_json: bool = True) -> list[Awarene
     return entries
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Python's json takes NaN, Infinity and -Infinity; JavaScript's JSON.parse throws on them (1e400 it takes)
+_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def check_awareness_json(entries: list[AwarenessEntry]) -> None:
-    """Raise ProtocolError unless every state is JSON (yjs peers parse what the server relays)."""
+    """Raise ProtocolError unless every state is JSON that JavaScript's JSON.parse takes (yjs peers parse what
+    the server relays)."""
     for entry in entries:
         try:
-            json.loads(entry.state)
+            _JSON.decode(entry.state)
         except ValueError as exc:
             raise ProtocolError("awareness state is not JSON") from exc
         except RecursionError as exc:

@@ -87,6 +87,14 @@ def test_awareness_state_must_be_json() -> None:
         p.decode_awareness(bad)
 
 
+@pytest.mark.parametrize("state", ['{"user":NaN}', "Infinity", '[1,-Infinity]'])
+def test_awareness_json_javascript_cannot_parse_is_refused(state: str) -> None:
+    """Python's json takes NaN and Infinity; every yjs peer it were relayed to would throw in JSON.parse."""
+    with pytest.raises(p.ProtocolError, match="not JSON"):
+        p.decode_awareness(p.encode_awareness_update([p.AwarenessEntry(1, 1, state)]))
+    assert p.decode_awareness(p.encode_awareness_update([p.AwarenessEntry(1, 1, '{"far":1e400,"s":"NaN"}')]))
+
+
 @pytest.mark.parametrize("client_id, clock", [(2**53, 1), (1, 2**53), (2**63, 0)])
 def test_awareness_beyond_what_yjs_peers_can_decode_is_refused(client_id: int, clock: int) -> None:
     """The server relays awareness to yjs peers, whose decoder throws past 2^53 - 1: refused on arrival."""
