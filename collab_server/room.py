@@ -34,7 +34,7 @@ _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room 
 T = TypeVar("T")
 
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
-MAX_AWARENESS_STATE = 64 * 1024  # characters of JSON in one awareness state
+MAX_AWARENESS_STATE = 64 * 1024  # bytes of JSON (UTF-8) in one awareness state
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 _AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
@@ -82,6 +82,11 @@ def _precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
         except p.ProtocolError:
             pass
     return [(update, None) for update in updates]
+
+
+def _too_big(state: str) -> bool:
+    """Whether an awareness state is over MAX_AWARENESS_STATE bytes of UTF-8 (encoded only if not ASCII)."""
+    return len(state) > MAX_AWARENESS_STATE or (not state.isascii() and len(state.encode()) > MAX_AWARENESS_STATE)
 
 
 def _refusal(exc: BaseException) -> bool:
@@ -678,8 +683,8 @@ class Room:
             new_ids -= conn.awareness_ids
             if len(conn.awareness_ids) + len(new_ids) > MAX_AWARENESS_IDS:
                 raise LimitExceeded(f"more than {MAX_AWARENESS_IDS} awareness clients on one connection")
-            if any(len(e.state) > MAX_AWARENESS_STATE for e in newer):
-                raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} characters")
+            if any(_too_big(e.state) for e in newer):
+                raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} bytes")
         accepted = self._merge_awareness(newer, conn)
         if accepted:
             relayed = payload if len(accepted) == len(entries) else p.encode_awareness_update(accepted)

@@ -147,12 +147,16 @@ async def test_awareness_beyond_the_limits_is_refused_whole(server) -> None:
                                         p.AwarenessEntry(8, 1, '"' + "x" * 70_000 + '"')]))
     code, reason = await huge.wait_closed()
     assert code == 1008 and "awareness state" in reason
+    wide = await RawPeer.connect(f"{server.ws_url}/room")  # 40,002 characters, 80,002 bytes of UTF-8
+    await wide.send(p.encode_awareness([p.AwarenessEntry(9, 1, '"' + "é" * 40_000 + '"')]))
+    code, reason = await wide.wait_closed()
+    assert code == 1008 and "awareness state over 65536 bytes" in reason
     # a normal presence still flows, and nothing from the refused messages was merged
     normal = await RawPeer.connect(f"{server.ws_url}/room")
     await normal.send(p.encode_awareness([p.AwarenessEntry(42, 1, '{"user":"ok"}')]))
     await watcher.wait_for(lambda: watcher.awareness.get(42) == '{"user":"ok"}')
     assert set(watcher.awareness) == {42}
-    assert errors(server, "limit") == 2 and not watcher.closed.is_set()
+    assert errors(server, "limit") == 3 and not watcher.closed.is_set()
 
 
 @pytest.mark.parametrize("deflate", [False, True], ids=["direct", "through-asgi"])
