@@ -183,6 +183,11 @@ class AwarenessEntry:
         return self.state == "null"
 
 
+def awareness_size(payload: bytes) -> int:
+    """How many entries an awareness update says it holds, read without decoding them."""
+    return Reader(payload).varuint()
+
+
 def decode_awareness(payload: bytes, *, check_json: bool = True) -> list[AwarenessEntry]:
     """Decode an awareness update; the JSON of each state must parse (unless decoded and checked before)."""
     reader = Reader(payload)

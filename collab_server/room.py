@@ -670,11 +670,17 @@ class Room:
         return list(self._awareness.values())
 
     def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
-        """Merge an awareness update. Entries no newer than what the room holds change nothing and are dropped
-        unchecked: a y-websocket client sends back every state it receives, so most entries are such echoes.
-        From a connection, an update whose newer entries break the limits is refused whole."""
+        """Merge an awareness update. Entries that change nothing are dropped unchecked: a y-websocket client sends
+        back every state it receives, so most entries are such echoes. From a connection, an update whose newer
+        entries break the limits is refused whole, and so is one of more entries than the room knows client ids
+        plus MAX_AWARENESS_IDS, before it is decoded (a y-websocket client's update holds its own client and those
+        the room sent it)."""
+        if conn is not None and (size := p.awareness_size(payload)) > len(self._awareness_clock) + MAX_AWARENESS_IDS:
+            raise LimitExceeded(f"awareness update of {size} entries, for {len(self._awareness_clock)} client ids "
+                                f"the room knows: more than {MAX_AWARENESS_IDS} awareness clients new to it")
         entries = p.decode_awareness(payload, check_json=False)
-        newer = [e for e in entries if self._is_newer(e)]
+        stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
+        newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
         if not newer:
             return
         p.check_awareness_json(newer)
@@ -691,13 +697,17 @@ class Room:
             self.broker.publish(self.name, Kind.AWARENESS, relayed)
 
     def _is_newer(self, entry: p.AwarenessEntry) -> bool:
-        """Whether `entry` changes the room's awareness: a higher clock, or a removal of a held state at the same
-        clock (as in y-protocols)."""
-        clock = self._awareness_clock.get(entry.client_id, -1)
-        return entry.clock > clock or (entry.clock == clock and entry.removed and entry.client_id in self._awareness)
+        """Whether `entry` changes the room's awareness: a state at a higher clock, or the removal of a held state
+        at its clock or a higher one (as in y-protocols). The removal of a client the room holds no state for
+        changes nothing for the peers it relays to either, which hold none (y-protocols only notes its clock):
+        not newer, so it is neither remembered nor relayed."""
+        if entry.removed:
+            held = self._awareness.get(entry.client_id)
+            return held is not None and entry.clock >= held.clock
+        return entry.clock > self._awareness_clock.get(entry.client_id, -1)
 
     def _merge_awareness(self, entries: list[p.AwarenessEntry], conn: Connection | None) -> list[p.AwarenessEntry]:
-        """Keep entries with a newer clock (or a removal at the same clock), as y-protocols does."""
+        """Keep the entries that are newer (`_is_newer`), in order."""
         accepted = []
         now = time.monotonic()
         for entry in entries:

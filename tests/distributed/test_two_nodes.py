@@ -95,6 +95,8 @@ async def test_awareness_crosses_nodes(cluster: Cluster) -> None:
     await bob.wait_for(lambda: bob.awareness.get(111) == state)
     await bob.send(p.encode_awareness([p.AwarenessEntry(222, 1, json.dumps({"user": "bob"}))]))
     await alice.wait_for(lambda: 222 in alice.awareness)
+    await bob.send(p.encode_awareness([p.AwarenessEntry(222, 2, "null")]))  # bob's own removal, as on close
+    await alice.wait_for(lambda: 222 not in alice.awareness)
     alice.ws.transport.abort()  # node a removes alice's presence, and node b hears of it
     await bob.wait_for(lambda: 111 not in bob.awareness)
 

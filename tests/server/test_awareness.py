@@ -77,3 +77,25 @@ async def test_presence_not_renewed_in_time_is_removed(server_factory) -> None:
     await bob.wait_for(lambda: 42 in bob.awareness)
     await bob.wait_for(lambda: 42 not in bob.awareness, timeout=5)  # alice never renews
     assert not alice.closed.is_set()  # her connection stays; only the stale state goes
+
+
+async def test_removals_of_clients_the_room_holds_no_state_for_are_dropped(server) -> None:
+    """Such a removal changes nothing for any peer (none holds a state for it): it is not relayed, and the room
+    keeps no clock for it, so it costs nothing lasting. A client's removal of its own state still goes out."""
+    alice = await RawPeer.connect(f"{server.ws_url}/room")
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    unknown = [p.AwarenessEntry(500 + i, 5, "null") for i in range(15)]
+    await alice.send(p.encode_awareness([*unknown, p.AwarenessEntry(7, 1, '{"me":1}')]))
+    await watcher.wait_for(lambda: 7 in watcher.awareness)
+    relayed = [e.client_id for m in watcher.messages if isinstance(m, p.AwarenessMessage)
+               for e in p.decode_awareness(m.payload)]
+    assert relayed == [7]
+    await alice.send(presence(500, 1, {"late": 1}))  # no clock 5 remembered for it
+    await watcher.wait_for(lambda: 500 in watcher.awareness)
+    await alice.send(p.encode_awareness([p.AwarenessEntry(7, 2, "null")]))
+    await watcher.wait_for(lambda: 7 not in watcher.awareness)
+    await alice.send(presence(7, 1, {"me": "stale"}))  # older than the removal the room holds a clock for
+    await alice.send(presence(8, 1, {"probe": 1}))
+    await watcher.wait_for(lambda: 8 in watcher.awareness)
+    assert 7 not in watcher.awareness and not alice.closed.is_set()

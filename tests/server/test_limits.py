@@ -185,7 +185,8 @@ async def test_copies_of_relayed_awareness_do_not_count_toward_the_rate_limit(se
 
 async def test_states_a_room_holds_do_not_count_toward_the_limit(server) -> None:
     """A y-websocket joiner sends back every state it receives: echoes change nothing and are not the
-    joiner's clients; a state past the limit among them (new to the room) is still refused."""
+    joiner's clients; a state past the limit among them (new to the room) is still refused, and so is an update
+    of more entries than a y-websocket client can send (the client ids the room knows and 16 new ones)."""
     crowd = []
     for i in range(20):
         peer = await RawPeer.connect(f"{server.ws_url}/room")
@@ -201,6 +202,10 @@ async def test_states_a_room_holds_do_not_count_toward_the_limit(server) -> None
     code, reason = await joiner.wait_closed()
     assert code == 1008 and "awareness clients" in reason  # 7 and 16 new ones: 17
     assert not any(peer.closed.is_set() for peer in crowd) and errors(server, "limit") == 1
+    # more entries than the 21 client ids the room knows and 16 new ones: refused before they are decoded
+    await crowd[1].send(p.encode_awareness([p.AwarenessEntry(1000 + i, 1, "null") for i in range(38)]))
+    code, reason = await crowd[1].wait_closed()
+    assert code == 1008 and reason.startswith("awareness update of 38 entries, for 21 client ids")
 
 
 async def test_a_client_that_never_finishes_its_request_is_disconnected(server_factory) -> None:
