@@ -110,6 +110,10 @@ class Connection:
         self._queued_bytes += len(message)
         self._start_drain()
 
+    def waiting(self, message: bytes) -> bool:
+        """Whether `message`, this very object, waits in the send queue (the peer is backed up)."""
+        return any(queued is message for queued in self._queue)
+
     def close(self, code: int, reason: str, *, quiet: bool = False) -> None:
         """Send a close frame after what is queued; queued messages are dropped unless the close is normal.
         `quiet`: the caller logged why already (a room closing all its connections), so this is a debug line."""

@@ -167,6 +167,7 @@ class Room:
         self._relayed = _Relayed()
         self._answer_kept: _Answer | None = None  # the latest sync answer, while the document is unchanged
         self._awareness: dict[int, p.AwarenessEntry] = {}
+        self._presence_kept: bytes | None = None  # the message holding every state in `_awareness`, once encoded
         self._awareness_clock: dict[int, int] = {}
         self._awareness_seen: dict[int, float] = {}
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
@@ -250,7 +251,7 @@ class Room:
         self.connections.add(conn)
         conn.send(p.sync_step1(self.doc.get_state()))
         if self._awareness:
-            conn.send(p.encode_awareness(list(self._awareness.values())))
+            conn.send(self._presence_message())
 
     def leave(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -261,7 +262,8 @@ class Room:
 
     async def handle(self, conn: Connection, data: bytes) -> float:
         """Handle one frame from `conn`; return the seconds of the event loop's time its document work took
-        (fairshare.py). Raises ProtocolError on malformed input."""
+        (fairshare.py); awareness work is counted too. Raises ProtocolError on malformed input."""
+        started = time.perf_counter()
         msg = p.decode_message(data)
         if isinstance(msg, p.SyncMessage):
             if msg.kind == p.SyncType.STEP1:
@@ -278,8 +280,12 @@ class Room:
                 return await self.apply(msg.payload, origin=conn)
         elif isinstance(msg, p.AwarenessMessage):
             self.apply_awareness(msg.payload, conn)
+            return time.perf_counter() - started
         elif isinstance(msg, p.QueryAwarenessMessage):
-            conn.send(p.encode_awareness(list(self._awareness.values())))
+            answer = self._presence_message()
+            if not conn.waiting(answer):  # asked again before the previous answer left: that one still holds it all
+                conn.send(answer)
+            return time.perf_counter() - started
         # AuthMessage from a client carries nothing for the server.
         return 0.0
 
@@ -665,6 +671,13 @@ class Room:
         and such a copy never changes anything (see _flush_awareness)."""
         return self._relayed
 
+    def _presence_message(self) -> bytes:
+        """The message holding every state the room holds (for joiners and QueryAwareness), encoded once until one
+        changes (it takes as much memory as the states, and lives no longer than they stay unchanged)."""
+        if self._presence_kept is None:
+            self._presence_kept = p.encode_awareness(list(self._awareness.values()))
+        return self._presence_kept
+
     def presence(self) -> list[p.AwarenessEntry]:
         """The awareness states the room holds now (from every node's clients), one per client id."""
         return list(self._awareness.values())
@@ -713,6 +726,7 @@ class Room:
         for entry in entries:
             cid = entry.client_id
             if self._is_newer(entry):
+                self._presence_kept = None
                 self._awareness_clock[cid] = entry.clock
                 if entry.removed:
                     self._awareness.pop(cid, None)
@@ -731,6 +745,7 @@ class Room:
         """Remove a peer's presence locally and return the removal entry to broadcast."""
         clock = self._awareness_clock.get(client_id, 0) + 1
         self._awareness_clock[client_id] = clock
+        self._presence_kept = None
         self._awareness.pop(client_id, None)
         self._awareness_seen.pop(client_id, None)
         return p.AwarenessEntry(client_id, clock, "null")

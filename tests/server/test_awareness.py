@@ -2,8 +2,10 @@
 
 import json
 
+from websockets.asyncio.client import connect
+
 from collab_server import protocol as p
-from tests.rawclient import RawPeer
+from tests.rawclient import RawPeer, text_updates
 
 
 def presence(client_id: int, clock: int, state: dict | None) -> bytes:
@@ -99,3 +101,21 @@ async def test_removals_of_clients_the_room_holds_no_state_for_are_dropped(serve
     await alice.send(presence(8, 1, {"probe": 1}))
     await watcher.wait_for(lambda: 8 in watcher.awareness)
     assert 7 not in watcher.awareness and not alice.closed.is_set()
+
+
+async def test_queries_are_not_answered_again_while_the_answer_waits_unsent(server_factory) -> None:
+    """A peer asking for the room's awareness again and again without reading gets one answer queued, not one per
+    query: 100 one-byte queries for 1 MB of states filled its send queue 12 times over, each time merged."""
+    server = server_factory("--send-queue-bytes", "8000000")
+    setter = await RawPeer.connect(f"{server.ws_url}/room")
+    await setter.send(p.encode_awareness([p.AwarenessEntry(100 + i, 1, '"%s"' % ("x" * 60_000)) for i in range(16)]))
+    await setter.wait_for(lambda: len(setter.awareness) == 16)
+    asker = await connect(f"{server.ws_url}/room", max_size=None, max_queue=1)  # read no further than one frame
+    for _ in range(100):
+        await asker.send(p.query_awareness())
+    await asker.send(p.sync_update(text_updates(1)[1][0]))  # handled once every query before it is
+    await setter.wait_for(lambda: any(isinstance(m, p.SyncMessage) and m.kind == p.SyncType.UPDATE
+                                      for m in setter.messages))
+    assert server.metric("collab_messages_coalesced_total") == 0
+    assert asker.close_code is None
+    asker.transport.abort()  # a close handshake would wait behind what it does not read

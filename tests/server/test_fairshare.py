@@ -238,3 +238,20 @@ async def test_at_shutdown_update_frames_left_for_after_a_pause_are_dropped(capl
     await session._read_frames(receive, conn, Room(), Settings(), inbox)
     assert calls == [update]
     assert "shutdown: dropped 3 messages" in caplog.text
+
+
+async def test_awareness_work_is_charged_to_the_connection_s_share(server_factory) -> None:
+    """Applying awareness and answering QueryAwareness take the loop too: a room's 1 MB of states answered again
+    and again went uncharged, so one connection's one-byte queries could take the loop from every room."""
+    server = server_factory("--loop-share", "0.001")  # an account of 50 µs: any such message overdraws it
+    setter = await RawPeer.connect(f"{server.ws_url}/room")
+    await setter.send(p.encode_awareness([p.AwarenessEntry(100 + i, 1, '"%s"' % ("x" * 60_000)) for i in range(16)]))
+    await setter.wait_for(lambda: len(setter.awareness) == 16)
+    assert server.metric("collab_share_pauses_total") == 1  # the setter's
+    asker = await RawPeer.connect(f"{server.ws_url}/room")
+    answers = lambda: sum(1 for m in asker.messages if isinstance(m, p.AwarenessMessage))
+    await asker.wait_for(lambda: answers() == 1)  # joining
+    for _ in range(3):
+        await asker.send(p.query_awareness())
+    await asker.wait_for(lambda: answers() == 4)
+    assert server.metric("collab_share_pauses_total") >= 2
