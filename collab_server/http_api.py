@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pycrdt import Doc
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -57,6 +58,16 @@ T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 
 log = logging.getLogger(__name__)
+
+
+class _Id(IntegerConvertor):
+    """A version or log position in a path: Starlette's int took any number of digits, and Python's int() refuses
+    more than 4,300 (sys.int_info.default_max_str_digits), which answered 500; longer ones match no route."""
+
+    regex = "[0-9]{1,4300}"
+
+
+register_url_convertor("id", _Id())
 
 
 class ApiError(Exception):
@@ -342,10 +353,10 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
         _route("/api/docs/{name:path}/copy", _Endpoint(post=copy_doc)),
         _route("/api/docs/{name:path}/presence", _Endpoint(get=get_presence)),
         _route("/api/docs/{name:path}/versions", _Endpoint(get=list_versions, post=save_version)),
-        _route("/api/docs/{name:path}/versions/{version:int}", _Endpoint(get=get_version)),
-        _route("/api/docs/{name:path}/versions/{version:int}/restore", _Endpoint(post=restore_version)),
+        _route("/api/docs/{name:path}/versions/{version:id}", _Endpoint(get=get_version)),
+        _route("/api/docs/{name:path}/versions/{version:id}/restore", _Endpoint(post=restore_version)),
         _route("/api/docs/{name:path}/history", _Endpoint(get=get_history)),
-        _route("/api/docs/{name:path}/at/{seq:int}", _Endpoint(get=get_at)),
+        _route("/api/docs/{name:path}/at/{seq:id}", _Endpoint(get=get_at)),
         _route("/api/{rest:path}", _Endpoint(**{m: no_route for m in ALL_METHODS})),
     ]
 
@@ -401,8 +412,12 @@ def _label(body: bytes) -> str:
 
 def _awareness_state(text: str) -> Any:
     """A state as a client sent it, in JSON text, with what JSON cannot answer shown as null: NaN and Infinity
-    literals, and numbers beyond a double's range (1e400, which JavaScript reads as Infinity)."""
-    return json.loads(text, parse_constant=lambda _: None, parse_float=_finite_float, parse_int=_finite_int)
+    literals, numbers beyond a double's range (1e400, which JavaScript reads as Infinity), and a state nested too
+    deep for Python's parser here."""
+    try:
+        return json.loads(text, parse_constant=lambda _: None, parse_float=_finite_float, parse_int=_finite_int)
+    except RecursionError:  # checked as it came in, on a shorter stack than a request's
+        return None
 
 
 def _finite_float(text: str) -> float | None:

@@ -13,6 +13,7 @@ from pycrdt import Doc, Text
 
 from collab_server import protocol as p
 from collab_server.auth import issue_token
+from collab_server.http_api import _awareness_state
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from tests.rawclient import RawPeer
 from tests.serverproc import ServerProcess, wait_until
@@ -310,3 +311,20 @@ async def test_presence_shows_numbers_beyond_a_double_as_null(shared_server: Ser
     assert answer.status_code == 200
     assert answer.json()["presence"] == [{"client_id": 5, "state": {"a": None, "b": [None, None, 10**308, 1.5e308]}}]
     await peer.close()
+
+
+def test_a_presence_state_too_deep_for_the_parser_on_a_request_s_stack_is_shown_as_null() -> None:
+    """A state is checked as it comes in, on a shorter stack than a request's: one nested just short of Python's
+    limit there answered 500 here."""
+    deep = "[" * 100_000 + "]" * 100_000
+    assert _awareness_state(deep) is None
+    assert _awareness_state('{"a": [[1]]}') == {"a": [[1]]}
+
+
+@pytest.mark.parametrize("path", ["/api/docs/v/versions/" + "9" * 5000, "/api/docs/v/at/" + "9" * 5000,
+                                  "/api/docs/v/versions/" + "9" * 20 + "/restore"])
+async def test_a_version_or_position_of_thousands_of_digits_is_not_found(http: httpx.AsyncClient, path: str
+                                                                           ) -> None:
+    """Starlette's int path parameter took any number of digits, which int() refuses past 4,300: 500."""
+    response = await (http.post(path) if path.endswith("restore") else http.get(path))
+    assert response.status_code == 404
