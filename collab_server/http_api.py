@@ -186,6 +186,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
     async def list_docs(request: Request) -> Response:
         prefix, after = request.query_params.get("prefix", ""), request.query_params.get("after", "")
         limit = _int_param(request, "limit", LIST_LIMIT, 1, LIST_MAX)
+        if any(ord(c) < 32 for c in prefix + after):  # no name holds one (and SQLite's GLOB stops at a NUL)
+            raise ApiError(400, "prefix and after are parts of document names: no control characters")
         if settings.auth_required:
             try:
                 verify_listing(settings.auth_secret, token(request) or "", prefix)

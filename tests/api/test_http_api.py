@@ -238,6 +238,9 @@ async def test_listing_in_pages_by_prefix(http: httpx.AsyncClient) -> None:
     for limit in ("0", "10001", "two", "\u00b2", "\uff12", "1" * 5000):  # superscript and fullwidth 2, too many digits
         bad = await http.get("/api/docs", params={"limit": limit})
         assert bad.status_code == 400 and "limit" in bad.json()["error"]
+    for params in ({"prefix": "paged/\x00x"}, {"prefix": "paged/", "after": "paged/0\x00"}):  # GLOB stopped at NUL
+        bad = await http.get("/api/docs", params=params)
+        assert bad.status_code == 400 and "control character" in bad.json()["error"]
 
 
 async def test_a_prefix_token_lists_its_own_documents_only(auth_http: httpx.AsyncClient) -> None:
