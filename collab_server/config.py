@@ -169,6 +169,8 @@ def _coerce(kind: type, name: str, value: Any) -> Any:
             return False
         raise ValueError(f"{name}: expected a boolean, got {value!r}")
     try:
+        if kind is int and isinstance(value, float) and not value.is_integer():  # int() would drop the fraction
+            raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf), as TOML can write
         raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from exc

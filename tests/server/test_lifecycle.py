@@ -306,6 +306,7 @@ def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, ar
     ("loop_share = nan", "loop_share must be a finite number, not nan"),
     ("idle_unload_seconds = -inf", "idle_unload_seconds must be a finite number, not -inf"),
     ("compact_threshold = inf", "compact_threshold: expected int, got inf"),
+    ("compact_threshold = 1.5", "compact_threshold: expected int, got 1.5"),  # int() took it as 1
 ])
 def test_a_settings_file_the_server_cannot_use_stops_it_with_one_line(tmp_path: Path, toml: str,
                                                                       reason: str) -> None:
