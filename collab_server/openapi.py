@@ -166,9 +166,11 @@ PATHS: dict[str, Any] = {
         "description": "With auth on, needs a prefix token whose prefix begins `prefix` "
                        '(issued with prefix "" for every document).',
         "parameters": [
-            {"name": "prefix", "in": "query", "required": False, "schema": {"type": "string", "default": ""},
+            {"name": "prefix", "in": "query", "required": False,
+             "schema": {"type": "string", "default": "", "pattern": "^[^\\x00-\\x1f]*$"},
              "description": "Only documents whose name starts with this"},
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "string", "default": ""},
+            {"name": "after", "in": "query", "required": False,
+             "schema": {"type": "string", "default": "", "pattern": "^[^\\x00-\\x1f]*$"},
              "description": "Only documents whose name sorts after this (the previous page's `next`)"},
             {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
