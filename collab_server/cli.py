@@ -24,7 +24,7 @@ from collab_server.config import Settings
 from collab_server.heap import malloc_trim, trim_every
 from collab_server.storage import StorageError
 from collab_server.storage.sqlite import backup as sqlite_backup
-from collab_server.transport import CollabHttpProtocol
+from collab_server.transport import CollabHttpProtocol, stop_sessions
 
 log = logging.getLogger(__name__)
 NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited (setting the soft one to infinity is refused)
@@ -38,7 +38,8 @@ class Server(uvicorn.Server):
     then (modules, the app, its store) out of the cyclic collector's view (it lives as long as the process, and
     every full collection walked it again), gives freed heap memory back to the OS every `heap_trim_interval`
     seconds (heap.py) and, serving TLS, reloads its certificate on SIGHUP. At shutdown it tells the app its
-    graceful timeout (`CollabApp.stopping`)."""
+    graceful timeout (`CollabApp.stopping`) and every session, connected or not, that it is stopping
+    (`transport.stop_sessions`)."""
 
     def __init__(self, config: uvicorn.Config, heap_trim_interval: float = 0.0) -> None:
         super().__init__(config)
@@ -72,6 +73,7 @@ class Server(uvicorn.Server):
         log.info("tls: certificate reloaded from %s", certfile)
 
     async def shutdown(self, sockets: list | None = None) -> None:
+        stop_sessions()
         grace = self.config.timeout_graceful_shutdown
         if isinstance(self.config.app, CollabApp) and grace is not None:
             self.config.app.stopping(grace)

@@ -486,18 +486,31 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"].pop(SCOPE_EXTENSION, None)
 
+    async def run_asgi(self) -> None:
+        _SESSIONS.add(self)
+        try:
+            await super().run_asgi()
+        finally:
+            _SESSIONS.discard(self)
+
     def shutdown(self) -> None:
-        """Server shutdown: the application goes on taking what the peer sent before it (uvicorn closes the socket
-        and queues a disconnect after it) for half of the graceful timeout, and what is left then is dropped.
-        Those messages were never applied, so nothing acknowledged is lost, and a backlog of costly ones (each
-        cutting an emoji, paced by the connection's share of the loop) cannot hold the process until uvicorn
-        cancels its session."""
+        """Server shutdown of a connected peer: `stopping`, then uvicorn's (it closes the socket and queues a
+        disconnect after what the peer sent)."""
+        self.stopping()
+        super().shutdown()
+
+    def stopping(self) -> None:
+        """Server shutdown: the application goes on taking what the peer sent before it for half of the graceful
+        timeout, without pauses, and what is left then is dropped. Those messages were never applied, so nothing
+        acknowledged is lost, and a backlog of costly ones (each cutting an emoji, paced by the connection's share
+        of the loop) cannot hold the process until uvicorn cancels its session."""
+        if self._shut_down:
+            return
         self._shut_down = True
         timeout = self.config.timeout_graceful_shutdown
         if timeout is not None:
             self.queue.drop_after(self.loop.time() + timeout / 2)  # type: ignore[attr-defined]
         _wake(self._pause)
-        super().shutdown()
 
     def take_queued(self, accept: Callable[[bytes], bool]) -> bytes | None:
         """The next queued message's bytes if it is a binary one `accept` accepts, taken as `receive` would take it
@@ -553,6 +566,17 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(frame)
         return True
+
+
+_SESSIONS: set[CollabWebSocketProtocol] = set()  # connections whose application (session) still runs
+
+
+def stop_sessions() -> None:
+    """Server shutdown: every session still running stops as a connected one does (`stopping`). uvicorn tells
+    only the connected ones: a session whose peer left may still be handling, paced, what it sent before, and
+    was cancelled at the graceful timeout with a traceback."""
+    for protocol in list(_SESSIONS):
+        protocol.stopping()
 
 
 def _wake(future: asyncio.Future[None] | None) -> None:

@@ -220,10 +220,13 @@ async def test_sigterm_with_a_backlog_of_costly_messages_stops_cleanly_within_it
     assert_contains(stored_doc(server.db), watcher.doc)
 
 
-async def test_sigterm_ends_a_connection_s_pause_for_its_share_of_the_loop(server_factory) -> None:
+@pytest.mark.parametrize("writer_left", [False, True], ids=["connected", "left"])
+async def test_sigterm_ends_a_connection_s_pause_for_its_share_of_the_loop(server_factory, writer_left: bool
+                                                                           ) -> None:
     """A connection paused after a costly message (for its share of the loop, fairshare.py) reads on at once when
-    the server shuts down, rather than sleeping until uvicorn cancels its session. Here the share is so small
-    that one small update pauses its connection for seconds."""
+    the server shuts down, rather than sleeping until uvicorn cancels its session with a traceback; so does one
+    whose peer left, which uvicorn no longer counts among its connections. Here the share is so small that one
+    small update pauses its connection for seconds."""
     server = server_factory("--loop-share", "0.00001", "--shutdown-timeout", "2")
     writer = await RawPeer.connect(f"{server.ws_url}/room")
     watcher = await RawPeer.connect(f"{server.ws_url}/room")
@@ -232,6 +235,8 @@ async def test_sigterm_ends_a_connection_s_pause_for_its_share_of_the_loop(serve
     await writer.send(p.sync_update(updates[0]))
     await writer.send(p.sync_update(updates[1]))
     await watcher.wait_for(lambda: len(str(watcher.doc.get("t", type=Text))) == 1)
+    if writer_left:
+        await writer.close()  # once the closing handshake is done, the server has closed its socket
     await asyncio.to_thread(server.stop)  # raises unless clean and everything committed
     log = server.log()
     assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
