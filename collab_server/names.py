@@ -10,8 +10,8 @@ MAX_NAME = 512  # characters
 
 
 def valid(name: object) -> bool:
-    """A document name is 1-512 characters of UTF-8 text without control characters (lone surrogates, which JSON
-    can carry, have no UTF-8 form and so could not be stored)."""
+    """A document name is 1-512 characters of UTF-8 text without the control characters U+0000-U+001F (lone
+    surrogates, which JSON can carry, have no UTF-8 form and so could not be stored)."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
         return False
     try:

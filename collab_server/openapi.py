@@ -8,8 +8,8 @@ from collab_server.names import MAX_NAME
 
 NAME = {
     "name": "name", "in": "path", "required": True,
-    "description": "Document name: UTF-8 text without control characters; may contain '/' (percent-encode '?', "
-                   "'#' and '%').",
+    "description": "Document name: UTF-8 text without the control characters U+0000-U+001F; may contain '/' "
+                   "(percent-encode '?', '#' and '%').",
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": "^[^\\x00-\\x1f]+$"},
 }
 
