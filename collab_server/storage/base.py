@@ -160,12 +160,10 @@ class Compactor:
     async def _run(self, doc: str) -> None:
         try:
             await self._compact(doc)
-        except StorageError:
+        except Exception as exc:
             log.exception("compaction failed doc=%s", doc)
-            return
-        except Exception:  # a log yrs cannot fold: tried again a threshold's worth of commits later, not at each
-            log.exception("compaction failed doc=%s", doc)
-            self._log_counts[doc] = 0
+            if not isinstance(exc, StorageError):  # a log yrs cannot fold: tried again a threshold's worth of
+                self._log_counts[doc] = 0  # commits later, not at each
             return
         finally:
             del self._running[doc]
