@@ -371,8 +371,8 @@ class CollabClient:
             with self.doc.transaction(origin=REMOTE):
                 self.doc.apply_update(update)
                 self._held.give(self.doc)
-            if not self._held.whole(self._reported, update):
-                self._held.note(self.doc, update)
+            if not self._held.whole(self._reported, update) and self._held.note(self.doc, update) is not None:
+                self._held.settle(self.doc, REMOTE)
             if msg.kind == SyncType.STEP2 and link.awaiting:
                 self._step1_answered = link.awaiting.popleft()
                 link.synced = True

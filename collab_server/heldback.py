@@ -39,10 +39,11 @@ class Held:
     state, and whenever the document changes, since yrs (0.28), given two held-back changes that wait on the same
     change, integrates one of them when it comes and drops the other."""
 
-    __slots__ = ("updates",)
+    __slots__ = ("updates", "_moved")
 
     def __init__(self) -> None:
         self.updates: list[bytes] = []
+        self._moved = False  # whether the last `note` found less held back of the earlier updates than before
 
     def give(self, doc: Doc) -> None:
         """Apply what is held back to `doc` again, until it integrates no more of it (call inside the transaction
@@ -65,9 +66,9 @@ class Held:
         report = reported[0]
         return report == update or (len(report) == len(update) and update[-1] == 0)
 
-    def note(self, doc: Doc, update: bytes) -> bytes | None:
+    def note(self, doc: Doc, update: bytes | None) -> bytes | None:
         """Note what `doc` holds back of `update`, just applied, and forget what it no longer holds back of earlier
-        updates; returns what it holds back of `update` (None if nothing)."""
+        updates; returns what it holds back of `update` (None if nothing, or `update` is None)."""
         state = doc.get_state()
         known = clocks(state)
 
@@ -75,11 +76,24 @@ class Held:
             rest = get_update(applied, state)
             return rest if lacking(rest, known) else None
 
-        self.updates = [rest for rest in map(held_back, self.updates) if rest is not None]
-        rest = held_back(update)
+        earlier = self.updates
+        self.updates = [rest for rest in map(held_back, earlier) if rest is not None]
+        self._moved = self.updates != earlier
+        rest = None if update is None else held_back(update)
         if rest is not None:
             self.updates.append(rest)
         return rest
+
+    def settle(self, doc: Doc, origin: object = None) -> None:
+        """After `note` found part of an update held back: if what was held back before integrated (in part) with
+        it, give what is held back again, in a transaction of its own under `origin`, and forget what integrates.
+        The update may bring what one held before waits on while part of it waits on that one: yrs integrates the
+        one held before and not the part (it stayed out of the document until the next update came; after a
+        load's last, for good)."""
+        if self._moved:
+            with doc.transaction(origin=origin):
+                self.give(doc)
+            self.note(doc, None)
 
     def forget(self, rest: bytes) -> None:
         """Hold `rest`, which `note` returned, back no more."""

@@ -70,10 +70,13 @@ class Replay:
         if self.held.whole(reported, update):
             self.characters.applied(update, cut.seconds)  # not read a second time
             return
-        if self.held.note(doc, update) is None and not held_before:
+        rest = self.held.note(doc, update)
+        if rest is None and not held_before:
             # all of it is in the document, and nothing else came with it (a state with deletions re-encoded)
             self.characters.applied(update, cut.seconds)
             return
+        if rest is not None:
+            self.held.settle(doc)
         for part in reported:
             self.characters.add(part)
 
@@ -150,7 +153,8 @@ class _Build:
     def apply(self, part: bytes) -> None:
         self.doc.apply_update(part)
         self.held.give(self.doc)
-        self.held.note(self.doc, part)
+        if self.held.note(self.doc, part) is not None:
+            self.held.settle(self.doc)
 
 
 def build(state: bytes, client_id: int, name: str | None) -> Doc:

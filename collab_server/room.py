@@ -374,6 +374,7 @@ class Room:
                 rest = None
             if rest is not None:  # stored and relayed with the rest: this document alone would lose it
                 self._observed.append(rest)
+                self._held.settle(self.doc, origin)
         self._run_hooks()
         # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
@@ -599,7 +600,8 @@ class Room:
             with self.doc.transaction(origin="broker"):
                 self.doc.apply_update(missing)
                 self._held.give(self.doc)
-            self._held.note(self.doc, missing)
+            if self._held.note(self.doc, missing) is not None:
+                self._held.settle(self.doc, "broker")
         changed, self._observed = self._observed, []
         for update in changed:
             self._relay(update)
@@ -625,7 +627,10 @@ class Room:
                 integrated, self._observed = self._observed, []
                 if not self._held.whole(integrated, update):  # more or less than it: relay what clients may lack
                     rest = self._held.note(self.doc, update)
-                    for part in integrated if rest is None else [*integrated, rest]:
+                    if rest is not None:
+                        self._held.settle(self.doc, "broker")
+                        integrated, self._observed = [*integrated, *self._observed, rest], []
+                    for part in integrated:
                         self._relay(part)
                     return
             self._relay(payload)
