@@ -64,6 +64,8 @@ class Metrics:
         self.webhooks_delivered = Counter("collab_webhooks_delivered", "Webhook events the receiver accepted",
                                           registry=r)
         self.versions_saved = Counter("collab_versions_saved", "Automatic versions saved", registry=r)
+        self.rebuilds = Counter("collab_rebuilds", "Documents built again to cut a character beyond the BMP between "
+                                "its UTF-16 units as Yjs does (each costs as much as a load)", registry=r)
         self.errors = Counter("collab_errors", "Errors by kind", ["kind"], registry=r)
         self.loop_lag = Histogram("collab_event_loop_lag_seconds", "How late a timer of the event loop fired",
                                   registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))

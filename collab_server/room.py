@@ -503,7 +503,8 @@ class Room:
                 self._on_broker(Kind.UPDATE, update, False)
 
     def _replace_doc(self, doc: Doc) -> None:
-        """Make `doc`, built from this document's state, the room's document."""
+        """Make `doc`, built from this document's state with characters cut, the room's document."""
+        self.metrics.rebuilds.inc()
         self._held.give(doc)  # a document built from a state holds nothing back
         if self._subscription is not None:
             self.doc.unobserve(self._subscription)

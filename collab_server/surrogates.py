@@ -34,7 +34,7 @@ Point = tuple[int, int]  # (client, clock)
 _BEYOND = write_varuint(0xFFFFFFFF)  # a clock (yrs's are 32-bit) past every struct of a client
 
 
-def _beyond_bmp(data: bytes) -> bool:
+def beyond_bmp(data: bytes) -> bool:
     """Whether `data` may hold a character beyond the BMP: a byte that could lead one and three that could
     continue it. Outside text such a run is rare: in a varint it takes a value of 2^28 or more (one client id
     in ~200); in 8-byte numbers and binary content one in ~3,000 positions. So a document without such
@@ -61,7 +61,7 @@ class Characters:
 
     def add(self, update: bytes) -> None:
         """Note the characters beyond the BMP in the text of `update`, which the document has applied."""
-        if _beyond_bmp(update):
+        if beyond_bmp(update):
             self._note(Scan(update, cuts=False).seconds)
 
     def applied(self, update: bytes, seconds: list[Point] | None) -> None:
@@ -80,7 +80,7 @@ class Characters:
 
     def reads(self, update: bytes) -> bool:
         """Whether `plan` reads `update` in Python (`Scan`; a large one is worth reading in a worker thread)."""
-        return bool(self.seconds) or _beyond_bmp(update)
+        return bool(self.seconds) or beyond_bmp(update)
 
     def plan(self, doc: Doc, update: bytes, held: list[bytes] | None = None, scan: Scan | None = None, *,
              apart: bool = False) -> Cut:
@@ -94,7 +94,7 @@ class Characters:
         who may do it in a worker thread (`Fix.run`) and then `settle` the cut; nothing may change `doc` meanwhile."""
         held = held if held is not None else []
         if scan is None:
-            if not self.reads(update) and not any(map(_beyond_bmp, held)):
+            if not self.reads(update) and not any(map(beyond_bmp, held)):
                 return Cut(update, [], None)
             scan = Scan(update)
         scans = [Scan(rest) for rest in held]
@@ -171,7 +171,7 @@ def precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
     a Yjs replica holds, where such a character is replaced once cut, whenever that was. Each comes with what
     reading it found (for `Characters.plan`, which would read it again), None where it was not read or changed.
     Reads them all, so a worker thread's work (a fold's, a large load's)."""
-    if not any(map(_beyond_bmp, updates)):
+    if not any(map(beyond_bmp, updates)):
         return [(update, None) for update in updates]
     scans = [Scan(update) for update in updates]
     seconds = {point for scan in scans for point in scan.seconds}
@@ -198,8 +198,8 @@ def merge_safely(updates: list[bytes]) -> list[bytes]:
 
 def _holds_beyond_bmp(update: bytes) -> bool:
     """Whether the text of `update` holds a character beyond the BMP. What may encode one also occurs outside
-    text (see _beyond_bmp), so where it occurs the text is read."""
-    return _beyond_bmp(update) and bool(Scan(update, cuts=False).seconds)
+    text (see beyond_bmp), so where it occurs the text is read."""
+    return beyond_bmp(update) and bool(Scan(update, cuts=False).seconds)
 
 
 def _replace(data: bytes, scan: Scan, seconds: set[Point]) -> bytes:

@@ -231,3 +231,32 @@ def typed_between(client: int, clock: int, second: tuple[int, int], text: str) -
     fields = (1, 1, client, clock)  # one client, one struct
     return (b"".join(map(p.write_varuint, fields)) + b"\xc4"  # an item of text with both origins
             + b"".join(map(p.write_varuint, (origin, unit - 1, origin, unit, len(data)))) + data + b"\x00")
+
+
+def typed_and_cut(count: int) -> list[bytes]:
+    """A Yjs client's messages typing an emoji and then, in its next message, a character between its two UTF-16
+    units, `count` times (each pair at the end of the text)."""
+    from pycrdt import Text
+
+    from collab_server.replay import Replay
+
+    writer = Replay(Doc(client_id=5))
+    messages: list[bytes] = []
+    for _ in range(count):
+        text = writer.doc.get("t", type=Text)  # a cut rebuilds the writer's document
+        before = writer.doc.get_state()
+        text.insert(len(str(text).encode()), "😀")  # pycrdt counts UTF-8 bytes
+        messages.append(writer.doc.get_update(before))
+        writer.characters.add(messages[-1])
+        second = max(_seconds(writer.doc), key=lambda point: point[1])
+        cut = typed_between(5, second[1] + 1, second, "x")
+        writer.apply(cut)
+        messages.append(cut)
+    return messages
+
+
+def _seconds(doc: Doc) -> list[tuple[int, int]]:
+    """(client, clock) of the second UTF-16 unit of each character beyond the BMP in `doc`'s text."""
+    characters = Characters()
+    characters.add(doc.get_update())
+    return [(client, clock) for client, clocks in characters.seconds.items() for clock in clocks]

@@ -10,14 +10,14 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
-from pycrdt import Array, Doc, Text
+from pycrdt import Array, Doc, Map, Text
 
 from collab_server import fairshare, session
 from collab_server import protocol as p
 from collab_server.config import Settings
 from collab_server.fairshare import BURST, LoopShare
 from collab_server.metrics import Metrics
-from tests.rawclient import RawPeer, text_updates
+from tests.rawclient import RawPeer, text_updates, typed_and_cut
 from tests.serverproc import wait_until
 
 
@@ -177,6 +177,21 @@ def _masked(payload: bytes) -> bytes:
     return bytes((0x82, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
+def _upgraded(port: int, path: str, receive_buffer: int | None = None) -> socket.socket:
+    """A socket to the server at `port`, upgraded to a websocket connection to `path` (its frames written by hand)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
 async def test_sync_requests_of_a_peer_that_is_gone_are_not_answered(server_factory) -> None:
     """A client that sends many sync requests and resets its socket: once a write to it has failed, the rest are
     dropped unanswered, rather than each encoding the document for no one at its share of the loop (finding 58).
@@ -189,15 +204,7 @@ async def test_sync_requests_of_a_peer_that_is_gone_are_not_answered(server_fact
         items.append(i)
     await writer.send(p.sync_update(doc.get_update()))
     await writer.wait_for(lambda: len(writer.doc.get("a", type=Array)) == 20_000)
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(f"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        assert head.startswith(b"HTTP/1.1 101")
+    with _upgraded(server.port, "/room", receive_buffer=4096) as sock:
         await wait_until(lambda: server.metric("collab_connections") == 2)
         sock.sendall(_masked(p.sync_step1(b"\x00")) * 300)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
@@ -255,3 +262,72 @@ async def test_awareness_work_is_charged_to_the_connection_s_share(server_factor
         await asker.send(p.query_awareness())
     await asker.wait_for(lambda: answers() == 4)
     assert server.metric("collab_share_pauses_total") >= 2
+
+
+def _turn_room(calls: list[list[bytes]], handled: Callable[[list[bytes]], int] = len) -> object:
+    """A room that records the update frames handed to it together and handles `handled` of them."""
+
+    class Room:
+        relayed_awareness: frozenset[bytes] = frozenset()
+        metrics = Metrics()
+
+        async def handle_updates(self, conn: object, frames: list[bytes], budget: float) -> tuple[float, int]:
+            calls.append(list(frames))
+            return 0.0, handled(frames)
+
+    return Room()
+
+
+@pytest.mark.parametrize("dropping", [False, True])
+async def test_a_turn_s_last_update_that_may_type_an_emoji_begins_the_next_turn_s_batch(
+        dropping: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A turn hands the room up to FRAMES_PER_TURN update frames; where the last may type a character beyond the
+    BMP, it goes with the next turn's frames instead, so the message that cuts it (the client's next) is applied
+    with it and the document needs no rebuild (surrogates.precut). At shutdown it is dropped with the rest."""
+    caplog.set_level(logging.INFO, logger="collab_server.transport")
+    calls: list[list[bytes]] = []
+    plain = [p.sync_update(bytes([i])) for i in range(session.FRAMES_PER_TURN - 1)]
+    emoji, cut = p.sync_update("😀".encode()), p.sync_update(b"x")
+    queue = [*plain[1:], emoji, cut]
+    messages = [{"type": "websocket.receive", "bytes": plain[0]}, {"type": "websocket.disconnect"}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    conn = SimpleNamespace(closed=False, direct=True, readonly=False, close=lambda code, reason: None)
+    inbox = SimpleNamespace(pause=asyncio.sleep, take_queued=lambda accept: queue.pop(0) if queue else None,
+                            dropping_received=lambda: dropping and bool(calls))
+    await session._read_frames(receive, conn, _turn_room(calls), Settings(), inbox)
+    if dropping:
+        assert calls == [plain]
+        assert "shutdown: dropped 1 messages" in caplog.text
+    else:
+        assert calls == [plain, [emoji, cut]]
+
+
+async def test_a_client_typing_emoji_and_cutting_each_in_its_next_message_gets_no_rebuild(server_factory) -> None:
+    """Nine such pairs sent at once, behind one other message: the eighth pair straddles the session's first turn
+    of FRAMES_PER_TURN frames. Taken in the same batch, nothing is rebuilt (a rebuild costs as much as a load);
+    a cut sent on its own, once its emoji is applied, rebuilds the document."""
+    server = server_factory()
+    watcher = await RawPeer.connect(f"{server.ws_url}/room")
+    await watcher.sync()
+    other = Doc()
+    other.get("m", type=Map)["k"] = 1
+    pairs = typed_and_cut(10)
+    frames = [p.sync_update(other.get_update()), *map(p.sync_update, pairs[:18])]
+    assert len(frames) > session.FRAMES_PER_TURN and frames[session.FRAMES_PER_TURN - 1] == p.sync_update(pairs[14])
+    with _upgraded(server.port, "/room") as sock:
+        sock.sendall(b"".join(map(_masked, frames)))
+        text = lambda: str(watcher.doc.get("t", type=Text))
+        await watcher.wait_for(lambda: text() == "\ufffdx\ufffd" * 9)
+        assert server.metric("collab_rebuilds_total") == 0
+        sock.sendall(_masked(p.sync_update(pairs[18])))
+        await watcher.wait_for(lambda: text() == "\ufffdx\ufffd" * 9 + "😀")
+        sock.sendall(_masked(p.sync_update(pairs[19])))
+        await wait_until(lambda: server.metric("collab_rebuilds_total") == 1)
+    fresh = await RawPeer.connect(f"{server.ws_url}/room")  # pycrdt, as the watcher, would cut the emoji as yrs does
+    await fresh.sync()
+    assert str(fresh.doc.get("t", type=Text)) == "\ufffdx\ufffd" * 10
+    await watcher.close()
+    await fresh.close()

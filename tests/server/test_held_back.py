@@ -32,6 +32,7 @@ from tests.rawclient import (
     state_vector,
     two_changes,
     two_waiting_on_one,
+    typed_and_cut,
     typed_between,
 )
 
@@ -259,24 +260,6 @@ async def test_changes_held_back_that_cut_a_character_held_back_with_them_cut_it
     await wait_for(late, want)
     await client.close()
     await late.close()
-
-
-def typed_and_cut(count: int) -> list[bytes]:
-    """A Yjs client's messages typing an emoji and then, in its next message, a character between its two UTF-16
-    units, `count` times (each pair at the end of the text)."""
-    writer = Replay(Doc(client_id=5))
-    messages: list[bytes] = []
-    for _ in range(count):
-        text = writer.doc.get("t", type=Text)  # a cut rebuilds the writer's document
-        before = writer.doc.get_state()
-        text.insert(len(str(text).encode()), "😀")  # pycrdt counts UTF-8 bytes
-        messages.append(writer.doc.get_update(before))
-        writer.characters.add(messages[-1])
-        second = max(seconds_held(writer.doc), key=lambda point: point[1])
-        cut = typed_between(5, second[1] + 1, second, "x")
-        writer.apply(cut)
-        messages.append(cut)
-    return messages
 
 
 async def test_a_client_s_queued_messages_that_cut_characters_they_wrote_need_no_rebuild(room: Room) -> None:
