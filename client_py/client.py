@@ -45,13 +45,16 @@ STORE = "client_py:store"
 
 _NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
 DELETED_CODE = 4410  # collab_server closes a deleted document's connections with this code
+TOO_BIG_CODE = 1009  # the server refuses a message of ours as too large (its --max-message-size)
 REFUSED_STATUSES = (401, 403)  # a refused upgrade: the token is missing or not good for this room
 MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After from a refusing server is cut to this
 
 
 class ServerClosed(Exception):
-    """The server ended the link for good: a close code in 4400-4499 (permanent, as y-websocket treats them)
-    or a refused upgrade (401/403). Retrying would get the same answer, so the client stops."""
+    """The server ended the link for good: a close code in 4400-4499 (permanent, as y-websocket treats them),
+    a refused upgrade (401/403), or 1009, a message of ours too large for the server (the handshake would send
+    that edit again at every reconnect; y-websocket retries for ever, with nothing after it ever arriving).
+    Retrying would get the same answer, so the client stops; edits stay in the local store."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"{code}: {reason}" if reason else str(code))
@@ -144,6 +147,8 @@ class CollabClient:
         """Load the local store (if any) and start connecting in the background; never waits for the server."""
         if self._store_path is not None:
             self._store = LocalStore(self._store_path, self.room, self._compact_every)
+            if self._store.deleted:  # by an earlier client of this store: it must not upload the document again
+                self.stopped = DocumentDeleted(DELETED_CODE, "document deleted (as the local store recorded)")
             snapshot = self._store.load()
             if snapshot is not None:
                 self.doc = apply(self.doc, snapshot, self._characters)
@@ -288,7 +293,7 @@ class CollabClient:
 
     async def _run(self) -> None:
         attempt = 0
-        while not self._closing:
+        while not self._closing and self.stopped is None:
             link = _Link()
             ws: ClientConnection | None = None
             asked_to_wait = 0.0
@@ -309,9 +314,12 @@ class CollabClient:
                 self._link = None
                 self._synced.clear()
                 self.awareness.forget_peers()
-                if ws is not None and ws.close_code is not None and 4400 <= ws.close_code < 4500:
+                if ws is not None and ws.close_code is not None and (
+                        4400 <= ws.close_code < 4500 or ws.close_code == TOO_BIG_CODE):
                     kind = DocumentDeleted if ws.close_code == DELETED_CODE else ServerClosed
                     self.stopped = kind(ws.close_code, ws.close_reason or "")
+                    if self.deleted and self._store is not None:
+                        self._store.mark_deleted()
                 if self.stopped is not None:
                     self.last_error = self.stopped
                     # raised to whoever waits on the client; a log line would repeat it
@@ -329,8 +337,9 @@ class CollabClient:
     async def _session(self, ws: ClientConnection, link: _Link) -> None:
         self._link = link
         self._notify()
-        if self.awareness.local_state is not None:
-            link.outbox.put_nowait(self.awareness.local_message())
+        if self.awareness.local_state is not None:  # with a new clock: peers that saw the last one (before a
+            # server restart dropped it) would ignore it (y-protocols), until the renewal 15 s later
+            link.outbox.put_nowait(self.awareness.set_local_state(self.awareness.local_state))
         # Servers open with SyncStep1; if ours stays silent, ask anyway.
         ask_anyway = asyncio.get_running_loop().call_later(self.open_timeout, self._handshake_ask, link)
         helpers = [asyncio.create_task(self._write(ws, link)), asyncio.create_task(self._housekeep())]

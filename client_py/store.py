@@ -21,21 +21,27 @@ class LocalStore:
     """Append-only update log in a SQLite file (WAL), bound to one room.
 
     Each append is its own commit, so an update is on disk before the client sends it; a process crash
-    loses nothing already appended. One client at a time per file.
+    loses nothing already appended. One client at a time per file: the file is locked while open (a second
+    opener, in this process or another, gets StoreError; a compaction of one would drop the other's edits).
     """
 
     def __init__(self, path: str | Path, room: str, compact_every: int = 500) -> None:
         self.path = Path(path)
         self.compact_every = compact_every
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
         try:
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first write until closed
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("COMMIT")
             self._db.executescript(SCHEMA)
             self._bind_room(room)
             self._rows: int = self._db.execute("SELECT count(*) FROM updates").fetchone()[0]
         except (sqlite3.Error, StoreError) as exc:
             self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise StoreError(f"cannot use store {self.path}: another client has it open") from exc
             raise StoreError(f"cannot use store {self.path}: {exc}") from exc
 
     def _bind_room(self, room: str) -> None:
@@ -43,6 +49,15 @@ class LocalStore:
         stored = self._db.execute("SELECT value FROM meta WHERE key = 'room'").fetchone()[0]
         if stored != room:
             raise StoreError(f"it holds room {stored!r}, not {room!r}")
+
+    @property
+    def deleted(self) -> bool:
+        """Whether the server deleted the room's document (`mark_deleted`)."""
+        return self._db.execute("SELECT 1 FROM meta WHERE key = 'deleted'").fetchone() is not None
+
+    def mark_deleted(self) -> None:
+        """Remember that the server deleted the document, so that no client of this store uploads it again."""
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('deleted', '1')")
 
     def load(self) -> bytes | None:
         """All stored updates merged into one, or None if the store is empty."""

@@ -24,6 +24,7 @@ from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, dec
                                     sync_step1, sync_step2, sync_update)
 from tests.client.refserver import RefServer
 from tests.client.relay import Relay
+from tests.jspeer import JsPeer
 from tests.rawclient import RawPeer, cut_before_it_came, deletion, second_unit, two_waiting_on_one
 from tests.serverproc import ROOT, ServerProcess, free_port
 
@@ -179,11 +180,12 @@ async def test_a_server_whose_commits_fail_is_left_alone_for_its_retry_after(ser
     assert str(stored.get("t", type=Text)) == "kept"
 
 
-async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess) -> None:
-    """Reconnecting after the server deleted the document would send the whole replica back: the client stops."""
-    name = room()
+async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess, tmp_path: Path) -> None:
+    """Reconnecting after the server deleted the document would send the whole replica back: the client stops,
+    and its store remembers, so a client started again on it does not connect either."""
+    name, store = room(), tmp_path / "client.db"
     backoff = RecordingBackoff(base=0.02, max=0.2, jitter=0)
-    async with CollabClient(server.ws_url, name, backoff=backoff) as client:
+    async with CollabClient(server.ws_url, name, backoff=backoff, store=store) as client:
         await client.synced()
         client.doc.get("t", type=Text).insert(0, "doomed")
         await client.flush()
@@ -196,6 +198,53 @@ async def test_a_deleted_document_is_not_uploaded_again(server: ServerProcess) -
             assert (await http.get(f"/api/docs/{name}/json")).status_code == 404
         client.doc.get("t", type=Text).insert(0, "offline ")  # still a local document; nothing is sent
     assert text(client) == "offline doomed"
+    async with CollabClient(server.ws_url, name, backoff=backoff, store=store) as again:
+        assert text(again) == "offline doomed"  # the local copy is kept
+        with pytest.raises(DocumentDeleted):
+            await again.synced()
+        assert again.deleted and backoff.delays == []
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.get(f"/api/docs/{name}/json")).status_code == 404
+
+
+async def test_an_edit_too_large_for_the_server_stops_the_client(server_factory, tmp_path: Path) -> None:
+    """The server closes with 1009 a message over its --max-message-size; the handshake would send that edit again
+    at every reconnect, so the client stops and says why (it kept retrying, with nothing after it arriving). The
+    edit stays in the store, to upload once the server takes messages that large."""
+    server = server_factory("--max-message-size", "2000")
+    name, store = room(), tmp_path / "client.db"
+    backoff = RecordingBackoff(base=0.02, max=0.2, jitter=0)
+    async with CollabClient(server.ws_url, name, backoff=backoff, store=store) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "x" * 5000)
+        with pytest.raises(ServerClosed) as stopped:
+            await client.flush()
+        assert stopped.value.code == 1009 and "exceeds limit of 2000" in stopped.value.reason
+        assert client.stopped is stopped.value and backoff.delays == []
+    server.stop()
+    bigger = server_factory("--max-message-size", "20000", db=server.db)
+    async with CollabClient(bigger.ws_url, name, store=store) as client:
+        await client.flush()
+    async with CollabClient(bigger.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == "x" * 5000
+
+
+async def test_presence_is_announced_anew_after_the_server_restarts(server: ServerProcess) -> None:
+    """A Yjs peer keeps the clock of a state it saw; after the server restarts, a state sent with that clock again
+    is ignored (y-protocols) until the next renewal, 15 s later: the client announces its state with a new clock
+    on every connection."""
+    name = room()
+    async with JsPeer("yjs") as peer, CollabClient(server.ws_url, name, backoff=FAST) as client:
+        await peer.connect(server.ws_url, name)
+        client.set_awareness({"user": "py"})
+        seen = f"awareness[{client.doc.client_id}]?.user === 'py'"
+        await peer.wait_for(seen)
+        server.kill()
+        await peer.wait_for(f"status !== 'connected' && !awareness[{client.doc.client_id}]")
+        await asyncio.to_thread(server.start)
+        await client.synced(timeout=15)
+        await peer.wait_for(f"status === 'connected' && {seen}", timeout=8)
 
 
 @pytest.mark.parametrize("close_codes", [False, True], ids=["refused-upgrade", "close-code"])

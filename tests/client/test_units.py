@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,24 @@ def test_a_refusal_asks_for_the_wait_its_retry_after_header_gives() -> None:
     assert retry_after(refusal(**{"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"})) == 0.0  # dates: backoff only
     assert retry_after(refusal()) == 0.0
     assert retry_after(OSError("connection refused")) == 0.0
+
+
+def test_a_store_is_used_by_one_client_at_a_time(tmp_path: Path) -> None:
+    """Two clients on one store: one's compaction would drop what the other appended since it loaded. The second
+    opener, in this process or another, is refused while the first has it open."""
+    store = LocalStore(tmp_path / "s.db", "room")
+    store.append(b"\x00\x00")
+    with pytest.raises(StoreError, match="another client has it open"):
+        LocalStore(tmp_path / "s.db", "room")
+    other = subprocess.run([sys.executable, "-c", "import sys; from client_py import LocalStore; "
+                            "LocalStore(sys.argv[1], 'room')", str(tmp_path / "s.db")],
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and "another client has it open" in other.stderr
+    store.close()
+    reopened = LocalStore(tmp_path / "s.db", "room")
+    assert reopened.load() == b"\x00\x00" and not reopened.deleted
+    reopened.mark_deleted()
+    reopened.close()
+    final = LocalStore(tmp_path / "s.db", "room")
+    assert final.deleted
+    final.close()
