@@ -179,6 +179,11 @@ class Compactor:
         self._log_counts.pop(doc, None)
         self._checkpoints.pop(doc, None)
 
+    def stop_at(self, when: float) -> None:
+        """Server shutdown: start no compaction after loop time `when` (a log left unfolded is replayed at the next
+        load), so that folding the logs of every room unloaded at shutdown does not outlast the graceful timeout."""
+        asyncio.get_running_loop().call_at(when, setattr, self, "_closing", True)
+
     async def close(self) -> None:
         """Start no more compactions and wait for those running."""
         self._closing = True
@@ -272,6 +277,9 @@ class Store(Protocol):
 
     def unloaded(self, doc: str) -> None:
         """This node stopped serving `doc`: fold its log in the background if it is long enough to matter."""
+
+    def stop_compacting_at(self, when: float) -> None:
+        """Server shutdown: start no compaction after loop time `when` (`Compactor.stop_at`)."""
 
     async def delete(self, doc: str) -> bool:
         """Erase the checkpoint, log and saved versions of `doc` in one transaction; returns whether it had a

@@ -322,6 +322,9 @@ class PostgresStore:
     def unloaded(self, doc: str) -> None:
         self._compactor.after_unload(doc)
 
+    def stop_compacting_at(self, when: float) -> None:
+        self._compactor.stop_at(when)
+
     async def delete(self, doc: str) -> bool:
         """A compaction another node swaps in afterwards finds no document row and folds nothing; a commit
         another node makes afterwards starts the document again."""

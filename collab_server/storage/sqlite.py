@@ -354,6 +354,9 @@ class SQLiteStore:
     def unloaded(self, doc: str) -> None:
         self._compactor.after_unload(doc)
 
+    def stop_compacting_at(self, when: float) -> None:
+        self._compactor.stop_at(when)
+
     async def delete(self, doc: str) -> bool:
         assert self._writer is not None
         await self._compactor.forget(doc)
