@@ -637,7 +637,12 @@ class Room:
             self._relay(payload)
         else:
             if not local:
-                self._merge_awareness(p.decode_awareness(payload), None)
+                try:
+                    entries = p.decode_awareness(payload)
+                except p.ProtocolError as exc:  # a node of an older version took it (a NaN state): not relayed
+                    log.warning("awareness from another node refused room=%s error=%s", self.name, exc)
+                    return
+                self._merge_awareness(entries, None)
             if not self._awareness_outbox:
                 asyncio.get_running_loop().call_soon(self._flush_awareness)
             self._awareness_outbox.append(payload)

@@ -1,5 +1,6 @@
 """Awareness: joiners get existing states, a closed connection's presence is removed, no phantom peer."""
 
+import asyncio
 import json
 
 from websockets.asyncio.client import connect
@@ -119,3 +120,43 @@ async def test_queries_are_not_answered_again_while_the_answer_waits_unsent(serv
     assert server.metric("collab_messages_coalesced_total") == 0
     assert asker.close_code is None
     asker.transport.abort()  # a close handshake would wait behind what it does not read
+
+
+async def test_awareness_another_node_relays_that_this_version_refuses_is_dropped_with_a_warning(
+        tmp_path, caplog) -> None:
+    """A node of an older version may relay a state JavaScript's JSON.parse refuses (NaN): it is not relayed to
+    this node's clients (every Node y-websocket peer died on one), and the broker's reader logs no traceback."""
+    from collab_server.broker import Kind
+    from collab_server.broker.local import LocalBroker
+    from collab_server.connection import Connection
+    from collab_server.metrics import Metrics
+    from collab_server.room import Room
+    from collab_server.storage.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    room = Room("doc", store, LocalBroker(), Metrics())
+    await room.load()
+    sent: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "websocket.send":
+            sent.append(message["bytes"])
+
+    conn = Connection(send, room.metrics)
+    room.join(conn)
+    bad, good = (p.decode_message(p.encode_awareness([entry])).payload
+                 for entry in (p.AwarenessEntry(7, 1, '{"x": NaN}'), p.AwarenessEntry(8, 1, '{"x": 1}')))
+    room._on_broker(Kind.AWARENESS, bad, False)
+    room._on_broker(Kind.AWARENESS, good, False)
+    awareness = lambda: [m for m in map(p.decode_message, sent) if isinstance(m, p.AwarenessMessage)]
+    for _ in range(100):
+        if awareness():
+            break
+        await asyncio.sleep(0.01)
+    assert [m.payload for m in awareness()] == [good]
+    assert "awareness from another node refused" in caplog.text
+    conn.close(1000, "done")
+    await conn.wait_closed()
+    await room.close()
+    await store.close()
