@@ -22,7 +22,7 @@ from collab_server.metrics import Metrics
 from collab_server.pacing import Turns, in_thread
 from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
-from collab_server.storage import LogMark, StorageError, Store
+from collab_server.storage import DeletedMeanwhile, LogMark, StorageError, Store
 from collab_server.surrogates import Characters, Cut, Scan, merge_safely, precut
 from collab_server.transport import binary_frame
 from collab_server.updatecheck import check_state_vector, check_update
@@ -552,6 +552,9 @@ class Room:
     def _committed(self, write: _Write, fut: asyncio.Future[int]) -> None:
         senders, write.senders = write.senders, []  # the store may hold a taken write a while: no connections
         exc = fut.exception() if not fut.cancelled() else StorageError("write cancelled")
+        if isinstance(exc, DeletedMeanwhile):  # by another node, whose broadcast of it has not come yet
+            self.discard(CloseCode.DELETED, "document deleted")
+            return
         if exc is not None:
             self._fail(exc, senders)
             return

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collab_server.config import Settings
-from collab_server.storage.base import DocInfo, HistoryCompacted, LogEntry, LogMark, StorageError, Store, VersionInfo
+from collab_server.storage.base import DeletedMeanwhile, DocInfo, HistoryCompacted, LogEntry, LogMark, StorageError, Store, VersionInfo
 
-__all__ = ["DocInfo", "HistoryCompacted", "LogEntry", "LogMark", "StorageError", "Store", "VersionInfo", "create_store"]
+__all__ = ["DeletedMeanwhile", "DocInfo", "HistoryCompacted", "LogEntry", "LogMark", "StorageError", "Store", "VersionInfo", "create_store"]
 
 
 def create_store(settings: Settings) -> Store:

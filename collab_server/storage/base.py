@@ -83,6 +83,11 @@ class StorageError(RuntimeError):
     """A write or read against the store failed; the caller must not treat the data as durable."""
 
 
+class DeletedMeanwhile(StorageError):
+    """The document was deleted (by another node) after this node's room loaded it: a write of that room is dropped
+    with the rest of the document, as if it had committed just before the deletion."""
+
+
 ENTRY_BYTES = 32  # a log entry of a single keystroke is 15-25 bytes; see log_weight
 
 

@@ -25,6 +25,7 @@ from collab_server.slicing import slow_documents
 from collab_server.storage.base import (
     Compactor,
     Deferred,
+    DeletedMeanwhile,
     DocInfo,
     HistoryCompacted,
     LogEntry,
@@ -67,6 +68,10 @@ CREATE TABLE IF NOT EXISTS versions (
     data BYTEA NOT NULL
 );
 CREATE INDEX IF NOT EXISTS versions_doc ON versions (doc, id);
+CREATE TABLE IF NOT EXISTS deletions (
+    name TEXT PRIMARY KEY,
+    count BIGINT NOT NULL  -- times the document was deleted: a room loaded before the latest writes no more
+);
 """
 # what SCHEMA creates: when all of it is there, a starting node runs none of it (CREATE INDEX IF NOT EXISTS
 # locks its table before it finds the index, so a node starting while others commit deadlocked with them)
@@ -91,6 +96,9 @@ class PostgresStore:
         # the writer's own connection: commits never wait behind loads and compactions for one of the pool's
         self._writes: asyncpg.Pool | None = None
         self._queue: list[Pending] = []
+        # deletions of each document its room saw at load, and of each write submitted, for `_incarnations`
+        self._loaded_at: dict[str, int] = {}
+        self._submitted_at: dict[asyncio.Future[int], int] = {}
         self._wake = asyncio.Event()
         self._slow = SlowMarks(self._wake)  # documents found slow to apply, to mark so
         self._closing = False
@@ -173,6 +181,8 @@ class PostgresStore:
             fut.set_exception(StorageError("store is closing"))
             return fut
         self._queue.append((doc, update, fut))
+        if (deletions := self._loaded_at.get(doc)) is not None:
+            self._submitted_at[fut] = deletions
         self._wake.set()
         return fut
 
@@ -195,6 +205,7 @@ class PostgresStore:
 
     async def _commit(self, pending: list[Pending]) -> None:
         assert self._writes is not None
+        submitted_at = {fut: self._submitted_at.pop(fut) for _, _, fut in pending if fut in self._submitted_at}
         batch = take(pending)
         if not batch:
             return
@@ -202,18 +213,20 @@ class PostgresStore:
         now = time.time()
         try:
             async with self._writes.acquire(timeout=self.timeout) as conn, conn.transaction():
+                dropped = await self._deleted_meanwhile(conn, batch, submitted_at)
+                kept = [entry for entry in batch if entry[2] not in dropped]
                 ids = sorted(await conn.fetchval(
                     "SELECT array_agg(nextval(pg_get_serial_sequence('updates', 'id'))) "
-                    "FROM generate_series(1, $1)", len(batch)))
+                    "FROM generate_series(1, $1)", len(kept))) if kept else []
                 await conn.execute(
                     "INSERT INTO updates (id, doc, ts, data) "
                     "SELECT id, doc, $3, data FROM unnest($1::bigint[], $2::text[], $4::bytea[]) AS u(id, doc, data)",
-                    ids, [doc for doc, _, _ in batch], now, [update for _, update, _ in batch])
+                    ids, [doc for doc, _, _ in kept], now, [update for _, update, _ in kept])
                 # sorted, so two nodes' writers lock document rows in the same order and cannot deadlock
                 await conn.execute(
                     "INSERT INTO documents (name, updated) SELECT unnest($1::text[]), $2 "
                     "ON CONFLICT (name) DO UPDATE SET updated = excluded.updated",
-                    sorted({doc for doc, _, _ in batch}), now)
+                    sorted({doc for doc, _, _ in kept}), now)
         except Exception as exc:  # noqa: BLE001  any failure, even an unknown commit outcome: not durable
             error = StorageError(f"commit of {len(batch)} updates failed: {reason(exc)}")
             self.health.failed(len(batch), exc)
@@ -222,12 +235,29 @@ class PostgresStore:
                     fut.set_exception(error)
             return
         self.health.succeeded()
-        for (doc, update, fut), seq in zip(batch, ids):
+        for doc, _, fut in batch:
+            if fut in dropped and not fut.done():
+                fut.set_exception(DeletedMeanwhile(f"{doc!r} was deleted after this node loaded it"))
+        for (doc, update, fut), seq in zip(kept, ids):
             self._log_counts[doc] += log_weight(update)
             if not fut.done():
                 fut.set_result(seq)
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
+
+    @staticmethod
+    async def _deleted_meanwhile(conn: asyncpg.Connection, batch: list[tuple[str, bytes, asyncio.Future[int]]],
+                                 submitted_at: dict[asyncio.Future[int], int]) -> set[asyncio.Future[int]]:
+        """The writes of `batch` whose document was deleted (by any node) after their room loaded it: a client of
+        another node could send one before its node heard of the deletion, and committed after it, it started the
+        document again (listed, with a few stray entries). Takes the documents' advisory locks, shared (a deletion
+        takes them exclusively), so that a deletion comes wholly before or after this commit."""
+        docs = sorted({doc for doc, _, _ in batch})  # in the same order on every node: no deadlock
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(d)) FROM unnest($1::text[]) AS d", docs)
+        if not submitted_at:
+            return set()
+        counts = dict(await conn.fetch("SELECT name, count FROM deletions WHERE name = ANY($1::text[])", docs))
+        return {fut for doc, _, fut in batch if fut in submitted_at and submitted_at[fut] != counts.get(doc, 0)}
 
     async def _mark_slow(self, docs: list[str]) -> None:
         """Mark `docs` slow to apply (see SlowMarks); a failure is logged, the mark learned again later."""
@@ -240,7 +270,7 @@ class PostgresStore:
             log.warning("postgres: marking documents slow to apply failed error=%s", reason(exc))
 
     async def load(self, doc: str) -> list[bytes]:
-        updates, _ = await self.load_new(doc, None)
+        updates, _, _ = await self._load(doc, None)
         return updates
 
     async def load_until(self, doc: str, seq: int) -> list[bytes]:
@@ -250,7 +280,16 @@ class PostgresStore:
         return ([checkpoint] if checkpoint else []) + [data for id_, data in rows if id_ <= seq]
 
     async def load_new(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark | None]:
-        """One snapshot; the checkpoint and the entries `since` held are left out (not sent) if still there."""
+        """One snapshot; the checkpoint and the entries `since` held are left out (not sent) if still there. Read
+        whole (a room's load), the deletions of `doc` so far are noted: the room's writes are dropped if it is
+        deleted again (`_deleted_meanwhile`)."""
+        updates, mark, deletions = await self._load(doc, since)
+        if since is None:
+            self._loaded_at[doc] = deletions
+        return updates, mark
+
+    async def _load(self, doc: str, since: LogMark | None) -> tuple[list[bytes], LogMark, int]:
+        """`load_new`, and how many times `doc` was deleted, in the same snapshot."""
         assert self._pool is not None
         known = since.checkpoint if since else -1
         try:
@@ -263,6 +302,7 @@ class PostgresStore:
                 held = since.entries.tolist() if since and same else []
                 rows = await conn.fetch("SELECT id, CASE WHEN id = ANY($2::bigint[]) THEN NULL ELSE data END AS data "
                                         "FROM updates WHERE doc = $1 ORDER BY id", doc, held)
+                deletions = await conn.fetchval("SELECT count FROM deletions WHERE name = $1", doc) or 0
         except Exception as exc:
             raise StorageError(f"loading {doc!r} failed: {reason(exc)}") from exc
         if row is not None and row["slow"]:
@@ -272,7 +312,7 @@ class PostgresStore:
         if since is None:  # the whole log, as a room's load reads it: what counts toward the next compaction
             self._compactor.loaded(doc, log, checkpoint)
         mark = LogMark(row["checkpoint_seq"] if row else 0, array("q", [r["id"] for r in rows]))
-        return ([checkpoint] if checkpoint else []) + log, mark
+        return ([checkpoint] if checkpoint else []) + log, mark, deletions
 
     async def _snapshot(self, doc: str) -> tuple[bytes | None, int, list[tuple[int, bytes]]]:
         """Checkpoint and log read in one snapshot, so a concurrent compaction is never half seen."""
@@ -320,18 +360,23 @@ class PostgresStore:
         self._log_counts[doc] = 0  # nothing left to fold, or other nodes keep folding it
 
     def unloaded(self, doc: str) -> None:
+        self._loaded_at.pop(doc, None)
         self._compactor.after_unload(doc)
 
     def stop_compacting_at(self, when: float) -> None:
         self._compactor.stop_at(when)
 
     async def delete(self, doc: str) -> bool:
-        """A compaction another node swaps in afterwards finds no document row and folds nothing; a commit
-        another node makes afterwards starts the document again."""
+        """A compaction another node swaps in afterwards finds no document row and folds nothing; a write of a room
+        another node loaded before is dropped (`_deleted_meanwhile`), one loaded since starts the document again."""
         assert self._pool is not None
         await self._compactor.forget(doc)
+        self._loaded_at.pop(doc, None)
         try:
             async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", doc)
+                await conn.execute("INSERT INTO deletions (name, count) VALUES ($1, 1) "
+                                   "ON CONFLICT (name) DO UPDATE SET count = deletions.count + 1", doc)
                 row = await conn.fetchval("DELETE FROM documents WHERE name = $1 RETURNING 1", doc)
                 status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
                 await conn.execute("DELETE FROM versions WHERE doc = $1", doc)

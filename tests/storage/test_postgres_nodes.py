@@ -10,9 +10,10 @@ import pytest
 from pycrdt import Doc, Text
 
 from collab_server.broker.local import LocalBroker
+from collab_server.connection import Connection
 from collab_server.metrics import Metrics
 from collab_server.room import Room
-from collab_server.storage.base import StorageError
+from collab_server.storage.base import DeletedMeanwhile, StorageError
 from collab_server.storage.postgres import PostgresStore
 from tests.rawclient import text_updates
 
@@ -267,3 +268,33 @@ async def test_a_schema_written_before_the_slow_mark_gets_it_and_keeps_its_docum
         assert await store.load("d") == updates[:2]
     finally:
         await store.close()
+
+
+async def test_a_write_of_a_room_loaded_before_another_node_deleted_the_document_is_dropped(
+        nodes: tuple[PostgresStore, PostgresStore]) -> None:
+    """A client of node B sends a change before B hears that node A deleted the document: committed after the
+    deletion, it started the document again (listed, a few stray entries, 404 on reads). Now the write is dropped,
+    and B's room closes its clients with 4410 at once; a room B loads after the deletion starts it again."""
+    a, b = nodes
+    doc, updates = text_updates(3)
+    await b.submit("d", updates[0])
+    room = Room("d", b, LocalBroker(), Metrics())
+    await room.load()
+    closed: list[tuple[int, str]] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "websocket.close":
+            closed.append((message["code"], message["reason"]))
+
+    conn = Connection(send, room.metrics)
+    room.join(conn)
+    assert await a.delete("d")
+    with pytest.raises(DeletedMeanwhile):
+        await b.submit("d", updates[1])  # as the room's write: B loaded the document before A deleted it
+    await room.apply(updates[1])
+    await conn.wait_closed()
+    assert room.closed and closed == [(4410, "document deleted")]
+    assert await a.list_docs() == [] and await a.load("d") == []
+    await b.load_new("d", None)  # a room loaded since: a new document
+    await b.submit("d", updates[2])
+    assert [info.name for info in await a.list_docs()] == ["d"] and await a.load("d") == [updates[2]]
