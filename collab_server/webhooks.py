@@ -4,8 +4,11 @@
 least every `max_wait` seconds while it keeps changing; ``document.deleted`` at once. The body is JSON
 ``{"event", "document", "time"}``; with a secret, ``X-Collab-Signature: sha256=<hex>`` is the HMAC-SHA256
 of the body. A POST that fails (network error, timeout, a status other than 2xx) is retried with backoff.
-Delivery is at least once: a receiver may see an event twice, and with several nodes each node reports the
-changes it committed. Only commits are reported, never a change that storage refused.
+Delivery is at least once while the node runs: a receiver may see an event twice, and with several nodes each
+node reports the changes it committed; a change committed within the quiet period before the node is killed
+(SIGKILL, power loss) is not reported. Only commits are reported, never a change that storage refused. A
+document's events reach the receiver in order: a delivery waits for the one before it, and a deletion cancels
+a change event still being retried (it arrived after the deletion, with the receiver failing meanwhile).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hmac
 import json
 import logging
 import time
+from functools import partial
 
 import httpx
 
@@ -42,6 +46,7 @@ class Webhooks:
         self._client = httpx.AsyncClient(timeout=timeout)
         self._pending: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # document: (first change, timer)
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._latest: dict[str, asyncio.Task[None]] = {}  # each document's latest delivery, while it runs
 
     def attach(self, room: Room) -> None:
         """Report the room's commits (call as each room loads)."""
@@ -67,11 +72,22 @@ class Webhooks:
         self._send("document.changed", doc)
 
     def _send(self, event: str, doc: str) -> None:
-        task = asyncio.create_task(self._deliver(event, doc), name=f"webhook:{event}:{doc}")
+        before = self._latest.get(doc)
+        if before is not None and event == "document.deleted":
+            before.cancel()
+        task = asyncio.create_task(self._deliver(event, doc, before), name=f"webhook:{event}:{doc}")
         self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
+        self._latest[doc] = task
+        task.add_done_callback(partial(self._delivered, doc))
 
-    async def _deliver(self, event: str, doc: str) -> None:
+    def _delivered(self, doc: str, task: asyncio.Task[None]) -> None:
+        self._deliveries.discard(task)
+        if self._latest.get(doc) is task:
+            del self._latest[doc]
+
+    async def _deliver(self, event: str, doc: str, before: asyncio.Task[None] | None) -> None:
+        if before is not None:  # the document's previous event first
+            await asyncio.wait([before])
         body = json.dumps({"event": event, "document": doc, "time": time.time()}).encode()
         headers = {"content-type": "application/json", "x-collab-event": event}
         if self.secret:

@@ -16,6 +16,8 @@ import httpx
 import pytest
 from pycrdt import Text
 
+from collab_server import webhooks
+from collab_server.metrics import Metrics
 from tests.rawclient import RawPeer
 
 SECRET = "hook-secret"
@@ -163,3 +165,33 @@ async def test_an_unreachable_receiver_is_counted_and_never_disturbs_editing(ser
         await asyncio.sleep(0.05)
     await edit(peer, "y")
     await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "yx")
+
+
+async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_change_being_retried(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver fails the change event, and the document is deleted before the retry: the receiver saw
+    `changed` (failed), `deleted`, then `changed` again, and a consumer taking them in order believed the document
+    existed. Now the retry is cancelled; and a document's events never overtake each other."""
+    monkeypatch.setattr(webhooks, "RETRY_DELAY", 0.05)
+    posted: list[tuple[str, str]] = []
+    failed_once = asyncio.Event()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        posted.append((event["event"], event["document"]))
+        if len(posted) == 1:
+            failed_once.set()
+            return httpx.Response(500)
+        return httpx.Response(204)
+
+    hooks = webhooks.Webhooks("http://receiver/hook", Metrics(), debounce=0)
+    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    hooks.changed("doc")
+    await asyncio.wait_for(failed_once.wait(), 10)
+    hooks.deleted("doc")
+    hooks.changed("other")
+    await asyncio.sleep(0)  # the change event of "other" fires after its debounce of 0
+    await hooks.close(timeout=10)
+    assert [event for event in posted if event[1] == "doc"] == [("document.changed", "doc"),
+                                                               ("document.deleted", "doc")]
+    assert ("document.changed", "other") in posted
