@@ -102,7 +102,7 @@ def _metadata(value: Any, name: str) -> dict[str, Any]:
 FIELDS: dict[str, dict[str, tuple[Callable[[Any, str], Any], bool]]] = {
     "create_block": {"id": (_id, True), "type": (_str, True), "content": (_str, False)},
     "delete_block": {"id": (_id, True)},
-    "set_content": {"id": (_id, True), "content": (_str, True)},
+    "set_content": {"id": (_id, True), "content": (_str, True), "expect": (_str, False)},
     "add_index": {"id": (_id, True), "index_name": (_id, True), "status": (_status, False),
                   "metadata": (_metadata, False)},
     "remove_index": {"id": (_id, True), "index_name": (_id, True)},
@@ -137,19 +137,23 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class _Block:
-    """What checking needs to know of a block: whether it can hold text and entries, and its entry names."""
+    """What checking needs to know of a block: whether it can hold text and entries, its entry names, and its
+    text (after the ops before)."""
 
     has_text: bool
     has_list: bool
     names: Counter[str]
+    text: str = ""
 
 
 def _view(doc: Doc, block_id: str) -> _Block | None:
     block = get_block(doc, block_id)
     if block is None:
         return None
-    return _Block(isinstance(block.get("content"), Text), isinstance(block.get("indexingList"), Array),
-                  Counter(name for entry in entries(block) if isinstance(name := entry.get("index_name"), str)))
+    content = block.get("content")
+    return _Block(isinstance(content, Text), isinstance(block.get("indexingList"), Array),
+                  Counter(name for entry in entries(block) if isinstance(name := entry.get("index_name"), str)),
+                  str(content) if isinstance(content, Text) else "")
 
 
 def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
@@ -161,7 +165,7 @@ def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
             blocks[block_id] = _view(doc, block_id)
         block = blocks[block_id]
         if kind == "create_block":
-            blocks[block_id] = block or _Block(True, True, Counter())
+            blocks[block_id] = block or _Block(True, True, Counter(), op.get("content", ""))
             continue
         if kind == "delete_block":
             blocks[block_id] = None
@@ -170,8 +174,13 @@ def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
         if block is None:
             raise EditError(404, f"{where}: no block {block_id!r}")
         name = op.get("index_name", "")
-        if kind == "set_content" and not block.has_text:
-            raise EditError(400, f"{where}: block {block_id!r} has no content text")
+        if kind == "set_content":
+            if not block.has_text:
+                raise EditError(400, f"{where}: block {block_id!r} has no content text")
+            if "expect" in op and op["expect"] != block.text:
+                raise EditError(409, f"{where}: the content of block {block_id!r} is not the expected one "
+                                     "(it changed since it was read); nothing was changed")
+            block.text = op["content"]
         if kind == "add_index":
             if not block.has_list:
                 raise EditError(400, f"{where}: block {block_id!r} has no indexingList array")

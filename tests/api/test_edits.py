@@ -77,6 +77,27 @@ async def test_set_content_replaces_only_what_differs_so_a_concurrent_edit_survi
     assert str(block_content(fresh.doc, "b")) == "The slow brown fox! 😀 jumps"
 
 
+async def test_set_content_with_expect_refuses_to_overwrite_what_the_caller_has_not_read(server, http) -> None:
+    """A worker reads "hello world", a user types "TYPED " at the start, the worker sets "hello world!": the span
+    that differs from what the server holds was replaced, and the typing lost. With `expect` (what it read) the
+    batch is refused with 409 and changes nothing; read again, it appends safely."""
+    await edit(http, "e", {"op": "create_block", "id": "b", "type": "p", "content": "hello world"})
+    read = (await http.get("/api/docs/e/json")).json()["blocks"]["b"]["content"]
+    typist = await RawPeer.connect(f"{server.ws_url}/e")
+    await typist.sync()
+    await typist.edit(lambda doc: block_content(doc, "b").insert(0, "TYPED "))
+    await typist.sync()  # the server holds it
+    answer = await edit(http, "e", {"op": "add_index", "id": "b", "index_name": "ix"},
+                        {"op": "set_content", "id": "b", "content": read + "!", "expect": read}, expect=409)
+    assert "changed since it was read" in answer["error"]
+    blocks = (await http.get("/api/docs/e/json")).json()["blocks"]
+    assert blocks["b"]["content"] == "TYPED hello world" and blocks["b"]["indexingList"] == []
+    read = blocks["b"]["content"]
+    await edit(http, "e", {"op": "set_content", "id": "b", "content": read + "!", "expect": read},
+               {"op": "set_content", "id": "b", "content": read + "!!", "expect": read + "!"})
+    await typist.wait_for(lambda: str(block_content(typist.doc, "b")) == "TYPED hello world!!")
+
+
 async def test_a_status_written_over_http_follows_the_resolver(server, http) -> None:
     """An HTTP write has seen the frontier the server holds: it supersedes that, and is concurrent with a
     write the server has not seen yet (resolved by priority)."""
