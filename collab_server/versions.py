@@ -3,8 +3,8 @@
 The first commit to a document once `interval` has passed since its newest automatic version saves the
 committed state as a version labelled "automatic" (so a document edited all day gets one an interval, and an
 untouched one none). Only the newest `keep` automatic versions of each document are kept; versions saved on
-request are never deleted by this. With several nodes each node saves for the commits it makes, so two nodes
-editing one document can save one each in the same interval.
+request are never deleted by this. With several nodes each node saves for the commits it makes, unless another
+node saved one within the interval (the store checks, nodes taking turns): one an interval in all.
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ class AutoVersions:
                     return
             if room.closed:
                 return
-            version = await self.store.save_version(room.name, LABEL, await room.encode_state(), auto=True)
+            version = await self.store.save_auto_version(room.name, LABEL, await room.encode_state(),
+                                                         time.time() - self.interval)
+            if version is None:  # another node saved one within the interval
+                last = max((v.time for v in await self.store.versions(room.name) if v.auto), default=time.time())
+                self._due[room.name] = last + self.interval
+                return
             self._due[room.name] = version.time + self.interval
             await self.store.prune_versions(room.name, self.keep)
             self.metrics.versions_saved.inc()

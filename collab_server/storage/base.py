@@ -306,6 +306,10 @@ class Store(Protocol):
         """Keep `state` (the whole document as one update) as a named version of `doc`; compaction never
         touches it."""
 
+    async def save_auto_version(self, doc: str, label: str, state: bytes, since: float) -> VersionInfo | None:
+        """`save_version(..., auto=True)` unless `doc` has an automatic version saved at or after `since` (unix
+        time), by any node: None then."""
+
     async def prune_versions(self, doc: str, keep: int) -> int:
         """Delete all but the newest `keep` automatic versions of `doc`; returns how many were deleted."""
 

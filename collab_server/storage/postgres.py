@@ -407,6 +407,20 @@ class PostgresStore:
                                  "RETURNING id", doc, now, label, auto, state, what=f"saving a version of {doc!r}")
         return VersionInfo(rows[0]["id"], now, label, len(state), auto)
 
+    async def save_auto_version(self, doc: str, label: str, state: bytes, since: float) -> VersionInfo | None:
+        assert self._pool is not None
+        now = time.time()
+        try:  # nodes saving at once take turns (an advisory lock of their own), so the second finds the first's
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1), 1)", doc)
+                version = await conn.fetchval(
+                    "INSERT INTO versions (doc, ts, label, auto, data) SELECT $1, $2, $3, TRUE, $4 WHERE NOT EXISTS "
+                    "(SELECT 1 FROM versions WHERE doc = $1 AND auto AND ts >= $5) RETURNING id",
+                    doc, now, label, state, since)
+        except Exception as exc:
+            raise StorageError(f"saving a version of {doc!r} failed: {reason(exc)}") from exc
+        return None if version is None else VersionInfo(version, now, label, len(state), True)
+
     async def prune_versions(self, doc: str, keep: int) -> int:
         rows = await self._fetch("DELETE FROM versions WHERE doc = $1 AND auto AND id NOT IN "
                                  "(SELECT id FROM versions WHERE doc = $1 AND auto ORDER BY id DESC LIMIT $2) "

@@ -404,18 +404,31 @@ class SQLiteStore:
                                     (doc, now, label, auto, state), what=f"saving a version of {doc!r}")
         return VersionInfo(version, now, label, len(state), auto)
 
+    async def save_auto_version(self, doc: str, label: str, state: bytes, since: float) -> VersionInfo | None:
+        now = time.time()
+        version = await self._write("INSERT INTO versions (doc, ts, label, auto, data) SELECT ?, ?, ?, 1, ? "
+                                    "WHERE NOT EXISTS (SELECT 1 FROM versions WHERE doc = ? AND auto AND ts >= ?) "
+                                    "RETURNING id", (doc, now, label, state, doc, since),
+                                    what=f"saving a version of {doc!r}", returning=True)
+        return VersionInfo(version, now, label, len(state), True) if version else None
+
     async def prune_versions(self, doc: str, keep: int) -> int:
         return await self._write("DELETE FROM versions WHERE doc = ? AND auto AND id NOT IN "
                                  "(SELECT id FROM versions WHERE doc = ? AND auto ORDER BY id DESC LIMIT ?)",
                                  (doc, doc, keep), what=f"pruning versions of {doc!r}", rows=True)
 
-    async def _write(self, sql: str, params: Sequence[object], *, what: str, rows: bool = False) -> int:
-        """One statement on the writer, in its own transaction; returns the new row id (or the rows changed)."""
+    async def _write(self, sql: str, params: Sequence[object], *, what: str, rows: bool = False,
+                     returning: bool = False) -> int:
+        """One statement on the writer, in its own transaction; returns the new row id (or the rows changed, or
+        what its RETURNING gave: 0 if no row)."""
         assert self._writer is not None
         async with self._write_lock:
             try:
                 async with self._writer.execute(sql, params) as cur:
-                    result = cur.rowcount if rows else cur.lastrowid
+                    if returning:
+                        result = row[0] if (row := await cur.fetchone()) is not None else 0
+                    else:
+                        result = cur.rowcount if rows else cur.lastrowid
             except Exception as exc:
                 raise StorageError(f"{what} failed: {exc}") from exc
         assert result is not None

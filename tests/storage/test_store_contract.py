@@ -440,3 +440,15 @@ async def test_a_document_found_slow_by_a_fold_that_ends_as_the_store_closes_is_
         assert rebuild(await store.load("slow")) == rebuild(updates) and "slow" in slicing.slow_documents
     finally:
         await store.close()
+
+
+async def test_an_automatic_version_is_not_saved_when_one_was_since(store: Store) -> None:
+    """Each node saved automatic versions for the commits it made: two writing nodes saved one each per interval.
+    The store now saves one only if none (of any node) was saved since the given time."""
+    _, updates = text_updates(3)
+    first = await store.save_auto_version("d", "automatic", updates[0], since=time.time() - 60)
+    assert first is not None and first.auto
+    assert await store.save_auto_version("d", "automatic", updates[1], since=time.time() - 60) is None
+    assert await store.save_auto_version("other", "automatic", updates[1], since=time.time() - 60) is not None
+    later = await store.save_auto_version("d", "automatic", updates[2], since=first.time + 0.000001)
+    assert later is not None and [v.id for v in await store.versions("d")] == [first.id, later.id]
