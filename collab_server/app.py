@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                   max_connections_per_room=settings.max_connections_per_room,
                   awareness_timeout=settings.awareness_timeout, keepalive_interval=settings.keepalive_interval,
                   on_load=on_load, on_delete=webhooks.deleted if webhooks is not None else None)
+    resync = Resync(rooms, store, settings.resync_interval) if settings.broker != "local" else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: CollabApp) -> AsyncIterator[None]:
@@ -112,8 +113,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             app.startup_reported = True
             raise
         watchers = [asyncio.create_task(looplag.watch(metrics), name="loop-lag")]
-        if settings.broker != "local" and settings.resync_interval > 0:
-            watchers.append(asyncio.create_task(Resync(rooms, store, settings.resync_interval).run(), name="resync"))
+        if resync is not None and settings.resync_interval > 0:
+            watchers.append(asyncio.create_task(resync.run(), name="resync"))
         log.info("collab server starting store=%s broker=%s", settings.store, settings.broker)  # not yet listening
         try:
             yield
@@ -157,7 +158,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/health", health),
         Route("/metrics", prometheus),
         Route("/ready", ready),
-        *api_routes(rooms, store, settings),
+        *api_routes(rooms, store, settings, resync.refresh if resync is not None else None),
     ]
     if Path(settings.web_demo_dir).is_dir():
         routes.append(Mount("/", StaticFiles(directory=settings.web_demo_dir, html=True)))

@@ -129,8 +129,10 @@ class _EscapedJSON(JSONResponse):
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
-def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute]:
-    """Routes of the /api/ namespace; put them before the websocket catch-all route."""
+def api_routes(rooms: Rooms, store: Store, settings: Settings,
+               refresh: Callable[[Room], Awaitable[None]] | None = None) -> list[BaseRoute]:
+    """Routes of the /api/ namespace; put them before the websocket catch-all route. `refresh` (with several
+    nodes, `Resync.refresh`) catches a room loaded already up with what storage holds before a request uses it."""
 
     def token(request: Request) -> str | None:
         """The request's token; 401 if auth is on and there is none."""
@@ -156,12 +158,16 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings) -> list[BaseRoute
 
     @contextlib.asynccontextmanager
     async def room_of(name: str, *, existing: bool = True) -> AsyncIterator[Room]:
-        """The loaded room, held meanwhile; if `existing`, 404 unless written before, and all of it committed."""
+        """The loaded room, held meanwhile, with everything committed so far (by any node); if `existing`, 404
+        unless written before, and all of it committed."""
+        loaded = name in rooms.loaded
         try:
             room = await rooms.acquire(name)
         except StorageError as exc:
             raise ApiError(503, f"storage unavailable: {exc}") from exc
         try:
+            if loaded and refresh is not None:
+                await _storage(refresh(room))
             if existing:
                 await room.flush()
                 if room.doc.get_state() == b"\x00":

@@ -47,6 +47,24 @@ class Resync:
             except Exception:
                 log.exception("resync failed")
 
+    async def refresh(self, room: Room) -> None:
+        """Catch `room` up with everything committed so far, before an HTTP request reads it: what another node
+        acknowledged may still be on its way through the broker (a read or a saved version through this node
+        lacked it)."""
+        seen = self._seen.get(room.name)
+        since = seen[2] if seen is not None and seen[0] is room else room.mark
+        updates, mark = await self.store.load_new(room.name, since)
+        if room.failed or room.closed:
+            return
+        try:
+            room.catch_up(updates)
+        except Exception as exc:  # as in `once`: its clients reconnect to a fresh load
+            log.exception("room failed to catch up from storage name=%s", room.name)
+            room.discard(CloseCode.INTERNAL_ERROR, "server error")
+            raise StorageError(f"{room.name!r} failed to catch up with storage") from exc
+        room.mark = None
+        self._seen[room.name] = (room, seen[1] if seen is not None and seen[0] is room else -1.0, mark)
+
     async def once(self) -> list[str]:
         """One check of every loaded room; returns the rooms that were missing something."""
         for name in set(self._seen) - set(self.rooms.loaded):

@@ -234,3 +234,27 @@ async def test_a_change_that_waits_for_another_nodes_change_is_stored_and_reache
         late = await RawPeer.connect(f"{node.ws_url}/{cluster.room}")
         await late.sync()
         assert text(late.doc) == "aXb"
+
+
+async def test_a_read_through_another_node_holds_what_one_node_acknowledged(cluster: Cluster) -> None:
+    """A change acknowledged on node A (committed, echoed), read at once through node B, whose room is loaded: it
+    was missing while A's broadcast was on its way (8 reads in 40, a tester). B now catches the room up with storage
+    before a request reads it. Here the nodes share no Redis and B runs no periodic resync, so only that does."""
+    a = cluster.start_node("a")
+    b = cluster.start_node("b", "--redis-url", cluster.redis_url.rsplit("/", 1)[0] + "/15", "--resync-interval", "0")
+    on_b = await RawPeer.connect(f"{b.ws_url}/{cluster.room}")  # keeps the room loaded on B
+    await on_b.sync()
+    on_a = await RawPeer.connect(f"{a.ws_url}/{cluster.room}")
+    await on_a.sync()
+    async with httpx.AsyncClient(base_url=a.http_url) as http_a, httpx.AsyncClient(base_url=b.http_url) as http_b:
+        for i in range(3):
+            content = f"v{i}"
+            ops = [{"op": "create_block", "id": "b", "type": "p"}, {"op": "set_content", "id": "b", "content": content}]
+            assert (await http_a.post(f"/api/docs/{cluster.room}/blocks", json={"ops": ops})).status_code == 200
+            assert (await http_b.get(f"/api/docs/{cluster.room}/json")).json()["blocks"]["b"]["content"] == content
+        saved = (await http_b.post(f"/api/docs/{cluster.room}/versions")).json()
+        version = await http_b.get(f"/api/docs/{cluster.room}/versions/{saved['id']}")
+        assert version.json()["blocks"]["b"]["content"] == "v2"
+    await on_b.wait_for(lambda: "b" in blocks_to_json(on_b.doc))  # B's clients got it with the catch-up
+    await on_a.close()
+    await on_b.close()
