@@ -157,22 +157,26 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings,
         return name
 
     @contextlib.asynccontextmanager
-    async def room_of(name: str, *, existing: bool = True) -> AsyncIterator[Room]:
+    async def room_of(name: str, *, existing: bool = True, exclusive: bool = False) -> AsyncIterator[Room]:
         """The loaded room, held meanwhile, with everything committed so far (by any node); if `existing`, 404
-        unless written before, and all of it committed."""
+        unless written before, and all of it committed. `exclusive`: held by one node at a time (`Store.exclusive`),
+        for a request whose change depends on what it reads."""
         loaded = name in rooms.loaded
         try:
             room = await rooms.acquire(name)
         except StorageError as exc:
             raise ApiError(503, f"storage unavailable: {exc}") from exc
         try:
-            if loaded and refresh is not None:
-                await _storage(refresh(room))
-            if existing:
-                await room.flush()
-                if room.doc.get_state() == b"\x00":
-                    raise ApiError(404, "no such document")
-            yield room
+            async with contextlib.AsyncExitStack() as stack:
+                if exclusive:
+                    await _storage(stack.enter_async_context(store.exclusive(name)))
+                if (loaded or exclusive) and refresh is not None:  # loaded before the lock was had, too
+                    await _storage(refresh(room))
+                if existing:
+                    await room.flush()
+                    if room.doc.get_state() == b"\x00":
+                        raise ApiError(404, "no such document")
+                yield room
         finally:
             rooms.release(room)
 
@@ -277,7 +281,7 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings,
     async def restore_version(request: Request) -> Response:
         name = doc_name(request, write=True)
         version: int = request.path_params["version"]
-        async with room_of(name) as room:
+        async with room_of(name, exclusive=True) as room:  # two restores through two nodes at once kept both
             state = await saved_state(name, version)
             target = export_json(_doc_of([state]))
             backup = await _storage(store.save_version(name, f"before restoring version {version}",

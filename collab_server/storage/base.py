@@ -306,6 +306,10 @@ class Store(Protocol):
         """Keep `state` (the whole document as one update) as a named version of `doc`; compaction never
         touches it."""
 
+    def exclusive(self, doc: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by one node at a time per document, for a request that reads the document and writes what it
+        read decides (a restore): nodes taking turns, the second reads what the first wrote."""
+
     async def save_auto_version(self, doc: str, label: str, state: bytes, since: float) -> VersionInfo | None:
         """`save_version(..., auto=True)` unless `doc` has an automatic version saved at or after `since` (unix
         time), by any node: None then."""

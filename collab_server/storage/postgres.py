@@ -16,7 +16,7 @@ import re
 import time
 from array import array
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
@@ -406,6 +406,26 @@ class PostgresStore:
         rows = await self._fetch("INSERT INTO versions (doc, ts, label, auto, data) VALUES ($1, $2, $3, $4, $5) "
                                  "RETURNING id", doc, now, label, auto, state, what=f"saving a version of {doc!r}")
         return VersionInfo(rows[0]["id"], now, label, len(state), auto)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, doc: str) -> AsyncIterator[None]:
+        assert self._pool is not None
+        try:
+            conn = await self._pool.acquire(timeout=self.timeout)
+        except Exception as exc:
+            raise StorageError(f"locking {doc!r} failed: {reason(exc)}") from exc
+        try:
+            try:
+                await conn.execute("SELECT pg_advisory_lock(hashtext($1), 2)", doc)
+            except Exception as exc:
+                raise StorageError(f"locking {doc!r} failed: {reason(exc)}") from exc
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a lost connection took its lock with it
+                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1), 2)", doc)
+        finally:
+            await self._pool.release(conn)
 
     async def save_auto_version(self, doc: str, label: str, state: bytes, since: float) -> VersionInfo | None:
         assert self._pool is not None
