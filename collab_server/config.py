@@ -33,7 +33,8 @@ class Settings:
     db: str = setting("./collab.db", "SQLite database file (store sqlite)")
     store: str = setting("sqlite", "where documents are kept: the SQLite file, or PostgreSQL (several nodes)",
                          choices=("sqlite", "postgres"))
-    broker: str = setting("local", "how nodes hear each other's changes: not at all, or through Redis streams",
+    broker: str = setting("local", "how nodes hear each other's changes: not at all, or through Redis streams "
+                          "(with store postgres)",
                           choices=("local", "redis"))
     postgres_dsn: str = setting("postgresql://127.0.0.1:5432/test", "PostgreSQL to use with store postgres "
                                 "(?search_path=<schema> keeps a deployment in a schema of its own)")
@@ -126,6 +127,8 @@ class Settings:
             raise ValueError("auth_required needs auth_secret (COLLAB_AUTH_SECRET)")
         if self.version_interval > 0 and self.versions_keep < 1:
             raise ValueError("version_interval needs versions_keep of at least 1")
+        if self.broker == "redis" and self.store == "sqlite":  # each node would keep its own copy of every document
+            raise ValueError("broker redis needs store postgres: nodes on SQLite files do not share their documents")
 
     @classmethod
     def load(cls, config_file: str | None = None, **overrides: Any) -> "Settings":

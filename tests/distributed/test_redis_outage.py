@@ -68,8 +68,11 @@ async def until_status(url: str, status: int, timeout: float = 10.0) -> httpx.Re
     return response
 
 
-async def test_redis_outage_is_reported_refused_cleanly_and_recovered(server_factory, private_redis) -> None:
-    server = server_factory("--broker", "redis", "--redis-url", f"redis://127.0.0.1:{private_redis.port}/0")
+async def test_redis_outage_is_reported_refused_cleanly_and_recovered(server_factory, private_redis, postgres_dsn: str,
+                                                                      pg_schema: str) -> None:
+    dsn = f"{postgres_dsn}{'&' if '?' in postgres_dsn else '?'}search_path={pg_schema}"
+    server = server_factory("--store", "postgres", "--postgres-dsn", dsn,
+                            "--broker", "redis", "--redis-url", f"redis://127.0.0.1:{private_redis.port}/0")
     await until_status(f"{server.http_url}/ready", 200)
     alice = await RawPeer.connect(f"{server.ws_url}/loaded")
     await alice.sync()

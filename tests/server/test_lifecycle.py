@@ -24,6 +24,7 @@ from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
 from tests.serverproc import ServerProcess, free_port, wait_until
+from tests.services import pg_schema, postgres_dsn  # noqa: F401  (the redis case needs PostgreSQL)
 
 
 class GatedStore(SQLiteStore):
@@ -275,10 +276,8 @@ async def test_the_server_says_it_is_ready_once_listening_only(tmp_path: Path, s
 @pytest.mark.parametrize(("args", "reason"), [
     (["--db", "{tmp}/no-such-dir/x.db"], "cannot open {tmp}/no-such-dir/x.db-lock"),
     (["--db", "{tmp}/garbage.db"], "opening {tmp}/garbage.db failed: file is not a database"),
-    (["--db", "{tmp}/x.db", "--broker", "redis", "--redis-url", "redis://127.0.0.1:1/0"],
-     "redis unreachable at start"),
     (["--store", "postgres", "--postgres-dsn", "postgresql://127.0.0.1:1/test"], "opening postgres store failed"),
-], ids=["unwritable-dir", "not-a-database", "no-redis", "no-postgres"])
+], ids=["unwritable-dir", "not-a-database", "no-postgres"])
 def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
         tmp_path: Path, args: list[str], reason: str) -> None:
     (tmp_path / "garbage.db").write_bytes(b"this is not a SQLite database, only some bytes" * 100)
@@ -290,9 +289,25 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.distributed
+async def test_a_server_that_cannot_reach_redis_says_why_in_one_line(postgres_dsn: str, pg_schema: str) -> None:
+    """The store opens first (broker redis needs PostgreSQL), then the broker fails."""
+    dsn = f"{postgres_dsn}{'&' if '?' in postgres_dsn else '?'}search_path={pg_schema}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()), "--store", "postgres",
+        "--postgres-dsn", dsn, "--broker", "redis", "--redis-url", "redis://127.0.0.1:1/0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3, stderr.decode()
+    assert "cannot start: redis unreachable at start" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
 @pytest.mark.parametrize(("args", "env", "reason"), [
     (["--auth-required"], {}, "auth_required needs auth_secret (COLLAB_AUTH_SECRET)"),
     (["--version-interval", "60", "--versions-keep", "0"], {}, "version_interval needs versions_keep of at least 1"),
+    ([], {"COLLAB_BROKER": "redis"},
+     "broker redis needs store postgres: nodes on SQLite files do not share their documents"),
     ([], {"COLLAB_PING_INTERVAL": "often"}, "ping_interval: expected float, got 'often'"),
     (["--log-level", "loud"], {}, "log_level must be one of debug, info, warning, error, critical, not 'loud'"),
     (["--compact-threshold", "0"], {}, "compact_threshold must be at least 1, not 0"),
@@ -300,8 +315,8 @@ def test_a_server_that_cannot_reach_its_storage_or_broker_says_why_in_one_line(
     ([], {"COLLAB_KEEPALIVE_INTERVAL": "0"}, "keepalive_interval must be more than 0, not 0.0"),
     (["--request-header-timeout", "nan"], {}, "request_header_timeout must be a finite number, not nan"),
     ([], {"COLLAB_SHUTDOWN_TIMEOUT": "inf"}, "shutdown_timeout must be a finite number, not inf"),
-], ids=["auth-without-secret", "versions-kept-none", "not-a-number", "unknown-choice", "below-least", "above-most",
-        "zero-interval", "nan", "infinite"])
+], ids=["auth-without-secret", "versions-kept-none", "redis-without-postgres", "not-a-number", "unknown-choice",
+        "below-least", "above-most", "zero-interval", "nan", "infinite"])
 def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
                                                               reason: str) -> None:
     assert_refused(tmp_path, args, env, reason)
