@@ -38,7 +38,8 @@ class Settings:
                           choices=("local", "redis"))
     postgres_dsn: str = setting("postgresql://127.0.0.1:5432/test", "PostgreSQL to use with store postgres "
                                 "(?search_path=<schema> keeps a deployment in a schema of its own)")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use with broker redis")
+    redis_url: str = setting("redis://127.0.0.1:6379/0",
+                             "Redis to use with broker redis (redis://, rediss:// or unix://)")
     redis_stream_ttl: int = setting(
         600, "broker redis: seconds a room's event stream is kept in Redis after its last event (nodes read events "
         "at once; one that misses them takes the changes from storage at its next resync)", least=1)
@@ -129,6 +130,8 @@ class Settings:
             raise ValueError("version_interval needs versions_keep of at least 1")
         if self.broker == "redis" and self.store == "sqlite":  # each node would keep its own copy of every document
             raise ValueError("broker redis needs store postgres: nodes on SQLite files do not share their documents")
+        if self.broker == "redis":
+            _check_redis_url(self.redis_url)
 
     @classmethod
     def load(cls, config_file: str | None = None, **overrides: Any) -> "Settings":
@@ -161,6 +164,17 @@ def _check(name: str, value: Any, rules: Mapping[str, Any]) -> None:
         raise ValueError(f"{name} must be at most {most}, not {value!r}")
     if (choices := rules["choices"]) is not None and value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_redis_url(url: str) -> None:
+    """ValueError, in one line, unless the Redis client takes `url` (redis://, rediss:// or unix://, a numeric
+    port, ...); the URL itself is not repeated, as it may hold a password."""
+    from redis.asyncio.connection import parse_url  # only a node on broker redis needs the client
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"redis_url: {exc}") from None
 
 
 def _coerce(kind: type, name: str, value: Any) -> Any:
