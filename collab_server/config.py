@@ -104,7 +104,8 @@ class Settings:
         "first change); 0 = no automatic versions", least=0)
     versions_keep: int = setting(24, "automatic versions kept per document (the newest)", least=0)
     webhook_url: str = setting(
-        "", "POST document.changed and document.deleted events to this URL; \"\" = no webhooks")
+        "", "POST document.changed and document.deleted events to this http:// or https:// URL; \"\" = no "
+        "webhooks")
     webhook_secret: str = setting("", "signs each webhook body: X-Collab-Signature: sha256=<HMAC-SHA256 hex>")
     webhook_debounce: float = setting(2.0, "document.changed is sent after this many quiet seconds ...", least=0)
     webhook_max_wait: float = setting(10.0, "... and at least this often while changes go on", least=0)

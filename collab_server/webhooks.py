@@ -31,11 +31,23 @@ log = logging.getLogger(__name__)
 RETRY_DELAY = 0.5  # seconds before the first retry; doubled for each next one
 
 
+def check_url(url: str) -> None:
+    """ValueError, in one line, unless events can be POSTed to `url`: http:// or https:// with a host (anything else
+    would fail every delivery). The URL itself is not repeated, as it may hold a token."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"webhook_url: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("webhook_url must be an http:// or https:// URL with a host")
+
+
 class Webhooks:
     """Debounces each document's commits into change events and delivers events in background tasks."""
 
     def __init__(self, url: str, metrics: Metrics, *, secret: str = "", debounce: float = 2.0,
                  max_wait: float = 10.0, attempts: int = 4, timeout: float = 5.0) -> None:
+        check_url(url)
         self.url = url
         self.metrics = metrics
         self.secret = secret.encode()

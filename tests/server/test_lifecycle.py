@@ -311,6 +311,9 @@ async def test_a_server_that_cannot_reach_redis_says_why_in_one_line(postgres_ds
     (["--store", "postgres", "--postgres-dsn", "postgresql://127.0.0.1:1/test", "--broker", "redis",
       "--redis-url", "http://x"], {},
      "redis_url: Redis URL must specify one of the following schemes (redis://, rediss://, unix://)"),
+    (["--webhook-url", "not a url"], {}, "webhook_url must be an http:// or https:// URL with a host"),
+    ([], {"COLLAB_WEBHOOK_URL": "ftp://x/y"}, "webhook_url must be an http:// or https:// URL with a host"),
+    (["--webhook-url", "http://x:abc/hook"], {}, "webhook_url: Invalid port: 'abc'"),
     ([], {"COLLAB_PING_INTERVAL": "often"}, "ping_interval: expected float, got 'often'"),
     (["--log-level", "loud"], {}, "log_level must be one of debug, info, warning, error, critical, not 'loud'"),
     (["--compact-threshold", "0"], {}, "compact_threshold must be at least 1, not 0"),
@@ -318,8 +321,9 @@ async def test_a_server_that_cannot_reach_redis_says_why_in_one_line(postgres_ds
     ([], {"COLLAB_KEEPALIVE_INTERVAL": "0"}, "keepalive_interval must be more than 0, not 0.0"),
     (["--request-header-timeout", "nan"], {}, "request_header_timeout must be a finite number, not nan"),
     ([], {"COLLAB_SHUTDOWN_TIMEOUT": "inf"}, "shutdown_timeout must be a finite number, not inf"),
-], ids=["auth-without-secret", "versions-kept-none", "redis-without-postgres", "not-a-redis-url", "not-a-number",
-        "unknown-choice", "below-least", "above-most", "zero-interval", "nan", "infinite"])
+], ids=["auth-without-secret", "versions-kept-none", "redis-without-postgres", "not-a-redis-url", "webhook-not-a-url",
+        "webhook-not-http", "webhook-bad-port", "not-a-number", "unknown-choice", "below-least", "above-most",
+        "zero-interval", "nan", "infinite"])
 def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str],
                                                               reason: str) -> None:
     assert_refused(tmp_path, args, env, reason)
