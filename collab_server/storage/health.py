@@ -19,9 +19,10 @@ SETTLED = 0.5  # seconds after the latest failure that a success ends the spell 
 
 class CommitHealth:
     """A full disk or a lost database fails every commit: the first failure is logged, then at most one line every
-    10 s, and one line when commits succeed again. `failing` is the latest error while commits fail: until one
-    succeeds, or FAILING_FOR seconds after the latest failure, so a node a load balancer stopped sending clients
-    to (and so commits) is tried again.
+    10 s, and one line when commits succeed again (with the time from the spell's first failure to the first
+    success after its last). `failing` is the latest error while commits fail: until one succeeds, or FAILING_FOR
+    seconds after the latest failure, so a node a load balancer stopped sending clients to (and so commits) is
+    tried again.
 
     Meanwhile each failure resets its room and closes its connections, and a client let in again would sync
     (which resets y-websocket's backoff), re-send its edit, fail and be back in 200 ms: a reload storm. So `admits`
@@ -35,6 +36,7 @@ class CommitHealth:
         self._error: str | None = None
         self._failures = 0
         self._first = self._latest = 0.0
+        self._recovered = 0.0  # the first success after the latest failure: when the spell ended
         self._next_probe = float("-inf")
 
     @property
@@ -62,10 +64,12 @@ class CommitHealth:
         self._log("storage commit failed updates=%d error=%s", updates, self._error)
 
     def succeeded(self) -> None:
-        self._error = None
-        if self._failures and self.clock() - self._latest >= SETTLED:
+        now = self.clock()
+        if self._error is not None:
+            self._error, self._recovered = None, now
+        if self._failures and now - self._latest >= SETTLED:  # the spell's length: its first failure to recovery
             log.warning("storage commits succeed again after %d failed over %.1f s",
-                        self._failures, self._latest - self._first)
+                        self._failures, self._recovered - self._first)
             self._failures = 0
 
 

@@ -53,7 +53,7 @@ def test_commit_health_logs_a_failing_spell_in_a_few_lines_and_forgets_it(caplog
         assert health.failing is None
         health.succeeded()  # nothing to report twice
     assert messages(caplog) == ["storage commit failed updates=1 error=database or disk is full",
-                                "storage commits succeed again after 200 failed over 2.0 s"]
+                                "storage commits succeed again after 200 failed over 2.5 s"]
 
     health.failed(2, OSError("gone"))
     health.succeeded()  # too soon to count as settled, and then no commit for a long time
@@ -62,13 +62,34 @@ def test_commit_health_logs_a_failing_spell_in_a_few_lines_and_forgets_it(caplog
         health.failed(2, OSError("gone"))
         clock.now += SETTLED
         health.succeeded()
-    assert messages(caplog)[-1] == "storage commits succeed again after 1 failed over 0.0 s"  # this spell only
+    assert messages(caplog)[-1] == "storage commits succeed again after 1 failed over 0.5 s"  # this spell only
 
     health.failed(2, OSError("gone"))
     clock.now += FAILING_FOR - 0.1
     assert health.failing == "gone"
     clock.now += 0.2  # no commit since: a node out of rotation is tried again
     assert health.failing is None
+
+
+def test_a_spell_lasts_from_its_first_failure_to_the_first_success_after_it(caplog) -> None:
+    """Failures close together, then none while clients are held off: the spell lasted until commits worked
+    again, not from its first failure to its last."""
+    clock = Clock()
+    health = CommitHealth(clock)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            health.failed(1, OSError("gone"))
+            clock.now += 0.01
+        clock.now += 4.97
+        health.succeeded()
+        assert messages(caplog)[-1] == "storage commits succeed again after 4 failed over 5.0 s"
+
+        health.failed(1, OSError("gone"))
+        clock.now += 0.2
+        health.succeeded()  # storage works again, but too soon after a failure to be sure: logged later
+        clock.now += SETTLED
+        health.succeeded()
+    assert messages(caplog)[-1] == "storage commits succeed again after 1 failed over 0.2 s"
 
 
 def test_while_commits_fail_one_client_a_second_is_let_in() -> None:
