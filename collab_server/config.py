@@ -140,7 +140,10 @@ class Settings:
         values: dict[str, Any] = {}
         if config_file:
             with open(config_file, "rb") as fh:
-                values.update(tomllib.load(fh))
+                try:
+                    values.update(tomllib.load(fh))
+                except ValueError as exc:  # not TOML, or not UTF-8: say which file
+                    raise ValueError(f"{config_file}: {exc}") from None
         for f in fields(cls):
             env = os.environ.get(ENV_PREFIX + f.name.upper())
             if env is not None:

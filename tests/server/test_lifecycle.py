@@ -334,12 +334,14 @@ def test_settings_the_server_cannot_use_stop_it_with_one_line(tmp_path: Path, ar
     ("idle_unload_seconds = -inf", "idle_unload_seconds must be a finite number, not -inf"),
     ("compact_threshold = inf", "compact_threshold: expected int, got inf"),
     ("compact_threshold = 1.5", "compact_threshold: expected int, got 1.5"),  # int() took it as 1
+    ("log_level: debug", "{file}: Expected '=' after a key in a key/value pair (at line 1, column 10)"),
 ])
 def test_a_settings_file_the_server_cannot_use_stops_it_with_one_line(tmp_path: Path, toml: str,
                                                                       reason: str) -> None:
-    """TOML writes nan and inf as floats of their own."""
-    (tmp_path / "settings.toml").write_text(toml + "\n")
-    assert_refused(tmp_path, ["--config", str(tmp_path / "settings.toml")], {}, reason)
+    """TOML writes nan and inf as floats of their own; a file that is not TOML is named."""
+    file = tmp_path / "settings.toml"
+    file.write_text(toml + "\n")
+    assert_refused(tmp_path, ["--config", str(file)], {}, reason.format(file=file))
 
 
 def assert_refused(tmp_path: Path, args: list[str], env: dict[str, str], reason: str) -> None:
