@@ -21,6 +21,7 @@ from collab_server.config import Settings
 from collab_server.cors import cors_middleware
 from collab_server.http_api import api_routes
 from collab_server.metrics import Metrics
+from collab_server.readiness import Check
 from collab_server.status_events import StatusEvents
 from collab_server.session import serve_websocket
 from collab_server.resync import Resync
@@ -137,14 +138,16 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    storage_check, broker_check = Check("storage", store.ping), Check("broker", broker.ping)
+
     async def ready(request: Request) -> Response:
         failing = store.health.failing
         if failing is not None:
             return JSONResponse({"status": "unavailable", "error": f"commits failing: {failing}"}, status_code=503)
         try:
-            await store.ping()
-            await broker.ping()
-        except (StorageError, BrokerError) as exc:
+            await storage_check()
+            await broker_check()
+        except (StorageError, BrokerError, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "rooms_loaded": len(rooms.loaded)})
 

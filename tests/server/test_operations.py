@@ -1,10 +1,18 @@
 """Operational endpoints: /health, /ready and Prometheus /metrics."""
 
+import asyncio
+from pathlib import Path
+
 import httpx
 import pytest
 from pycrdt import Text
 
 from collab_server import protocol as p
+from collab_server.app import create_app
+from collab_server.broker.local import LocalBroker
+from collab_server.config import Settings
+from collab_server.readiness import CHECK_TIMEOUT
+from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
 from tests.serverproc import wait_until
 
@@ -61,3 +69,38 @@ async def test_a_connection_logs_one_line_at_info(server) -> None:
     await peer.close()
     await wait_until(lambda: '"WebSocket /room" [accepted]' in server.log())
     assert "connection open" not in server.log()
+
+
+class Frozen:
+    """A ping that does not answer, like one to a blackholed PostgreSQL or Redis, until the test thaws it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.thawed = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        await self.thawed.wait()
+
+
+@pytest.mark.parametrize("frozen", ["storage", "broker"])
+async def test_ready_answers_at_once_that_a_backend_which_does_not_answer_timed_out(tmp_path: Path,
+                                                                                     frozen: str) -> None:
+    store, broker, ping = SQLiteStore(str(tmp_path / "r.db")), LocalBroker(), Frozen()
+    if frozen == "storage":
+        store.ping = ping  # type: ignore[method-assign]
+    else:
+        broker.ping = ping  # type: ignore[method-assign]
+    app = create_app(Settings(db=store.path), store=store, broker=broker)
+    await store.open()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ready") as http:
+            for _ in range(2):  # a prober asking again while the first ping hangs
+                response = await asyncio.wait_for(http.get("/ready"), 5 * CHECK_TIMEOUT)
+                assert response.status_code == 503
+                assert response.json() == {"status": "unavailable",
+                                           "error": f"{frozen} timed out: no answer within {CHECK_TIMEOUT:g} s"}
+        assert ping.calls == 1  # the second check waited on the ping in flight rather than start another
+    finally:
+        ping.thawed.set()
+        await store.close()
