@@ -11,8 +11,11 @@ MAX_NAME = 512  # characters
 
 def valid(name: object) -> bool:
     """A document name is 1-512 characters of UTF-8 text without the control characters U+0000-U+001F (lone
-    surrogates, which JSON can carry, have no UTF-8 form and so could not be stored)."""
+    surrogates, which JSON can carry, have no UTF-8 form and so could not be stored), and no "/"-separated part
+    of it is "." or ".." (a browser resolves those in a URL, escaped or not, so no page could reach the room)."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
+        return False
+    if any(part in (".", "..") for part in name.split("/")):
         return False
     try:
         name.encode()

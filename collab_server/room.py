@@ -84,6 +84,16 @@ def _precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
     return [(update, None) for update in updates]
 
 
+def _brings_structs(update: bytes, doc: Doc) -> bool:
+    """Whether `update` holds an item `doc` lacks. A Yjs client's handshake answer (SyncStep2) holds what it has
+    beyond the server's state and all its deletions: from a read-only viewer that made no edit, nothing new, and
+    it is not refused (every such page logged "permission denied" at each connect). Malformed: True (refused)."""
+    try:
+        return p.Reader(get_update(update, doc.get_state())).varuint() != 0
+    except (ValueError, p.ProtocolError):
+        return True
+
+
 def _too_big(state: str) -> bool:
     """Whether an awareness state is over MAX_AWARENESS_STATE bytes of UTF-8 (encoded only if not ASCII)."""
     return len(state) > MAX_AWARENESS_STATE or (not state.isascii() and len(state.encode()) > MAX_AWARENESS_STATE)
@@ -275,7 +285,8 @@ class Room:
                 conn.send(self._answer(msg.payload).message)
                 return time.perf_counter() - started
             if conn.readonly:
-                conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
+                if msg.kind == p.SyncType.UPDATE or _brings_structs(msg.payload, self.doc):
+                    conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
             else:
                 return await self.apply(msg.payload, origin=conn)
         elif isinstance(msg, p.AwarenessMessage):

@@ -102,6 +102,9 @@ async def test_read_only_peer_reads_but_never_writes(server: ServerProcess) -> N
     assert text(reader) == "original"
     await reader.wait_for(lambda: reader.awareness.get(7) == '{"user":"w"}')
 
+    # a handshake answer holding nothing the server lacks (y-websocket's, from a viewer) is no refused write
+    await reader.send(p.sync_step2(b"\x00\x00"))
+    await reader.send(p.sync_step2(reader.doc.get_update()))
     await reader.send(p.sync_update(text_update("update-from-reader")))
     await reader.send(p.sync_step2(text_update("step2-from-reader")))
     await reader.wait_for(lambda: len(auth_replies(reader)) == 2)
@@ -119,7 +122,7 @@ async def test_read_only_peer_reads_but_never_writes(server: ServerProcess) -> N
         stored.apply_update((await http.get("/api/docs/doc/update", params={"token": admin})).content)
     assert len(history) == 2  # "original" and "probe"
     assert "reader" not in str(stored.get("t", type=Text))
-    assert not reader.closed.is_set()
+    assert not reader.closed.is_set() and len(auth_replies(reader)) == 2
     await reader.close()
     await writer.close()
 

@@ -370,3 +370,18 @@ def test_every_setting_is_explained_in_help_and_choices_take_any_case(capsys: py
 async def test_the_server_gives_freed_heap_memory_back_every_interval(server_factory) -> None:
     server = server_factory("--heap-trim-interval", "0.1", "--log-level", "debug")
     await wait_until(lambda: server.log().count("heap trimmed: resident") >= 2)
+
+
+async def test_names_with_a_dot_segment_name_no_room(server) -> None:
+    """A browser resolves "." and ".." segments of a URL, escaped or not: a page for the room ".." connected to "/"
+    (refused) and retried for ever, and no page could reach such a room. They name none, here or in the API."""
+    from websockets.exceptions import InvalidStatus
+
+    for path in ("%2E", "%2E%2E", "a/%2E%2E/b", "a%2F.%2Fb", "x/.."):
+        with pytest.raises(InvalidStatus) as info:
+            await RawPeer.connect(f"{server.ws_url}/{path}")
+        assert info.value.response.status_code == 403
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.get("/api/docs/a%2F..%2Fb/json")).json() == {"error": "invalid document name"}
+    fine = await RawPeer.connect(f"{server.ws_url}/a.b/..c/...")  # dots within a part, and "...", are names
+    await fine.sync()
