@@ -183,6 +183,11 @@ const scenarios = {
     assert.equal(await alice.page.isChecked(byTestId('offline-toggle')), true, 'offline toggle survives reload')
     await waitForContent(alice, blockId, 'shared text +written offline')
     await screenshot([alice], 'offline', 'reloaded')
+    // working offline is a choice for this room: another room opened meanwhile in the same browser is online
+    const elsewhere = await alice.context.newPage()
+    await elsewhere.goto(`${baseUrl}/?room=${encodeURIComponent(newRoom('elsewhere'))}`)
+    await waitConnection(elsewhere, 'online')
+    await elsewhere.close()
 
     await setOffline(alice, false)
     const merged = 'Bob online: shared text +written offline'
@@ -314,6 +319,29 @@ const scenarios = {
     assert.equal(await alice.page.$$eval(byTestId('block'), (els) => els.length), 0, 'the deleted block came back')
     const after = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}/json`)
     assert.equal(after.status, 404, 'the document was uploaded again')
+
+    // a tab opened later in Bob's browser: Bob's page, which still holds the document, left the tabs' channel
+    const later = await bob.context.newPage()
+    later.on('pageerror', (err) => errors.push(`Bob's new tab: ${err.message}`))
+    await later.goto(`${baseUrl}/?room=${encodeURIComponent(room)}`)
+    await waitConnection(later, 'online')
+    await later.waitForSelector(`${byTestId('local-save')}[data-state="saved"]`)
+    assert.equal(await later.$$eval(byTestId('block'), (els) => els.length), 0, 'a tab got the deleted block')
+    await later.close()
+    const still = await fetch(`${baseUrl}/api/docs/${encodeURIComponent(room)}/json`)
+    assert.equal(still.status, 404, 'a new tab uploaded the document again')
+
+    // Bob goes online anyway (the toggle shows him offline), starting the document again: his page saves it
+    // locally again, offline edits too
+    await setOffline(bob, false)
+    await waitSavedLocally(bob)
+    const blockId = await bob.page.$eval(byTestId('block'), (el) => el.dataset.blockId)
+    await setOffline(bob, true)
+    await typeAt(bob, blockId, 'End', ', kept offline')
+    await waitSavedLocally(bob)
+    await bob.page.reload()
+    await waitConnection(bob.page, 'offline')
+    await waitForContent(bob, blockId, 'soon gone, kept offline')
   },
 
   // a page on this server's origin edits a document on CORS_API (started with --cors-origins <this origin>);

@@ -13,24 +13,36 @@ function afterPendingWrites (db) {
 
 /**
  * Persist `doc` as `name` in IndexedDB; `indicator` shows data-state loading|saving|saved|error|cleared.
- * Returns the persistence and `forget()`, which deletes the local copy and stops saving (the document was
- * deleted on the server: a copy kept here would be uploaded again on the next visit).
+ * Returns `forget()`, which deletes the local copy and stops saving (the document was deleted on the server: a
+ * copy kept here would be uploaded again on the next visit), `resume()`, which saves it again from now on (the
+ * user went online anyway, starting the document again), and `persistence()`, the current one.
  */
 export function persistLocally (name, doc, indicator) {
-  const persistence = new IndexeddbPersistence(name, doc)
+  let persistence
   let pending = 0
   let forgotten = false
   const show = (state, text) => {
     indicator.dataset.state = state
     indicator.textContent = text
   }
-  show('loading', 'Loading local copy…')
-  persistence.whenSynced.then(() => { if (pending === 0 && !forgotten) show('saved', 'Saved locally') })
+  const start = () => {
+    persistence = new IndexeddbPersistence(name, doc) // stores the whole document once it has loaded
+    show('loading', 'Loading local copy…')
+    persistence.whenSynced.then(() => { if (pending === 0 && !forgotten) show('saved', 'Saved locally') })
+  }
+  start()
 
   const forget = async () => {
+    if (forgotten) return
     forgotten = true
     await persistence.clearData()
     show('cleared', 'Local copy deleted')
+  }
+  const resume = () => {
+    if (!forgotten) return
+    forgotten = false
+    pending = 0
+    start()
   }
 
   // registered after y-indexeddb's own handler, so our read-only transaction queues behind its write
@@ -43,5 +55,5 @@ export function persistLocally (name, doc, indicator) {
       .then(() => { if (--pending === 0 && !forgotten) show('saved', 'Saved locally') },
         (err) => { pending--; if (!forgotten) show('error', `Local save failed: ${err}`) })
   })
-  return { persistence, forget }
+  return { forget, resume, persistence: () => persistence }
 }

@@ -14,24 +14,52 @@ const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`)
 
 const room = new URLSearchParams(location.search).get('room') || 'demo'
 const serverUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`
+// the browser resolves "." and ".." parts of the URL, so such a room cannot be reached (the server names none)
+const reachable = !room.split('/').some((part) => part === '.' || part === '..')
 
 const doc = new Y.Doc()
-const { persistence, forget } = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
+const local = persistLocally(`collab-demo:${room}`, doc, byTestId('local-save'))
 const token = pageToken()
 const provider = new WebsocketProvider(serverUrl, encodeURIComponent(room), doc,
-  { connect: !offlinePreferred(), params: token ? { token } : {} })
+  { connect: reachable && !offlinePreferred(room), params: token ? { token } : {} })
 // a read-only token: the server refuses this page's edits, so the editor is not offered
 const readOnly = token !== null && readOnlyToken(token)
 if (readOnly) {
   byTestId('editor').disabled = true
   byTestId('access').textContent = 'Read-only'
 }
-// deleted on the server: y-websocket stops reconnecting; drop the local copy too, or the next visit uploads it
-provider.on('closed', ({ code }) => { if (code === DELETED_CODE) forget() })
+// Deleted on the server: y-websocket stops reconnecting. Drop the local copy too, or the next visit uploads it,
+// and leave the tabs of this browser (y-websocket's BroadcastChannel), telling those in this room: one still
+// holding the document would hand it to a tab opened later, which would upload it.
+const DELETED_KEY = `collab-demo:deleted:${room}`
+let deleted = false
+provider.on('closed', ({ code }) => {
+  if (code !== DELETED_CODE || deleted) return
+  deleted = true
+  provider.disconnect()
+  local.forget()
+  localStorage.setItem(DELETED_KEY, String(Date.now())) // a 'storage' event in this room's other tabs
+})
+window.addEventListener('storage', (event) => {
+  if (event.key === DELETED_KEY && event.newValue !== null) {
+    provider.emit('closed', [{ code: DELETED_CODE, reason: 'document deleted' }])
+  }
+})
 
 document.title = `${room} · collab demo`
 byTestId('room-name').textContent = room
-bindConnection(provider, { indicator: byTestId('connection-status'), toggle: byTestId('offline-toggle') })
+bindConnection(provider, room, {
+  indicator: byTestId('connection-status'),
+  toggle: byTestId('offline-toggle'),
+  onOnline: () => { // after a deletion the user starts the document again: save it locally again too
+    deleted = false
+    local.resume()
+  }
+})
+if (!reachable) {
+  byTestId('offline-toggle').disabled = true
+  provider.emit('closed', [{ here: true, reason: 'Unreachable: a room name cannot have "." or ".." parts' }])
+}
 bindPresence(provider.awareness, { list: byTestId('presence-list'), nameInput: byTestId('user-name') })
 refreshPresenceOnReconnect(provider)
 mountBlocks(doc, byTestId('blocks'))
@@ -68,4 +96,4 @@ doc.on('update', () => {
 showJSON()
 
 // handy from the devtools console
-window.collabDemo = { Y, doc, provider, persistence, room }
+window.collabDemo = { Y, doc, provider, room, get persistence () { return local.persistence() } }

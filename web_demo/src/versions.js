@@ -74,7 +74,8 @@ export function bindVersions (room, { token, readOnly }, { form, label, list, me
       say(`Saved ${saved.label || `#${saved.id}`}`, 'ok')
       await refresh()
     } catch (error) {
-      say(`Save failed: ${error.message}`, 'error')
+      say(error.message === 'no such document' ? 'Nothing to save yet: the document is empty'
+        : `Save failed: ${error.message}`, 'error')
     }
   })
   return refresh
