@@ -24,6 +24,7 @@ class AuthError(Exception):
 @dataclass(frozen=True, slots=True)
 class Grant:
     readonly: bool
+    expires: float | None = None  # unix seconds when the token's `exp` passes; None without auth
 
 
 def _b64(data: bytes) -> str:
@@ -59,7 +60,7 @@ def verify_token(secret: str, token: str, document: str, *, now: float | None = 
     claims, readonly = _verified_claims(secret, token, now)
     prefix = _prefix_claim(claims)
     if ("doc" in claims and claims["doc"] == document) or (prefix is not None and document.startswith(prefix)):
-        return Grant(readonly=readonly)
+        return Grant(readonly=readonly, expires=float(claims["exp"]))
     raise AuthError("token does not cover this document")
 
 

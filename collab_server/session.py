@@ -78,17 +78,31 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, rooms: Roo
         conn.close(CloseCode.INTERNAL_ERROR, "broker unavailable: cannot keep the document in sync with other nodes",
                    quiet=True)
     else:
+        expiry = _close_when_expired(conn, grant, settings.auth_close_codes)
         try:
             room.join(conn)
             if frames is not None:
                 frames.ignore(room.relayed_awareness)
             await _read_frames(receive, conn, room, settings, reading(scope))
         finally:
+            if expiry is not None:
+                expiry.cancel()
             room.leave(conn)
             rooms.release(room)
     conn.close(CloseCode.NORMAL, "")
     await conn.wait_closed()
     rooms.metrics.connections.dec()
+
+
+def _close_when_expired(conn: Connection, grant: Grant, close_codes: bool) -> asyncio.TimerHandle | None:
+    """Close `conn` when its token expires, with the reason "token expired": 4403 with auth_close_codes (y-websocket
+    stops; the app refreshes the token), else 1008 (it reconnects, refused until it has a fresh token). None when
+    the grant never expires (auth off)."""
+    if grant.expires is None:
+        return None
+    code = CloseCode.FORBIDDEN if close_codes else CloseCode.POLICY_VIOLATION
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), conn.close, code,
+                                                 "token expired")
 
 
 async def _admit(scope: Scope, receive: Receive, send: Send, rooms: Rooms,

@@ -14,7 +14,7 @@ from websockets.exceptions import InvalidStatus
 from collab_server import protocol as p
 from collab_server.auth import AuthError, issue_token, verify_token
 from tests.rawclient import RawPeer
-from tests.serverproc import ROOT, ServerProcess
+from tests.serverproc import ROOT, ServerProcess, wait_until
 
 SECRET = "s3cret"
 
@@ -125,6 +125,29 @@ async def test_read_only_peer_reads_but_never_writes(server: ServerProcess) -> N
     assert not reader.closed.is_set() and len(auth_replies(reader)) == 2
     await reader.close()
     await writer.close()
+
+
+@pytest.mark.parametrize(("close_codes", "code"), [((), 1008), (("--auth-close-codes",), 4403)],
+                         ids=["default", "auth-close-codes"])
+async def test_a_connection_is_closed_when_its_token_expires(server_factory, close_codes: tuple[str, ...],
+                                                             code: int) -> None:
+    """A token is checked at the upgrade only: a connection admitted with it kept editing after its `exp` for ever.
+    Now it is closed then, and what it sends afterwards is not applied."""
+    server = server_factory("--auth-required", "--auth-secret", SECRET, *close_codes)
+    peer = await RawPeer.connect(f"{server.ws_url}/doc?token={issue_token(SECRET, doc='doc', ttl=3)}")
+    await peer.send(p.sync_update(text_update("before")))
+    await peer.wait_for(lambda: text(peer) == "before")
+    peer.ws.transport.pause_reading()  # it does not see the close frame, so it can still send after it
+    await wait_until(lambda: "reason=token expired" in server.log(), timeout=10)
+    await peer.send(p.sync_update(text_update("after")))
+    peer.ws.transport.resume_reading()
+    assert await peer.wait_closed() == (code, "token expired")
+    await wait_until(lambda: server.metric("collab_connections") == 0)  # its session handled all it received
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        stored = Doc()
+        stored.apply_update((await http.get("/api/docs/doc/update",
+                                            params={"token": issue_token(SECRET, doc="doc", access="ro")})).content)
+    assert str(stored.get("t", type=Text)) == "before"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
