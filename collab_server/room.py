@@ -712,13 +712,16 @@ class Room:
         back every state it receives, so most entries are such echoes. From a connection, an update whose newer
         entries break the limits is refused whole, and so is one of more entries than the room knows client ids
         plus MAX_AWARENESS_IDS, before it is decoded (a y-websocket client's update holds its own client and those
-        the room sent it)."""
+        the room sent it). From a read-only connection, entries for a client whose state the room holds from another
+        connection (or node) are dropped."""
         if conn is not None and (size := p.awareness_size(payload)) > len(self._awareness_clock) + MAX_AWARENESS_IDS:
             raise LimitExceeded(f"awareness update of {size} entries, for {len(self._awareness_clock)} client ids "
                                 f"the room knows: more than {MAX_AWARENESS_IDS} awareness clients new to it")
         entries = p.decode_awareness(payload, check_json=False)
         stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
         newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
+        if conn is not None and conn.readonly:  # a viewer neither takes over nor removes another client's presence
+            newer = [e for e in newer if e.client_id in conn.awareness_ids or e.client_id not in self._awareness]
         if not newer:
             return
         p.check_awareness_json(newer)

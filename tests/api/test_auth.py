@@ -127,6 +127,29 @@ async def test_read_only_peer_reads_but_never_writes(server: ServerProcess) -> N
     await writer.close()
 
 
+async def test_a_read_only_peer_cannot_take_over_or_remove_another_client_s_presence(server: ServerProcess) -> None:
+    """A viewer sent a state, or a removal, for a writer's client id at a higher clock: the room took it and relayed
+    it, so everyone saw the viewer's state as the writer's, or the writer gone, and refused the writer's own next
+    states as older. Such entries are dropped now; the viewer's own presence still goes out."""
+    rw, ro = (f"{server.ws_url}/doc?token={issue_token(SECRET, doc='doc', access=access)}" for access in ("rw", "ro"))
+    writer, watcher, viewer = await RawPeer.connect(rw), await RawPeer.connect(rw), await RawPeer.connect(ro)
+    await writer.send(p.encode_awareness([p.AwarenessEntry(7, 1, '{"user":"w"}')]))
+    await viewer.wait_for(lambda: 7 in viewer.awareness)
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(7, 100, '{"user":"forged"}')]))
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(7, 101, "null")]))
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(9, 1, '{"user":"v"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(9) == '{"user":"v"}')  # handled after the two before it
+    relayed = [e for m in watcher.messages if isinstance(m, p.AwarenessMessage) for e in p.decode_awareness(m.payload)]
+    assert [e.clock for e in relayed if e.client_id == 7] == [1] and watcher.awareness.get(7) == '{"user":"w"}'
+    await writer.send(p.encode_awareness([p.AwarenessEntry(7, 2, '{"user":"w2"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(7) == '{"user":"w2"}')
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(9, 2, "null")]))  # its own: still its to remove
+    await watcher.wait_for(lambda: 9 not in watcher.awareness)
+    assert not viewer.closed.is_set()
+    for peer in (writer, watcher, viewer):
+        await peer.close()
+
+
 @pytest.mark.parametrize(("close_codes", "code"), [((), 1008), (("--auth-close-codes",), 4403)],
                          ids=["default", "auth-close-codes"])
 async def test_a_connection_is_closed_when_its_token_expires(server_factory, close_codes: tuple[str, ...],
