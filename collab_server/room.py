@@ -178,8 +178,10 @@ class Room:
         self._answer_kept: _Answer | None = None  # the latest sync answer, while the document is unchanged
         self._awareness: dict[int, p.AwarenessEntry] = {}
         self._presence_kept: bytes | None = None  # the message holding every state in `_awareness`, once encoded
-        self._awareness_clock: dict[int, int] = {}
+        self._awareness_clock: dict[int, int] = {}  # of each client id with a state or removed lately (sweep)
         self._awareness_seen: dict[int, float] = {}
+        self._removed: set[int] = set()  # client ids whose state was removed since the last sweep
+        self._removed_before: set[int] = set()  # those removed in the sweep interval before that
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
         self.mark: LogMark | None = None  # what the load read from storage, until resync.py takes it
 
@@ -759,6 +761,7 @@ class Room:
                 if entry.removed:
                     self._awareness.pop(cid, None)
                     self._awareness_seen.pop(cid, None)
+                    self._removed.add(cid)
                     if conn is not None:
                         conn.awareness_ids.discard(cid)
                 else:
@@ -776,11 +779,12 @@ class Room:
         self._presence_kept = None
         self._awareness.pop(client_id, None)
         self._awareness_seen.pop(client_id, None)
+        self._removed.add(client_id)
         return p.AwarenessEntry(client_id, clock, "null")
 
     def sweep(self) -> None:
         """Periodic upkeep: remove the presence of peers not heard from for `awareness_timeout` seconds, and forget
-        a sync answer nobody asked for since the previous sweep."""
+        a sync answer nobody asked for since the previous sweep and the clocks of clients removed long enough."""
         if self._answer_kept is not None:
             if not self._answer_kept.asked:
                 self._answer_kept = None
@@ -792,3 +796,13 @@ class Room:
             for conn in self.connections:
                 conn.awareness_ids.difference_update(e.client_id for e in stale)
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(stale))
+        self._forget_removed()
+
+    def _forget_removed(self) -> None:
+        """Forget the clocks of client ids removed before the previous sweep and without a state since. Kept a whole
+        sweep interval at least, a clock still refuses a stale state arriving late; never forgotten, those of a
+        room's client churn would grow without bound (and loosen the bound on entries in `apply_awareness`)."""
+        for cid in self._removed_before - self._removed:
+            if cid not in self._awareness:
+                del self._awareness_clock[cid]
+        self._removed_before, self._removed = self._removed, set()

@@ -2,10 +2,19 @@
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 
 from collab_server import protocol as p
+from collab_server.broker import Kind
+from collab_server.broker.local import LocalBroker
+from collab_server.connection import Connection
+from collab_server.metrics import Metrics
+from collab_server.room import Room
+from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
 
 
@@ -122,17 +131,9 @@ async def test_queries_are_not_answered_again_while_the_answer_waits_unsent(serv
     asker.transport.abort()  # a close handshake would wait behind what it does not read
 
 
-async def test_awareness_another_node_relays_that_this_version_refuses_is_dropped_with_a_warning(
-        tmp_path, caplog) -> None:
-    """A node of an older version may relay a state JavaScript's JSON.parse refuses (NaN): it is not relayed to
-    this node's clients (every Node y-websocket peer died on one), and the broker's reader logs no traceback."""
-    from collab_server.broker import Kind
-    from collab_server.broker.local import LocalBroker
-    from collab_server.connection import Connection
-    from collab_server.metrics import Metrics
-    from collab_server.room import Room
-    from collab_server.storage.sqlite import SQLiteStore
-
+@asynccontextmanager
+async def room_in_process(tmp_path: Path) -> AsyncIterator[tuple[Room, Connection, list[bytes]]]:
+    """A loaded Room on SQLite and a local broker, with one Connection joined, and what is sent to it."""
     store = SQLiteStore(str(tmp_path / "a.db"))
     await store.open()
     room = Room("doc", store, LocalBroker(), Metrics())
@@ -145,18 +146,50 @@ async def test_awareness_another_node_relays_that_this_version_refuses_is_droppe
 
     conn = Connection(send, room.metrics)
     room.join(conn)
-    bad, good = (p.decode_message(p.encode_awareness([entry])).payload
-                 for entry in (p.AwarenessEntry(7, 1, '{"x": NaN}'), p.AwarenessEntry(8, 1, '{"x": 1}')))
-    room._on_broker(Kind.AWARENESS, bad, False)
-    room._on_broker(Kind.AWARENESS, good, False)
-    awareness = lambda: [m for m in map(p.decode_message, sent) if isinstance(m, p.AwarenessMessage)]
-    for _ in range(100):
-        if awareness():
-            break
-        await asyncio.sleep(0.01)
-    assert [m.payload for m in awareness()] == [good]
-    assert "awareness from another node refused" in caplog.text
-    conn.close(1000, "done")
-    await conn.wait_closed()
-    await room.close()
-    await store.close()
+    try:
+        yield room, conn, sent
+    finally:
+        conn.close(1000, "done")
+        await conn.wait_closed()
+        await room.close()
+        await store.close()
+
+
+async def test_awareness_another_node_relays_that_this_version_refuses_is_dropped_with_a_warning(
+        tmp_path, caplog) -> None:
+    """A node of an older version may relay a state JavaScript's JSON.parse refuses (NaN): it is not relayed to
+    this node's clients (every Node y-websocket peer died on one), and the broker's reader logs no traceback."""
+    async with room_in_process(tmp_path) as (room, _, sent):
+        bad, good = (p.decode_message(p.encode_awareness([entry])).payload
+                     for entry in (p.AwarenessEntry(7, 1, '{"x": NaN}'), p.AwarenessEntry(8, 1, '{"x": 1}')))
+        room._on_broker(Kind.AWARENESS, bad, False)
+        room._on_broker(Kind.AWARENESS, good, False)
+        awareness = lambda: [m for m in map(p.decode_message, sent) if isinstance(m, p.AwarenessMessage)]
+        for _ in range(100):
+            if awareness():
+                break
+            await asyncio.sleep(0.01)
+        assert [m.payload for m in awareness()] == [good]
+        assert "awareness from another node refused" in caplog.text
+
+
+async def test_the_clocks_of_removed_clients_are_forgotten_after_a_sweep_interval(tmp_path) -> None:
+    """The room remembers a removed client's clock, so a stale state cannot bring it back, but it never forgot
+    one: a connection setting states for new client ids and removing them, again and again, grew it without
+    bound. A clock is forgotten at the second sweep after its removal if the client has no state by then."""
+    async with room_in_process(tmp_path) as (room, conn, _):
+        update = lambda *entries: p.encode_awareness_update(list(entries))
+        room.apply_awareness(update(p.AwarenessEntry(1, 1, '{"stays":1}')), conn)
+        for first in range(100, 1600, 15):
+            ids = range(first, first + 15)  # and its own client 1: as many as one connection may have
+            room.apply_awareness(update(*(p.AwarenessEntry(cid, 1, '{"u":1}') for cid in ids)), conn)
+            room.apply_awareness(update(*(p.AwarenessEntry(cid, 2, "null") for cid in ids)), conn)
+        room.sweep()
+        room.apply_awareness(update(p.AwarenessEntry(100, 1, '{"stale":1}')), conn)  # removed, not long enough
+        assert [e.client_id for e in room.presence()] == [1]
+        room.sweep()
+        assert list(room._awareness_clock) == [1]
+        room.apply_awareness(update(p.AwarenessEntry(100, 3, '{"back":1}')), conn)
+        room.apply_awareness(update(p.AwarenessEntry(100, 4, "null")), conn)
+        room.apply_awareness(update(p.AwarenessEntry(100, 3, '{"stale":1}')), conn)  # right after its removal
+        assert [e.client_id for e in room.presence()] == [1]
