@@ -804,5 +804,5 @@ class Room:
         room's client churn would grow without bound (and loosen the bound on entries in `apply_awareness`)."""
         for cid in self._removed_before - self._removed:
             if cid not in self._awareness:
-                del self._awareness_clock[cid]
+                self._awareness_clock.pop(cid, None)
         self._removed_before, self._removed = self._removed, set()
