@@ -50,20 +50,30 @@ class Resync:
     async def refresh(self, room: Room) -> None:
         """Catch `room` up with everything committed so far, before an HTTP request reads it: what another node
         acknowledged may still be on its way through the broker (a read or a saved version through this node
-        lacked it)."""
+        lacked it). StorageError if it cannot, or the room closed meanwhile."""
         seen = self._seen.get(room.name)
+        if await self._catch_up(room.name, room, seen[1] if seen is not None and seen[0] is room else -1.0) is None:
+            raise StorageError(f"{room.name!r} could not catch up with storage (closed meanwhile, or in doubt)")
+
+    async def _catch_up(self, name: str, room: Room, stamp: float) -> bool | None:
+        """Give `room` (of document `name`) what storage holds and it lacks, read since its previous catch-up (or its load), and note
+        `stamp` (its last-write time) with the mark of this read; returns whether it lacked anything, None if the
+        room went meanwhile or failed to catch up (its document in doubt, it is discarded: its clients reconnect to
+        a fresh load, the others go on)."""
+        seen = self._seen.get(name)
         since = seen[2] if seen is not None and seen[0] is room else room.mark
-        updates, mark = await self.store.load_new(room.name, since)
-        if room.failed or room.closed:
-            return
+        updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
+        room.mark = None  # from now on the mark is kept here
+        if self.rooms.loaded.get(name) is not room or room.failed:
+            return None
         try:
-            room.catch_up(updates)
-        except Exception as exc:  # as in `once`: its clients reconnect to a fresh load
-            log.exception("room failed to catch up from storage name=%s", room.name)
+            missing = room.catch_up(updates)
+        except Exception:
+            log.exception("room failed to catch up from storage name=%s", name)
             room.discard(CloseCode.INTERNAL_ERROR, "server error")
-            raise StorageError(f"{room.name!r} failed to catch up with storage") from exc
-        room.mark = None
-        self._seen[room.name] = (room, seen[1] if seen is not None and seen[0] is room else -1.0, mark)
+            return None
+        self._seen[name] = (room, stamp, mark)
+        return missing
 
     async def once(self) -> list[str]:
         """One check of every loaded room; returns the rooms that were missing something."""
@@ -84,23 +94,11 @@ class Resync:
             seen = self._seen.get(name)
             if room is None or (seen is not None and seen[0] is room and seen[1] == stamp):
                 continue
-            since = seen[2] if seen is not None and seen[0] is room else room.mark
-            room.mark = None  # from now on the mark is kept here
-            updates, mark = await self.store.load_new(name, since)  # read after the stamp: all the stamp saw
-            if self.rooms.loaded.get(name) is not room or room.failed:
-                continue
-            try:
-                missing = room.catch_up(updates)
-            except Exception:  # its document is in doubt: its clients reconnect to a fresh load, the others go on
-                log.exception("room failed to catch up from storage name=%s", name)
-                room.discard(CloseCode.INTERNAL_ERROR, "server error")
-                continue
-            if missing:
+            if await self._catch_up(name, room, stamp):
                 caught.append(name)
                 self.rooms.metrics.resync_catch_ups.inc()
                 if time.time() - stamp < IN_FLIGHT:  # a busy room: the change may just not have arrived yet
                     log.debug("room caught up from storage name=%s (its latest commit may still be in flight)", name)
                 else:
                     log.warning("room caught up from storage name=%s (a committed change was never broadcast)", name)
-            self._seen[name] = (room, stamp, mark)
         return caught
