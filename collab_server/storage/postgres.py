@@ -96,7 +96,7 @@ class PostgresStore:
         # the writer's own connection: commits never wait behind loads and compactions for one of the pool's
         self._writes: asyncpg.Pool | None = None
         self._queue: list[Pending] = []
-        # deletions of each document its room saw at load, and of each write submitted, for `_incarnations`
+        # deletions of each document its room saw at load, and of each write submitted (`_deleted_meanwhile`)
         self._loaded_at: dict[str, int] = {}
         self._submitted_at: dict[asyncio.Future[int], int] = {}
         self._wake = asyncio.Event()
