@@ -182,6 +182,7 @@ class Room:
         self._awareness_seen: dict[int, float] = {}
         self._removed: set[int] = set()  # client ids whose state was removed since the last sweep
         self._removed_before: set[int] = set()  # those removed in the sweep interval before that
+        self._viewers: set[int] = set()  # client ids whose latest state came from a read-only connection
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
         self.mark: LogMark | None = None  # what the load read from storage, until resync.py takes it
 
@@ -714,8 +715,8 @@ class Room:
         back every state it receives, so most entries are such echoes. From a connection, an update whose newer
         entries break the limits is refused whole, and so is one of more entries than the room knows client ids
         plus MAX_AWARENESS_IDS, before it is decoded (a y-websocket client's update holds its own client and those
-        the room sent it). From a read-only connection, entries for a client whose state the room holds from another
-        connection (or node) are dropped."""
+        the room sent it). From a read-only connection, entries for a client it did not introduce are dropped unless
+        the client is `_claimable`."""
         if conn is not None and (size := p.awareness_size(payload)) > len(self._awareness_clock) + MAX_AWARENESS_IDS:
             raise LimitExceeded(f"awareness update of {size} entries, for {len(self._awareness_clock)} client ids "
                                 f"the room knows: more than {MAX_AWARENESS_IDS} awareness clients new to it")
@@ -723,7 +724,7 @@ class Room:
         stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
         newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
         if conn is not None and conn.readonly:  # a viewer neither takes over nor removes another client's presence
-            newer = [e for e in newer if e.client_id in conn.awareness_ids or e.client_id not in self._awareness]
+            newer = [e for e in newer if e.client_id in conn.awareness_ids or self._claimable(e.client_id)]
         if not newer:
             return
         p.check_awareness_json(newer)
@@ -769,8 +770,20 @@ class Room:
                     self._awareness_seen[cid] = now
                     if conn is not None:
                         conn.awareness_ids.add(cid)
+                        if conn.readonly:
+                            self._viewers.add(cid)
+                        else:
+                            self._viewers.discard(cid)
                 accepted.append(entry)
         return accepted
+
+    def _claimable(self, client_id: int) -> bool:
+        """Whether a read-only connection may set the presence of `client_id`, which it did not introduce: one the
+        room holds no state for, and either knows no clock of or last had from a viewer (one reconnecting). A
+        writer's id without a state (cleared, or timed out) is not: at a high clock, the viewer's state would hold
+        off the writer's next ones."""
+        return client_id not in self._awareness and (
+            client_id not in self._awareness_clock or client_id in self._viewers)
 
     def _bump(self, client_id: int) -> p.AwarenessEntry:
         """Remove a peer's presence locally and return the removal entry to broadcast."""
@@ -805,4 +818,5 @@ class Room:
         for cid in self._removed_before - self._removed:
             if cid not in self._awareness:
                 self._awareness_clock.pop(cid, None)
+                self._viewers.discard(cid)
         self._removed_before, self._removed = self._removed, set()

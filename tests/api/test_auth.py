@@ -146,8 +146,18 @@ async def test_a_read_only_peer_cannot_take_over_or_remove_another_client_s_pres
     await watcher.wait_for(lambda: watcher.awareness.get(7) == '{"user":"w2"}')
     await viewer.send(p.encode_awareness([p.AwarenessEntry(9, 2, "null")]))  # its own: still its to remove
     await watcher.wait_for(lambda: 9 not in watcher.awareness)
+    # the writer clears its presence: a viewer's state for its id at a high clock would hold off its next ones
+    await writer.send(p.encode_awareness([p.AwarenessEntry(7, 3, "null")]))
+    await watcher.wait_for(lambda: 7 not in watcher.awareness)
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(7, 200, '{"user":"claimed"}')]))
+    await writer.send(p.encode_awareness([p.AwarenessEntry(7, 4, '{"user":"w4"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(7) == '{"user":"w4"}')
+    # a viewer that reconnects may show its own presence again
+    again = await RawPeer.connect(ro)
+    await again.send(p.encode_awareness([p.AwarenessEntry(9, 3, '{"user":"v again"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(9) == '{"user":"v again"}')
     assert not viewer.closed.is_set()
-    for peer in (writer, watcher, viewer):
+    for peer in (writer, watcher, viewer, again):
         await peer.close()
 
 
