@@ -66,7 +66,8 @@ def block_content(doc: Doc, block_id: str) -> Text:
 
 def set_content(doc: Doc, block_id: str, content: str) -> None:
     """Make the block's content `content`, replacing only the span that differs (text around it, and other
-    clients' concurrent edits there, stay as they are)."""
+    clients' concurrent edits there, stay as they are). The content is the text without its embeds (as `str` gives
+    it); embeds keep their places, those inside the span too (its characters are deleted around them)."""
     text = block_content(doc, block_id)
     old = str(text)
     if old == content:
@@ -77,12 +78,39 @@ def set_content(doc: Doc, block_id: str, content: str) -> None:
     end = 0  # common suffix, not overlapping the prefix
     while end < min(len(old), len(content)) - start and old[-1 - end] == content[-1 - end]:
         end += 1
-    first = len(old[:start].encode())  # pycrdt indexes Text in UTF-8 bytes
+    offsets, length = _offsets(text)
     with doc.transaction():
-        if len(old) - end > start:
-            del text[first:len(old[:len(old) - end].encode())]
+        for first, stop in reversed(_runs(old, offsets, start, len(old) - end)):
+            del text[first:stop]
         if len(content) - end > start:
-            text.insert(first, content[start:len(content) - end])
+            text.insert(offsets[start] if start < len(old) else length, content[start:len(content) - end])
+
+
+def _offsets(text: Text) -> tuple[list[int], int]:
+    """pycrdt's index of each character of `str(text)` (it counts UTF-8 bytes, and 1 for each embed between
+    them), and the text's length so counted."""
+    offsets = []
+    at = 0
+    for piece, _ in text.diff():
+        if not isinstance(piece, str):
+            at += 1
+            continue
+        for char in piece:
+            offsets.append(at)
+            at += len(char.encode())
+    return offsets, at
+
+
+def _runs(old: str, offsets: list[int], start: int, stop: int) -> list[tuple[int, int]]:
+    """The index ranges of the characters `old[start:stop]`, one per run with no embed inside."""
+    runs: list[tuple[int, int]] = []
+    for i in range(start, stop):
+        after = offsets[i] + len(old[i].encode())
+        if runs and runs[-1][1] == offsets[i]:
+            runs[-1] = (runs[-1][0], after)
+        else:
+            runs.append((offsets[i], after))
+    return runs
 
 
 def _indexing_list(block: Any) -> Array | None:

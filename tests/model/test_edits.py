@@ -46,6 +46,32 @@ def test_set_content_gives_the_new_text_and_keeps_a_concurrent_insert_outside_th
     assert len(merged) == len(new) + len(extra)
 
 
+@settings(max_examples=300, deadline=None)
+@given(TEXT, TEXT, st.lists(st.integers(0, 12), max_size=3))
+def test_set_content_of_a_text_holding_embeds_keeps_them_and_changes_only_the_characters(old, new, places) -> None:
+    """A client's embed (`insertEmbed`, a mention) takes a place in the text but is not in the content read: the
+    span was found in the text read and cut by the positions of the one holding embeds, so the change landed off
+    by one for each embed before it, deleting other characters ("alpha beta gamma" -> "alpha betaGAMMAa")."""
+    doc = Doc()
+    create_block(doc, "b", "p", old)
+    text = block_content(doc, "b")
+    for n, at in enumerate(sorted(places, reverse=True)):
+        text.insert_embed(len(old[:min(at, len(old))].encode()), {"mention": n})
+    set_content(doc, "b", new)
+    assert str(text) == new
+    embeds = [piece for piece, _ in text.diff() if not isinstance(piece, str)]
+    assert embeds == [{"mention": float(n)} for n in reversed(range(len(places)))]
+
+
+def test_set_content_beside_an_embed_changes_what_differs_where_it_is() -> None:
+    doc = Doc()
+    create_block(doc, "b", "p", "alpha beta gamma delta")
+    text = block_content(doc, "b")
+    text.insert_embed(0, {"mention": "bob"})
+    set_content(doc, "b", "alpha beta GAMMA delta")
+    assert text.diff() == [({"mention": "bob"}, None), ("alpha beta GAMMA delta", None)]
+
+
 IDS = st.sampled_from(["x", "x", "x", "y", "text-less", "list-less", "not-a-map"])
 OPS = st.lists(st.one_of(
     st.fixed_dictionaries({"op": st.just("create_block"), "id": IDS, "type": st.just("p"), "content": TEXT}),
