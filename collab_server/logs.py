@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,20 @@ class OneLine(logging.Filter):
         return True
 
 
+_TOKEN = re.compile(r"(\btoken=)[^&\s\"']+")
+
+
+class Redacted(logging.Filter):
+    """Access tokens out of log lines: uvicorn logs each websocket's path with its query string, where y-websocket
+    clients put `?token=`, a credential until it expires."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = _TOKEN.sub(r"\1…", message), None
+        return True
+
+
 QUIET_RETRIES = ("asyncpg.pool",)
 # per-connection chatter below WARNING unless debugging: websockets' "connection open" on every handshake
 CHATTY = ("websockets",)
@@ -47,6 +62,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
     else:
         raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
+    handler.addFilter(Redacted())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -71,6 +71,21 @@ async def test_a_connection_logs_one_line_at_info(server) -> None:
     assert "connection open" not in server.log()
 
 
+async def test_tokens_in_a_query_string_are_not_logged(server_factory) -> None:
+    """y-websocket sends its params in the URL: uvicorn's "[accepted]" line held every `?token=`, a credential
+    until it expires, for anyone reading the log."""
+    from collab_server.auth import issue_token
+
+    server = server_factory("--auth-required", "--auth-secret", "s")
+    token = issue_token("s", doc="room")
+    peer = await RawPeer.connect(f"{server.ws_url}/room?x=1&token={token}")
+    await peer.sync()
+    await peer.close()
+    await wait_until(lambda: "[accepted]" in server.log())
+    accepted = next(line for line in server.log().splitlines() if "[accepted]" in line)
+    assert '"WebSocket /room?x=1&token=…" [accepted]' in accepted and token not in server.log()
+
+
 class Frozen:
     """A ping that does not answer, like one to a blackholed PostgreSQL or Redis, until the test thaws it."""
 
