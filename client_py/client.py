@@ -47,6 +47,7 @@ _NETWORK_ERRORS = (OSError, TimeoutError, WebSocketException, ProtocolError)
 DELETED_CODE = 4410  # collab_server closes a deleted document's connections with this code
 TOO_BIG_CODE = 1009  # the server refuses a message of ours as too large (its --max-message-size)
 REFUSED_STATUSES = (401, 403)  # a refused upgrade: the token is missing or not good for this room
+REFUSED_CODES = (4401, 4403)  # the same as close codes (collab_server --auth-close-codes; 4403: token expired)
 MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After from a refusing server is cut to this
 
 
@@ -89,7 +90,8 @@ class CollabClient:
     """Sync ``self.doc`` with ``<url>/<room>``; reconnects until closed, or until the server ends the link
     for good (``stopped`` is then a ServerClosed, a DocumentDeleted when the document was deleted; waiting
     methods raise it). ``token`` goes in an ``Authorization: Bearer`` header; set ``client.token`` to use a
-    new one from the next connection attempt on. ``ssl``: for a wss:// server whose certificate the system's
+    new one from the next connection attempt on (a client the server refused for its token connects again).
+    ``ssl``: for a wss:// server whose certificate the system's
     trusted authorities do not cover (``ssl.create_default_context(cafile=...)``).
 
     Local edits (any transaction origin except REMOTE/STORE) are stored, then sent while connected;
@@ -117,7 +119,7 @@ class CollabClient:
         self.awareness = Awareness(self.doc.client_id)
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
-        self.token = token
+        self._token = token
         self.last_error: BaseException | None = None
         self.stopped: ServerClosed | None = None  # why the server ended the link for good
         self._store_path = store
@@ -174,6 +176,20 @@ class CollabClient:
             self._store.close()
         if not self._task.cancelled() and (exc := self._task.exception()) is not None:
             raise RuntimeError("client stopped") from exc
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @token.setter
+    def token(self, token: str | None) -> None:
+        """Used from the next connection attempt on; a client the server refused for its token (expired, or not
+        good for this room) connects again with the new one."""
+        self._token = token
+        refused = self.stopped is not None and self.stopped.code in (*REFUSED_STATUSES, *REFUSED_CODES)
+        if refused and self._task is not None and self._task.done() and not self._closing:
+            self.stopped = None
+            self._task = asyncio.create_task(self._run(), name=f"collab-client {self.url}")
 
     @property
     def deleted(self) -> bool:
@@ -297,7 +313,7 @@ class CollabClient:
             link = _Link()
             ws: ClientConnection | None = None
             asked_to_wait = 0.0
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
             try:
                 tls = {"ssl": self.ssl} if self.ssl is not None else {}
                 async with connect(self.url, open_timeout=self.open_timeout, max_size=None,

@@ -267,6 +267,27 @@ async def test_tokens_and_a_refusal_that_stops_the_client(server_factory, close_
         assert anonymous.stopped is stopped.value and backoff.delays == [] and text(anonymous) == ""
 
 
+@pytest.mark.parametrize("close_codes", [False, True], ids=["refused-upgrade", "close-code"])
+async def test_a_client_whose_token_expired_goes_on_with_a_new_one(server_factory, close_codes: bool) -> None:
+    """The server closes a connection whose token expires (then refuses it, or closes with 4403): the client stops,
+    as for any refusal, and setting `client.token` connects it again, with what it wrote meanwhile."""
+    server = server_factory("--auth-required", "--auth-secret", "k", *(["--auth-close-codes"] if close_codes else []))
+    name = room()
+    async with CollabClient(server.ws_url, name, token=issue_token("k", doc=name, ttl=2), backoff=FAST) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "before")
+        await client.flush()
+        with pytest.raises(ServerClosed):
+            await client.wait_until(lambda: False, timeout=15)
+        assert client.stopped is not None and client.stopped.code == (4403 if close_codes else 403)
+        client.doc.get("t", type=Text).insert(6, " after")
+        client.token = issue_token("k", doc=name)
+        await client.flush()
+    async with CollabClient(server.ws_url, name, token=issue_token("k", doc=name)) as fresh:
+        await fresh.synced()
+        assert text(fresh) == "before after"
+
+
 async def test_block_model_works_on_client_doc(upstream: RefServer | ServerProcess) -> None:
     name = room()
     async with CollabClient(upstream.ws_url, name) as a, CollabClient(upstream.ws_url, name) as b:
