@@ -8,7 +8,7 @@ Delivery is at least once while the node runs: a receiver may see an event twice
 node reports the changes it committed; a change committed within the quiet period before the node is killed
 (SIGKILL, power loss) is not reported. Only commits are reported, never a change that storage refused. A
 document's events reach the receiver in order: a delivery waits for the one before it, and a deletion cancels
-a change event still being retried (it arrived after the deletion, with the receiver failing meanwhile).
+the change events still waiting or being retried (they arrived after the deletion, with the receiver failing).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Webhooks:
         self._client = httpx.AsyncClient(timeout=timeout)
         self._pending: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # document: (first change, timer)
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._latest: dict[str, asyncio.Task[None]] = {}  # each document's latest delivery, while it runs
+        self._running: dict[str, list[asyncio.Task[None]]] = {}  # each document's deliveries still running, in order
 
     def attach(self, room: Room) -> None:
         """Report the room's commits (call as each room loads)."""
@@ -84,18 +84,22 @@ class Webhooks:
         self._send("document.changed", doc)
 
     def _send(self, event: str, doc: str) -> None:
-        before = self._latest.get(doc)
-        if before is not None and event == "document.deleted":
-            before.cancel()
-        task = asyncio.create_task(self._deliver(event, doc, before), name=f"webhook:{event}:{doc}")
+        running = self._running.setdefault(doc, [])
+        if event == "document.deleted":  # events still waiting or being retried would arrive after it
+            for earlier in running:
+                earlier.cancel()
+        task = asyncio.create_task(self._deliver(event, doc, running[-1] if running else None),
+                                   name=f"webhook:{event}:{doc}")
         self._deliveries.add(task)
-        self._latest[doc] = task
+        running.append(task)
         task.add_done_callback(partial(self._delivered, doc))
 
     def _delivered(self, doc: str, task: asyncio.Task[None]) -> None:
         self._deliveries.discard(task)
-        if self._latest.get(doc) is task:
-            del self._latest[doc]
+        running = self._running[doc]
+        running.remove(task)
+        if not running:
+            del self._running[doc]
 
     async def _deliver(self, event: str, doc: str, before: asyncio.Task[None] | None) -> None:
         if before is not None:  # the document's previous event first
