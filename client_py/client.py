@@ -155,6 +155,9 @@ class CollabClient:
             if snapshot is not None:
                 self.doc = apply(self.doc, snapshot, self._characters)
         self._subscription = self.doc.observe(self._on_update)
+        self._start()
+
+    def _start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"collab-client {self.url}")
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -189,7 +192,7 @@ class CollabClient:
         refused = self.stopped is not None and self.stopped.code in (*REFUSED_STATUSES, *REFUSED_CODES)
         if refused and self._task is not None and self._task.done() and not self._closing:
             self.stopped = None
-            self._task = asyncio.create_task(self._run(), name=f"collab-client {self.url}")
+            self._start()
 
     @property
     def deleted(self) -> bool:
