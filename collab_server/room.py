@@ -15,7 +15,7 @@ from pycrdt import Doc, TransactionEvent, get_update
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
-from collab_server.heldback import Held
+from collab_server.heldback import Held, clocks
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
@@ -779,11 +779,14 @@ class Room:
 
     def _claimable(self, client_id: int) -> bool:
         """Whether a read-only connection may set the presence of `client_id`, which it did not introduce: one the
-        room holds no state for, and either knows no clock of or last had from a viewer (one reconnecting). A
-        writer's id without a state (cleared, or timed out) is not: at a high clock, the viewer's state would hold
-        off the writer's next ones."""
-        return client_id not in self._awareness and (
-            client_id not in self._awareness_clock or client_id in self._viewers)
+        room holds no state for, and last had from a viewer (one reconnecting) or never saw, if it is not the id of
+        someone who wrote to the document. A writer's id without a state (cleared, timed out, or not announced yet
+        after a restart) is not: at a high clock, the viewer's state would hold off the writer's next ones."""
+        if client_id in self._awareness:
+            return False
+        if client_id in self._awareness_clock:
+            return client_id in self._viewers
+        return client_id not in clocks(self.doc.get_state())
 
     def _bump(self, client_id: int) -> p.AwarenessEntry:
         """Remove a peer's presence locally and return the removal entry to broadcast."""

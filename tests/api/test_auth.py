@@ -161,6 +161,27 @@ async def test_a_read_only_peer_cannot_take_over_or_remove_another_client_s_pres
         await peer.close()
 
 
+async def test_a_read_only_peer_cannot_claim_the_client_id_of_someone_who_wrote(server: ServerProcess) -> None:
+    """A viewer could claim any client id the room held no presence clock of, such as that of a writer not announced
+    yet (after a restart, or one that shows no presence), read from the document's state vector: at a high clock,
+    its state then held off the writer's own. Ids that wrote to the document are not a viewer's to claim."""
+    rw, ro = (f"{server.ws_url}/authored?token={issue_token(SECRET, doc='authored', access=access)}"
+              for access in ("rw", "ro"))
+    writer, watcher, viewer = await RawPeer.connect(rw, client_id=5555), await RawPeer.connect(rw), \
+        await RawPeer.connect(ro)
+    await writer.edit(lambda doc: doc.get("t", type=Text).insert(0, "mine"))
+    await watcher.wait_for(lambda: text(watcher) == "mine")
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(5555, 50, '{"user":"forged"}')]))
+    await viewer.send(p.encode_awareness([p.AwarenessEntry(9, 1, '{"user":"v"}')]))  # never seen: the viewer's own
+    await watcher.wait_for(lambda: watcher.awareness.get(9) == '{"user":"v"}')  # handled after the forged one
+    assert 5555 not in watcher.awareness
+    await writer.send(p.encode_awareness([p.AwarenessEntry(5555, 1, '{"user":"w"}')]))
+    await watcher.wait_for(lambda: watcher.awareness.get(5555) == '{"user":"w"}')
+    assert not viewer.closed.is_set()
+    for peer in (writer, watcher, viewer):
+        await peer.close()
+
+
 @pytest.mark.parametrize(("close_codes", "code"), [((), 1008), (("--auth-close-codes",), 4403)],
                          ids=["default", "auth-close-codes"])
 async def test_a_connection_is_closed_when_its_token_expires(server_factory, close_codes: tuple[str, ...],
