@@ -20,6 +20,7 @@ from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns, in_thread
+from collab_server.presence import Presence, Relayed
 from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
 from collab_server.storage import DeletedMeanwhile, LogMark, StorageError, Store
@@ -33,26 +34,6 @@ _log_rebuild = Throttled(log, logging.INFO)
 _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
 
-MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
-MAX_AWARENESS_STATE = 64 * 1024  # bytes of JSON (UTF-8) in one awareness state
-RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
-_AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
-
-
-class _Relayed(dict[bytes, None]):
-    """The latest awareness messages a room relayed, oldest first. Only an awareness message can be one: others
-    are told apart by their first byte, without hashing them (a 16 MB update would take ~10 ms)."""
-
-    __slots__ = ()
-
-    def __contains__(self, message: object) -> bool:
-        return (isinstance(message, bytes) and message[:1] == _AWARENESS_TYPE
-                and dict.__contains__(self, message))
-
-    def add(self, message: bytes) -> None:
-        self[message] = None
-        if len(self) > RELAYED_KEPT:
-            del self[next(iter(self))]
 
 
 class _Answer:
@@ -94,19 +75,10 @@ def _brings_structs(update: bytes, doc: Doc) -> bool:
         return True
 
 
-def _too_big(state: str) -> bool:
-    """Whether an awareness state is over MAX_AWARENESS_STATE bytes of UTF-8 (encoded only if not ASCII)."""
-    return len(state) > MAX_AWARENESS_STATE or (not state.isascii() and len(state.encode()) > MAX_AWARENESS_STATE)
-
-
 def _refusal(exc: BaseException) -> bool:
     """Whether pycrdt refused an update: ValueError (cannot decode it), RuntimeError (cannot integrate it, maybe
     after integrating a part) or a panic inside yrs, raised as pyo3's PanicException, which is not an Exception."""
     return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
-
-
-class LimitExceeded(Exception):
-    """A message within the protocol but beyond what one connection may ask of the room (policy violation)."""
 
 
 class RoomClosed(Exception):
@@ -174,15 +146,9 @@ class Room:
         self._deferred: list[bytes] = []  # other nodes' changes that came during the rebuild
         self._outbox: list[bytes] = []
         self._awareness_outbox: list[bytes] = []
-        self._relayed = _Relayed()
+        self._relayed = Relayed()
         self._answer_kept: _Answer | None = None  # the latest sync answer, while the document is unchanged
-        self._awareness: dict[int, p.AwarenessEntry] = {}
-        self._presence_kept: bytes | None = None  # the message holding every state in `_awareness`, once encoded
-        self._awareness_clock: dict[int, int] = {}  # of each client id with a state or removed lately (sweep)
-        self._awareness_seen: dict[int, float] = {}
-        self._removed: set[int] = set()  # client ids whose state was removed since the last sweep
-        self._removed_before: set[int] = set()  # those removed in the sweep interval before that
-        self._viewers: set[int] = set()  # client ids whose latest state came from a read-only connection
+        self._presence = Presence(lambda: clocks(self.doc.get_state()))
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
         self.mark: LogMark | None = None  # what the load read from storage, until resync.py takes it
 
@@ -263,12 +229,12 @@ class Room:
     def join(self, conn: Connection) -> None:
         self.connections.add(conn)
         conn.send(p.sync_step1(self.doc.get_state()))
-        if self._awareness:
-            conn.send(self._presence_message())
+        if self._presence.states:
+            conn.send(self._presence.message())
 
     def leave(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        gone = [self._bump(cid) for cid in conn.awareness_ids if cid in self._awareness]
+        gone = [self._presence.bump(cid) for cid in conn.awareness_ids if cid in self._presence.states]
         conn.awareness_ids.clear()
         if gone:
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(gone))
@@ -296,7 +262,7 @@ class Room:
             self.apply_awareness(msg.payload, conn)
             return time.perf_counter() - started
         elif isinstance(msg, p.QueryAwarenessMessage):
-            answer = self._presence_message()
+            answer = self._presence.message()
             if not conn.waiting(answer):  # asked again before the previous answer left: that one still holds it all
                 conn.send(answer)
             return time.perf_counter() - started
@@ -659,7 +625,7 @@ class Room:
                 except p.ProtocolError as exc:  # a node of an older version took it (a NaN state): not relayed
                     log.warning("awareness from another node refused room=%s error=%s", self.name, exc)
                     return
-                self._merge_awareness(entries, None)
+                self._presence.merge(entries, None)
             if not self._awareness_outbox:
                 asyncio.get_running_loop().call_soon(self._flush_awareness)
             self._awareness_outbox.append(payload)
@@ -699,104 +665,16 @@ class Room:
         and such a copy never changes anything (see _flush_awareness)."""
         return self._relayed
 
-    def _presence_message(self) -> bytes:
-        """The message holding every state the room holds (for joiners and QueryAwareness), encoded once until one
-        changes (it takes as much memory as the states, and lives no longer than they stay unchanged)."""
-        if self._presence_kept is None:
-            self._presence_kept = p.encode_awareness(list(self._awareness.values()))
-        return self._presence_kept
-
     def presence(self) -> list[p.AwarenessEntry]:
         """The awareness states the room holds now (from every node's clients), one per client id."""
-        return list(self._awareness.values())
+        return list(self._presence.states.values())
 
-    def apply_awareness(self, payload: bytes, conn: Connection | None) -> None:
-        """Merge an awareness update. Entries that change nothing are dropped unchecked: a y-websocket client sends
-        back every state it receives, so most entries are such echoes. From a connection, an update whose newer
-        entries break the limits is refused whole, and so is one of more entries than the room knows client ids
-        plus MAX_AWARENESS_IDS, before it is decoded (a y-websocket client's update holds its own client and those
-        the room sent it). From a read-only connection, entries for a client it did not introduce are dropped unless
-        the client is `_claimable`."""
-        if conn is not None and (size := p.awareness_size(payload)) > len(self._awareness_clock) + MAX_AWARENESS_IDS:
-            raise LimitExceeded(f"awareness update of {size} entries, for {len(self._awareness_clock)} client ids "
-                                f"the room knows: more than {MAX_AWARENESS_IDS} awareness clients new to it")
-        entries = p.decode_awareness(payload, check_json=False)
-        stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
-        newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
-        if conn is not None and conn.readonly:  # a viewer neither takes over nor removes another client's presence
-            newer = [e for e in newer if e.client_id in conn.awareness_ids or self._claimable(e.client_id)]
-        if not newer:
-            return
-        p.check_awareness_json(newer)
-        if conn is not None:
-            new_ids = {e.client_id for e in newer if not e.removed and e.client_id not in self._awareness}
-            new_ids -= conn.awareness_ids
-            if len(conn.awareness_ids) + len(new_ids) > MAX_AWARENESS_IDS:
-                raise LimitExceeded(f"more than {MAX_AWARENESS_IDS} awareness clients on one connection")
-            if any(_too_big(e.state) for e in newer):
-                raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} bytes")
-        accepted = self._merge_awareness(newer, conn)
+    def apply_awareness(self, payload: bytes, conn: Connection) -> None:
+        """Merge an awareness update from a connection (see Presence.accept) and publish what it changed."""
+        accepted = self._presence.accept(payload, conn)
         if accepted:
-            relayed = payload if len(accepted) == len(entries) else p.encode_awareness_update(accepted)
+            relayed = payload if len(accepted) == p.awareness_size(payload) else p.encode_awareness_update(accepted)
             self.broker.publish(self.name, Kind.AWARENESS, relayed)
-
-    def _is_newer(self, entry: p.AwarenessEntry) -> bool:
-        """Whether `entry` changes the room's awareness: a state at a higher clock, or the removal of a held state
-        at its clock or a higher one (as in y-protocols). The removal of a client the room holds no state for
-        changes nothing for the peers it relays to either, which hold none (y-protocols only notes its clock):
-        not newer, so it is neither remembered nor relayed."""
-        if entry.removed:
-            held = self._awareness.get(entry.client_id)
-            return held is not None and entry.clock >= held.clock
-        return entry.clock > self._awareness_clock.get(entry.client_id, -1)
-
-    def _merge_awareness(self, entries: list[p.AwarenessEntry], conn: Connection | None) -> list[p.AwarenessEntry]:
-        """Keep the entries that are newer (`_is_newer`), in order."""
-        accepted = []
-        now = time.monotonic()
-        for entry in entries:
-            cid = entry.client_id
-            if self._is_newer(entry):
-                self._presence_kept = None
-                self._awareness_clock[cid] = entry.clock
-                if entry.removed:
-                    self._awareness.pop(cid, None)
-                    self._awareness_seen.pop(cid, None)
-                    self._removed.add(cid)
-                    if conn is not None:
-                        conn.awareness_ids.discard(cid)
-                else:
-                    self._awareness[cid] = entry
-                    self._awareness_seen[cid] = now
-                    if conn is not None:
-                        conn.awareness_ids.add(cid)
-                        if conn.readonly:
-                            self._viewers.add(cid)
-                        else:
-                            self._viewers.discard(cid)
-                accepted.append(entry)
-        return accepted
-
-    def _claimable(self, client_id: int) -> bool:
-        """Whether a read-only connection may set the presence of `client_id`, which it did not introduce: one the
-        room holds no state for, and last had from a viewer (one reconnecting) or never saw, if it is not the id of
-        someone who wrote to the document. A writer's id without a state (cleared, timed out, or not announced yet
-        after a restart) is not: at a high clock, the viewer's state would hold off the writer's next ones."""
-        if client_id in self._awareness:
-            return False
-        if client_id in self._awareness_clock:
-            return client_id in self._viewers
-        return client_id not in clocks(self.doc.get_state())
-
-    def _bump(self, client_id: int) -> p.AwarenessEntry:
-        """Remove a peer's presence locally and return the removal entry to broadcast."""
-        clock = self._awareness_clock.get(client_id, 0) + 1
-        self._awareness_clock[client_id] = clock
-        self._presence_kept = None
-        self._awareness.pop(client_id, None)
-        self._awareness_seen.pop(client_id, None)
-        self._removed.add(client_id)
-        return p.AwarenessEntry(client_id, clock, "null")
 
     def sweep(self) -> None:
         """Periodic upkeep: remove the presence of peers not heard from for `awareness_timeout` seconds, and forget
@@ -806,20 +684,8 @@ class Room:
                 self._answer_kept = None
             else:
                 self._answer_kept.asked = False
-        deadline = time.monotonic() - self.awareness_timeout
-        stale = [self._bump(cid) for cid, seen in list(self._awareness_seen.items()) if seen < deadline]
+        stale = self._presence.sweep(time.monotonic() - self.awareness_timeout)
         if stale:
             for conn in self.connections:
                 conn.awareness_ids.difference_update(e.client_id for e in stale)
             self.broker.publish(self.name, Kind.AWARENESS, p.encode_awareness_update(stale))
-        self._forget_removed()
-
-    def _forget_removed(self) -> None:
-        """Forget the clocks of client ids removed before the previous sweep and without a state since. Kept a whole
-        sweep interval at least, a clock still refuses a stale state arriving late; never forgotten, those of a
-        room's client churn would grow without bound (and loosen the bound on entries in `apply_awareness`)."""
-        for cid in self._removed_before - self._removed:
-            if cid not in self._awareness:
-                self._awareness_clock.pop(cid, None)
-                self._viewers.discard(cid)
-        self._removed_before, self._removed = self._removed, set()

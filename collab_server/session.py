@@ -18,7 +18,8 @@ from collab_server.fairshare import LoopShare
 from collab_server.logs import Throttled
 from collab_server.names import room_name
 from collab_server.protocol import ProtocolError, is_update
-from collab_server.room import LimitExceeded, Room, RoomClosed
+from collab_server.presence import LimitExceeded
+from collab_server.room import Room, RoomClosed
 from collab_server.rooms import RoomFull, Rooms
 from collab_server.storage import StorageError
 from collab_server.storage.health import RETRY_AFTER

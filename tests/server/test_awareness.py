@@ -188,7 +188,7 @@ async def test_the_clocks_of_removed_clients_are_forgotten_after_a_sweep_interva
         room.apply_awareness(update(p.AwarenessEntry(100, 1, '{"stale":1}')), conn)  # removed, not long enough
         assert [e.client_id for e in room.presence()] == [1]
         room.sweep()
-        assert list(room._awareness_clock) == [1]
+        assert list(room._presence._clock) == [1]
         room.apply_awareness(update(p.AwarenessEntry(100, 3, '{"back":1}')), conn)
         room.apply_awareness(update(p.AwarenessEntry(100, 4, "null")), conn)
         room.apply_awareness(update(p.AwarenessEntry(100, 3, '{"stale":1}')), conn)  # right after its removal
