@@ -190,7 +190,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings,
                                 f"{what} not saved") from exc
         await room.flush()
         if room.failed:
-            raise ApiError(503, f"storage failure: {what} not saved")
+            failing = store.health.failing
+            raise ApiError(503, f"storage failure: {what} not saved" + (f" ({failing})" if failing else ""))
         return result
 
     async def list_docs(request: Request) -> Response:

@@ -50,8 +50,9 @@ class Redacted(logging.Filter):
 
 
 QUIET_RETRIES = ("asyncpg.pool",)
-# per-connection chatter below WARNING unless debugging: websockets' "connection open" on every handshake
-CHATTY = ("websockets",)
+# chatter below WARNING unless debugging: websockets' "connection open" on every handshake, httpx's line for every
+# webhook POST (with the receiver's URL, which may hold a credential)
+CHATTY = ("websockets", "httpx")
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:

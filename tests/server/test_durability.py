@@ -100,6 +100,7 @@ async def test_while_commits_fail_clients_are_held_off_and_the_log_stays_short(s
     assert unready.status_code == 503 and unready.json()["error"] == "commits failing: disk full"
     edit = httpx.post(f"{server.http_url}/api/docs/room/update", content=doc.get_update())
     assert edit.status_code == 503 and edit.headers["Retry-After"] == "5"
+    assert edit.json()["error"] == "storage failure: update not saved (disk full)"
 
     probe = await admitted(f"{server.ws_url}/room")  # within a second
     await probe.send(p.sync_update(doc.get_update()))

@@ -119,3 +119,21 @@ async def test_ready_answers_at_once_that_a_backend_which_does_not_answer_timed_
     finally:
         ping.thawed.set()
         await store.close()
+
+
+async def test_webhook_deliveries_do_not_log_the_receiver_s_url(server_factory) -> None:
+    """httpx logged every webhook POST at INFO with the receiver's URL, which may hold a credential in its query
+    string, for anyone reading the log."""
+    from tests.server.test_webhooks import Receiver
+
+    receiver = Receiver()
+    try:
+        server = server_factory("--webhook-url", f"{receiver.url}?key=credential-in-url", "--webhook-debounce", "0.1")
+        peer = await RawPeer.connect(f"{server.ws_url}/room")
+        await peer.sync()
+        await peer.edit(lambda doc: doc.get("t", type=Text).insert(0, "x"))
+        await wait_until(lambda: server.metric("collab_webhooks_delivered_total") == 1)
+        await peer.close()
+        assert receiver.events("room") and "credential-in-url" not in server.log()
+    finally:
+        receiver.close()
