@@ -918,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma list (default: %(default)s)")
     parser.add_argument("--repeat", type=int, help="runs per live scenario (median reported)")
     parser.add_argument("--sizes", help="JSON merged into the scenario sizes, e.g. '{\"fanout\": {\"readers\": 50}}'")
-    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json",
+                        help="where the results go, as JSON (default benchmarks/results/latest.json)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases and server logs")
     parser.add_argument("--profile-ours", type=Path, metavar="DIR",
                         help="run our server under py-spy (one raw collapsed-stack file per scenario group in DIR); "

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collab-server", description="Yjs-compatible collaboration server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the websocket + HTTP server")
-    serve.add_argument("--config", help="TOML file with settings (keys as in --help, underscores)")
+    serve.add_argument("--config", default=os.environ.get("COLLAB_CONFIG"),
+                       help="TOML file with settings (keys as in --help, underscores) (env COLLAB_CONFIG)")
     _add_setting_flags(serve)
     token = sub.add_parser("token", help="issue a signed access token")
     token.add_argument("--secret", default=os.environ.get("COLLAB_AUTH_SECRET"),
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     scope = token.add_mutually_exclusive_group(required=True)
     scope.add_argument("--doc", help="grant exactly this document")
     scope.add_argument("--prefix", help="grant every document whose name starts with this")
-    token.add_argument("--access", choices=("rw", "ro"), default="rw")
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry (default 3600)")
+    token.add_argument("--access", choices=("rw", "ro"), default="rw",
+                       help="rw: read and write; ro: read only (default rw)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry, more than 0 (default 3600)")
     backup = sub.add_parser("backup", help="copy the SQLite database to a new file, safe while the server runs")
     backup.add_argument("--db", default=os.environ.get("COLLAB_DB", Settings().db),
                         help="the server's database (default: env COLLAB_DB or ./collab.db)")
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "token":
         try:
+            if args.ttl <= 0:  # a token expired when issued would be refused at once
+                raise ValueError(f"ttl must be more than 0 seconds, not {args.ttl!r}")
             print(issue_token(args.secret or "", doc=args.doc, prefix=args.prefix, access=args.access, ttl=args.ttl))
         except ValueError as exc:
             print(f"collab-server: {exc}", file=sys.stderr)

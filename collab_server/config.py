@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "COLLAB_"
+COMMA_SEPARATED = {"cors_origins"}  # settings holding a list, which a TOML file may also give as an array
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -182,7 +183,10 @@ def _check_redis_url(url: str) -> None:
 
 
 def _coerce(kind: type, name: str, value: Any) -> Any:
-    """`value` of setting `name` as its default's type `kind` (booleans also from their usual spellings)."""
+    """`value` of setting `name` as its default's type `kind` (booleans also from their usual spellings; a list
+    of strings, as a TOML array, for a comma-separated one)."""
+    if name in COMMA_SEPARATED and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return ",".join(value)
     if kind is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True

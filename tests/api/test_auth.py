@@ -229,3 +229,7 @@ def test_cli_token_verifies() -> None:
         endless = run_cli("--secret", SECRET, "--doc", "x", "--ttl", ttl)
         assert (endless.returncode, endless.stderr) == (2, f"collab-server: ttl must be a finite number of seconds, "
                                                            f"not {ttl}\n")
+    for ttl in ("0", "-60"):  # expired when issued: every use refused
+        expired = run_cli("--secret", SECRET, "--doc", "x", "--ttl", ttl)
+        assert (expired.returncode, expired.stderr) == (2, f"collab-server: ttl must be more than 0 seconds, "
+                                                           f"not {float(ttl)!r}\n")

@@ -344,6 +344,17 @@ def test_a_settings_file_the_server_cannot_use_stops_it_with_one_line(tmp_path: 
     assert_refused(tmp_path, ["--config", str(file)], {}, reason.format(file=file))
 
 
+def test_settings_come_from_the_file_named_by_collab_config_and_lists_may_be_toml_arrays(tmp_path: Path) -> None:
+    """`COLLAB_CONFIG` names the file as `--config` does (every other setting has its variable), and
+    `cors_origins` may be an array there: it was refused as '"['https://a.example']" is not an origin'."""
+    file = tmp_path / "settings.toml"
+    file.write_text('cors_origins = ["https://a.example", "https://b.example:8443"]\n')
+    settings = Settings.load(str(file))
+    assert settings.cors_origins == "https://a.example,https://b.example:8443"
+    file.write_text("compact_threshold = 0\n")
+    assert_refused(tmp_path, [], {"COLLAB_CONFIG": str(file)}, "compact_threshold must be at least 1, not 0")
+
+
 def assert_refused(tmp_path: Path, args: list[str], env: dict[str, str], reason: str) -> None:
     done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
                            "--db", str(tmp_path / "x.db"), *args], capture_output=True, text=True, timeout=60,
