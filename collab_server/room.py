@@ -35,7 +35,6 @@ _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room 
 T = TypeVar("T")
 
 
-
 class _Answer:
     """A sync answer the room keeps until its document changes: the state vector asked with, the update it lacked
     and, once a connection asked, the message holding it (one copy in every send queue it waits in)."""
