@@ -325,3 +325,27 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Raise StorageError when the store is unreachable."""
+
+    # --- webhook marks (webhooks.py): what was reported to the receiver, per document ----------------------
+
+    async def keep_marks(self) -> None:
+        """Keep webhook marks from now on: create their table if missing, each stored document marked reported as
+        of its current `updated` (turning webhooks on reports nothing older). Once the table exists, `delete`
+        records in its transaction a deletion to report, whichever node deletes."""
+
+    async def unreported(self, after: str, before: float, limit: int) -> tuple[list[str], str | None]:
+        """Look at the next `limit` stored documents in name order after `after` (an index range, never the whole
+        table): returns those whose last commit is later than their mark (or that have none) and at or before
+        `before` (unix time), and the name to look after next (None: these were the last)."""
+
+    async def deletions_to_report(self, limit: int) -> list[str]:
+        """Up to `limit` documents whose deletion is still to report."""
+
+    async def mark_reported(self, changed: dict[str, float], deleted: list[str]) -> None:
+        """Record what the receiver accepted: for each of `changed`, a change event sent after reading the
+        document's `updated` as the given value (the mark becomes the greater of it and the mark's own); for each
+        of `deleted`, its deletion (the mark is removed)."""
+
+    async def leads_sweep(self) -> bool:
+        """Whether this node is the one, of the nodes sharing the store, that sweeps for unreported webhook events:
+        the first to ask leads until its store closes (or loses its connection)."""

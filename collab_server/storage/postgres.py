@@ -76,9 +76,29 @@ CREATE TABLE IF NOT EXISTS deletions (
 # what SCHEMA creates: when all of it is there, a starting node runs none of it (CREATE INDEX IF NOT EXISTS
 # locks its table before it finds the index, so a node starting while others commit deadlocked with them)
 SCHEMA_OBJECTS = re.findall(r"IF NOT EXISTS (\w+)", SCHEMA)
+# webhook marks (Store.keep_marks), created when webhooks are first turned on, at each document's current time
+MARKS_SCHEMA = """
+CREATE TABLE webhook_marks (
+    name TEXT PRIMARY KEY,
+    notified DOUBLE PRECISION NOT NULL,  -- documents.updated as read before the latest change event accepted
+    deleted BOOLEAN NOT NULL DEFAULT FALSE  -- a deletion to report
+);
+CREATE INDEX webhook_marks_deleted ON webhook_marks (name) WHERE deleted;
+INSERT INTO webhook_marks (name, notified) SELECT name, updated FROM documents;
+"""
+# documents of a batch in name order whose last commit is not reported (kind 0), then the batch's last name and
+# size (kind 1)
+UNREPORTED = """
+WITH batch AS (SELECT name, updated FROM documents WHERE name COLLATE "C" > $1 ORDER BY name COLLATE "C" LIMIT $2)
+SELECT 0 AS kind, b.name, 0 AS n FROM batch b LEFT JOIN webhook_marks m ON m.name = b.name
+    WHERE b.updated <= $3 AND (m.name IS NULL OR b.updated > m.notified)
+UNION ALL
+SELECT 1, max(name COLLATE "C"), count(*) FROM batch
+"""
 COMPACT_ATTEMPTS = 3  # folds from a fresh snapshot when other nodes keep compacting the same document
 SCHEMA_LOCK = 0x636F6C6C  # advisory lock key: nodes starting together create the tables one at a time
 NODE_LOCK = 0x6E6F6465  # advisory lock class, with the schema's hash: the nodes serving a schema (see _join)
+SWEEP_LOCK = 0x73776570  # advisory lock class, with the schema's hash: the node sweeping for webhook events
 
 
 class PostgresStore:
@@ -90,6 +110,9 @@ class PostgresStore:
         self.schema = schema
         self.sole = sole
         self._membership: asyncpg.Connection | None = None  # holds this node's advisory lock on the schema
+        self._settings: dict[str, str] | None = None  # the connections' server settings (search_path)
+        self._sweep: asyncpg.Connection | None = None  # asks for, then holds, the sweep's lock (leads_sweep)
+        self._leads = False
         self.pool_size = pool_size
         self.timeout = timeout  # seconds for acquiring a connection and for each statement
         self._pool: asyncpg.Pool | None = None
@@ -109,7 +132,7 @@ class PostgresStore:
         self.health = CommitHealth()
 
     async def open(self) -> None:
-        settings = {"search_path": _quote(self.schema)} if self.schema else None
+        settings = self._settings = {"search_path": _quote(self.schema)} if self.schema else None
         try:
             self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size,
                                                    command_timeout=self.timeout, server_settings=settings)
@@ -170,10 +193,11 @@ class PostgresStore:
         for pool in (self._pool, self._writes):
             if pool is not None:
                 await pool.close()
-        if self._membership is not None:
-            with contextlib.suppress(Exception):  # gone with an outage: its lock went with it
-                await self._membership.close()
-            self._membership = None
+        for conn in (self._membership, self._sweep):
+            if conn is not None:
+                with contextlib.suppress(Exception):  # gone with an outage: its lock went with it
+                    await conn.close()
+        self._membership = self._sweep = None
 
     def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -377,6 +401,10 @@ class PostgresStore:
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", doc)
                 await conn.execute("INSERT INTO deletions (name, count) VALUES ($1, 1) "
                                    "ON CONFLICT (name) DO UPDATE SET count = deletions.count + 1", doc)
+                if await conn.fetchval("SELECT to_regclass('webhook_marks') IS NOT NULL"):  # a deletion to report
+                    await conn.execute("INSERT INTO webhook_marks (name, notified, deleted) SELECT name, 0, TRUE "
+                                       "FROM documents WHERE name = $1 ON CONFLICT (name) DO UPDATE SET deleted = TRUE",
+                                       doc)
                 row = await conn.fetchval("DELETE FROM documents WHERE name = $1 RETURNING 1", doc)
                 status = await conn.execute("DELETE FROM updates WHERE doc = $1", doc)
                 await conn.execute("DELETE FROM versions WHERE doc = $1", doc)
@@ -460,6 +488,59 @@ class PostgresStore:
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1", what="postgres ping")
+
+    async def keep_marks(self) -> None:
+        assert self._pool is not None
+        try:  # nodes starting together take turns: the first creates the marks
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                if not await conn.fetchval("SELECT to_regclass('webhook_marks') IS NOT NULL"):
+                    await conn.execute(MARKS_SCHEMA)
+        except Exception as exc:
+            raise StorageError(f"creating webhook marks failed: {reason(exc)}") from exc
+
+    async def unreported(self, after: str, before: float, limit: int) -> tuple[list[str], str | None]:
+        rows = await self._fetch(UNREPORTED, after, limit, before, what="finding unreported changes")
+        (last, count), = [(r["name"], r["n"]) for r in rows if r["kind"] == 1]
+        return [r["name"] for r in rows if r["kind"] == 0], last if count == limit else None
+
+    async def deletions_to_report(self, limit: int) -> list[str]:
+        rows = await self._fetch("SELECT name FROM webhook_marks WHERE deleted LIMIT $1", limit,
+                                 what="finding unreported deletions")
+        return [r["name"] for r in rows]
+
+    async def mark_reported(self, changed: dict[str, float], deleted: list[str]) -> None:
+        assert self._pool is not None
+        names = sorted(changed)  # every node locks mark rows in the same order: no deadlock
+        try:
+            async with self._pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO webhook_marks (name, notified) SELECT m.name, m.notified "
+                    "FROM unnest($1::text[], $2::float8[]) WITH ORDINALITY AS m(name, notified, i) "
+                    "JOIN documents d ON d.name = m.name ORDER BY m.i "
+                    "ON CONFLICT (name) DO UPDATE SET notified = GREATEST(webhook_marks.notified, excluded.notified)",
+                    names, [changed[name] for name in names])
+                await conn.execute("DELETE FROM webhook_marks WHERE deleted AND name = ANY($1::text[])", deleted)
+        except Exception as exc:
+            raise StorageError(f"recording webhook marks failed: {reason(exc)}") from exc
+
+    async def leads_sweep(self) -> bool:
+        """The lead is a session advisory lock held on a connection of its own: another node takes it once this
+        node's connection ends, however it ends."""
+        try:
+            if self._sweep is None:
+                self._sweep = await asyncpg.connect(self.dsn, timeout=self.timeout, server_settings=self._settings)
+            if self._leads:
+                await self._sweep.fetchval("SELECT 1", timeout=self.timeout)  # the session, and its lock, live on
+            else:
+                self._leads = await self._sweep.fetchval(
+                    "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))", SWEEP_LOCK, timeout=self.timeout)
+        except Exception as exc:
+            if self._sweep is not None:
+                self._sweep.terminate()  # the lock, if held, goes with the session
+            self._sweep, self._leads = None, False
+            raise StorageError(f"taking the webhook sweep failed: {reason(exc)}") from exc
+        return self._leads
 
     async def _fetch(self, query: str, *args: object, what: str) -> list[asyncpg.Record]:
         assert self._pool is not None

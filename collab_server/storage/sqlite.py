@@ -101,6 +101,27 @@ SELECT 1, id, data FROM updates WHERE doc = ?
 ORDER BY kind, seq
 """
 
+# webhook marks (Store.keep_marks), created when webhooks are first turned on, at each document's current time
+MARKS_SCHEMA = """
+CREATE TABLE webhook_marks (
+    name TEXT PRIMARY KEY,
+    notified REAL NOT NULL,  -- documents.updated as read before the latest change event the receiver accepted
+    deleted INTEGER NOT NULL DEFAULT 0  -- 1: a deletion to report
+);
+CREATE INDEX webhook_marks_deleted ON webhook_marks (name) WHERE deleted;
+INSERT INTO webhook_marks (name, notified) SELECT name, updated FROM documents;
+"""
+
+# documents of a batch in name order whose last commit is not reported (kind 0), then the batch's last name and
+# size (kind 1)
+UNREPORTED = """
+WITH batch AS (SELECT name, updated FROM documents WHERE name > ? ORDER BY name LIMIT ?)
+SELECT 0, b.name, 0 FROM batch b LEFT JOIN webhook_marks m ON m.name = b.name
+    WHERE b.updated <= ? AND (m.name IS NULL OR b.updated > m.notified)
+UNION ALL
+SELECT 1, max(name), count(*) FROM batch
+"""
+
 LOCK_SUFFIX = "-lock"  # beside the database, as SQLite's -wal and -shm are
 LOCK_POLL = 0.1  # seconds between attempts while another process holds the database
 LOCK_WAIT = 15.0  # seconds to wait for the process holding a database: a predecessor still shutting down
@@ -132,6 +153,7 @@ class SQLiteStore:
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
         self.health = CommitHealth()
         self._lock: int | None = None  # file descriptor holding the database's lock file while open
+        self._marks = False  # whether the database keeps webhook marks (see keep_marks)
 
     async def open(self) -> None:
         self._lock = await claim(self.path, self.lock_wait)
@@ -161,6 +183,8 @@ class SQLiteStore:
         async with self._writer.execute("PRAGMA auto_vacuum") as cur:
             (mode,) = await cur.fetchone()  # type: ignore[misc]
         self._reclaims = mode == 2
+        self._marks = bool(await self._writer.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'webhook_marks'"))
         self._reader = await _Connection.to(self.path)
         await self._reader.execute("PRAGMA query_only=1")
         await self._reader.execute("PRAGMA busy_timeout=5000")
@@ -364,6 +388,10 @@ class SQLiteStore:
         async with self._write_lock:
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
+                if self._marks:  # a deletion to report, with the deletion itself
+                    await self._writer.execute(
+                        "INSERT INTO webhook_marks (name, notified, deleted) SELECT name, 0, 1 FROM documents "
+                        "WHERE name = ? ON CONFLICT (name) DO UPDATE SET deleted = 1", (doc,))
                 for sql in ("DELETE FROM updates WHERE doc = ?", "DELETE FROM checkpoints WHERE name = ?",
                             "DELETE FROM documents WHERE name = ?"):
                     async with self._writer.execute(sql, (doc,)) as cur:
@@ -450,6 +478,36 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._read("SELECT 1", what="sqlite ping")
 
+    async def keep_marks(self) -> None:
+        assert self._writer is not None
+        async with self._write_lock:
+            try:
+                await self._writer.run(_create_marks)
+            except Exception as exc:
+                raise StorageError(f"creating webhook marks failed: {exc}") from exc
+        self._marks = True
+
+    async def unreported(self, after: str, before: float, limit: int) -> tuple[list[str], str | None]:
+        rows = await self._read(UNREPORTED, (after, limit, before), what="finding unreported changes")
+        (last, count), = [(name, count) for kind, name, count in rows if kind == 1]
+        return [name for kind, name, _ in rows if kind == 0], last if count == limit else None
+
+    async def deletions_to_report(self, limit: int) -> list[str]:
+        rows = await self._read("SELECT name FROM webhook_marks WHERE deleted LIMIT ?", (limit,),
+                                what="finding unreported deletions")
+        return [name for name, in rows]
+
+    async def mark_reported(self, changed: dict[str, float], deleted: list[str]) -> None:
+        assert self._writer is not None
+        async with self._write_lock:
+            try:
+                await self._writer.run(_mark_reported, changed, deleted)
+            except Exception as exc:
+                raise StorageError(f"recording webhook marks failed: {exc}") from exc
+
+    async def leads_sweep(self) -> bool:
+        return True  # the only process on the database
+
     async def _read(self, query: str, params: Sequence[object] = (), *, what: str) -> list[Any]:
         """One query on the read-only connection, in one trip to the database thread."""
         assert self._reader is not None
@@ -478,6 +536,35 @@ def _swap(conn: sqlite3.Connection, doc: str, last: int, rows: int, checkpoint_s
                                    (folded, last, doc, checkpoint_seq)).rowcount
         if swapped != 1:
             raise StorageError("the checkpoint changed during compaction")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_marks(conn: sqlite3.Connection) -> None:
+    """Create the webhook marks (MARKS_SCHEMA) unless they exist, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'webhook_marks'").fetchone():
+            for statement in filter(str.strip, MARKS_SCHEMA.split(";")):
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _mark_reported(conn: sqlite3.Connection, changed: dict[str, float], deleted: list[str]) -> None:
+    """Store.mark_reported in one transaction; a change mark is kept only for a document still stored."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("INSERT INTO webhook_marks (name, notified) SELECT name, ? FROM documents WHERE name = ? "
+                         "ON CONFLICT (name) DO UPDATE SET notified = max(notified, excluded.notified)",
+                         [(stamp, doc) for doc, stamp in changed.items()])
+        conn.executemany("DELETE FROM webhook_marks WHERE name = ? AND deleted", [(doc,) for doc in deleted])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
