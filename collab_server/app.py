@@ -80,8 +80,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     status_events.subscribe(lambda room, change: metrics.resolver_actions.inc())
     webhooks = None
     if settings.webhook_url:
-        webhooks = Webhooks(settings.webhook_url, metrics, secret=settings.webhook_secret,
-                            debounce=settings.webhook_debounce, max_wait=settings.webhook_max_wait)
+        webhooks = Webhooks(settings.webhook_url, store, metrics, secret=settings.webhook_secret,
+                            debounce=settings.webhook_debounce, max_wait=settings.webhook_max_wait,
+                            sweep_interval=settings.webhook_sweep_interval)
 
     versions = None
     if settings.version_interval > 0:
@@ -105,6 +106,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         try:
             await store.open()
             try:
+                if webhooks is not None:
+                    await webhooks.open()
                 await broker.start()
             except BaseException:
                 await store.close()
@@ -116,6 +119,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         watchers = [asyncio.create_task(looplag.watch(metrics), name="loop-lag")]
         if resync is not None and settings.resync_interval > 0:
             watchers.append(asyncio.create_task(resync.run(), name="resync"))
+        if webhooks is not None:
+            watchers.append(asyncio.create_task(webhooks.sweep_every(), name="webhook-sweep"))
         log.info("collab server starting store=%s broker=%s", settings.store, settings.broker)  # not yet listening
         try:
             yield

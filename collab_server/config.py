@@ -110,6 +110,9 @@ class Settings:
     webhook_secret: str = setting("", "signs each webhook body: X-Collab-Signature: sha256=<HMAC-SHA256 hex>")
     webhook_debounce: float = setting(2.0, "document.changed is sent after this many quiet seconds ...", least=0)
     webhook_max_wait: float = setting(10.0, "... and at least this often while changes go on", least=0)
+    webhook_sweep_interval: float = setting(
+        60.0, "seconds between sweeps that send the webhook events never reported (a node killed before sending "
+        "them, a receiver down past the retries); one also runs at start", above=0)
     web_demo_dir: str = setting(str(Path(__file__).resolve().parent.parent / "web_demo" / "dist"),
                                 "static web demo served at / when the directory exists")
     heap_trim_interval: float = setting(

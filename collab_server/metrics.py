@@ -63,6 +63,9 @@ class Metrics:
                                         "with changes another node committed but never published", registry=r)
         self.webhooks_delivered = Counter("collab_webhooks_delivered", "Webhook events the receiver accepted",
                                           registry=r)
+        self.webhook_sweeps = Counter("collab_webhook_sweeps", "Sweeps for webhook events never reported, by "
+                                      "whether this node ran them or another node leads the sweep", ["by"],
+                                      registry=r)
         self.versions_saved = Counter("collab_versions_saved", "Automatic versions saved", registry=r)
         self.rebuilds = Counter("collab_rebuilds", "Documents built again to cut a character beyond the BMP between "
                                 "its UTF-16 units as Yjs does (each costs as much as a load)", registry=r)

@@ -1,14 +1,29 @@
 """Webhooks: tell another service, by an HTTP POST, that a document changed or was deleted.
 
-``document.changed`` goes out once a document has been quiet for `debounce` seconds after a commit, and at
+``document.changed`` goes out once a document has been quiet for `debounce` seconds after a commit here, and at
 least every `max_wait` seconds while it keeps changing; ``document.deleted`` at once. The body is JSON
 ``{"event", "document", "time"}``; with a secret, ``X-Collab-Signature: sha256=<hex>`` is the HMAC-SHA256
 of the body. A POST that fails (network error, timeout, a status other than 2xx) is retried with backoff.
-Delivery is at least once while the node runs: a receiver may see an event twice, and with several nodes each
-node reports the changes it committed; a change committed within the quiet period before the node is killed
-(SIGKILL, power loss) is not reported. Only commits are reported, never a change that storage refused. A
-document's events reach the receiver in order: a delivery waits for the one before it, and a deletion cancels
-the change events still waiting or being retried (they arrived after the deletion, with the receiver failing).
+
+Delivery is at least once, across crashes and receiver outages, through marks the store keeps (Store.keep_marks;
+nothing on the commit path): a change event reads the document's last commit time before it is POSTed, and once
+the receiver accepts it that time is recorded as reported; a deletion records a deletion to report in its own
+transaction, cleared once the receiver accepts its event. A sweep, at start and then every `sweep_interval`
+seconds, sends what the marks say is unreported (unless an event of that document waits or is being sent here):
+deletions, and changes last committed `debounce` seconds ago or more. So a change committed within the quiet
+period before the node is killed (SIGKILL, power loss), or an event given up on while the receiver was down, goes
+out with the first sweep after it (after the restart, or up to `sweep_interval` later). With several nodes on
+PostgreSQL each reports live what it commits, and one node at a time sweeps, for all of them.
+
+Not guaranteed: exactly once. An event is sent again when its mark was not recorded (node killed after the
+receiver accepted it; marks are written in batches, off the commit path; storage failing), or when one node's
+sweep meets an event another node is sending. Events are merged: a receiver learns that a document changed (or
+was deleted, even if created again since), not each step, and should fetch it. Turning webhooks on for the first
+time over a database marks every stored document reported: nothing older is sent. Once the marks exist, what
+changes or is deleted while webhooks are off (or on nodes without them) is sent by the next sweep of a node
+with webhooks. Only commits are reported, never a change that storage refused. A node sends a document's events
+in order: a delivery waits for the one before it (at most one change event waits so), and a deletion cancels the
+change events still waiting or being retried (they arrived after the deletion, with the receiver failing).
 """
 
 from __future__ import annotations
@@ -25,10 +40,14 @@ import httpx
 
 from collab_server.metrics import Metrics
 from collab_server.room import Room
+from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.5  # seconds before the first retry; doubled for each next one
+SWEEP_BATCH = 1000  # documents a sweep looks at per query
+SWEEP_EVENTS = 1000  # events of each kind a sweep sends at most
+CHANGED, DELETED = "document.changed", "document.deleted"
 
 
 def check_url(url: str) -> None:
@@ -42,23 +61,86 @@ def check_url(url: str) -> None:
         raise ValueError("webhook_url must be an http:// or https:// URL with a host")
 
 
-class Webhooks:
-    """Debounces each document's commits into change events and delivers events in background tasks."""
+class Reported:
+    """What the receiver accepted, to record as the store's webhook marks: written in batches, one write at a
+    time. A write that fails is retried with the next; one never made only has a sweep send the event again."""
 
-    def __init__(self, url: str, metrics: Metrics, *, secret: str = "", debounce: float = 2.0,
-                 max_wait: float = 10.0, attempts: int = 4, timeout: float = 5.0) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.changed: dict[str, float] = {}  # document: its `updated` read before the event was sent
+        self.deleted: set[str] = set()
+        self._writing: asyncio.Task[None] | None = None
+
+    def __contains__(self, doc: str) -> bool:
+        return doc in self.changed or doc in self.deleted
+
+    def change(self, doc: str, updated: float) -> None:
+        self.changed[doc] = max(updated, self.changed.get(doc, updated))
+        self.write()
+
+    def deletion(self, doc: str) -> None:
+        self.deleted.add(doc)
+        self.write()
+
+    def write(self) -> None:
+        """Write what is not written yet, in the background (unless a write is under way: it goes on with it)."""
+        if self._writing is None and (self.changed or self.deleted):
+            self._writing = asyncio.create_task(self._write(), name="webhook-marks")
+
+    async def _write(self) -> None:
+        try:
+            while self.changed or self.deleted:
+                changed, deleted = dict(self.changed), set(self.deleted)
+                try:
+                    await self.store.mark_reported(changed, sorted(deleted))
+                except StorageError as exc:
+                    log.warning("webhooks: recording delivered events failed (a sweep may send them again) "
+                                "error=%s", exc)
+                    return
+                for doc, updated in changed.items():
+                    if self.changed.get(doc) == updated:
+                        del self.changed[doc]
+                self.deleted -= deleted
+        finally:
+            self._writing = None
+
+    async def flush(self) -> None:
+        """Wait for the write under way, then for one more of what is left (after a failed write)."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        self.write()
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+
+
+class Webhooks:
+    """Debounces each document's commits into change events, delivers events in background tasks, records what the
+    receiver accepted and sweeps the store for what was never reported."""
+
+    def __init__(self, url: str, store: Store, metrics: Metrics, *, secret: str = "", debounce: float = 2.0,
+                 max_wait: float = 10.0, sweep_interval: float = 60.0, attempts: int = 4,
+                 timeout: float = 5.0) -> None:
         check_url(url)
         self.url = url
+        self.store = store
         self.metrics = metrics
         self.secret = secret.encode()
         self.debounce = debounce
         self.max_wait = max(max_wait, debounce)
+        self.sweep_interval = sweep_interval
         self.attempts = attempts
         self.timeout = timeout
         self._client = httpx.AsyncClient(timeout=timeout)
         self._pending: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # document: (first change, timer)
         self._deliveries: set[asyncio.Task[None]] = set()
         self._running: dict[str, list[asyncio.Task[None]]] = {}  # each document's deliveries still running, in order
+        self._queued: set[str] = set()  # documents with a change event waiting for the event before it
+        self._reported = Reported(store)
+        self._cursor = ""  # the sweep goes on looking for unreported changes after this name
+
+    async def open(self) -> None:
+        """Have the store keep webhook marks (call once it is open, before any commit)."""
+        await self.store.keep_marks()
 
     def attach(self, room: Room) -> None:
         """Report the room's commits (call as each room loads)."""
@@ -77,17 +159,22 @@ class Webhooks:
     def deleted(self, doc: str) -> None:
         if (pending := self._pending.pop(doc, None)) is not None:
             pending[1].cancel()
-        self._send("document.deleted", doc)
+        self._send(DELETED, doc)
 
     def _fire(self, doc: str) -> None:
         del self._pending[doc]
-        self._send("document.changed", doc)
+        self._send(CHANGED, doc)
 
     def _send(self, event: str, doc: str) -> None:
         running = self._running.setdefault(doc, [])
-        if event == "document.deleted":  # events still waiting or being retried would arrive after it
+        if event == DELETED:  # events still waiting or being retried would arrive after it
             for earlier in running:
                 earlier.cancel()
+            self._queued.discard(doc)
+        elif doc in self._queued:  # the change event waiting reads the document's time when its turn comes
+            return
+        elif running:
+            self._queued.add(doc)
         task = asyncio.create_task(self._deliver(event, doc, running[-1] if running else None),
                                    name=f"webhook:{event}:{doc}")
         self._deliveries.add(task)
@@ -102,8 +189,30 @@ class Webhooks:
             del self._running[doc]
 
     async def _deliver(self, event: str, doc: str, before: asyncio.Task[None] | None) -> None:
-        if before is not None:  # the document's previous event first
+        """POST the event once the document's previous one is done; record it once accepted. A change event
+        first reads the document's last commit time: what commits after the read is reported again."""
+        if before is not None:
             await asyncio.wait([before])
+            self._queued.discard(doc)
+        updated: float | None = None
+        if event == CHANGED:
+            try:
+                stamps = await self.store.updated([doc])
+            except StorageError as exc:  # sent, and not recorded: a sweep sends it again
+                log.warning("webhooks: reading the commit time of %s failed error=%s", doc, exc)
+            else:
+                if doc not in stamps:  # deleted since, by another node: its deletion is reported instead
+                    return
+                updated = stamps[doc]
+        if not await self._post(event, doc):
+            return
+        if event == DELETED:
+            self._reported.deletion(doc)
+        elif updated is not None:
+            self._reported.change(doc, updated)
+
+    async def _post(self, event: str, doc: str) -> bool:
+        """POST the event, retried with backoff; whether the receiver accepted it."""
         body = json.dumps({"event": event, "document": doc, "time": time.time()}).encode()
         headers = {"content-type": "application/json", "x-collab-event": event}
         if self.secret:
@@ -119,14 +228,49 @@ class Webhooks:
                 continue
             if 200 <= response.status_code < 300:
                 self.metrics.webhooks_delivered.inc()
-                return
+                return True
             error = f"status {response.status_code}"
         self.metrics.errors.labels("webhook").inc()
         log.warning("webhook not delivered event=%s document=%s attempts=%d error=%s",
                     event, doc, self.attempts, error)
+        return False
+
+    async def sweep_every(self) -> None:
+        """Sweep now, then every `sweep_interval` seconds (run as a task; cancel it to stop)."""
+        while True:
+            try:
+                await self._sweep()
+            except StorageError as exc:
+                log.warning("webhooks: sweep failed error=%s", exc)
+            await asyncio.sleep(self.sweep_interval)
+
+    async def _sweep(self) -> None:
+        """If this node leads the sweep, send what the store holds as unreported, unless an event of the document
+        waits or is being sent here: deletions, then changes last committed `debounce` seconds ago or more (a
+        later one is, or was, the committing node's to report live), up to SWEEP_EVENTS of each; the next sweep
+        goes on after the last document looked at."""
+        if not await self.store.leads_sweep():
+            self.metrics.webhook_sweeps.labels("other").inc()
+            return
+        self._reported.write()  # what a failed write left
+        for doc in await self.store.deletions_to_report(SWEEP_EVENTS):
+            if doc not in self._running and doc not in self._reported:
+                self._send(DELETED, doc)
+        before, sent = time.time() - self.debounce, 0
+        while sent < SWEEP_EVENTS:
+            docs, after = await self.store.unreported(self._cursor, before, SWEEP_BATCH)
+            for doc in docs:
+                if doc not in self._pending and doc not in self._running and doc not in self._reported:
+                    self._send(CHANGED, doc)
+                    sent += 1
+            self._cursor = after or ""
+            if after is None:
+                break
+        self.metrics.webhook_sweeps.labels("this").inc()
 
     async def close(self, timeout: float) -> None:
-        """Send what waits for its quiet period now, and give deliveries `timeout` seconds to finish."""
+        """Send what waits for its quiet period now, give deliveries `timeout` seconds to finish, and record what
+        was delivered (the sweep task is cancelled first)."""
         for doc in list(self._pending):
             self._pending[doc][1].cancel()
             self._fire(doc)
@@ -137,4 +281,5 @@ class Webhooks:
             if late:
                 log.warning("webhooks: %d deliveries cut short by shutdown", len(late))
                 await asyncio.wait(late)
+        await self._reported.flush()
         await self._client.aclose()

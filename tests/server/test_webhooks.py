@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -18,7 +19,8 @@ from pycrdt import Text
 
 from collab_server import webhooks
 from collab_server.metrics import Metrics
-from tests.rawclient import RawPeer
+from collab_server.storage.sqlite import SQLiteStore
+from tests.rawclient import RawPeer, text_updates
 
 SECRET = "hook-secret"
 
@@ -168,7 +170,7 @@ async def test_an_unreachable_receiver_is_counted_and_never_disturbs_editing(ser
 
 
 async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_change_being_retried(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The receiver fails the change event, and the document is deleted before the retry: the receiver saw
     `changed` (failed), `deleted`, then `changed` again, and a consumer taking them in order believed the document
     existed. Now the retry is cancelled; and a document's events never overtake each other."""
@@ -184,7 +186,12 @@ async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_chan
             return httpx.Response(500)
         return httpx.Response(204)
 
-    hooks = webhooks.Webhooks("http://receiver/hook", Metrics(), debounce=0)
+    store = SQLiteStore(str(tmp_path / "hooks.db"))
+    await store.open()
+    for doc in ("doc", "other"):
+        await store.submit(doc, text_updates(1)[1][0])
+    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
+    await hooks.open()
     hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     hooks.changed("doc")
     await asyncio.wait_for(failed_once.wait(), 10)
@@ -195,6 +202,7 @@ async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_chan
     hooks.changed("other")
     await asyncio.sleep(0)  # the change event of "other" fires after its debounce of 0
     await hooks.close(timeout=10)
+    await store.close()
     assert [event for event in posted if event[1] == "doc"] == [("document.changed", "doc"),
                                                                ("document.deleted", "doc")]
     assert ("document.changed", "other") in posted
