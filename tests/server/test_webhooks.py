@@ -6,12 +6,9 @@ import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -21,60 +18,9 @@ from collab_server import webhooks
 from collab_server.metrics import Metrics
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
+from tests.webhookreceiver import Receiver
 
 SECRET = "hook-secret"
-
-
-@dataclass
-class Delivery:
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def event(self) -> dict:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """An HTTP server in a thread that records every POST and answers with the next of `statuses` (then 204)."""
-
-    def __init__(self) -> None:
-        self.posts: list[Delivery] = []
-        self.statuses: list[int] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with receiver._lock:
-                    receiver.posts.append(Delivery({k.lower(): v for k, v in self.headers.items()}, body))
-                    status = receiver.statuses.pop(0) if receiver.statuses else 204
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def events(self, document: str | None = None) -> list[dict]:
-        with self._lock:
-            return [d.event for d in self.posts if document is None or d.event["document"] == document]
-
-    async def wait_for(self, predicate, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"webhook condition not met; received {self.events()}"
-            await asyncio.sleep(0.02)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
