@@ -18,6 +18,7 @@ from collab_server import webhooks
 from collab_server.metrics import Metrics
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
+from tests.serverproc import wait_until
 from tests.webhookreceiver import Receiver
 
 SECRET = "hook-secret"
@@ -152,3 +153,78 @@ async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_chan
     assert [event for event in posted if event[1] == "doc"] == [("document.changed", "doc"),
                                                                ("document.deleted", "doc")]
     assert ("document.changed", "other") in posted
+
+
+def sweeps(server) -> float:
+    """Sweeps the server ran so far."""
+    return server.metric('collab_webhook_sweeps_total{by="this"}')
+
+
+async def edit_committed(server, doc: str, text: str) -> None:
+    """Insert `text` in `doc` and wait until it is committed: another peer receives a change only then."""
+    writer = await RawPeer.connect(f"{server.ws_url}/{doc}")
+    watcher = await RawPeer.connect(f"{server.ws_url}/{doc}")
+    await asyncio.gather(writer.sync(), watcher.sync())
+    await edit(writer, text)
+    await watcher.wait_for(lambda: text in str(watcher.doc.get("t", type=Text)))
+    await asyncio.gather(writer.close(), watcher.close())
+
+
+async def test_a_change_committed_just_before_a_kill_is_reported_after_the_restart(server_factory,
+                                                                                   receiver: Receiver) -> None:
+    flags = ("--webhook-debounce", "2", "--webhook-sweep-interval", "0.2")
+    server = hooked(server_factory, receiver, *flags)
+    await edit_committed(server, "crashed", "x")
+    server.kill()  # inside the quiet period: the event was only scheduled
+    assert receiver.events() == []
+    restarted = hooked(server_factory, receiver, *flags)
+    await receiver.wait_for(lambda: receiver.accepted("crashed"))
+    assert receiver.accepted() == [("document.changed", "crashed")]
+    done = sweeps(restarted)
+    await wait_until(lambda: sweeps(restarted) >= done + 3)
+    assert receiver.accepted() == [("document.changed", "crashed")]  # recorded: later sweeps send it no more
+
+
+async def test_a_deletion_never_delivered_before_a_kill_is_reported_after_the_restart(server_factory,
+                                                                                      receiver: Receiver) -> None:
+    flags = ("--webhook-debounce", "0.1", "--webhook-sweep-interval", "0.2")
+    server = hooked(server_factory, receiver, *flags)
+    receiver.down = True
+    await edit_committed(server, "doomed", "x")
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.delete("/api/docs/doomed")).status_code == 204
+    await receiver.wait_for(lambda: ("document.deleted" in [e["event"] for e in receiver.events("doomed")]))
+    server.kill()  # while the deletion is being retried
+    assert receiver.accepted() == []
+    receiver.down = False
+    hooked(server_factory, receiver, *flags)
+    await receiver.wait_for(lambda: receiver.accepted("doomed"))
+    assert receiver.accepted() == [("document.deleted", "doomed")]  # no change event for a document deleted since
+
+
+async def test_a_change_is_reported_once_a_receiver_down_past_every_retry_is_back(server_factory,
+                                                                                 receiver: Receiver) -> None:
+    server = hooked(server_factory, receiver, "--webhook-debounce", "0.1", "--webhook-sweep-interval", "0.5")
+    receiver.down = True
+    await edit_committed(server, "patient", "x")
+    await wait_until(lambda: server.metric('collab_errors_total{kind="webhook"}') >= 1, 30)  # every attempt failed
+    receiver.down = False
+    await receiver.wait_for(lambda: receiver.accepted("patient"), 30)
+    done = sweeps(server)
+    await wait_until(lambda: sweeps(server) >= done + 3)
+    assert receiver.accepted() == [("document.changed", "patient")]
+
+
+async def test_turning_webhooks_on_over_a_database_sends_nothing_for_its_documents(server_factory,
+                                                                                    receiver: Receiver) -> None:
+    server = server_factory()
+    for name in ("old", "older"):
+        await edit_committed(server, name, name)
+    await asyncio.to_thread(server.stop)
+    server = hooked(server_factory, receiver, "--webhook-debounce", "0", "--webhook-sweep-interval", "0.2")
+    await wait_until(lambda: sweeps(server) >= 2)
+    await edit_committed(server, "new", "y")  # a change after, as a clock
+    await receiver.wait_for(lambda: receiver.accepted("new"))
+    done = sweeps(server)
+    await wait_until(lambda: sweeps(server) >= done + 2)
+    assert [(e["event"], e["document"]) for e in receiver.events()] == [("document.changed", "new")]
