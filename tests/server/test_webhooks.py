@@ -228,3 +228,31 @@ async def test_turning_webhooks_on_over_a_database_sends_nothing_for_its_documen
     done = sweeps(server)
     await wait_until(lambda: sweeps(server) >= done + 2)
     assert [(e["event"], e["document"]) for e in receiver.events()] == [("document.changed", "new")]
+
+
+async def test_a_document_has_at_most_one_change_event_waiting_behind_the_one_being_sent(tmp_path: Path) -> None:
+    """A receiver that does not answer held one task per change event fired meanwhile (every max_wait while the
+    document kept changing): now the one waiting reads the document's time when its turn comes, for all of them."""
+    release = asyncio.Event()
+    posted: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content)["event"])
+        await release.wait()
+        return httpx.Response(204)
+
+    store = SQLiteStore(str(tmp_path / "hooks.db"))
+    await store.open()
+    await store.submit("doc", text_updates(1)[1][0])
+    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
+    await hooks.open()
+    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    for _ in range(20):
+        hooks.changed("doc")
+        while "doc" in hooks._pending:  # it fires after its debounce of 0
+            await asyncio.sleep(0)
+    assert len(hooks._running["doc"]) == 2
+    release.set()
+    await hooks.close(timeout=10)
+    await store.close()
+    assert posted == ["document.changed"] * 2
