@@ -10,10 +10,11 @@ nothing on the commit path): a change event reads the document's last commit tim
 the receiver accepts it that time is recorded as reported; a deletion records a deletion to report in its own
 transaction, cleared once the receiver accepts its event. A sweep, at start and then every `sweep_interval`
 seconds, sends what the marks say is unreported (unless an event of that document waits or is being sent here):
-deletions, and changes last committed `debounce` seconds ago or more. So a change committed within the quiet
-period before the node is killed (SIGKILL, power loss), or an event given up on while the receiver was down, goes
-out with the first sweep after it (after the restart, or up to `sweep_interval` later). With several nodes on
-PostgreSQL each reports live what it commits, and one node at a time sweeps, for all of them.
+deletions, and changes last committed `debounce` seconds ago or more; at most SWEEP_EVENTS of each, the next sweep
+going on from there. So a change committed within the quiet period before the node is killed (SIGKILL, power
+loss), or an event given up on while the receiver was down, goes out with a later sweep (after the restart, the
+first one at least `debounce` after the commit). With several nodes on PostgreSQL each reports live what it
+commits, and one node at a time sweeps, for all of them.
 
 Not guaranteed: exactly once. An event is sent again when its mark was not recorded (node killed after the
 receiver accepted it; marks are written in batches, off the commit path; storage failing), or when one node's
