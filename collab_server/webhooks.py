@@ -237,12 +237,15 @@ class Webhooks:
         return False
 
     async def sweep_every(self) -> None:
-        """Sweep now, then every `sweep_interval` seconds (run as a task; cancel it to stop)."""
+        """Sweep now, then every `sweep_interval` seconds (run as a task; cancel it to stop). A failure is logged and
+        the next sweep runs as planned (an unexpected error must not end the sweeps for the node's lifetime)."""
         while True:
             try:
                 await self._sweep()
             except StorageError as exc:
                 log.warning("webhooks: sweep failed error=%s", exc)
+            except Exception:
+                log.exception("webhooks: sweep failed")
             await asyncio.sleep(self.sweep_interval)
 
     async def _sweep(self) -> None:
