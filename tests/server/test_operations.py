@@ -15,6 +15,7 @@ from collab_server.readiness import CHECK_TIMEOUT
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
 from tests.serverproc import wait_until
+from tests.webhookreceiver import Receiver
 
 
 def metric(text: str, name: str) -> float:
@@ -124,8 +125,6 @@ async def test_ready_answers_at_once_that_a_backend_which_does_not_answer_timed_
 async def test_webhook_deliveries_do_not_log_the_receiver_s_url(server_factory) -> None:
     """httpx logged every webhook POST at INFO with the receiver's URL, which may hold a credential in its query
     string, for anyone reading the log."""
-    from tests.server.test_webhooks import Receiver
-
     receiver = Receiver()
     try:
         server = server_factory("--webhook-url", f"{receiver.url}?key=credential-in-url", "--webhook-debounce", "0.1")
