@@ -34,6 +34,13 @@ def frontier(records: Sequence[WriteRecord]) -> list[WriteRecord]:
 
 
 def resolve_writes(records: Sequence[WriteRecord]) -> str | None:
-    """Highest-priority frontier status (ties: greatest string), or None without records."""
+    """Highest-priority frontier status (ties: greatest string, compared as JavaScript compares strings), or None
+    without records."""
     statuses = [record["status"] for record in frontier(records)]
-    return max(statuses, key=lambda status: (priority(status), status), default=None)
+    return max(statuses, key=lambda status: (priority(status), _code_units(status)), default=None)
+
+
+def _code_units(status: str) -> bytes:
+    """A string's UTF-16 code units, as bytes that sort as JavaScript sorts strings: by code unit, where Python
+    sorts by code point (U+FFFF before an emoji in Python, after it in JavaScript). A lone surrogate passes."""
+    return status.encode("utf-16-be", "surrogatepass")

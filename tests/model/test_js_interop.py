@@ -78,6 +78,21 @@ def test_js_resolves_a_python_built_document_like_python() -> None:
     assert len(find_index_entry(retried, "b1", "vector")["statusWrites"]) == 1
 
 
+def test_concurrent_unknown_statuses_tie_alike_in_js_and_python() -> None:
+    """Ties between unknown statuses go to the greatest string: JavaScript compares UTF-16 code units, Python
+    compared code points, so replicas disagreed on "\uffff" against "😀" (and the server materialised Python's)."""
+    a, b = Doc(client_id=1), Doc(client_id=2)
+    create_block(a, "b1", "paragraph")
+    add_index_entry(a, "b1", "vector", ts=10)
+    sync_all(a, b)
+    set_status(a, "b1", "vector", "\uffff", ts=20)
+    set_status(b, "b1", "vector", "😀", ts=21)
+    sync_all(a, b)
+    _, js_json = run_js("retry", base64.b64encode(a.get_update()).decode())
+    assert js_json == blocks_to_json(a)
+    assert resolved_status(a, "b1", "vector") == "\uffff"
+
+
 def test_js_readers_skip_junk_shapes_and_writers_refuse_them() -> None:
     doc, result = run_js_result("junk")  # node exits non-zero if any JS reader throws
     no_entries = dict.fromkeys(["vector", "keyword", "proto", "idx", "idx2", "idx3"])
