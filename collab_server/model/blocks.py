@@ -7,13 +7,14 @@ Every mutation runs in one transaction (joining the caller's if one is open).
 
 from __future__ import annotations
 
+import base64
 import math
 import secrets
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
 
 from collab_server.model.status import WriteRecord, frontier, is_record, resolve_writes
 
@@ -229,19 +230,22 @@ def resolved_status(doc: Doc, block_id: str, index_name: str) -> str | None:
 
 def _plain(value: Any) -> Any:
     """JSON value with integral floats as ints (pycrdt stores ints as floats) where JavaScript holds them exactly,
-    NaN and infinities as None (as JSON.stringify does); shared types as plain data."""
-    if isinstance(value, Text):
-        return str(value)
-    if isinstance(value, (Map, Array)):
-        value = value.to_py()
+    NaN and infinities as None (as JSON.stringify does); shared types as plain data: texts and XML types as their
+    strings, binary values (a Uint8Array) in base64, subdocuments as None."""
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
         return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
-    if isinstance(value, dict):
+    if isinstance(value, (Map, dict)):
         return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (Array, list)):
         return [_plain(item) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (Text, XmlFragment, XmlElement, XmlText)):
+        return str(value)
+    if isinstance(value, Doc):
+        return None
     return value
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from pycrdt import Doc, Text
+from pycrdt import Array, Doc, Map, Text, XmlFragment, XmlText
 
 from collab_server import protocol as p
 from collab_server.auth import issue_token
@@ -80,6 +80,29 @@ async def test_post_then_get_as_update_and_json(http: httpx.AsyncClient) -> None
     assert as_json == {"name": name, "blocks": blocks_to_json(doc)}
     assert as_json["blocks"]["b1"]["content"] == "hello"
     assert as_json["blocks"]["b1"]["indexingList"][0]["status"] == "done"
+
+
+async def test_blocks_holding_binary_xml_or_subdocument_values_are_shown_as_json(http: httpx.AsyncClient) -> None:
+    """A Yjs client may put a Uint8Array, an XML type or a subdocument anywhere: the JSON views answered 500
+    (not JSON serializable), and a JSON edit of such a block committed, then answered 500, so a retry repeated it."""
+    doc = Doc()
+    create_block(doc, "b1", "paragraph", "hello")
+    add_index_entry(doc, "b1", "search", metadata={"blob": b"\x01\x02"})
+    block = doc.get("blocks", type=Map)["b1"]
+    with doc.transaction():
+        block["type"] = XmlFragment([XmlText("para")])
+        block["id"] = Doc()
+        block["indexingList"][0]["nested"] = Map({"bytes": b"\x03", "list": Array([b"\x04", 2.0])})
+    assert (await http.post("/api/docs/odd-values/update", content=doc.get_update())).status_code == 204
+    shown = await http.get("/api/docs/odd-values/json")
+    assert shown.status_code == 200, shown.text
+    assert {key: shown.json()["blocks"]["b1"][key] for key in ("id", "type")} == {"id": None, "type": "para"}
+    entry = shown.json()["blocks"]["b1"]["indexingList"][0]
+    assert (entry["blob"], entry["nested"]) == ("AQI=", {"bytes": "Aw==", "list": ["BA==", 2]})
+    edited = await http.post("/api/docs/odd-values/blocks", json={"ops": [
+        {"op": "set_status", "id": "b1", "index_name": "search", "status": "done"}]})
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["blocks"]["b1"]["indexingList"][0]["status"] == "done"
 
 
 async def test_update_diffed_against_state_vector(http: httpx.AsyncClient) -> None:
