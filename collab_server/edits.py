@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Array, Doc, Text
@@ -25,6 +25,7 @@ from collab_server.model import (
     entries,
     get_block,
     remove_index_entry,
+    resolved_status,
     set_content,
     set_entry_metadata,
     set_status,
@@ -32,6 +33,7 @@ from collab_server.model import (
 from collab_server.model.blocks import MAX_SAFE_INTEGER, RESERVED_ENTRY_KEYS
 
 MAX_OPS = 1000
+_UNKNOWN = object()  # the status of an entry name after an op removed an entry of that name
 MAX_DEPTH = 32  # nesting of metadata values
 
 
@@ -62,6 +64,13 @@ def _id(value: Any, name: str) -> str:
 def _status(value: Any, name: str) -> str:
     if not isinstance(value, str) or value not in STATUS_PRIORITY:
         raise EditError(400, f"{name} must be one of {', '.join(STATUS_PRIORITY)}")
+    return value
+
+
+def _read_status(value: Any, name: str) -> str | None:
+    """A status as a reader saw it: any string a client wrote, or null (an entry without one)."""
+    if value is not None and not isinstance(value, str):
+        raise EditError(400, f"{name} must be a string or null")
     return value
 
 
@@ -106,7 +115,8 @@ FIELDS: dict[str, dict[str, tuple[Callable[[Any, str], Any], bool]]] = {
     "add_index": {"id": (_id, True), "index_name": (_id, True), "status": (_status, False),
                   "metadata": (_metadata, False)},
     "remove_index": {"id": (_id, True), "index_name": (_id, True)},
-    "set_status": {"id": (_id, True), "index_name": (_id, True), "status": (_status, True)},
+    "set_status": {"id": (_id, True), "index_name": (_id, True), "status": (_status, True),
+                   "expect": (_read_status, False)},
     "set_metadata": {"id": (_id, True), "index_name": (_id, True), "metadata": (_metadata, True)},
 }
 
@@ -144,6 +154,7 @@ class _Block:
     has_list: bool
     names: Counter[str]
     text: str = ""
+    statuses: dict[str, str | None] = field(default_factory=dict)  # set by the ops before (_UNKNOWN: removed)
 
 
 def _view(doc: Doc, block_id: str) -> _Block | None:
@@ -184,11 +195,21 @@ def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
         if kind == "add_index":
             if not block.has_list:
                 raise EditError(400, f"{where}: block {block_id!r} has no indexingList array")
+            if not block.names[name]:
+                block.statuses[name] = op.get("status", "notStarted")
             block.names[name] = block.names[name] or 1
         elif kind == "remove_index":
             block.names[name] = max(block.names[name] - 1, 0)
+            block.statuses[name] = _UNKNOWN  # type: ignore[assignment]
         elif kind in ("set_status", "set_metadata") and not block.names[name]:
             raise EditError(404, f"{where}: no index entry {name!r} in block {block_id!r}")
+        if kind == "set_status":
+            if "expect" in op:
+                status = block.statuses[name] if name in block.statuses else resolved_status(doc, block_id, name)
+                if status != op["expect"]:
+                    raise EditError(409, f"{where}: the status of {name!r} in block {block_id!r} is not the expected "
+                                         "one (it changed since it was read); nothing was changed")
+            block.statuses[name] = op["status"]
 
 
 def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
@@ -210,7 +231,7 @@ def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
         elif kind == "set_status":
             set_status(doc, block_id, op["index_name"], op["status"])
         else:
-            set_entry_metadata(doc, block_id, op["index_name"], op["metadata"])
+            set_entry_metadata(doc, block_id, op["index_name"], op["metadata"], op.get("remove"))
     return list(dict.fromkeys(op["id"] for op in ops))
 
 
@@ -250,10 +271,10 @@ def _entry_ops(bid: str, have: list[dict[str, Any]], want: list[dict[str, Any]])
         old = had[name]
         if status is not None and old["status"] != status:
             ops.append({"op": "set_status", "id": bid, "index_name": name, "status": status})
-        changed = {k: v for k, v in metadata.items() if old.get(k) != v}
-        changed.update({k: None for k in old.keys() - metadata.keys() - RESERVED_ENTRY_KEYS})
-        if changed:
-            ops.append({"op": "set_metadata", "id": bid, "index_name": name, "metadata": changed})
+        changed = {k: v for k, v in metadata.items() if k not in old or old[k] != v}
+        removed = sorted(old.keys() - metadata.keys() - RESERVED_ENTRY_KEYS)
+        if changed or removed:  # with `remove` (not an op field of the API), a None value is stored as null
+            ops.append({"op": "set_metadata", "id": bid, "index_name": name, "metadata": changed, "remove": removed})
     return ops
 
 

@@ -112,8 +112,9 @@ SCHEMAS: dict[str, Any] = {
                           "not": {"anyOf": [{"required": [key]} for key in RESERVED]}}}, ["index_name"]),
         _op("remove_index", "Remove the first index entry with this name, if there is one",
             {"index_name": ID}, ["index_name"]),
-        _op("set_status", "Write a status that supersedes every status write the server holds for the entry",
-            {"index_name": ID, "status": STATUS}, ["index_name", "status"]),
+        _op("set_status", "Write a status that supersedes every status write the server holds for the entry; "
+            "with `expect`, only if the entry's status is that (else 409, nothing changed)",
+            {"index_name": ID, "status": STATUS, "expect": {"type": ["string", "null"]}}, ["index_name", "status"]),
         _op("set_metadata", "Set metadata keys of the entry; null removes a key",
             {"index_name": ID,
              "metadata": {"type": "object", "additionalProperties": _ref("JsonValue"),
@@ -235,7 +236,8 @@ PATHS: dict[str, Any] = {
             "400": _error("Invalid document name, body or op"),
             **AUTH_ERRORS,
             "404": _error("An op needs a block or index entry that does not exist: nothing changed"),
-            "409": _error("A set_content's `expect` is not the block's text: nothing changed"),
+            "409": _error("A set_content's `expect` is not the block's text, or a set_status's not the entry's "
+                          "status: nothing changed"),
             "413": _error("Body larger than max_message_size"),
             "503": _error("Storage failure: the edits were not saved"),
         },

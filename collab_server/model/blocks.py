@@ -11,7 +11,7 @@ import base64
 import math
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
@@ -185,20 +185,24 @@ def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "not
     return entry
 
 
-def set_entry_metadata(doc: Doc, block_id: str, index_name: str, metadata: Mapping[str, Any]) -> None:
-    """Set metadata keys of an index entry; a None value removes the key."""
+def set_entry_metadata(doc: Doc, block_id: str, index_name: str, metadata: Mapping[str, Any],
+                       remove: Collection[str] | None = None) -> None:
+    """Set metadata keys of an index entry, and remove those in `remove`; without `remove`, a None value removes
+    its key (with it, None is stored as null)."""
     entry = find_index_entry(doc, block_id, index_name)
     if entry is None:
         raise KeyError(f"no index entry {block_id}/{index_name}")
-    if clash := RESERVED_ENTRY_KEYS & metadata.keys():
+    if clash := RESERVED_ENTRY_KEYS & {*metadata, *(remove or ())}:
         raise ValueError(f"reserved entry keys {sorted(clash)}")
+    if remove is None:
+        remove = [key for key, value in metadata.items() if value is None]
+        metadata = {key: value for key, value in metadata.items() if value is not None}
     with doc.transaction():
+        for key in remove:
+            if key in entry:
+                del entry[key]
         for key, value in metadata.items():
-            if value is None:
-                if key in entry:
-                    del entry[key]
-            else:
-                entry[key] = value
+            entry[key] = value
 
 
 def remove_index_entry(doc: Doc, block_id: str, index_name: str) -> bool:

@@ -98,6 +98,35 @@ async def test_set_content_with_expect_refuses_to_overwrite_what_the_caller_has_
     await typist.wait_for(lambda: str(block_content(typist.doc, "b")) == "TYPED hello world!!")
 
 
+async def test_set_status_with_expect_refuses_to_supersede_a_status_the_caller_has_not_read(server, http) -> None:
+    """An HTTP write has seen every status the server holds: a worker that read "processing" and reports "done"
+    after a client wrote "error" erased the error unseen. With `expect` (the status it read) the batch is refused
+    with 409 and changes nothing; a retry that read the error supersedes it."""
+    await edit(http, "x", {"op": "create_block", "id": "b", "type": "p"},
+               {"op": "add_index", "id": "b", "index_name": "ix", "status": "processing"})
+    read = (await http.get("/api/docs/x/json")).json()["blocks"]["b"]["indexingList"][0]["status"]
+    client = await RawPeer.connect(f"{server.ws_url}/x")
+    await client.sync()
+    await client.edit(lambda doc: set_status(doc, "b", "ix", "error"))
+    await client.sync()  # the server holds it
+    answer = await edit(http, "x", {"op": "set_metadata", "id": "b", "index_name": "ix", "metadata": {"n": 1}},
+                        {"op": "set_status", "id": "b", "index_name": "ix", "status": "done", "expect": read},
+                        expect=409)
+    assert "changed since it was read" in answer["error"]
+    entry = (await http.get("/api/docs/x/json")).json()["blocks"]["b"]["indexingList"][0]
+    assert entry["status"] == "error" and "n" not in entry
+    answer = await edit(http, "x",
+                        {"op": "set_status", "id": "b", "index_name": "ix", "status": "processing", "expect": "error"},
+                        {"op": "set_status", "id": "b", "index_name": "ix", "status": "done", "expect": "processing"},
+                        {"op": "add_index", "id": "b", "index_name": "new", "status": "done"},
+                        {"op": "set_status", "id": "b", "index_name": "new", "status": "error", "expect": "done"})
+    assert [e["status"] for e in answer["blocks"]["b"]["indexingList"]] == ["done", "error"]
+    await edit(http, "x", {"op": "remove_index", "id": "b", "index_name": "new"},
+               {"op": "add_index", "id": "b", "index_name": "new"},
+               {"op": "set_status", "id": "b", "index_name": "new", "status": "done", "expect": "error"}, expect=409)
+    await edit(http, "x", {"op": "set_status", "id": "b", "index_name": "ix", "status": "done", "expect": 3}, expect=400)
+
+
 async def test_a_status_written_over_http_follows_the_resolver(server, http) -> None:
     """An HTTP write has seen the frontier the server holds: it supersedes that, and is concurrent with a
     write the server has not seen yet (resolved by priority)."""

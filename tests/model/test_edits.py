@@ -211,3 +211,19 @@ def test_numbers_beyond_what_javascript_holds_exactly_export_as_floats_and_resto
     with fresh.transaction():
         apply_ops(fresh, restore_ops(fresh, saved))
     assert entries_by_name(blocks_to_json(fresh)) == entries_by_name(saved)
+
+
+def test_restoring_keeps_metadata_values_that_are_null() -> None:
+    """A saved `null` was restored as a missing key: restore sent `set_metadata {m: null}`, which removes m, and
+    where m was missing it saw nothing to change."""
+    saved_doc = Doc()
+    create_block(saved_doc, "b", "p")
+    add_index_entry(saved_doc, "b", "i", metadata={"m": None, "n": None})
+    saved = blocks_to_json(saved_doc)
+    assert {k: saved["b"]["indexingList"][0][k] for k in ("m", "n")} == {"m": None, "n": None}
+    doc = Doc()
+    doc.apply_update(saved_doc.get_update())
+    set_entry_metadata(doc, "b", "i", {"m": None, "n": 5, "extra": 1})  # m removed, n set, a new key
+    with doc.transaction():
+        apply_ops(doc, restore_ops(doc, saved))
+    assert entries_by_name(blocks_to_json(doc)) == entries_by_name(saved)
