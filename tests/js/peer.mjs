@@ -172,10 +172,14 @@ const burstEdit = (kind, name, tag, i) => {
   }
 }
 
-// `sent` counts the updates y-websocket handed to an open socket (the others stay local until a resync).
+// `sent` counts the updates y-websocket handed to an open socket (the others stay local until a resync). A burst
+// makes `n` edits, or fewer if `stop_burst` comes first: `n` in the answer is how many it made.
+let burstStopped = false
 const burst = async ({ n, kind = 'text', name = kind, tag = '', yield_every = 1, pause_ms = 0, then_disconnect = false }) => {
   let sent = 0
-  for (let i = 0; i < n; i++) {
+  let i = 0
+  burstStopped = false
+  for (; i < n && !burstStopped; i++) {
     if (socketOpen()) sent++
     burstEdit(kind, name, tag, i)
     if (yield_every > 0 && (i + 1) % yield_every === 0) {
@@ -183,7 +187,7 @@ const burst = async ({ n, kind = 'text', name = kind, tag = '', yield_every = 1,
     }
   }
   if (then_disconnect) await disconnect()
-  return { n, sent }
+  return { n: i, sent }
 }
 
 const toBase64 = (bytes) => Buffer.from(bytes).toString('base64')
@@ -210,6 +214,7 @@ const commands = {
   get_state: () => snapshot(),
   wait_for: waitFor,
   burst,
+  stop_burst: () => { burstStopped = true; return {} },
   state_vector: () => {
     const sv = Y.encodeStateVector(doc)
     return { base64: toBase64(sv), clocks: Object.fromEntries(Y.decodeStateVector(sv)) }
