@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pycrdt import Doc, Map, Subscription
 
-from collab_server.model.blocks import blocks_map, entries, status_records
-from collab_server.model.status import frontier, resolve_writes
+from collab_server.model.blocks import blocks_map, entries_where, status_records
+from collab_server.model.status import frontier, is_record, resolve_writes
 
 __all__ = ["StatusChange", "StatusResolver", "frontier", "resolve_writes"]
 
@@ -83,11 +84,19 @@ class StatusResolver:
             log.exception("status resolver could not read a change; checking every block")
             self._everything = True
 
+    def _unresolved(self, item: dict[str, Any]) -> bool:
+        """Whether an entry, read as JSON, may need a fix: its status is not the resolved one, or (compacting) it
+        holds superseded records."""
+        writes = item.get("statusWrites")
+        records = [record for record in writes if is_record(record)] if isinstance(writes, list) else []
+        new = resolve_writes(records)
+        return (new is not None and new != item.get("status")) or (
+            self._compact and len(frontier(records)) < len(records))
+
     def _plan(self, block_ids: set[str]) -> list[_Fix]:
         fixes = []
         for block_id in sorted(block_ids):
-            block = self._blocks.get(block_id)
-            for entry in entries(block):
+            for entry in entries_where(self._blocks.get(block_id), self._unresolved):
                 positioned = status_records(entry)
                 records = [record for _, record in positioned]
                 new = resolve_writes(records)
