@@ -30,6 +30,9 @@ function build () {
   model.setStatus(a, 'b2', 'vector', 'processing', 20)
   model.setStatus(a, 'b2', 'vector', 'done', 21)
   model.blockContent(c, 'b2').insert(5, '!')
+  // values JSON has not: both views show them alike (base64, null)
+  model.findIndexEntry(c, 'b2', 'vector').set('raw', new Uint8Array([1, 2, 250]))
+  model.findIndexEntry(c, 'b2', 'vector').set('unset', undefined)
   for (const doc of [b, c]) sync(doc, a)
   return a
 }

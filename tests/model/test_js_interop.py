@@ -56,6 +56,8 @@ def test_python_resolves_a_js_built_document_like_js() -> None:
     assert vector.pop("timestamp") in (20, 21, 22)  # last-writer-wins among the concurrent writes
     assert vector == {"index_name": "vector", "model": "m1", "dims": 3, "status": "error"}
     assert js_json["b2"]["content"] == "title!"
+    b2 = js_json["b2"]["indexingList"][0]
+    assert (b2["raw"], b2["unset"]) == ("AQL6", None)  # JSON.stringify dropped an undefined key, Python showed null
 
 
 def test_js_resolves_a_python_built_document_like_python() -> None:

@@ -183,7 +183,20 @@ export function resolvedStatus (doc, blockId, indexName) {
   return entry ? entryStatus(entry) : null
 }
 
-const plain = (value) => (value instanceof Y.AbstractType ? value.toJSON() : value)
+/** A value as the server's JSON view shows it (collab_server/model/blocks.py `_plain`): texts and XML types as their
+ * strings, binary values in base64, subdocuments and undefined as null (JSON.stringify dropped undefined keys). */
+const plain = (value) => {
+  if (value === undefined || value instanceof Y.Doc) return null
+  if (value instanceof Uint8Array) return btoa(String.fromCharCode(...value))
+  if (value instanceof Y.Text || value instanceof Y.XmlFragment) return value.toString()
+  if (value instanceof Y.Map) return Object.fromEntries([...value.entries()].map(([key, item]) => [key, plain(item)]))
+  if (value instanceof Y.Array) return value.toArray().map(plain)
+  if (Array.isArray(value)) return value.map(plain)
+  if (value !== null && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).map(([key, item]) => [key, plain(item)]))
+  }
+  return typeof value === 'number' && !Number.isFinite(value) ? null : value
+}
 
 /** Plain JSON of all blocks with resolved statuses (no write records; blocks that are not Y.Maps skipped). */
 export function blocksToJSON (doc) {
@@ -195,7 +208,7 @@ export function blocksToJSON (doc) {
       type: plain(block.get('type')),
       content: content instanceof Y.Text ? content.toString() : '',
       indexingList: entries(block).map((entry) => {
-        const { statusWrites, ...json } = entry.toJSON()
+        const { statusWrites, ...json } = plain(entry)
         return { ...json, status: entryStatus(entry) }
       })
     }]
