@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Doc, Map, Subscription
+from pycrdt import Array, Doc, Map, Subscription
 
 from collab_server.model.blocks import blocks_map, entries_where, status_records
 from collab_server.model.status import frontier, is_record, resolve_writes
@@ -39,6 +39,7 @@ class _Fix:
     old: str | None
     new: str | None
     stale: list[int]  # indices of superseded write records, to delete
+    give_writes: bool  # the entry has no statusWrites: it gets its Array
 
 
 class StatusResolver:
@@ -85,9 +86,11 @@ class StatusResolver:
             self._everything = True
 
     def _unresolved(self, item: dict[str, Any]) -> bool:
-        """Whether an entry, read as JSON, may need a fix: its status is not the resolved one, or (compacting) it
-        holds superseded records."""
-        writes = item.get("statusWrites")
+        """Whether an entry, read as JSON, may need a fix: it has no statusWrites, its status is not the resolved
+        one, or (compacting) it holds superseded records."""
+        if "statusWrites" not in item:
+            return True
+        writes = item["statusWrites"]
         records = [record for record in writes if is_record(record)] if isinstance(writes, list) else []
         new = resolve_writes(records)
         return (new is not None and new != item.get("status")) or (
@@ -103,8 +106,9 @@ class StatusResolver:
                 keep = {record["id"] for record in frontier(records)}
                 stale = [i for i, record in positioned if record["id"] not in keep] if self._compact else []
                 old = entry.get("status")
-                if (new is not None and new != old) or stale:
-                    fixes.append(_Fix(block_id, entry, old, new, stale))
+                give_writes = "statusWrites" not in entry
+                if (new is not None and new != old) or stale or give_writes:
+                    fixes.append(_Fix(block_id, entry, old, new, stale, give_writes))
         return fixes
 
     def run(self) -> list[StatusChange]:
@@ -120,6 +124,8 @@ class StatusResolver:
         changes = []
         with self._doc.transaction(origin=RESOLVER_ORIGIN):
             for fix in fixes:
+                if fix.give_writes:  # before writers do: two creating it at once would keep one's record only
+                    fix.entry["statusWrites"] = Array()
                 for index in reversed(fix.stale):
                     del fix.entry["statusWrites"][index]
                 if fix.new is not None and fix.new != fix.old:

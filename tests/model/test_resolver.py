@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from pycrdt import Array, Doc
+from pycrdt import Array, Doc, Map
 
 from collab_server.model import (
     StatusChange,
@@ -14,6 +14,7 @@ from collab_server.model import (
     block_content,
     create_block,
     find_index_entry,
+    get_block,
     resolved_status,
     set_status,
 )
@@ -206,3 +207,24 @@ def test_a_run_fetches_only_the_entries_it_fixes(monkeypatch: pytest.MonkeyPatch
     fetched.clear()
     assert [(c.index_name, c.new) for c in resolver.run()] == [("i150", "done")]
     assert fetched == [150]
+
+
+def test_an_entry_made_without_status_writes_gets_them_before_concurrent_writers_race(server) -> None:
+    """An entry made without `statusWrites` (a client writing the shape by hand): two writers offline each created
+    the Array for their record, and the map kept one of the two Arrays, so one write was lost ("done" won over
+    "error" in 6 runs of 9). The server gives such an entry its Array as soon as it sees it."""
+    doc, resolver, _, _ = server
+    author = client(doc, 1)
+    create_block(author, "b", "p")
+    with author.transaction():
+        get_block(author, "b")["indexingList"].append(Map({"index_name": "idx", "status": "notStarted"}))
+    sync(author, doc)
+    resolver.run()
+    a, b = client(doc, 2), client(doc, 3)  # they go offline, and write
+    set_status(a, "b", "idx", "error")
+    set_status(b, "b", "idx", "done")
+    sync_all(doc, a, b)
+    resolver.run()
+    sync_all(doc, a, b)
+    assert {resolved_status(replica, "b", "idx") for replica in (doc, a, b)} == {"error"}
+    assert materialised(doc) == "error"
