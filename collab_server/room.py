@@ -24,9 +24,9 @@ from collab_server.presence import Presence, Relayed
 from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
 from collab_server.storage import DeletedMeanwhile, LogMark, StorageError, Store
-from collab_server.surrogates import Characters, Cut, Scan, merge_safely, precut
+from collab_server.surrogates import Characters, Cut, Scan, beyond_bmp, merge_safely, precut
 from collab_server.transport import binary_frame
-from collab_server.updatecheck import check_state_vector, check_update
+from collab_server.updatecheck import check_state_vector, check_text_parents, check_update
 
 log = logging.getLogger(__name__)
 # a client cutting emoji as fast as it can rebuilds its room for each (hundreds a second): one line per 10 s
@@ -315,6 +315,8 @@ class Room:
         for i, update in enumerate(updates):
             try:
                 check_update(update)
+                if beyond_bmp(update):
+                    check_text_parents(update)
             except p.ProtocolError as exc:
                 valid, invalid = updates[:i], exc
                 break

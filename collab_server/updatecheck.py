@@ -31,6 +31,55 @@ def check_update(update: bytes) -> None:
             w.struct()
 
 
+_TEXT_TYPES = (2, 6)  # Y.Text, Y.XmlText: the only types that hold string content
+_VALUES = (2, 3, 8, 9)  # JSON, binary, any, subdocument: content of arrays and maps, never of a text
+
+
+def check_text_parents(update: bytes) -> None:
+    """Raise ProtocolError if `update` (checked by `check_update`) puts string content in something that is not a
+    text, as far as the update itself tells: its parent named and created in the update as another type, or a
+    map key, or next to an array's values of the update. Yjs never makes such an item; yrs, reading an array
+    that holds one with a character beyond the BMP, loops for ever (to_json, or an item by position), which
+    stopped the whole server (a 50-byte update). Call it for updates that may hold such a character."""
+    w = Walk(update, "update")
+    types: dict[tuple[int, int], int] = {}  # the types the update creates: their id -> type ref
+    values: list[tuple[int, int, int]] = []  # the clocks of the update's array values: (client, first, end)
+    strings: list[tuple[object, list[tuple[int, int]]]] = []  # each string's named parent (or None), its origins
+    for _ in range(w.count()):
+        structs = w.count()
+        client = w.uint()
+        clock = w.uint()
+        for _ in range(structs):
+            info = w.byte()
+            ref = info & 0x1F
+            if ref in (0, 10):  # GC, Skip
+                clock += w.uint()
+                continue
+            origins = [(w.uint(), w.uint()) for flag in (0x80, 0x40) if info & flag]
+            parent: object = None
+            if not origins:
+                parent = ("root", w.pos) if w.uint() == 1 else (w.uint(), w.uint())
+                if parent[0] == "root":
+                    w.string()
+                if info & 0x20:
+                    w.string()
+                    parent = "map key"
+            if ref == 7:
+                types[(client, clock)] = w.data[w.pos]  # the type ref, read by `content` next
+            length = w.content(ref)
+            if ref == 4:
+                strings.append((parent, origins))
+            elif ref in _VALUES:
+                values.append((client, clock, clock + length))
+            clock += length
+    for parent, origins in strings:
+        if parent == "map key" or (isinstance(parent, tuple) and isinstance(parent[0], int)
+                                   and types.get(parent, 2) not in _TEXT_TYPES):
+            raise w.fail("string content whose parent is not a text")
+        if any(c == client and first <= clock < end for client, clock in origins for c, first, end in values):
+            raise w.fail("string content among an array's values")
+
+
 def check_state_vector(state_vector: bytes) -> None:
     """Raise ProtocolError unless the entries `state_vector` claims fit in its bytes."""
     Walk(state_vector, "state vector").count()

@@ -12,7 +12,7 @@ from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
 
 from collab_server import protocol as p
 from collab_server.model import add_index_entry, create_block, set_status
-from collab_server.updatecheck import MAX_DEPTH, check_state_vector, check_update
+from collab_server.updatecheck import MAX_DEPTH, check_state_vector, check_text_parents, check_update
 
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False)
@@ -63,9 +63,11 @@ def test_every_update_and_state_vector_pycrdt_makes_passes(edits) -> None:
         except (ValueError, TypeError, OverflowError):
             continue  # a value pycrdt itself refuses
         check_update(docs[who].get_update(before))
+        check_text_parents(docs[who].get_update(before))
         docs[(who + 1) % 3].apply_update(docs[who].get_update(docs[(who + 1) % 3].get_state()))
     for doc in docs:
         check_update(doc.get_update())
+        check_text_parents(doc.get_update())
         check_update(doc.get_update(docs[0].get_state()))
         check_state_vector(doc.get_state())
 
@@ -128,3 +130,44 @@ def test_an_xml_hook_is_refused_by_name() -> None:
         Doc().apply_update(update)
     with pytest.raises(p.ProtocolError, match="Y.XmlHook"):
         check_update(update)
+
+
+def _structs(*structs: bytes, client: int = 7) -> bytes:
+    return p.write_varuint(1) + p.write_varuint(len(structs)) + p.write_varuint(client) + p.write_varuint(0) \
+        + b"".join(structs) + p.write_varuint(0)
+
+
+EMOJI = p.write_bytes("😀ab".encode())
+ROOT_A = p.write_varuint(1) + p.write_bytes(b"a")
+
+
+@pytest.mark.parametrize(("update", "problem"), [
+    # a Y.Array made under root map "m", then a string in it (the fuzzer's 50-byte update, in short)
+    (_structs(bytes([7 | 0x20]) + ROOT_A + p.write_bytes(b"k") + p.write_varuint(0),
+              bytes([4]) + p.write_varuint(0) + p.write_varuint(7) + p.write_varuint(0) + EMOJI),
+     "string content whose parent is not a text"),
+    (_structs(bytes([4 | 0x20]) + ROOT_A + p.write_bytes(b"k") + EMOJI), "string content whose parent is not a text"),
+    # a value in root array "a", then a string after it
+    (_structs(bytes([8]) + ROOT_A + p.write_varuint(1) + b"\x77" + p.write_bytes(b"x"),
+              bytes([4 | 0x80]) + p.write_varuint(7) + p.write_varuint(0) + EMOJI),
+     "string content among an array's values"),
+])
+def test_string_content_outside_a_text_is_refused(update: bytes, problem: str) -> None:
+    """Yjs puts strings only in texts. yrs, reading an array that holds one with a character beyond the BMP, loops
+    for ever (it stopped the whole server); what the update itself shows of such an item is refused."""
+    check_update(update)
+    with pytest.raises(p.ProtocolError, match=problem):
+        check_text_parents(update)
+
+
+def test_strings_in_texts_pass() -> None:
+    doc = Doc()
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    create_block(doc, "b", "p", "hi 😀 there")  # a text made in the update, with its string
+    doc.get("t", type=Text).insert(0, "root 😀")
+    doc.get("m", type=Map)["sub"] = Map({"text": Text("😀"), "list": Array(["😀 a value"])})
+    fragment = doc.get("x", type=XmlFragment)
+    fragment.children.append(XmlElement("p", {}, [XmlText("😀")]))
+    for update in [*updates, doc.get_update()]:
+        check_text_parents(update)

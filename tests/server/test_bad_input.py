@@ -34,6 +34,10 @@ BAD_FRAMES = {
         "0103070908010161027c3f800000770374776f87070a01280007090178017c3f80000000")), 1007),
     "update that makes yrs panic": (p.sync_update(bytes.fromhex(
         "01030783e8c59d0908010161027c3f000000770374776f87070a012800070b0178017c3f80000000")), 1007),
+    # found by fuzzing: a string with an emoji in a block's indexingList array (Yjs puts strings only in texts):
+    # yrs reading the array looped for ever, so the resolver stopped the whole server
+    "string content in an array": (p.sync_update(bytes.fromhex(
+        "0103932100270106626c6f636b730262310127009321000c696e646578696e674c69737400040093210106f09f9880616200")), 1007),
     "empty frame": (b"", 1007),
 }
 
