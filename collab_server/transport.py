@@ -36,6 +36,9 @@ from collab_server.pacing import in_slices
 log = logging.getLogger(__name__)
 
 SCOPE_EXTENSION = "collab.frames"
+# bytes waiting to go to a peer past which its pings go unanswered: a peer flooding pings and reading nothing
+# piled up pongs without bound (470 MB in 25 s)
+PONG_BACKLOG = 64 * 1024
 # websockets' own logger, for the sans-I/O protocol uvicorn hands its "uvicorn.error" logger to (see logs.py)
 WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
@@ -429,7 +432,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
                 end = start + length
                 if end > len(view):
                     break
-                if view[pos] == 0x80 | Opcode.BINARY and view[pos + 1] & 0x80 and self.conn.current_size is None:
+                if view[pos] == 0x80 | Opcode.PING and self.transport.get_write_buffer_size() > PONG_BACKLOG:
+                    pass  # its answers back up: left unanswered (RFC 6455 lets an endpoint answer the latest only)
+                elif view[pos] == 0x80 | Opcode.BINARY and view[pos + 1] & 0x80 and self.conn.current_size is None:
                     message = apply_mask(view[start:end], view[start - 4:start])
                     if message not in self._ignored:
                         self.curr_msg_data_type = "bytes"  # as uvicorn's handle_bytes for a final frame

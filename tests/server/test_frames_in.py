@@ -16,7 +16,7 @@ from uvicorn.server import ServerState
 from websockets.uri import parse_uri
 
 from collab_server import protocol as p
-from collab_server.transport import CollabWebSocketProtocol, frame_header
+from collab_server.transport import PONG_BACKLOG, CollabWebSocketProtocol, frame_header
 from tests.server.test_transport import _serve
 from tests.serverproc import wait_until
 
@@ -219,3 +219,25 @@ async def test_a_frame_begun_before_the_acceptance_is_finished_by_websockets(tmp
 
 async def _idle_app(scope, receive, send) -> None:
     await asyncio.Event().wait()
+
+
+async def test_pings_from_a_peer_that_reads_nothing_do_not_pile_up_answers(tmp_path: Path) -> None:
+    """A client sent pings and never read: each pong waited in the server's write buffer (470 MB after 25 s of a
+    flood). Once what waits for a peer passes PONG_BACKLOG its pings go unanswered, so the buffer stays bounded;
+    the messages after them are still handled."""
+    app, server, task, url = await _serve(tmp_path)
+    try:
+        sock = await RawSocket.open(f"{url}/room")
+        ping = _masked(Opcode.PING, b"p" * 125)
+        for _ in range(40):  # 100,000 pings: 12.7 MB of pongs, more than the kernel's socket buffers hold
+            await sock.write(ping * 2500, None)
+        updates, expected = _text_updates(["after the pings"])
+        await sock.write(_masked(Opcode.BINARY, p.sync_update(updates[0])), None)
+        room = app.state.rooms.loaded["room"]
+        await wait_until(lambda: str(room.doc.get("t", type=Text)) == expected, timeout=30)
+        protocol = next(iter(server.server_state.connections))
+        assert protocol.transport.get_write_buffer_size() <= PONG_BACKLOG + 1024
+        sock.close()
+    finally:
+        server.should_exit = True
+        await task
