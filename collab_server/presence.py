@@ -9,10 +9,12 @@ connection may not speak for clients it did not introduce (see `Presence.claimab
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container
+
+from pycrdt import Doc
 
 from collab_server import protocol as p
 from collab_server.connection import Connection
+from collab_server.heldback import clocks
 
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # bytes of JSON (UTF-8) in one awareness state
@@ -48,8 +50,7 @@ def _too_big(state: str) -> bool:
 class Presence:
     """The awareness states of one room, from every node's clients, one per client id."""
 
-    def __init__(self, authors: Callable[[], Container[int]]) -> None:
-        self._authors = authors  # the client ids that wrote to the document (see claimable)
+    def __init__(self) -> None:
         self.states: dict[int, p.AwarenessEntry] = {}
         self._kept: bytes | None = None  # the message holding every state, once encoded
         self._clock: dict[int, int] = {}  # of each client id with a state or removed lately (forget_removed)
@@ -65,13 +66,14 @@ class Presence:
             self._kept = p.encode_awareness(list(self.states.values()))
         return self._kept
 
-    def accept(self, payload: bytes, conn: Connection) -> list[p.AwarenessEntry]:
+    def accept(self, payload: bytes, conn: Connection, doc: Doc) -> list[p.AwarenessEntry]:
         """Merge an awareness update from a connection; return the entries that changed something. Entries that
         change nothing are dropped unchecked: a y-websocket client sends back every state it receives, so most
         entries are such echoes. An update whose newer entries break the limits is refused whole (LimitExceeded),
         and so is one of more entries than the room knows client ids plus MAX_AWARENESS_IDS, before it is decoded
         (a y-websocket client's update holds its own client and those the room sent it). From a read-only
-        connection, entries for a client it did not introduce are dropped unless the client is `claimable`."""
+        connection, entries for a client it did not introduce are dropped unless the client is `claimable` (in
+        `doc`, the room's document)."""
         if (size := p.awareness_size(payload)) > len(self._clock) + MAX_AWARENESS_IDS:
             raise LimitExceeded(f"awareness update of {size} entries, for {len(self._clock)} client ids "
                                 f"the room knows: more than {MAX_AWARENESS_IDS} awareness clients new to it")
@@ -79,7 +81,7 @@ class Presence:
         stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
         newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
         if conn.readonly:  # a viewer neither takes over nor removes another client's presence
-            newer = [e for e in newer if e.client_id in conn.awareness_ids or self.claimable(e.client_id)]
+            newer = [e for e in newer if e.client_id in conn.awareness_ids or self.claimable(e.client_id, doc)]
         if not newer:
             return []
         p.check_awareness_json(newer)
@@ -129,7 +131,7 @@ class Presence:
                 accepted.append(entry)
         return accepted
 
-    def claimable(self, client_id: int) -> bool:
+    def claimable(self, client_id: int, doc: Doc) -> bool:
         """Whether a read-only connection may set the presence of `client_id`, which it did not introduce: one the
         room holds no state for, and last had from a viewer (one reconnecting) or never saw, if it is not the id of
         someone who wrote to the document. A writer's id without a state (cleared, timed out, or not announced yet
@@ -138,7 +140,7 @@ class Presence:
             return False
         if client_id in self._clock:
             return client_id in self._viewers
-        return client_id not in self._authors()
+        return client_id not in clocks(doc.get_state())
 
     def bump(self, client_id: int) -> p.AwarenessEntry:
         """Remove a client's presence locally and return the removal entry to broadcast."""

@@ -15,7 +15,7 @@ from pycrdt import Doc, TransactionEvent, get_update
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
-from collab_server.heldback import Held, clocks
+from collab_server.heldback import Held
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
@@ -147,7 +147,7 @@ class Room:
         self._awareness_outbox: list[bytes] = []
         self._relayed = Relayed()
         self._answer_kept: _Answer | None = None  # the latest sync answer, while the document is unchanged
-        self._presence = Presence(lambda: clocks(self.doc.get_state()))
+        self._presence = Presence()
         self._early: list[tuple[Kind, bytes, bool]] | None = []  # broker events that arrive while loading
         self.mark: LogMark | None = None  # what the load read from storage, until resync.py takes it
 
@@ -672,7 +672,7 @@ class Room:
 
     def apply_awareness(self, payload: bytes, conn: Connection) -> None:
         """Merge an awareness update from a connection (see Presence.accept) and publish what it changed."""
-        accepted = self._presence.accept(payload, conn)
+        accepted = self._presence.accept(payload, conn, self.doc)
         if accepted:
             relayed = payload if len(accepted) == p.awareness_size(payload) else p.encode_awareness_update(accepted)
             self.broker.publish(self.name, Kind.AWARENESS, relayed)
