@@ -122,8 +122,7 @@ def _indexing_list(block: Any) -> Array | None:
 
 def entries(block: Map) -> Iterator[Map]:
     """The block's index entries in array order; anything not shaped like a block or an entry is skipped."""
-    indexing_list = _indexing_list(block)
-    return (entry for entry in indexing_list or () if isinstance(entry, Map))
+    return entries_where(block, lambda item: True)
 
 
 def entries_where(block: Any, wanted: Callable[[dict[str, Any]], bool]) -> Iterator[Map]:
