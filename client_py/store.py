@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pycrdt import merge_updates
@@ -20,14 +22,16 @@ class StoreError(RuntimeError):
 class LocalStore:
     """Append-only update log in a SQLite file (WAL), bound to one room.
 
-    Each append is its own commit, so an update is on disk before the client sends it; a process crash
-    loses nothing already appended. One client at a time per file: the file is locked while open (a second
+    Each append is its own commit, so a process crash loses nothing already appended. Writes raise
+    sqlite3.Error when the file cannot be written (disk full, read-only, I/O error); client_py.storewriter
+    keeps the client going then. One client at a time per file: the file is locked while open (a second
     opener, in this process or another, gets StoreError; a compaction of one would drop the other's edits).
     """
 
     def __init__(self, path: str | Path, room: str, compact_every: int = 500) -> None:
         self.path = Path(path)
         self.compact_every = compact_every
+        self._compact_after = compact_every  # compaction is due once the log holds more rows than this
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
         try:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first write until closed
@@ -64,21 +68,45 @@ class LocalStore:
         rows = [bytes(row[0]) for row in self._db.execute("SELECT data FROM updates ORDER BY seq")]
         return merge_updates(*rows) if rows else None
 
-    def append(self, update: bytes) -> None:
-        self._db.execute("INSERT INTO updates (data) VALUES (?)", (update,))
-        self._rows += 1
+    def append(self, *updates: bytes) -> None:
+        """Store ``updates``, in order, in one commit: all or none."""
+        with self._transaction():
+            self._db.executemany("INSERT INTO updates (data) VALUES (?)", [(update,) for update in updates])
+        self._rows += len(updates)
 
     @property
     def compaction_due(self) -> bool:
-        return self._rows > self.compact_every
+        return self._rows > self._compact_after
 
     def compact(self, snapshot: bytes) -> None:
-        """Replace the whole log by ``snapshot`` (the full document state as one update), atomically."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM updates")
-            self._db.execute("INSERT INTO updates (data) VALUES (?)", (snapshot,))
+        """Replace the whole log by ``snapshot`` (the full document state as one update), atomically. After a
+        failure, compaction is not due again until ``compact_every`` more updates are stored."""
+        try:
+            with self._transaction():
+                self._db.execute("DELETE FROM updates")
+                self._db.execute("INSERT INTO updates (data) VALUES (?)", (snapshot,))
+        except sqlite3.Error:
+            self._compact_after = self._rows + self.compact_every
+            raise
         self._rows = 1
+        self._compact_after = self.compact_every
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's commits into the main file and truncate the WAL: the space it holds (up to 1000 pages
+        of small commits) is given back, for a write that failed for want of space."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A write transaction, rolled back when it fails (a full disk or a read-only file fails it midway)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()

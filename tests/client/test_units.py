@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,28 @@ def _merged(updates: list[bytes]) -> bytes:
     for update in updates:
         doc.apply_update(update)
     return doc.get_update()
+
+
+def test_a_write_the_store_cannot_take_stores_nothing_and_delays_compaction(tmp_path: Path) -> None:
+    """Appends commit all or none; a failed compaction is not due again until as many more rows are stored."""
+    doc, updates = Doc(), []
+    doc.observe(lambda event: updates.append(event.update))
+    for chunk in ("a", "b" * 20_000, "c"):
+        doc.get("t", type=Text).insert(len(str(doc.get("t", type=Text))), chunk)
+    store = LocalStore(tmp_path / "s.db", "room", compact_every=2)
+    store.append(updates[0])
+    store._db.execute(f"PRAGMA max_page_count = {store._db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.append(updates[2], updates[1])  # the small one fits, the large one does not
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.compact(doc.get_update())
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.append(updates[1], updates[2])
+    assert not store.compaction_due  # three rows, but the failed compaction put it off until five
+    store.append(b"\x00\x00", b"\x00\x00")
+    assert store.compaction_due
+    assert [bytes(row[0]) for row in store._db.execute("SELECT data FROM updates ORDER BY seq")][:3] == updates
+    store.close()
 
 
 def test_store_is_bound_to_its_room(tmp_path: Path) -> None:
