@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from collab_server.surrogates import Characters
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
 from client_py.store import LocalStore
+from client_py.storewriter import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ class CollabClient:
     remote updates are applied under REMOTE and stored, never echoed. On every (re)connect we answer the
     server's SyncStep1 with a SyncStep2 (everything the server lacks, i.e. our offline edits) and only
     then send our SyncStep1, so once the server's SyncStep2 arrives both sides hold each other's edits.
-    With ``store`` the document (including unsent edits) survives restarts of this process.
+    With ``store`` the document (including unsent edits) survives restarts of this process. While the store cannot
+    be written (``store_error``), syncing goes on and what it missed is stored once it works again.
     """
 
     def __init__(self, url: str, room: str, *, store: str | Path | None = None, token: str | None = None,
@@ -124,7 +127,7 @@ class CollabClient:
         self.stopped: ServerClosed | None = None  # why the server ended the link for good
         self._store_path = store
         self._compact_every = compact_every
-        self._store: LocalStore | None = None
+        self._store: StoreWriter | None = None
         self._link: _Link | None = None
         self._synced = asyncio.Event()
         self._closing = False
@@ -148,12 +151,13 @@ class CollabClient:
     async def open(self) -> None:
         """Load the local store (if any) and start connecting in the background; never waits for the server."""
         if self._store_path is not None:
-            self._store = LocalStore(self._store_path, self.room, self._compact_every)
-            if self._store.deleted:  # by an earlier client of this store: it must not upload the document again
+            store = LocalStore(self._store_path, self.room, self._compact_every)
+            if store.deleted:  # by an earlier client of this store: it must not upload the document again
                 self.stopped = DocumentDeleted(DELETED_CODE, "document deleted (as the local store recorded)")
-            snapshot = self._store.load()
+            snapshot = store.load()
             if snapshot is not None:
                 self.doc = apply(self.doc, snapshot, self._characters)
+            self._store = StoreWriter(store, self.backoff, self._notify)
         self._subscription = self.doc.observe(self._on_update)
         self._start()
 
@@ -175,8 +179,7 @@ class CollabClient:
         assert self._subscription is not None
         self.doc.unobserve(self._subscription)
         if self._store is not None:
-            self._store.compact(self.doc.get_update())
-            self._store.close()
+            self._store.close(self.doc.get_update())
         if not self._task.cancelled() and (exc := self._task.exception()) is not None:
             raise RuntimeError("client stopped") from exc
 
@@ -200,6 +203,13 @@ class CollabClient:
         return isinstance(self.stopped, DocumentDeleted)
 
     @property
+    def store_error(self) -> sqlite3.Error | None:
+        """Why the local store cannot be written (a full disk, say), while it cannot; None otherwise. Meanwhile
+        updates are sent and received as usual and kept in memory, and storing them is retried with the backoff;
+        ``wait_until(lambda: client.store_error is None)`` waits until they are stored."""
+        return self._store.error if self._store is not None else None
+
+    @property
     def connected(self) -> bool:
         return self._link is not None
 
@@ -215,7 +225,8 @@ class CollabClient:
         """Wait until the server has processed every edit made before this call.
 
         Proof: the server answers a SyncStep1 we sent after those edits (it handles a connection's
-        messages in order). Across reconnects, the next handshake's SyncStep1 serves.
+        messages in order). Across reconnects, the next handshake's SyncStep1 serves. It does not wait for
+        the local store: while ``store_error`` is set, those edits are on the server and in memory only.
         """
         link = self._link
         if link is not None and link.asked and not self._closing:
