@@ -93,6 +93,21 @@ def test_a_write_the_store_cannot_take_stores_nothing_and_delays_compaction(tmp_
     store.close()
 
 
+def test_a_checkpoint_gives_the_space_of_the_stores_wal_back(tmp_path: Path) -> None:
+    doc, updates = _edits(50)
+    store = LocalStore(tmp_path / "s.db", "room")
+    for update in updates:
+        store.append(update)
+    wal = tmp_path / "s.db-wal"
+    assert wal.stat().st_size >= 50 * 4096  # a page or more per commit, kept until 1000 pages are reached
+    store.checkpoint()
+    assert wal.stat().st_size == 0
+    restored = Doc()
+    restored.apply_update(store.load())
+    assert str(restored.get("t", type=Text)) == str(doc.get("t", type=Text))
+    store.close()
+
+
 def test_store_is_bound_to_its_room(tmp_path: Path) -> None:
     LocalStore(tmp_path / "s.db", "room-a").close()
     with pytest.raises(StoreError, match="room-a"):
