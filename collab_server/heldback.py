@@ -11,12 +11,33 @@ from __future__ import annotations
 from pycrdt import Doc, get_update
 
 from collab_server.protocol import Reader
+from collab_server.updatecheck import structs
 
 
 def clocks(state: bytes) -> dict[int, int]:
     """A v1 state vector as {client: next clock}."""
     reader = Reader(state)
     return {reader.varuint(): reader.varuint() for _ in range(reader.varuint())}
+
+
+def waits(update: bytes, known: dict[int, int]) -> bool:
+    """Whether v1 `update` (checked by `check_update`) holds a change that a document of state `known` would hold
+    back: a struct past a gap in its client's clocks, an origin or parent in neither, or the deletion of an item
+    in neither."""
+    found, w = structs(update)
+    reach = dict(known)  # the clock each client reaches, in the document and then in the update
+    for s in found:
+        if s.clock > reach.get(s.client, 0):
+            return True
+        reach[s.client] = max(reach.get(s.client, 0), s.clock + s.length)
+    if any(clock >= reach.get(client, 0) for s in found for client, clock in (*s.origins, *filter(None, [s.parent]))):
+        return True
+    for _ in range(w.count()):  # delete set: client, then ranges of (clock, length)
+        client = w.uint()
+        for _ in range(w.count()):
+            if w.uint() + w.uint() > reach.get(client, 0):
+                return True
+    return False
 
 
 def lacking(diff: bytes, known: dict[int, int]) -> bool:

@@ -42,6 +42,7 @@ from collab_server.config import Settings
 from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
 from collab_server.model import block_to_json, blocks_to_json, get_block
 from collab_server.openapi import MAX_LABEL, openapi_spec
+from collab_server.presence import LimitExceeded
 from collab_server.protocol import ProtocolError
 from collab_server.replay import Replay
 from collab_server.room import Room, RoomClosed
@@ -234,6 +235,8 @@ def api_routes(rooms: Rooms, store: Store, settings: Settings,
                 await committed(room, room.apply(update, origin="http"), "update")
             except ProtocolError as exc:
                 raise ApiError(400, str(exc)) from exc
+            except LimitExceeded as exc:
+                raise ApiError(409, str(exc)) from exc
         return Response(status_code=204)
 
     async def post_blocks(request: Request) -> Response:

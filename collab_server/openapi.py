@@ -219,6 +219,8 @@ PATHS: dict[str, Any] = {
                 "204": {"description": "Applied, committed and broadcast"},
                 "400": _error("Invalid document name, empty body or invalid update"),
                 **AUTH_ERRORS,
+                "409": _error("The update waits for changes never sent, and the document holds as many such "
+                              "changes as it takes"),
                 "413": _error("Update larger than max_message_size"),
                 "503": _error("Storage failure: the update was not saved"),
             },

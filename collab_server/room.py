@@ -15,12 +15,12 @@ from pycrdt import Doc, TransactionEvent, get_update
 from collab_server import protocol as p
 from collab_server.broker import Broker, Kind
 from collab_server.connection import CloseCode, Connection
-from collab_server.heldback import Held
+from collab_server.heldback import Held, clocks, waits
 from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.metrics import Metrics
 from collab_server.pacing import Turns, in_thread
-from collab_server.presence import Presence, Relayed
+from collab_server.presence import LimitExceeded, Presence, Relayed
 from collab_server.replay import READ_APART, Replay, apply_paced, build, build_paced, precut_apart
 from collab_server.slicing import slow_documents
 from collab_server.storage import DeletedMeanwhile, LogMark, StorageError, Store
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 _log_rebuild = Throttled(log, logging.INFO)
 _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
+
+# changes a document may hold back, waiting for changes never sent, before a client's next such one is refused:
+# each is given again at every change (heldback.Held), so a client sending thousands slowed every edit of the
+# room to 150 ms and more, and kept them in memory until the room unloaded
+MAX_HELD = 100
 
 
 class _Answer:
@@ -308,7 +313,8 @@ class Room:
         earlier one wrote is replaced in that one before either is applied (surrogates.precut), so the document
         need not be rebuilt for it: a client typing an emoji and cutting it in its next message, as fast as it
         can, rebuilt its room for each (finding 57). Raises ProtocolError for the first that is invalid or refused,
-        once those before it are applied."""
+        once those before it are applied; LimitExceeded for one that would wait for changes never sent while
+        MAX_HELD such changes wait already."""
         await self._writable()
         started = time.perf_counter()
         valid, invalid = updates, None
@@ -322,6 +328,9 @@ class Room:
                 break
         applied = 0
         for update, scan in _precut(valid):
+            if len(self._held.updates) >= MAX_HELD and waits(update, clocks(self.doc.get_state())):
+                raise LimitExceeded(f"{MAX_HELD} changes wait in this document for changes never sent: "
+                                    "no more such changes are taken")
             while (prepared := self._prepare(update, scan)) is None:  # the document is rebuilt first, for this
                 await self._writable()  # update: the rebuild's time is counted as the update's (in threads, in
             self._apply_one(prepared, origin)  # parts, it is most)

@@ -12,6 +12,8 @@ set that follows the structs is read by yrs without either risk and is not walke
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from collab_server.protocol import ProtocolError
 
 MAX_DEPTH = 256  # nesting of values inside one update (JSON-like content, subdocument options)
@@ -34,6 +36,55 @@ def check_update(update: bytes) -> None:
 _TEXT_TYPES = (2, 6)  # Y.Text, Y.XmlText: the only types that hold string content
 _VALUES = (2, 3, 8, 9)  # JSON, binary, any, subdocument: content of arrays and maps, never of a text
 
+Id = tuple[int, int]  # (client, clock)
+
+
+class Struct(NamedTuple):
+    """One struct of an update, as `structs` reads it: its id and length, content type, origins, the parent it
+    names (an id, or None: a root by name, or implied by an origin), whether it is a map's value (a key named),
+    and the type ref of the type it creates (content 7)."""
+
+    client: int
+    clock: int
+    length: int
+    ref: int
+    origins: list[Id]
+    parent: Id | None
+    keyed: bool
+    type_ref: int | None
+
+
+def structs(update: bytes) -> tuple[list[Struct], Walk]:
+    """The structs of v1 `update` (checked by `check_update`) in order, and the walk, at its delete set."""
+    w = Walk(update, "update")
+    found = []
+    for _ in range(w.count()):
+        count = w.count()
+        client = w.uint()
+        clock = w.uint()
+        for _ in range(count):
+            info = w.byte()
+            ref = info & 0x1F
+            if ref in (0, 10):  # GC, Skip
+                length = w.uint()
+                found.append(Struct(client, clock, length, ref, [], None, False, None))
+                clock += length
+                continue
+            origins = [(w.uint(), w.uint()) for flag in (0x80, 0x40) if info & flag]
+            parent = None
+            if not origins:
+                if w.uint() == 1:
+                    w.string()  # a root's name
+                else:
+                    parent = (w.uint(), w.uint())
+                if info & 0x20:
+                    w.string()
+            type_ref = w.data[w.pos] if ref == 7 else None  # read by `content` next
+            length = w.content(ref)
+            found.append(Struct(client, clock, length, ref, origins, parent, bool(info & 0x20), type_ref))
+            clock += length
+    return found, w
+
 
 def check_text_parents(update: bytes) -> None:
     """Raise ProtocolError if `update` (checked by `check_update`) puts string content in something that is not a
@@ -41,42 +92,15 @@ def check_text_parents(update: bytes) -> None:
     map key, or next to an array's values of the update. Yjs never makes such an item; yrs, reading an array
     that holds one with a character beyond the BMP, loops for ever (to_json, or an item by position), which
     stopped the whole server (a 50-byte update). Call it for updates that may hold such a character."""
-    w = Walk(update, "update")
-    types: dict[tuple[int, int], int] = {}  # the types the update creates: their id -> type ref
-    values: list[tuple[int, int, int]] = []  # the clocks of the update's array values: (client, first, end)
-    strings: list[tuple[object, list[tuple[int, int]]]] = []  # each string's named parent (or None), its origins
-    for _ in range(w.count()):
-        structs = w.count()
-        client = w.uint()
-        clock = w.uint()
-        for _ in range(structs):
-            info = w.byte()
-            ref = info & 0x1F
-            if ref in (0, 10):  # GC, Skip
-                clock += w.uint()
-                continue
-            origins = [(w.uint(), w.uint()) for flag in (0x80, 0x40) if info & flag]
-            parent: object = None
-            if not origins:
-                parent = ("root", w.pos) if w.uint() == 1 else (w.uint(), w.uint())
-                if parent[0] == "root":
-                    w.string()
-                if info & 0x20:
-                    w.string()
-                    parent = "map key"
-            if ref == 7:
-                types[(client, clock)] = w.data[w.pos]  # the type ref, read by `content` next
-            length = w.content(ref)
-            if ref == 4:
-                strings.append((parent, origins))
-            elif ref in _VALUES:
-                values.append((client, clock, clock + length))
-            clock += length
-    for parent, origins in strings:
-        if parent == "map key" or (isinstance(parent, tuple) and isinstance(parent[0], int)
-                                   and types.get(parent, 2) not in _TEXT_TYPES):
+    found, w = structs(update)
+    types = {(s.client, s.clock): s.type_ref for s in found if s.type_ref is not None}
+    values = [(s.client, s.clock, s.clock + s.length) for s in found if s.ref in _VALUES]
+    for s in found:
+        if s.ref != 4:
+            continue
+        if s.keyed or (s.parent is not None and types.get(s.parent, 2) not in _TEXT_TYPES):
             raise w.fail("string content whose parent is not a text")
-        if any(c == client and first <= clock < end for client, clock in origins for c, first, end in values):
+        if any(c == client and first <= clock < end for client, clock in s.origins for c, first, end in values):
             raise w.fail("string content among an array's values")
 
 

@@ -19,7 +19,8 @@ from collab_server.broker.local import LocalBroker
 from collab_server.connection import Connection
 from collab_server.metrics import Metrics
 from collab_server.replay import Replay
-from collab_server.room import Room
+from collab_server.presence import LimitExceeded
+from collab_server.room import MAX_HELD, Room
 from collab_server import replay as replay_module
 from collab_server import slicing
 from collab_server.surrogates import Characters
@@ -30,6 +31,7 @@ from tests.rawclient import (
     deletion,
     second_unit,
     state_vector,
+    text_updates,
     two_changes,
     two_waiting_on_one,
     typed_and_cut,
@@ -497,3 +499,23 @@ async def test_a_change_whose_held_back_part_no_load_could_apply_is_refused_and_
         assert reloaded.doc.get_state() == room.doc.get_state()
     finally:
         await reloaded.close()
+
+
+async def test_a_client_s_changes_that_wait_for_changes_never_sent_are_refused_past_a_bound(room: Room) -> None:
+    """Each change a document holds back is given again at every change: a client sending thousands that wait for
+    changes it never sends slowed every edit of the room to 150 ms and more. Past MAX_HELD the next such change is
+    refused (LimitExceeded: the connection is closed with 1008); changes that wait for nothing are still taken,
+    and what was held integrates when what it waits for comes."""
+    waiting = []
+    for client in range(MAX_HELD + 1):
+        _, updates = text_updates(2, client_id=1000 + client)
+        waiting.append(updates)  # the second waits for the first
+    for updates in waiting[:MAX_HELD]:
+        await room.apply(updates[1])
+    assert len(room._held.updates) == MAX_HELD
+    with pytest.raises(LimitExceeded, match="changes wait in this document for changes never sent"):
+        await room.apply(waiting[MAX_HELD][1])
+    _, fine = text_updates(1, client_id=5)
+    await room.apply(fine[0])
+    await room.apply(waiting[0][0])  # what the first waited for
+    assert len(room._held.updates) == MAX_HELD - 1 and "aa" in await stored_text(room)
