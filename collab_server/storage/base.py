@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from collab_server.logs import Throttled
 from collab_server.merge import merge_all
 from collab_server.pacing import GilTurns
 from collab_server.replay import Replay, apply_offering_gil
@@ -105,6 +107,8 @@ def rows_weight(rows: list[tuple[int, bytes]]) -> int:
 
 
 FOLD_SHARE = 2  # a served document's log is folded at 1/FOLD_SHARE of its checkpoint's weight, if over the threshold
+RETRY_FIRST = 1.0  # seconds before a compaction storage refused is tried again, doubled at each failure in a row
+RETRY_MOST = 60.0  # seconds, at most
 
 
 class Compactor:
@@ -122,15 +126,23 @@ class Compactor:
 
     A document no longer served gets its log folded once it holds a tenth of the threshold, so its next load
     reads one checkpoint instead of replaying the log (a shorter log is not worth rewriting the checkpoint).
+
+    A compaction that storage refuses (StorageError: a full disk, a corrupt database) is not started again before
+    RETRY_FIRST seconds, doubled at each failure in a row up to RETRY_MOST: started again at every commit, it
+    failed a thousand times in 25 s. Its failures are logged in a line without a traceback, at most once per 10 s.
     """
 
     def __init__(self, compact: Callable[[str], Awaitable[None]], log_counts: dict[str, int],
-                 threshold: int) -> None:
+                 threshold: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._compact = compact
         self._log_counts = log_counts
         self.threshold = threshold
+        self._clock = clock
         self._checkpoints: dict[str, int] = {}  # served documents' checkpoints, weighed by log_weight
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._refused: dict[str, tuple[int, float]] = {}  # documents storage refused to compact: (times in a
+        # row, clock time before which none starts)
+        self._log_refused = Throttled(log, logging.ERROR, clock=clock)
         self._closing = False
 
     def loaded(self, doc: str, log: list[bytes], checkpoint: bytes | None) -> None:
@@ -157,23 +169,34 @@ class Compactor:
             self._start(doc)
         elif doc not in self._running:
             self._log_counts.pop(doc, None)  # loading counts again: a server that saw many documents keeps none
+            self._refused.pop(doc, None)
 
     def _start(self, doc: str) -> None:
-        if doc not in self._running and not self._closing:
-            self._running[doc] = asyncio.create_task(self._run(doc), name=f"compact:{doc}")
+        if doc in self._running or self._closing:
+            return
+        if doc in self._refused and self._clock() < self._refused[doc][1]:
+            return
+        self._running[doc] = asyncio.create_task(self._run(doc), name=f"compact:{doc}")
 
     async def _run(self, doc: str) -> None:
         try:
             await self._compact(doc)
-        except Exception as exc:
+        except StorageError as exc:
+            times = self._refused.get(doc, (0, 0.0))[0] + 1
+            delay = min(RETRY_MOST, RETRY_FIRST * 2 ** (times - 1))
+            self._refused[doc] = (times, self._clock() + delay)
+            self._log_refused("compaction failed doc=%s times_in_a_row=%d retry_in=%gs error=%s",
+                              doc, times, delay, exc)
+            return
+        except Exception:
             log.exception("compaction failed doc=%s", doc)
-            if not isinstance(exc, StorageError):  # a log yrs cannot fold: tried again a threshold's worth of
-                self._log_counts[doc] = 0  # commits later, not at each
+            self._log_counts[doc] = 0  # a log yrs cannot fold: tried again a threshold's worth of commits later
             return
         finally:
             del self._running[doc]
             if self._log_counts.get(doc) == 0:
                 del self._log_counts[doc]
+        self._refused.pop(doc, None)
         self.after_commit(doc)
 
     async def forget(self, doc: str) -> None:
@@ -183,6 +206,7 @@ class Compactor:
             await asyncio.wait([task])
         self._log_counts.pop(doc, None)
         self._checkpoints.pop(doc, None)
+        self._refused.pop(doc, None)
 
     def stop_at(self, when: float) -> None:
         """Server shutdown: start no compaction after loop time `when` (a log left unfolded is replayed at the next

@@ -3,7 +3,7 @@
 import asyncio
 from collections import defaultdict
 
-from collab_server.storage.base import ENTRY_BYTES, FOLD_SHARE, Compactor
+from collab_server.storage.base import ENTRY_BYTES, FOLD_SHARE, RETRY_FIRST, Compactor, StorageError
 
 
 async def test_a_served_documents_threshold_grows_with_its_checkpoint() -> None:
@@ -67,4 +67,57 @@ async def test_a_log_that_cannot_be_folded_is_logged_and_tried_again_a_threshold
     compactor.after_commit("doc")
     await asyncio.wait(list(compactor._running.values()))
     assert started == ["doc", "doc"]
+    await compactor.close()
+
+
+async def test_a_compaction_storage_refuses_is_tried_again_after_a_growing_delay_and_logged_in_one_line(
+        caplog) -> None:
+    """Started again at every commit, a compaction of a corrupt database failed a thousand times in 25 s, each
+    with a traceback. Now each failure in a row doubles the wait before the next try, and the log gets one line
+    (no traceback) per 10 s; a success ends the waits."""
+    now = [1000.0]
+    started: list[str] = []
+    refusing = [True]
+
+    async def compact(doc: str) -> None:
+        started.append(doc)
+        if refusing[0]:
+            raise StorageError("loading 'doc' failed: database disk image is malformed")
+        counts[doc] = 0
+
+    async def commits(n: int) -> None:
+        for _ in range(n):
+            counts["doc"] += 1
+            compactor.after_commit("doc")
+            if compactor._running:
+                await asyncio.wait(list(compactor._running.values()))
+
+    counts: dict[str, int] = defaultdict(int)
+    compactor = Compactor(compact, counts, threshold=25, clock=lambda: now[0])
+    counts["doc"] = 30
+    await commits(100)
+    assert len(started) == 1
+    now[0] += RETRY_FIRST
+    await commits(100)
+    assert len(started) == 2  # then it waits twice as long
+    now[0] += RETRY_FIRST
+    await commits(10)
+    assert len(started) == 2
+    now[0] += RETRY_FIRST
+    await commits(10)
+    assert len(started) == 3
+    failures = [r for r in caplog.records if "compaction failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is None
+    assert "error=loading 'doc' failed: database disk image is malformed" in failures[0].getMessage()
+
+    refusing[0] = False
+    now[0] += 4 * RETRY_FIRST
+    await commits(1)
+    assert len(started) == 4 and "doc" not in counts  # folded
+    refusing[0] = True
+    counts["doc"] = 30
+    await commits(1)
+    now[0] += RETRY_FIRST  # the first failure of a new run waits the first delay again
+    await commits(1)
+    assert len(started) == 6
     await compactor.close()
