@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     broker = broker or create_broker(settings)
     metrics = Metrics()
     store.on_commit = metrics.observe_commit
+    store.health.on_error = metrics.errors.labels("storage").inc  # a corrupt database found
     status_events = StatusEvents()
     status_events.subscribe(lambda room, change: metrics.resolver_actions.inc())
     webhooks = None
@@ -135,7 +136,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                 await webhooks.close(settings.shutdown_timeout)
             await broker.close()
             await store.close()
-            if store.health.failing is None:
+            if store.health.corrupt is not None:  # commits may have "succeeded" into a file no start can read
+                log.error("collab server stopped; the database is corrupt, so commits may be lost: %s",
+                          store.health.corrupt)
+            elif store.health.failing is None:
                 log.info("collab server stopped; everything committed")
             else:  # what failed was never acknowledged: the clients that sent it still hold it
                 log.error("collab server stopped; the latest commits failed: %s", store.health.failing)
@@ -146,6 +150,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     storage_check, broker_check = Check("storage", store.ping), Check("broker", broker.ping)
 
     async def ready(request: Request) -> Response:
+        if store.health.corrupt is not None:
+            return JSONResponse({"status": "unavailable", "error": f"database corrupt: {store.health.corrupt}"},
+                                status_code=503)
         failing = store.health.failing
         if failing is not None:
             return JSONResponse({"status": "unavailable", "error": f"commits failing: {failing}"}, status_code=503)

@@ -1,4 +1,5 @@
-"""Whether commits are failing: for the log, for /ready, and to hold clients off meanwhile."""
+"""Whether commits are failing or the database is corrupt: for the log, for /ready, and to hold clients off
+meanwhile."""
 
 from __future__ import annotations
 
@@ -28,11 +29,18 @@ class CommitHealth:
     (which resets y-websocket's backoff), re-send its edit, fail and be back in 200 ms: a reload storm. So `admits`
     lets one new client in per PROBE_EVERY seconds, from PROBE_EVERY after the latest failure on; its commits tell
     whether storage works again. The others are refused, and their backoff grows.
+
+    A database found corrupt (`corrupted`) stays failing for the life of the process, whatever commits do: a
+    truncated `-wal` let commits go on "succeeding" into a file no restart could open. Repairing it is left to an
+    operator (restore a backup). `on_error`, if set, is called at each such finding (a metric counts them).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
+        self.on_error: Callable[[], None] | None = None
         self._log = Throttled(log, logging.ERROR, clock=clock)
+        self._log_corrupt = Throttled(log, logging.ERROR, clock=clock)
+        self.corrupt: str | None = None  # why the database was found corrupt, once it was
         self._error: str | None = None
         self._failures = 0
         self._first = self._latest = 0.0
@@ -41,6 +49,8 @@ class CommitHealth:
 
     @property
     def failing(self) -> str | None:
+        if self.corrupt is not None:
+            return self.corrupt
         if self._error is not None and self.clock() - self._latest < FAILING_FOR:
             return self._error
         return None
@@ -62,6 +72,13 @@ class CommitHealth:
         self._failures += 1
         self._latest, self._error = now, reason(exc)
         self._log("storage commit failed updates=%d error=%s", updates, self._error)
+
+    def corrupted(self, exc: BaseException) -> None:
+        """Storage found the database corrupt (reading, folding or writing it): failing from now on."""
+        self.corrupt, self._latest = reason(exc), self.clock()
+        self._log_corrupt("storage: the database is corrupt; restore it from a backup: %s", self.corrupt)
+        if self.on_error is not None:
+            self.on_error()
 
     def succeeded(self) -> None:
         now = self.clock()

@@ -128,6 +128,7 @@ LOCK_WAIT = 15.0  # seconds to wait for the process holding a database: a predec
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
 RECLAIM_PAGES = 256  # free pages given back to the file system per write transaction after a compaction
 RECLAIM_SHARE = 8  # free pages are given back once they are 1/RECLAIM_SHARE of the file; fewer are reused
+CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged database file
 
 
 class SQLiteStore:
@@ -270,7 +271,7 @@ class SQLiteStore:
             try:
                 await self._writer.execute(sql, params)
             except Exception as exc:  # any failure: nothing in this chunk (or after it) is durable
-                error = StorageError(f"commit of {len(batch) - start} updates failed: {exc}")
+                error = self._failure(f"commit of {len(batch) - start} updates", exc)
                 self.health.failed(len(batch) - start, exc)
                 for _, _, fut in batch[start:]:
                     if not fut.done():
@@ -351,7 +352,7 @@ class SQLiteStore:
                 await self._writer.run(_swap, doc, last, len(rows), None if checkpoint is None else checkpoint_seq,
                                        folded)
             except Exception as exc:
-                raise StorageError(f"compaction of {doc!r} failed: {exc}") from exc
+                raise self._failure(f"compaction of {doc!r}", exc) from exc
         self._compactor.folded(doc, rows_weight(rows), folded)
         if self._reclaims:
             await self._reclaim()
@@ -400,7 +401,7 @@ class SQLiteStore:
                 await self._writer.execute("COMMIT")
             except Exception as exc:
                 await self._rollback()
-                raise StorageError(f"deleting {doc!r} failed: {exc}") from exc
+                raise self._failure(f"deleting {doc!r}", exc) from exc
         if removed and self._reclaims:
             await self._reclaim()
         return removed > 0
@@ -461,7 +462,7 @@ class SQLiteStore:
                     else:
                         result = cur.rowcount if rows else cur.lastrowid
             except Exception as exc:
-                raise StorageError(f"{what} failed: {exc}") from exc
+                raise self._failure(what, exc) from exc
         assert result is not None
         return result
 
@@ -484,7 +485,7 @@ class SQLiteStore:
             try:
                 await self._writer.run(_create_marks)
             except Exception as exc:
-                raise StorageError(f"creating webhook marks failed: {exc}") from exc
+                raise self._failure("creating webhook marks", exc) from exc
         self._marks = True
 
     async def unreported(self, after: str, before: float, limit: int) -> tuple[list[str], str | None]:
@@ -503,7 +504,7 @@ class SQLiteStore:
             try:
                 await self._writer.run(_mark_reported, changed, deleted)
             except Exception as exc:
-                raise StorageError(f"recording webhook marks failed: {exc}") from exc
+                raise self._failure("recording webhook marks", exc) from exc
 
     async def leads_sweep(self) -> bool:
         return True  # the only process on the database
@@ -514,7 +515,15 @@ class SQLiteStore:
         try:
             return list(await self._reader.execute_fetchall(query, params))
         except Exception as exc:
-            raise StorageError(f"{what} failed: {exc}") from exc
+            raise self._failure(what, exc) from exc
+
+    def _failure(self, what: str, exc: Exception) -> StorageError:
+        """The StorageError of `what` failing with `exc`; a corrupt database is reported to `health` (failing from
+        then on), wherever it is found."""
+        error = StorageError(f"{what} failed: {exc}")
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in CORRUPT:  # absent from errors of the sqlite3 module itself
+            self.health.corrupted(error)
+        return error
 
 
 def _swap(conn: sqlite3.Connection, doc: str, last: int, rows: int, checkpoint_seq: int | None,

@@ -13,6 +13,7 @@ from websockets.exceptions import InvalidStatus
 
 from collab_server import protocol as p
 from tests.rawclient import RawPeer, deletion, text_updates
+from tests.storage.corrupt import a_database_with_a_corrupt_document
 from tests.serverproc import GRACEFUL, ServerProcess, wait_until
 
 
@@ -408,3 +409,25 @@ async def test_a_stored_document_yrs_cannot_read_is_refused_cleanly(server) -> N
     other = await RawPeer.connect(f"{server.ws_url}/room")
     await other.edit(lambda d: d.get("t", type=Text).insert(0, "fine"))
     await other.sync()
+
+
+async def test_a_corrupt_database_makes_the_server_unready_and_its_stop_says_so(server_factory, tmp_path) -> None:
+    """A load that finds the database malformed is a storage failure like a failed commit: /ready answers 503
+    with the error, the metric counts it, the log gets one line without a traceback, and the stop does not
+    claim that everything was committed (it was, into a file that may not open again)."""
+    db = tmp_path / "collab.db"
+    await a_database_with_a_corrupt_document(db)
+    server = server_factory(db=db)
+    assert httpx.get(f"{server.http_url}/ready").status_code == 200
+    reader = await RawPeer.connect(f"{server.ws_url}/early")
+    assert await reader.wait_closed() == (1011, "storage failure while loading the document")
+    unready = httpx.get(f"{server.http_url}/ready")
+    assert unready.status_code == 503
+    assert unready.json()["error"] == "database corrupt: loading 'early' failed: database disk image is malformed"
+    assert server.metric('collab_errors_total{kind="storage"}') == 1
+    assert "storage: the database is corrupt; restore it from a backup: loading 'early'" in server.log()
+    assert "Traceback" not in server.log()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) in GRACEFUL
+    assert "collab server stopped; the database is corrupt, so commits may be lost: loading 'early'" in server.log()
+    assert "everything committed" not in server.log()

@@ -13,6 +13,7 @@ from collab_server.storage import sqlite as sqlite_module
 from collab_server.storage.base import StorageError
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import text_updates
+from tests.storage.corrupt import a_database_with_a_corrupt_document
 from tests.serverproc import wait_until
 
 
@@ -248,3 +249,27 @@ async def test_a_database_is_open_in_one_store_at_a_time(tmp_path: Path, caplog:
     await second.submit("d", updates[1])
     assert rebuild(await second.load("d")) == str(doc.get("t", type=Text))
     await second.close()
+
+
+async def test_a_corrupt_database_found_by_a_read_is_a_storage_failure_for_good(tmp_path: Path) -> None:
+    """SQLite's "database disk image is malformed" on a load or a compaction fails them with StorageError, and
+    marks storage failing (for /ready, the log and shutdown) until the process ends: commits that still
+    succeed, or time, do not clear it."""
+    path = tmp_path / "c.db"
+    await a_database_with_a_corrupt_document(path)
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert store.health.failing is None
+        with pytest.raises(StorageError, match="loading 'early' failed: database disk image is malformed"):
+            await store.load("early")
+        assert store.health.corrupt == "loading 'early' failed: database disk image is malformed"
+        with pytest.raises(StorageError, match="malformed"):
+            await store.compact("early")
+        assert len(await store.load("later")) == 20  # the rest still reads
+        await store.submit("new", b"\x00\x00")
+        now = store.health.clock()
+        store.health.clock = lambda: now + 3600.0
+        assert store.health.failing == store.health.corrupt is not None
+    finally:
+        await store.close()
