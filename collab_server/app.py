@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,10 +30,13 @@ from collab_server.resync import Resync
 from collab_server.room import Room
 from collab_server.rooms import Rooms
 from collab_server.storage import StorageError, Store, create_store
+from collab_server.storage.health import CommitHealth
 from collab_server.versions import AutoVersions
 from collab_server.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+EXIT_ABANDONED = 1  # exit status of a stop that gave up on stuck commits
+STUCK_POLL = 0.1  # seconds between looks at whether commits are stuck, once a stop is past its timeout
 
 
 class CollabApp(Starlette):
@@ -39,6 +44,7 @@ class CollabApp(Starlette):
     (no routing or middleware frames held for the life of a connection, none on the per-message path)."""
 
     startup_reported = False  # set by the lifespan once it has logged why storage or the broker failed at start
+    stop_deadline: float | None = None  # loop time when the graceful shutdown's timeout ends, once it began
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -53,6 +59,7 @@ class CollabApp(Starlette):
         the connections' unhandled messages are dropped then (Rooms.stop_at); no compaction starts past it (the
         folds of the logs of rooms unloaded at shutdown took seconds more)."""
         now = asyncio.get_running_loop().time()
+        self.stop_deadline = now + grace
         self.state.rooms.stop_at(now + grace / 2)
         self.state.rooms.store.stop_compacting_at(now + grace)
 
@@ -129,13 +136,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-            await rooms.close()
-            if versions is not None:
-                await versions.close()
-            if webhooks is not None:  # after the last commits, so their events go out too
-                await webhooks.close(settings.shutdown_timeout)
-            await broker.close()
-            await store.close()
+            deadline = app.stop_deadline or asyncio.get_running_loop().time() + settings.shutdown_timeout
+            await closed_unless_stuck(asyncio.ensure_future(close()), deadline, store.health)
             if store.health.corrupt is not None:  # commits may have "succeeded" into a file no start can read
                 log.error("collab server stopped; the database is corrupt, so commits may be lost: %s",
                           store.health.corrupt)
@@ -143,6 +145,15 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                 log.info("collab server stopped; everything committed")
             else:  # what failed was never acknowledged: the clients that sent it still hold it
                 log.error("collab server stopped; the latest commits failed: %s", store.health.failing)
+
+    async def close() -> None:
+        await rooms.close()
+        if versions is not None:
+            await versions.close()
+        if webhooks is not None:  # after the last commits, so their events go out too
+            await webhooks.close(settings.shutdown_timeout)
+        await broker.close()
+        await store.close()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -156,6 +167,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         failing = store.health.failing
         if failing is not None:
             return JSONResponse({"status": "unavailable", "error": f"commits failing: {failing}"}, status_code=503)
+        if (stuck := store.health.stuck_for) is not None:  # a frozen file system still answers SELECT 1
+            return JSONResponse({"status": "unavailable", "error": f"commits stuck for {stuck:.0f} s"},
+                                status_code=503)
         try:
             await storage_check()
             await broker_check()
@@ -185,3 +199,26 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     app.state.store = store
     app.state.status_events = status_events
     return app
+
+
+async def closed_unless_stuck(closing: asyncio.Future[None], deadline: float, health: CommitHealth) -> None:
+    """Wait for the shutdown's `closing`; from loop time `deadline` on, give up as soon as a commit is stuck
+    (`abandon`). A commit blocked in the kernel (a frozen file system) holds its thread until the file system
+    thaws: the process must not wait for it past its graceful timeout."""
+    loop = asyncio.get_running_loop()
+    await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
+    while not closing.done():
+        if (stuck := health.stuck_for) is not None:
+            abandon(stuck)
+        await asyncio.wait({closing}, timeout=STUCK_POLL)
+    closing.result()
+
+
+def abandon(stuck: float) -> NoReturn:
+    """Log that the commits in flight are given up, and exit at once. Exiting normally would wait for the stuck
+    thread (the database threads are not daemons, and asyncio joins its executor's); what the commits held was
+    never acknowledged, so, as after a crash, its clients still hold it and SQLite's journal leaves a whole state."""
+    log.error("collab server stopped; gave up at --shutdown-timeout on commits stuck for %.0f s: "
+              "what they held is not committed", stuck)
+    logging.shutdown()  # flushes the log
+    os._exit(EXIT_ABANDONED)

@@ -1,11 +1,13 @@
-"""Whether commits are failing or the database is corrupt: for the log, for /ready, and to hold clients off
-meanwhile."""
+"""Whether commits are failing, stuck or the database is corrupt: for the log, for /ready, and to hold clients
+off meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from collab_server.logs import Throttled
 
@@ -16,6 +18,8 @@ RETRY_AFTER = 5  # seconds a client refused while storage fails is asked to wait
 PROBE_EVERY = 1.0  # while commits fail, one new client per this many seconds is let in: do they work again?
 SETTLED = 0.5  # seconds after the latest failure that a success ends the spell in the log (a nearly full disk
 # lets a commit through now and then: each would otherwise log a recovery)
+STUCK_AFTER = 1.0  # seconds a commit may take before commits count as stuck (/ready answers 503)
+STUCK_WARN = 5.0  # seconds a commit may take before the log warns that it is stuck (then once per 10 s)
 
 
 class CommitHealth:
@@ -33,6 +37,10 @@ class CommitHealth:
     A database found corrupt (`corrupted`) stays failing for the life of the process, whatever commits do: a
     truncated `-wal` let commits go on "succeeding" into a file no restart could open. Repairing it is left to an
     operator (restore a backup). `on_error`, if set, is called at each such finding (a metric counts them).
+
+    A store runs each group commit in `committing()`: a commit that does not come back (a frozen file system, where
+    /ready's `SELECT 1` is answered from the page cache) makes `stuck_for` report it after STUCK_AFTER seconds,
+    the log warn after STUCK_WARN (then once per 10 s) and say when it completes.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,6 +49,8 @@ class CommitHealth:
         self._log = Throttled(log, logging.ERROR, clock=clock)
         self._log_corrupt = Throttled(log, logging.ERROR, clock=clock)
         self.corrupt: str | None = None  # why the database was found corrupt, once it was
+        self._log_stuck = Throttled(log, logging.WARNING, clock=clock)
+        self._in_flight: list[float] = []  # when each commit in flight began, by `clock`
         self._error: str | None = None
         self._failures = 0
         self._first = self._latest = 0.0
@@ -79,6 +89,35 @@ class CommitHealth:
         self._log_corrupt("storage: the database is corrupt; restore it from a backup: %s", self.corrupt)
         if self.on_error is not None:
             self.on_error()
+
+    @property
+    def stuck_for(self) -> float | None:
+        """Seconds the oldest commit in flight has taken, once that is STUCK_AFTER or more; else None."""
+        if not self._in_flight:
+            return None
+        waited = self.clock() - min(self._in_flight)
+        return waited if waited >= STUCK_AFTER else None
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Around a commit, from when its batch is taken to when it is written or has failed."""
+        started = self.clock()
+        self._in_flight.append(started)
+        loop = asyncio.get_running_loop()
+        warning = loop.call_later(STUCK_WARN, self._warn_stuck, loop, started)
+        try:
+            yield
+        finally:
+            warning.cancel()
+            self._in_flight.remove(started)
+            if (took := self.clock() - started) >= STUCK_WARN:
+                log.warning("storage commit completed after %.1f s", took)
+
+    def _warn_stuck(self, loop: asyncio.AbstractEventLoop, started: float) -> None:
+        """Warn (throttled), and look again in a while, as long as the commit begun at `started` is in flight."""
+        if started in self._in_flight:
+            self._log_stuck("storage commit stuck for %.0f s: storage does not answer", self.clock() - started)
+            loop.call_later(STUCK_WARN, self._warn_stuck, loop, started)
 
     def succeeded(self) -> None:
         now = self.clock()

@@ -219,7 +219,8 @@ class PostgresStore:
                     return
                 continue
             batch, self._queue = self._queue, []
-            await self._commit(batch)
+            with self.health.committing():
+                await self._commit(batch)
             if self._slow:
                 await self._mark_slow(self._slow.take())
             for doc in {doc for doc, _, _ in batch}:

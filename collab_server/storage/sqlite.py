@@ -247,10 +247,11 @@ class SQLiteStore:
                     return
                 continue
             batch, self._queue = self._queue, []
-            async with self._write_lock:
-                await self._commit(batch)
-                if self._slow:
-                    await self._mark_slow(self._slow.take())
+            with self.health.committing():
+                async with self._write_lock:
+                    await self._commit(batch)
+                    if self._slow:
+                        await self._mark_slow(self._slow.take())
             for doc in {doc for doc, _, _ in batch}:
                 self._compactor.after_commit(doc)
             if self._queue or self._closing:

@@ -431,3 +431,29 @@ async def test_a_corrupt_database_makes_the_server_unready_and_its_stop_says_so(
     assert server.proc.wait(20) in GRACEFUL
     assert "collab server stopped; the database is corrupt, so commits may be lost: loading 'early'" in server.log()
     assert "everything committed" not in server.log()
+
+
+async def test_commits_stuck_in_storage_make_the_server_unready_and_a_stop_gives_up_on_them(server_factory) -> None:
+    """A commit that does not come back (a frozen file system; here another connection's write lock holds the
+    writer thread, short of its 5 s busy timeout) turns /ready 503 after a second, although `SELECT 1` still
+    answers; a stop waits for it until --shutdown-timeout, then says it gave up and exits (status 1) instead of
+    waiting for the file system."""
+    server = server_factory("--shutdown-timeout", "1")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    await writer.sync()
+    _, updates = text_updates(1)
+    blocker = sqlite3.connect(server.db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        await writer.send(p.sync_update(updates[0]))
+        await wait_until(lambda: httpx.get(f"{server.http_url}/ready").status_code == 503, 4)
+        assert httpx.get(f"{server.http_url}/ready").json()["error"].startswith("commits stuck for ")
+        server.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.proc.wait, 20)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    log = server.log()
+    assert code == 1, log
+    assert "collab server stopped; gave up at --shutdown-timeout on commits stuck for" in log
+    assert "everything committed" not in log and "commits failed" not in log

@@ -3,12 +3,14 @@ test_store_contract.py)."""
 
 import asyncio
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 from pycrdt import Doc, Text
 
+from collab_server.storage import health as health_module
 from collab_server.storage import sqlite as sqlite_module
 from collab_server.storage.base import StorageError
 from collab_server.storage.sqlite import SQLiteStore
@@ -273,3 +275,29 @@ async def test_a_corrupt_database_found_by_a_read_is_a_storage_failure_for_good(
         assert store.health.failing == store.health.corrupt is not None
     finally:
         await store.close()
+
+
+async def test_a_commit_that_does_not_come_back_is_reported_stuck_then_completed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A commit held in the writer thread (here by another connection's write lock; in production, a frozen file
+    system) shows in `health.stuck_for` after a second, is warned about in the log, and its completion logged."""
+    monkeypatch.setattr(health_module, "STUCK_WARN", 0.2)
+    path = tmp_path / "s.db"
+    store = SQLiteStore(str(path))
+    await store.open()
+    _, updates = text_updates(2)
+    await store.submit("d", updates[0])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        committed = store.submit("d", updates[1])
+        await wait_until(lambda: "storage commit stuck for 0 s: storage does not answer" in caplog.text)
+        await wait_until(lambda: store.health.stuck_for is not None)
+        assert not committed.done()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await committed
+    assert "storage commit completed after" in caplog.text
+    assert store.health.stuck_for is None and store.health.failing is None
+    await store.close()
