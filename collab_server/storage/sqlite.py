@@ -634,11 +634,14 @@ async def claim(path: str, wait: float) -> int:
                 log.warning("sqlite: %s is in use by pid %s; waiting up to %.0f s for it", path, holder, wait)
                 warned = True
             await asyncio.sleep(LOCK_POLL)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as exc:  # a full disk
+        os.close(fd)
+        raise StorageError(f"cannot write {lock_path}: {exc}") from exc
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
 
 

@@ -396,3 +396,16 @@ async def test_names_with_a_dot_segment_name_no_room(server) -> None:
         assert (await http.get("/api/docs/a%2F..%2Fb/json")).json() == {"error": "invalid document name"}
     fine = await RawPeer.connect(f"{server.ws_url}/a.b/..c/...")  # dots within a part, and "...", are names
     await fine.sync()
+
+
+def test_a_server_that_cannot_write_its_files_at_start_says_why_in_one_line(tmp_path: Path) -> None:
+    """A full disk at start (here, a file size limit of 0: every write that grows a file fails): `cannot start:
+    <reason>` and status 3, as for any storage that cannot be opened, not a traceback."""
+    def no_file_growth() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # Python ignores SIGXFSZ: the write fails with EFBIG
+
+    done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
+                           "--db", str(tmp_path / "new.db")], capture_output=True, text=True, timeout=60,
+                          preexec_fn=no_file_growth)
+    assert done.returncode == 3, done.stderr
+    assert "cannot start: " in done.stderr and "Traceback" not in done.stderr, done.stderr
