@@ -5,8 +5,8 @@ together in the next transaction, so throughput does not collapse to one fsync p
 one multi-row INSERT in autocommit mode: one implicit transaction, one trip to the database thread. A second,
 read-only connection serves loads from a consistent WAL snapshot. Compaction folds a snapshot of the log in a
 worker thread, off the commit path, and holds the writer only for the short transaction that swaps the folded
-rows for the checkpoint. One process at a time opens a database: the store holds an advisory lock on
-`<db>-lock` while it is open (see `claim`).
+rows for the checkpoint. One process at a time opens a database: the store holds an advisory lock on the
+database file while it is open (see `claim`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ UNION ALL
 SELECT 1, max(name), count(*) FROM batch
 """
 
-LOCK_SUFFIX = "-lock"  # beside the database, as SQLite's -wal and -shm are
+LEGACY_LOCK_SUFFIX = "-lock"  # the file earlier versions locked instead of the database: locked too if it exists
 LOCK_POLL = 0.1  # seconds between attempts while another process holds the database
 LOCK_WAIT = 15.0  # seconds to wait for the process holding a database: a predecessor still shutting down
 INSERT_CHUNK = 8000  # rows per INSERT statement: 4 parameters each, under SQLite's 32766-parameter limit
@@ -153,11 +153,11 @@ class SQLiteStore:
         self._compactor = Compactor(self.compact, self._log_counts, compact_threshold)
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
         self.health = CommitHealth()
-        self._lock: int | None = None  # file descriptor holding the database's lock file while open
+        self._locks: list[int] = []  # file descriptors holding the database's locks while open
         self._marks = False  # whether the database keeps webhook marks (see keep_marks)
 
     async def open(self) -> None:
-        self._lock = await claim(self.path, self.lock_wait)
+        self._locks = await claim(self.path, self.lock_wait)
         try:
             await self._connect()
         except BaseException as exc:
@@ -220,14 +220,14 @@ class SQLiteStore:
         await self._release()
 
     async def _release(self) -> None:
-        """Close both connections and give up the database's lock."""
+        """Close both connections, then give up the database's lock (in that order: see `claim`)."""
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
         self._writer = self._reader = None
-        if self._lock is not None:
-            os.close(self._lock)  # gives up the lock
-            self._lock = None
+        for fd in self._locks:
+            os.close(fd)  # gives up its lock
+        self._locks = []
 
     def submit(self, doc: str, update: Deferred) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -608,41 +608,65 @@ class _Connection(aiosqlite.Connection):
         return await self._execute(fn, self._conn, *args)
 
 
-async def claim(path: str, wait: float) -> int:
-    """Lock the file `path` + LOCK_SUFFIX for this store, waiting up to `wait` seconds for the process that holds
-    it (a restart can begin before its predecessor has committed and exited); then raise StorageError naming it.
+async def claim(path: str, wait: float) -> list[int]:
+    """Lock the database file `path` for this store, waiting up to `wait` seconds for the process that holds it (a
+    restart can begin before its predecessor has committed and exited); then raise StorageError naming it.
 
     One process serves a database: rooms live in its memory, so a second process on the same file would neither
     reach the first one's clients nor keep its log ids apart (several processes need `--store postgres --broker
-    redis`). An advisory `flock` on a file of its own, which SQLite never opens: closing it cannot release SQLite's
-    own locks, and the kernel releases it when the process ends, however it ends. Returns the descriptor to close."""
-    lock_path = path + LOCK_SUFFIX
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StorageError(f"cannot open {lock_path}: {exc}") from exc
+    redis`). An advisory `flock` on the database file itself, so that no file can be deleted to get around it (a
+    `-lock` file beside it could be): SQLite locks with POSIX `fcntl` locks, which on Linux neither block nor are
+    blocked by a `flock`, so SQLite, and `collab-server backup` in another process, work as before. A `-lock` file
+    left by an earlier version is locked too, so that a predecessor of that version is waited for. The kernel
+    releases the locks when the process ends, however it ends.
+
+    Returns the descriptors to close, which must stay open until the store's connections are closed: closing any
+    descriptor of the database file drops every POSIX lock this process holds on it, SQLite's included."""
+    paths = [path] + ([path + LEGACY_LOCK_SUFFIX] if os.path.exists(path + LEGACY_LOCK_SUFFIX) else [])
+    fds: list[int] = []
     deadline = time.monotonic() + wait
     warned = False
     try:
-        while not _try_lock(fd, lock_path):
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            if time.monotonic() >= deadline:
-                raise StorageError(
-                    f"{path} is in use by another collab-server process (pid {holder}): one process serves a "
-                    f"SQLite database; to run several, use --store postgres --broker redis")
-            if not warned:
-                log.warning("sqlite: %s is in use by pid %s; waiting up to %.0f s for it", path, holder, wait)
-                warned = True
-            await asyncio.sleep(LOCK_POLL)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    except OSError as exc:  # a full disk
-        os.close(fd)
-        raise StorageError(f"cannot write {lock_path}: {exc}") from exc
+        for lock_path in paths:
+            fds.append(fd := _open(lock_path))
+            while not _try_lock(fd, lock_path):
+                holder = _holder(fd)
+                if time.monotonic() >= deadline:
+                    raise StorageError(
+                        f"{path} is in use by another collab-server process (pid {holder}): one process serves a "
+                        f"SQLite database; to run several, use --store postgres --broker redis")
+                if not warned:
+                    log.warning("sqlite: %s is in use by pid %s; waiting up to %.0f s for it", path, holder, wait)
+                    warned = True
+                await asyncio.sleep(LOCK_POLL)
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return fd
+    return fds
+
+
+def _open(path: str) -> int:
+    """A descriptor of `path`, created (empty: SQLite takes an empty file for a new database) if missing."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+
+
+def _holder(fd: int) -> str:
+    """The pid holding a `flock` on the file open as `fd`, as /proc/locks shows it (Linux); "unknown" if not found."""
+    stat = os.fstat(fd)
+    file = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2304507 0 EOF"; a waiter's has "->"
+                fields = line.split()
+                if fields[1:2] == ["FLOCK"] and fields[5:6] == [file]:
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _try_lock(fd: int, lock_path: str) -> bool:

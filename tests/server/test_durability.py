@@ -457,3 +457,23 @@ async def test_commits_stuck_in_storage_make_the_server_unready_and_a_stop_gives
     assert code == 1, log
     assert "collab server stopped; gave up at --shutdown-timeout on commits stuck for" in log
     assert "everything committed" not in log and "commits failed" not in log
+
+
+async def test_deleting_the_lock_file_does_not_let_a_second_server_open_the_database(server_factory) -> None:
+    """The README says `-lock` is not data; deleted under a running server, it let a second server open the same
+    database, and rooms split between them. The lock is on the database file: the second waits as for any
+    predecessor."""
+    first = server_factory()
+    for leftover in first.db.parent.glob(f"{first.db.name}-*"):
+        if not leftover.name.endswith(("-wal", "-shm")):
+            leftover.unlink()
+    second = ServerProcess(first.db)
+    starting = asyncio.create_task(asyncio.to_thread(second.start, 30))
+    try:
+        await wait_until(lambda: f"in use by pid {first.proc.pid}; waiting" in second.log(), 20)
+        assert not starting.done() and first.alive()
+    finally:
+        await wait_until(lambda: second.alive(), 5)
+        second.kill()
+        with pytest.raises(RuntimeError):
+            await starting

@@ -274,7 +274,7 @@ async def test_the_server_says_it_is_ready_once_listening_only(tmp_path: Path, s
 
 
 @pytest.mark.parametrize(("args", "reason"), [
-    (["--db", "{tmp}/no-such-dir/x.db"], "cannot open {tmp}/no-such-dir/x.db-lock"),
+    (["--db", "{tmp}/no-such-dir/x.db"], "cannot open {tmp}/no-such-dir/x.db: [Errno 2]"),
     (["--db", "{tmp}/garbage.db"], "opening {tmp}/garbage.db failed: file is not a database"),
     (["--store", "postgres", "--postgres-dsn", "postgresql://127.0.0.1:1/test"], "opening postgres store failed"),
 ], ids=["unwritable-dir", "not-a-database", "no-postgres"])

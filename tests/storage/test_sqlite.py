@@ -2,6 +2,7 @@
 test_store_contract.py)."""
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import threading
@@ -301,3 +302,30 @@ async def test_a_commit_that_does_not_come_back_is_reported_stuck_then_completed
     assert "storage commit completed after" in caplog.text
     assert store.health.stuck_for is None and store.health.failing is None
     await store.close()
+
+
+async def test_the_claim_on_a_database_is_on_the_file_itself_and_waits_for_an_earlier_version_s_lock_file(
+        tmp_path: Path) -> None:
+    """Deleting a file beside the database (the `-lock` earlier versions locked) let a second process open it while
+    the first served it. The lock is now on the database file; a `-lock` file an earlier version may hold is
+    locked too, so a restart into this version still waits for its predecessor."""
+    path = tmp_path / "one.db"
+    first = SQLiteStore(str(path))
+    await first.open()
+    for leftover in tmp_path.glob("one.db-*"):
+        if not leftover.name.endswith(("-wal", "-shm")):
+            leftover.unlink()
+    with pytest.raises(StorageError, match=rf"in use by another collab-server process \(pid {os.getpid()}\)"):
+        await SQLiteStore(str(path), lock_wait=0.3).open()
+    await first.close()
+
+    legacy = os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT)  # an earlier version's server, still stopping
+    fcntl.flock(legacy, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(StorageError, match="in use by another collab-server process"):
+            await SQLiteStore(str(path), lock_wait=0.3).open()
+    finally:
+        os.close(legacy)
+    second = SQLiteStore(str(path))
+    await second.open()
+    await second.close()
