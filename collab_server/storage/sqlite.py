@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -682,18 +683,41 @@ def _try_lock(fd: int, lock_path: str) -> bool:
 def backup(path: str, dest: str) -> int:
     """Copy the database at `path` to the new file `dest` as one consistent snapshot (`VACUUM INTO`), safe
     while a server writes to it; returns the number of documents copied. Restore by putting the copy in
-    place of the database with the server stopped."""
+    place of the database with the server stopped.
+
+    The copy is written beside `dest` under a name of its own and renamed to `dest` once whole and synced: a copy
+    that fails (a full disk) is removed, where it used to stay at `dest`, where a server opened it as a database
+    holding what it had copied so far."""
     if not os.path.isfile(path):
         raise StorageError(f"no database at {path}")
     if os.path.exists(dest):
         raise StorageError(f"{dest} exists; a backup is only written to a new file")
+    partial = f"{dest}.{os.getpid()}.partial"
     try:
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
             conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("VACUUM INTO ?", (dest,))
-        with contextlib.closing(sqlite3.connect(f"file:{dest}?mode=ro", uri=True)) as copy:
+            conn.execute("VACUUM INTO ?", (partial,))
+        with contextlib.closing(sqlite3.connect(f"file:{quote(partial)}?mode=ro", uri=True)) as copy:
             (docs,) = copy.execute("SELECT COUNT(*) FROM documents").fetchone()
-    except sqlite3.Error as exc:
-        raise StorageError(f"backup of {path} to {dest} failed: {exc}") from exc
+        _sync(partial)
+        if os.path.exists(dest):  # created meanwhile: not replaced
+            raise StorageError(f"{dest} exists; a backup is only written to a new file")
+        os.rename(partial, dest)
+        _sync(os.path.dirname(os.path.abspath(dest)))  # the rename
+    except BaseException as exc:
+        for leftover in (partial, partial + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        if isinstance(exc, (sqlite3.Error, OSError)):
+            raise StorageError(f"backup of {path} to {dest} failed: {exc}") from exc
+        raise
     return docs
 
+
+def _sync(path: str) -> None:
+    """fsync the file or directory `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,9 +1,11 @@
 """Commit before broadcast, write errors that surface, and nothing lost on leave, burst or shutdown."""
 
 import asyncio
+import resource
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,6 +14,7 @@ from pycrdt import Doc, Text
 from websockets.exceptions import InvalidStatus
 
 from collab_server import protocol as p
+from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, deletion, text_updates
 from tests.storage.corrupt import a_database_with_a_corrupt_document
 from tests.serverproc import GRACEFUL, ServerProcess, wait_until
@@ -339,11 +342,12 @@ async def test_compaction_through_the_server_keeps_documents(server_factory) -> 
     assert str(fresh.doc.get("t", type=Text)) == expected
 
 
-async def run_backup(db: Path, dest: Path) -> tuple[int | None, bytes, bytes]:
-    """`collab-server backup --db DB DEST` in a subprocess: exit code, stdout, stderr."""
+async def run_backup(db: Path, dest: Path, preexec: Callable[[], None] | None = None
+                     ) -> tuple[int | None, bytes, bytes]:
+    """`collab-server backup --db DB DEST` in a subprocess (running `preexec` first): exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "collab_server", "backup", "--db", str(db), str(dest),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=preexec)
     out, err = await proc.communicate()
     return proc.returncode, out, err
 
@@ -477,3 +481,26 @@ async def test_deleting_the_lock_file_does_not_let_a_second_server_open_the_data
         second.kill()
         with pytest.raises(RuntimeError):
             await starting
+
+
+async def test_a_backup_that_fails_part_way_leaves_no_file_behind(tmp_path) -> None:
+    """A backup to a disk that fills up (here, a file size limit the copy outgrows) left its partial copy at the
+    destination, which a server then opened as a database holding part of the documents, and a second attempt
+    was refused as the file existed. Now the copy is renamed into place only once whole."""
+    db = tmp_path / "src.db"
+    store = SQLiteStore(str(db), compact_threshold=10**9)
+    await store.open()
+    await asyncio.gather(*(store.submit(f"doc{i}", bytes([i]) * 20_000) for i in range(20)))
+    await store.close()
+    backups = tmp_path / "backups"
+    backups.mkdir()
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # Python ignores SIGXFSZ: writes fail
+
+    code, _, err = await run_backup(db, backups / "b.db", small_disk)
+    assert code == 2 and err.startswith(b"collab-server: backup of ") and err.count(b"\n") == 1, err
+    assert list(backups.iterdir()) == []
+    code, out, err = await run_backup(db, backups / "b.db")
+    assert (code, err) == (0, b"") and b": 20 documents" in out
+    assert [f.name for f in backups.iterdir()] == ["b.db"]
