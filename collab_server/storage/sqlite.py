@@ -703,7 +703,6 @@ def backup(path: str, dest: str) -> int:
         if os.path.exists(dest):  # created meanwhile: not replaced
             raise StorageError(f"{dest} exists; a backup is only written to a new file")
         os.rename(partial, dest)
-        _sync(os.path.dirname(os.path.abspath(dest)))  # the rename
     except BaseException as exc:
         for leftover in (partial, partial + "-journal"):
             with contextlib.suppress(FileNotFoundError):
@@ -711,6 +710,10 @@ def backup(path: str, dest: str) -> int:
         if isinstance(exc, (sqlite3.Error, OSError)):
             raise StorageError(f"backup of {path} to {dest} failed: {exc}") from exc
         raise
+    try:
+        _sync(os.path.dirname(os.path.abspath(dest)))  # the rename
+    except OSError as exc:
+        raise StorageError(f"backup of {path} written to {dest}, but syncing its directory failed: {exc}") from exc
     return docs
 
 
