@@ -9,8 +9,6 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from pycrdt import Doc, Text, merge_updates
@@ -21,7 +19,7 @@ from collab_server.storage import postgres as postgres_store
 from collab_server.storage import sqlite as sqlite_store
 from collab_server.storage.base import fold_updates, log_weight
 from tests.rawclient import text_updates
-from tests.storage.backends import Backend, PostgresBackend, SQLiteBackend
+from tests.storage.backends import Backend
 
 
 def rebuild(updates: list[bytes]) -> str:
@@ -47,20 +45,6 @@ def held_folds(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thread
     for module in (sqlite_store, postgres_store):
         monkeypatch.setattr(module, "fold_updates", held_fold)
     return folding, release
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.distributed)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "sqlite":
-        return SQLiteBackend(tmp_path / "s.db")
-    return PostgresBackend(request.getfixturevalue("postgres_dsn"), request.getfixturevalue("pg_schema"))
-
-
-@pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[Store]:
-    s = await backend.open()
-    yield s
-    await s.close()
 
 
 async def test_append_then_load_in_order(store: Store) -> None:
