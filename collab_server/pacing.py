@@ -126,3 +126,20 @@ def _run_slice(loop: asyncio.AbstractEventLoop, items: Sequence[T], action: Call
             log.exception("%s failed for %r", what, item)
     if start + size < len(items):
         loop.call_soon(_run_slice, loop, items, action, what, size, start + size)
+
+
+async def every(interval: float, step: Callable[[], Awaitable[Any]], what: str, *,
+                expected: tuple[type[Exception], ...] = (), at_once: bool = False) -> None:
+    """Run `step` every `interval` seconds (the first time at once if `at_once`) until cancelled. A failure is logged
+    (one line for an `expected` one, a traceback otherwise) and the next run comes as planned: an unexpected error
+    must not end the work for the node's lifetime."""
+    if not at_once:
+        await asyncio.sleep(interval)
+    while True:
+        try:
+            await step()
+        except expected as exc:
+            log.warning("%s failed error=%s", what, exc)
+        except Exception:
+            log.exception("%s failed", what)
+        await asyncio.sleep(interval)

@@ -13,11 +13,11 @@ storage holds no such document was deleted by another node: it is dropped, as th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from collab_server.connection import CloseCode
+from collab_server.pacing import every
 from collab_server.room import Room
 from collab_server.rooms import Rooms
 from collab_server.storage import LogMark, StorageError, Store
@@ -36,16 +36,8 @@ class Resync:
         self._seen: dict[str, tuple[Room, float, LogMark | None]] = {}
 
     async def run(self) -> None:
-        """Check every `interval` seconds until cancelled; a failure is logged and the check runs again next time
-        (an unexpected error must not end anti-entropy for the node's lifetime)."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.once()
-            except StorageError as exc:
-                log.warning("resync failed error=%s", exc)
-            except Exception:
-                log.exception("resync failed")
+        """Check every `interval` seconds until cancelled (see pacing.every)."""
+        await every(self.interval, self.once, "resync", expected=(StorageError,))
 
     async def refresh(self, room: Room) -> None:
         """Catch `room` up with everything committed so far, before an HTTP request reads it: what another node

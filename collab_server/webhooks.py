@@ -40,6 +40,7 @@ from functools import partial
 import httpx
 
 from collab_server.metrics import Metrics
+from collab_server.pacing import every
 from collab_server.room import Room
 from collab_server.storage import StorageError, Store
 
@@ -237,16 +238,8 @@ class Webhooks:
         return False
 
     async def sweep_every(self) -> None:
-        """Sweep now, then every `sweep_interval` seconds (run as a task; cancel it to stop). A failure is logged and
-        the next sweep runs as planned (an unexpected error must not end the sweeps for the node's lifetime)."""
-        while True:
-            try:
-                await self._sweep()
-            except StorageError as exc:
-                log.warning("webhooks: sweep failed error=%s", exc)
-            except Exception:
-                log.exception("webhooks: sweep failed")
-            await asyncio.sleep(self.sweep_interval)
+        """Sweep now, then every `sweep_interval` seconds (run as a task; cancel it to stop; see pacing.every)."""
+        await every(self.sweep_interval, self._sweep, "webhooks: sweep", expected=(StorageError,), at_once=True)
 
     async def _sweep(self) -> None:
         """If this node leads the sweep, send what the store holds as unreported, unless an event of the document

@@ -37,7 +37,7 @@ class _FlakyStore:
 async def test_an_unexpected_error_is_logged_and_the_next_check_still_runs(caplog: pytest.LogCaptureFixture) -> None:
     store = _FlakyStore()
     task = asyncio.create_task(Resync(_Rooms(), store, 0.01).run())  # type: ignore[arg-type]
-    with caplog.at_level(logging.ERROR, logger="collab_server.resync"):
+    with caplog.at_level(logging.ERROR, logger="collab_server.pacing"):
         await asyncio.wait_for(store.answered.wait(), 5)
     assert not task.done() and "resync failed" in caplog.text
     task.cancel()
@@ -131,7 +131,7 @@ async def test_a_room_that_fails_to_catch_up_is_discarded_and_the_others_still_c
     broken, fine = _BrokenRoom(), _Room()
     rooms.loaded = {"broken": broken, "fine": fine}
     rooms.metrics = Metrics()
-    with caplog.at_level(logging.ERROR, logger="collab_server.resync"):
+    with caplog.at_level(logging.ERROR, logger="collab_server.pacing"):
         caught = await Resync(rooms, _MarkingStore(), 30).once()  # type: ignore[arg-type]
     assert caught == ["fine"]
     assert broken.discarded == (1011, "server error")
