@@ -36,8 +36,8 @@ from collab_server.pacing import in_slices
 log = logging.getLogger(__name__)
 
 SCOPE_EXTENSION = "collab.frames"
-# bytes waiting to go to a peer past which its pings go unanswered: a peer flooding pings and reading nothing
-# piled up pongs without bound (470 MB in 25 s)
+# bytes waiting to go to a peer past which its pings are answered only once they drain, the latest only: a peer
+# flooding pings and reading nothing piled up pongs without bound (470 MB in 25 s)
 PONG_BACKLOG = 64 * 1024
 # websockets' own logger, for the sans-I/O protocol uvicorn hands its "uvicorn.error" logger to (see logs.py)
 WEBSOCKETS_LOG = logging.getLogger("websockets.server")
@@ -365,7 +365,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound", "_early", "_ignored", "_pause", "_shut_down",
+        "transport", "writable", "_inbound", "_early", "_ignored", "_owed_pong", "_pause", "_shut_down",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -378,6 +378,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._inbound: bytearray | None = None  # received bytes not yet a whole frame, while this splits frames
         self._early = False  # bytes came after the request but before the acceptance
         self._ignored: Container[bytes] = ()
+        self._owed_pong: bytes | None = None  # the latest ping left unanswered while answers backed up
         self._pause: asyncio.Future[None] | None = None  # while the application waits before reading on
         self._shut_down = False  # the server is shutting down
 
@@ -433,7 +434,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
                 if end > len(view):
                     break
                 if view[pos] == 0x80 | Opcode.PING and self.transport.get_write_buffer_size() > PONG_BACKLOG:
-                    pass  # its answers back up: left unanswered (RFC 6455 lets an endpoint answer the latest only)
+                    # its answers back up: only the latest is answered, once they drain (RFC 6455 §5.5.3)
+                    self._owed_pong = apply_mask(view[start:end], view[start - 4:start])
                 elif view[pos] == 0x80 | Opcode.BINARY and view[pos + 1] & 0x80 and self.conn.current_size is None:
                     message = apply_mask(view[start:end], view[start - 4:start])
                     if message not in self._ignored:
@@ -448,6 +450,13 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             return bytes(buf[pos:])
         del buf[:pos]
         return None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._owed_pong is not None and self.conn.state is State.OPEN:
+            self.conn.send_pong(self._owed_pong)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        self._owed_pong = None
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text":  # refused whatever it says (session.py, 1003): uvicorn decoded it

@@ -88,19 +88,38 @@ def structs(update: bytes) -> tuple[list[Struct], Walk]:
 
 def check_text_parents(update: bytes) -> None:
     """Raise ProtocolError if `update` (checked by `check_update`) puts string content in something that is not a
-    text, as far as the update itself tells: its parent named and created in the update as another type, or a
-    map key, or next to an array's values of the update. Yjs never makes such an item; yrs, reading an array
-    that holds one with a character beyond the BMP, loops for ever (to_json, or an item by position), which
-    stopped the whole server (a 50-byte update). Call it for updates that may hold such a character."""
+    text, as far as the update itself tells: a map's value, or an item whose parent (named, or that of the item its
+    origin is in, followed through the update) is created in the update as another type, or that sits next to an
+    array's values. Yjs never makes such an item; yrs, reading an array that holds one with a character beyond the
+    BMP, loops for ever (to_json, or an item by position), which stopped the whole server (a 50-byte update). A
+    parent the update does not show (one made by an earlier update) is not known here. Call it for updates that
+    may hold such a character."""
     found, w = structs(update)
     types = {(s.client, s.clock): s.type_ref for s in found if s.type_ref is not None}
-    values = [(s.client, s.clock, s.clock + s.length) for s in found if s.ref in _VALUES]
+    by_client: dict[int, list[Struct]] = {}
+    for s in found:
+        by_client.setdefault(s.client, []).append(s)
+
+    def holding(client: int, clock: int) -> Struct | None:
+        return next((s for s in by_client.get(client, ()) if s.clock <= clock < s.clock + s.length), None)
+
+    def parent_type(s: Struct) -> int | None:
+        """The type ref of `s`'s parent if the update creates it (following origins through the update)."""
+        seen = 0
+        while s.parent is None and s.origins and seen < len(found):
+            origin = holding(*s.origins[0])
+            if origin is None:
+                return None
+            s, seen = origin, seen + 1
+        return types.get(s.parent) if s.parent is not None else None
+
     for s in found:
         if s.ref != 4:
             continue
-        if s.keyed or (s.parent is not None and types.get(s.parent, 2) not in _TEXT_TYPES):
+        kind = parent_type(s)
+        if s.keyed or (kind is not None and kind not in _TEXT_TYPES):
             raise w.fail("string content whose parent is not a text")
-        if any(c == client and first <= clock < end for client, clock in s.origins for c, first, end in values):
+        if any((origin := holding(*at)) is not None and origin.ref in _VALUES for at in s.origins):
             raise w.fail("string content among an array's values")
 
 

@@ -151,6 +151,14 @@ ROOT_A = p.write_varuint(1) + p.write_bytes(b"a")
     (_structs(bytes([8]) + ROOT_A + p.write_varuint(1) + b"\x77" + p.write_bytes(b"x"),
               bytes([4 | 0x80]) + p.write_varuint(7) + p.write_varuint(0) + EMOJI),
      "string content among an array's values"),
+    # a tester's: a block, its list and an entry, then a string whose left origin is the entry (in one update)
+    (bytes.fromhex(
+        "0201d00f0084e8070a05f09f9880780be80700270106626c6f636b73026231012800e8070002696401770262312800e80700"
+        "0474797065017701702700e8070007636f6e74656e74020400e807030568656c6c6f2700e807000c696e646578696e674c69"
+        "7374000700e80709012800e8070a0a696e6465785f6e616d650177067365617263682800e8070a0673746174757301770464"
+        "6f6e652700e8070a0c737461747573577269746573000800e8070d0176040269647706313030303a61067374617475737704"
+        "646f6e65047365656e75000274737d0100"),
+     "string content whose parent is not a text"),
 ])
 def test_string_content_outside_a_text_is_refused(update: bytes, problem: str) -> None:
     """Yjs puts strings only in texts. yrs, reading an array that holds one with a character beyond the BMP, loops

@@ -223,20 +223,24 @@ async def _idle_app(scope, receive, send) -> None:
 
 async def test_pings_from_a_peer_that_reads_nothing_do_not_pile_up_answers(tmp_path: Path) -> None:
     """A client sent pings and never read: each pong waited in the server's write buffer (470 MB after 25 s of a
-    flood). Once what waits for a peer passes PONG_BACKLOG its pings go unanswered, so the buffer stays bounded;
-    the messages after them are still handled."""
+    flood). Once what waits for a peer passes PONG_BACKLOG its pings wait unanswered, so the buffer stays bounded;
+    the messages after them are still handled, and the latest ping is answered once the peer reads (a slow client
+    whose keepalive went unanswered was closed by its own timeout)."""
     app, server, task, url = await _serve(tmp_path)
     try:
         sock = await RawSocket.open(f"{url}/room")
         ping = _masked(Opcode.PING, b"p" * 125)
         for _ in range(40):  # 100,000 pings: 12.7 MB of pongs, more than the kernel's socket buffers hold
             await sock.write(ping * 2500, None)
+        await sock.write(_masked(Opcode.PING, b"latest"), None)
         updates, expected = _text_updates(["after the pings"])
         await sock.write(_masked(Opcode.BINARY, p.sync_update(updates[0])), None)
         room = app.state.rooms.loaded["room"]
         await wait_until(lambda: str(room.doc.get("t", type=Text)) == expected, timeout=30)
         protocol = next(iter(server.server_state.connections))
         assert protocol.transport.get_write_buffer_size() <= PONG_BACKLOG + 1024
+        await sock.read_until(lambda: any(f.opcode is Opcode.PONG and f.data == b"latest" for f in sock.received),
+                              timeout=30)
         sock.close()
     finally:
         server.should_exit = True
