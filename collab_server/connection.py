@@ -51,7 +51,7 @@ class Connection:
     nothing lately, so clients' inactivity timers never fire.
     """
 
-    __slots__ = ("id", "metrics", "readonly", "awareness_ids", "send_queue_limit", "send_queue_bytes",
+    __slots__ = ("id", "metrics", "readonly", "awareness_ids", "held", "send_queue_limit", "send_queue_bytes",
                  "_asgi_send", "_frames", "_queue", "_queued_bytes", "_drain", "_more", "_loop", "_last_send",
                  "close_code", "send_failed", "close_reason")
 
@@ -62,6 +62,7 @@ class Connection:
         self.metrics = metrics
         self.readonly = readonly
         self.awareness_ids: set[int] = set()
+        self.held = 0  # its changes the room held back, waiting for changes not sent yet (room.MAX_HELD_EACH)
         self.send_queue_limit = send_queue_limit
         self.send_queue_bytes = send_queue_bytes
         self._asgi_send = asgi_send

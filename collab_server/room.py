@@ -34,10 +34,12 @@ _log_rebuild = Throttled(log, logging.INFO)
 _log_failure = Throttled(log, logging.ERROR)  # while storage fails, every room with a writer fails again and again
 T = TypeVar("T")
 
-# changes a document may hold back, waiting for changes never sent, before a client's next such one is refused:
-# each is given again at every change (heldback.Held), so a client sending thousands slowed every edit of the
-# room to 150 ms and more, and kept them in memory until the room unloaded
-MAX_HELD = 100
+# changes held back, waiting for changes never sent, before a client's next such one is refused: each is given
+# again at every change (heldback.Held), so a client sending thousands slowed every edit of the room to 150 ms and
+# more, and kept them in memory until the room unloaded. A connection may have MAX_HELD_EACH held (clients
+# reconnecting together each have one or two), and a room MAX_HELD from all of them.
+MAX_HELD_EACH = 16
+MAX_HELD = 1000
 
 
 class _Answer:
@@ -313,8 +315,8 @@ class Room:
         earlier one wrote is replaced in that one before either is applied (surrogates.precut), so the document
         need not be rebuilt for it: a client typing an emoji and cutting it in its next message, as fast as it
         can, rebuilt its room for each (finding 57). Raises ProtocolError for the first that is invalid or refused,
-        once those before it are applied; LimitExceeded for one that would wait for changes never sent while
-        MAX_HELD such changes wait already."""
+        once those before it are applied; LimitExceeded for one that would wait for changes never sent while too
+        many such changes wait already (`_check_held`)."""
         await self._writable()
         started = time.perf_counter()
         valid, invalid = updates, None
@@ -328,9 +330,7 @@ class Room:
                 break
         applied = 0
         for update, scan in _precut(valid):
-            if len(self._held.updates) >= MAX_HELD and waits(update, clocks(self.doc.get_state())):
-                raise LimitExceeded(f"{MAX_HELD} changes wait in this document for changes never sent: "
-                                    "no more such changes are taken")
+            self._check_held(update, origin)
             while (prepared := self._prepare(update, scan)) is None:  # the document is rebuilt first, for this
                 await self._writable()  # update: the rebuild's time is counted as the update's (in threads, in
             self._apply_one(prepared, origin)  # parts, it is most)
@@ -341,6 +341,17 @@ class Room:
             if invalid is not None:
                 raise invalid
         return time.perf_counter() - started, applied
+
+    def _check_held(self, update: bytes, origin: object) -> None:
+        """LimitExceeded if `update` would wait for changes never sent while its connection has MAX_HELD_EACH such
+        changes held since the room last held none, or the room MAX_HELD."""
+        if isinstance(origin, Connection) and not self._held.updates:
+            origin.held = 0
+        each = isinstance(origin, Connection) and origin.held >= MAX_HELD_EACH
+        if (each or len(self._held.updates) >= MAX_HELD) and waits(update, clocks(self.doc.get_state())):
+            held = f"{MAX_HELD_EACH} of this connection's changes" if each else f"{MAX_HELD} changes"
+            raise LimitExceeded(f"{held} wait in this document for changes never sent: no more such changes are "
+                                "taken")
 
     def _apply_one(self, update: bytes, origin: object) -> None:
         refused: BaseException | None = None
@@ -365,6 +376,8 @@ class Room:
             if rest is not None:  # stored and relayed with the rest: this document alone would lose it
                 self._observed.append(rest)
                 self._held.settle(self.doc, origin)
+                if isinstance(origin, Connection):
+                    origin.held += 1
         self._run_hooks()
         # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)

@@ -20,7 +20,8 @@ from collab_server.connection import Connection
 from collab_server.metrics import Metrics
 from collab_server.replay import Replay
 from collab_server.presence import LimitExceeded
-from collab_server.room import MAX_HELD, Room
+from collab_server import room as room_module
+from collab_server.room import MAX_HELD_EACH, Room
 from collab_server import replay as replay_module
 from collab_server import slicing
 from collab_server.surrogates import Characters
@@ -501,21 +502,25 @@ async def test_a_change_whose_held_back_part_no_load_could_apply_is_refused_and_
         await reloaded.close()
 
 
-async def test_a_client_s_changes_that_wait_for_changes_never_sent_are_refused_past_a_bound(room: Room) -> None:
+async def test_a_client_s_changes_that_wait_for_changes_never_sent_are_refused_past_a_bound(
+        room: Room, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each change a document holds back is given again at every change: a client sending thousands that wait for
-    changes it never sends slowed every edit of the room to 150 ms and more. Past MAX_HELD the next such change is
-    refused (LimitExceeded: the connection is closed with 1008); changes that wait for nothing are still taken,
-    and what was held integrates when what it waits for comes."""
-    waiting = []
-    for client in range(MAX_HELD + 1):
-        _, updates = text_updates(2, client_id=1000 + client)
-        waiting.append(updates)  # the second waits for the first
-    for updates in waiting[:MAX_HELD]:
-        await room.apply(updates[1])
-    assert len(room._held.updates) == MAX_HELD
-    with pytest.raises(LimitExceeded, match="changes wait in this document for changes never sent"):
-        await room.apply(waiting[MAX_HELD][1])
+    changes it never sends slowed every edit of the room to 150 ms and more. Past MAX_HELD_EACH held from one
+    connection, or MAX_HELD in the room, its next such change is refused (LimitExceeded: closed with 1008); other
+    connections' changes, and changes that wait for nothing, are still taken, and what was held integrates when
+    what it waits for comes."""
+    monkeypatch.setattr(room_module, "MAX_HELD", MAX_HELD_EACH + 4)  # the room's bound, low enough to reach here
+    waiting = [text_updates(2, client_id=1000 + client)[1] for client in range(MAX_HELD_EACH + 6)]  # [1] waits on [0]
+    attacker, other = Client(room), Client(room)
+    for updates in waiting[:MAX_HELD_EACH]:
+        await room.apply(updates[1], origin=attacker.conn)
+    with pytest.raises(LimitExceeded, match=f"{MAX_HELD_EACH} of this connection's changes wait"):
+        await room.apply(waiting[MAX_HELD_EACH][1], origin=attacker.conn)
     _, fine = text_updates(1, client_id=5)
-    await room.apply(fine[0])
+    await room.apply(fine[0], origin=attacker.conn)  # waits for nothing
+    for updates in waiting[MAX_HELD_EACH:MAX_HELD_EACH + 4]:  # another connection's, up to the room's bound
+        await room.apply(updates[1], origin=other.conn)
+    with pytest.raises(LimitExceeded, match=f"{MAX_HELD_EACH + 4} changes wait"):
+        await room.apply(waiting[MAX_HELD_EACH + 4][1], origin=other.conn)
     await room.apply(waiting[0][0])  # what the first waited for
-    assert len(room._held.updates) == MAX_HELD - 1 and "aa" in await stored_text(room)
+    assert len(room._held.updates) == MAX_HELD_EACH + 3 and "aa" in await stored_text(room)
