@@ -9,9 +9,10 @@ Delivery is at least once, across crashes and receiver outages, through marks th
 nothing on the commit path): a change event reads the document's last commit time before it is POSTed, and once
 the receiver accepts it that time is recorded as reported; a deletion records a deletion to report in its own
 transaction, cleared once the receiver accepts its event. A sweep, at start and then every `sweep_interval`
-seconds, sends what the marks say is unreported (unless an event of that document waits or is being sent here):
-deletions, and changes last committed `debounce` seconds ago or more; at most SWEEP_EVENTS of each, the next sweep
-going on from there. So a change committed within the quiet period before the node is killed (SIGKILL, power
+seconds, sends what the marks say is unreported: deletions (before the change events of a document made again
+since, which it cancels and sends again after), and changes last committed `debounce` seconds ago or more (unless
+an event of that document waits or is being sent here); at most SWEEP_EVENTS of each, the next sweep going on
+from there, and at most POSTS_AT_ONCE POSTs in flight. So a change committed within the quiet period before the node is killed (SIGKILL, power
 loss), or an event given up on while the receiver was down, goes out with a later sweep (after the restart, the
 first one at least `debounce` after the commit). With several nodes on PostgreSQL each reports live what it
 commits, and one node at a time sweeps, for all of them.
@@ -39,14 +40,17 @@ from functools import partial
 
 import httpx
 
+from collab_server.logs import Throttled
 from collab_server.metrics import Metrics
 from collab_server.pacing import every
 from collab_server.room import Room
 from collab_server.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
+_log_undelivered = Throttled(log, logging.WARNING)  # a receiver down for a sweep's backlog: a line per 10 s
 
 RETRY_DELAY = 0.5  # seconds before the first retry; doubled for each next one
+POSTS_AT_ONCE = 8  # POSTs in flight at a time: a sweep's 1,000 at once timed out in httpx's pool and took the CPU
 SWEEP_BATCH = 1000  # documents a sweep looks at per query
 SWEEP_EVENTS = 1000  # events of each kind a sweep sends at most
 CHANGED, DELETED = "document.changed", "document.deleted"
@@ -138,6 +142,7 @@ class Webhooks:
         self._running: dict[str, list[asyncio.Task[None]]] = {}  # each document's deliveries still running, in order
         self._queued: set[str] = set()  # documents with a change event waiting for the event before it
         self._reported = Reported(store)
+        self._posting = asyncio.Semaphore(POSTS_AT_ONCE)
         self._cursor = ""  # the sweep goes on looking for unreported changes after this name
 
     async def open(self) -> None:
@@ -224,7 +229,8 @@ class Webhooks:
             if attempt:
                 await asyncio.sleep(RETRY_DELAY * 2 ** (attempt - 1))
             try:
-                response = await self._client.post(self.url, content=body, headers=headers)
+                async with self._posting:
+                    response = await self._client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 continue
@@ -233,8 +239,8 @@ class Webhooks:
                 return True
             error = f"status {response.status_code}"
         self.metrics.errors.labels("webhook").inc()
-        log.warning("webhook not delivered event=%s document=%s attempts=%d error=%s",
-                    event, doc, self.attempts, error)
+        _log_undelivered("webhook not delivered event=%s document=%s attempts=%d error=%s",
+                         event, doc, self.attempts, error)
         return False
 
     async def sweep_every(self) -> None:
@@ -242,17 +248,21 @@ class Webhooks:
         await every(self.sweep_interval, self._sweep, "webhooks: sweep", expected=(StorageError,), at_once=True)
 
     async def _sweep(self) -> None:
-        """If this node leads the sweep, send what the store holds as unreported, unless an event of the document
-        waits or is being sent here: deletions, then changes last committed `debounce` seconds ago or more (a
-        later one is, or was, the committing node's to report live), up to SWEEP_EVENTS of each; the next sweep
-        goes on after the last document looked at."""
+        """If this node leads the sweep, send what the store holds as unreported: deletions (unless one is being
+        sent here), then changes last committed `debounce` seconds ago or more (a later one is, or was, the
+        committing node's to report live; unless an event of the document waits or is being sent here), up to
+        SWEEP_EVENTS of each; the next sweep goes on after the last document looked at."""
         if not await self.store.leads_sweep():
             self.metrics.webhook_sweeps.labels("other").inc()
             return
         self._reported.write()  # what a failed write left
         for doc in await self.store.deletions_to_report(SWEEP_EVENTS):
-            if doc not in self._running and doc not in self._reported:
-                self._send(DELETED, doc)
+            running = self._running.get(doc, [])
+            if doc in self._reported or any(task.get_name() == f"webhook:{DELETED}:{doc}" for task in running):
+                continue
+            self._send(DELETED, doc)  # cancels the change events of the document made again since: they follow it
+            if running:
+                self.changed(doc)
         before, sent = time.time() - self.debounce, 0
         while sent < SWEEP_EVENTS:
             docs, after = await self.store.unreported(self._cursor, before, SWEEP_BATCH)
