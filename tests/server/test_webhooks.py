@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -116,6 +116,18 @@ async def test_an_unreachable_receiver_is_counted_and_never_disturbs_editing(ser
     await peer.wait_for(lambda: str(peer.doc.get("t", type=Text)) == "yx")
 
 
+async def in_process(tmp_path: Path, answer: Callable, *docs: str) -> tuple[SQLiteStore, webhooks.Webhooks]:
+    """Webhooks (debounce 0) on a fresh SQLite store holding a change to each of `docs`, POSTing to `answer`."""
+    store = SQLiteStore(str(tmp_path / "hooks.db"))
+    await store.open()
+    for doc in docs:
+        await store.submit(doc, text_updates(1)[1][0])
+    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
+    await hooks.open()
+    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    return store, hooks
+
+
 async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_change_being_retried(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The receiver fails the change event, and the document is deleted before the retry: the receiver saw
@@ -133,13 +145,7 @@ async def test_a_document_s_events_arrive_in_order_and_a_deletion_cancels_a_chan
             return httpx.Response(500)
         return httpx.Response(204)
 
-    store = SQLiteStore(str(tmp_path / "hooks.db"))
-    await store.open()
-    for doc in ("doc", "other"):
-        await store.submit(doc, text_updates(1)[1][0])
-    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
-    await hooks.open()
-    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    store, hooks = await in_process(tmp_path, answer, "doc", "other")
     hooks.changed("doc")
     await asyncio.wait_for(failed_once.wait(), 10)
     hooks.changed("doc")  # a second change event, waiting on the first, which is being retried
@@ -241,12 +247,7 @@ async def test_a_document_has_at_most_one_change_event_waiting_behind_the_one_be
         await release.wait()
         return httpx.Response(204)
 
-    store = SQLiteStore(str(tmp_path / "hooks.db"))
-    await store.open()
-    await store.submit("doc", text_updates(1)[1][0])
-    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
-    await hooks.open()
-    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    store, hooks = await in_process(tmp_path, answer, "doc")
     for _ in range(20):
         hooks.changed("doc")
         while "doc" in hooks._pending:  # it fires after its debounce of 0
@@ -274,13 +275,9 @@ async def test_a_sweep_posts_a_few_events_at_a_time(tmp_path: Path) -> None:
         accepted.append(json.loads(request.content)["document"])
         return httpx.Response(204)
 
-    store = SQLiteStore(str(tmp_path / "hooks.db"))
-    await store.open()
-    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
-    await hooks.open()
+    store, hooks = await in_process(tmp_path, answer)
     for i in range(40):  # changes no live event reported (webhooks were off, or the node was killed)
         await store.submit(f"doc{i}", text_updates(1)[1][0])
-    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     await hooks._sweep()
     while in_flight < webhooks.POSTS_AT_ONCE:
         await asyncio.sleep(0.01)
@@ -305,12 +302,7 @@ async def test_a_swept_deletion_comes_before_the_change_of_the_document_made_aga
         accepted.append(json.loads(request.content)["event"])
         return httpx.Response(204)
 
-    store = SQLiteStore(str(tmp_path / "hooks.db"))
-    await store.open()
-    await store.submit("doc", text_updates(1)[1][0])
-    hooks = webhooks.Webhooks("http://receiver/hook", store, Metrics(), debounce=0)
-    await hooks.open()
-    hooks._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    store, hooks = await in_process(tmp_path, answer, "doc")
     await store.delete("doc")  # its deletion event was lost (say, the node was killed): the mark says so
     await store.submit("doc", text_updates(1)[1][0])  # made again
     hooks.changed("doc")
