@@ -87,6 +87,11 @@ def _refusal(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
 
 
+class RefusedChange(Exception):
+    """Raised by a hook: the change just applied must not be stored, and the document not be read again (the room
+    is reset: its clients reconnect to a room loaded from storage)."""
+
+
 class RoomClosed(Exception):
     """The room was closed (unloaded, dropped after a failure, deleted, or the server is stopping): it applies
     and stores nothing more."""
@@ -378,7 +383,12 @@ class Room:
                 self._held.settle(self.doc, origin)
                 if isinstance(origin, Connection):
                     origin.held += 1
-        self._run_hooks()
+        try:
+            self._run_hooks()
+        except RefusedChange as exc:
+            log.warning("change refused room=%s error=%s", self.name, exc)
+            self.discard(CloseCode.INVALID_PAYLOAD, f"a change was refused ({exc}); the room is reset")
+            raise p.ProtocolError(f"refused: {exc}") from None
         # whatever yrs integrated before refusing the rest is in the document: stored and broadcast like any change
         self._persist(origin if isinstance(origin, Connection) else None, sealed=rest is not None)
         if refused is not None:
@@ -524,10 +534,13 @@ class Room:
         self._characters.add(update)
 
     def _run_hooks(self) -> None:
-        """Run hooks; one that fails is logged and counted, never allowed to stop the change being stored."""
+        """Run hooks; one that fails is logged and counted, never allowed to stop the change being stored (but
+        RefusedChange, which refuses it)."""
         for hook in self.hooks:
             try:
                 hook(self)
+            except RefusedChange:
+                raise
             except Exception:
                 self.metrics.errors.labels("hook").inc()
                 log.exception("room hook failed room=%s", self.name)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 from collab_server.model import StatusChange, StatusResolver
-from collab_server.room import Room
+from collab_server.room import RefusedChange, Room
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,12 @@ class StatusEvents:
                 subscriber(room.name, change)
 
         resolver = StatusResolver(room.doc, on_change=emit)
-        room.hooks.append(lambda _room: resolver.run())
+
+        def resolve(_room: Room) -> None:
+            if resolver.unreadable:  # nothing may read the document again: the room refuses the change
+                raise RefusedChange("string content in an array of the blocks, which the server cannot read back")
+            resolver.run()
+
+        room.hooks.append(resolve)
         room.on_new_doc.append(resolver.rebind)
         room.on_close.append(resolver.close)

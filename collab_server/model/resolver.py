@@ -55,6 +55,7 @@ class StatusResolver:
         self._on_change = on_change
         self._compact = compact
         self._everything = False  # set if events could not be read: the next run checks every block
+        self.unreadable = False  # set when a change put in an array what yrs cannot read back (see _mark_dirty)
         self._subscription: Subscription | None = None
         self.rebind(doc)
 
@@ -73,6 +74,10 @@ class StatusResolver:
         # observers (the room's, which stores the update), so none may escape
         try:
             for event in events:
+                if type(event).__name__ == "ArrayEvent" and any(op.get("insert") == [] for op in event.delta):
+                    # string content in an array (Yjs puts strings only in texts): yrs shows it as an empty
+                    # insert, and reading the array (to_json, or an item by position) loops for ever
+                    self.unreadable = True
                 path = event.path
                 if path:
                     if len(path) < 2 or path[1] != "content":  # typing in a block's text changes no status

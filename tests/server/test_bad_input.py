@@ -5,10 +5,12 @@ import base64
 
 import httpx
 import pytest
-from pycrdt import Text
+from pycrdt import Doc, Text
 from websockets.frames import Frame, Opcode
 
 from collab_server import protocol as p
+from collab_server.model import add_index_entry, blocks_to_json, create_block
+from collab_server.updatecheck import structs
 from tests.rawclient import RawPeer, state_vector, text_updates
 from tests.serverproc import wait_until
 
@@ -156,3 +158,30 @@ async def test_a_few_bytes_claiming_millions_of_clients_never_reach_yrs(server) 
         assert (await http.get("/api/docs/room/update", params={"sv": sv})).status_code == 400
     assert _peak_rss_kb(server.proc.pid) - peak < 64 * 1024
     assert not good.closed.is_set()
+
+
+async def test_string_content_put_in_a_list_by_a_later_update_resets_the_room_and_is_not_stored(server) -> None:
+    """A first update makes a block, its list and an entry; a second puts a string holding an emoji after the entry.
+    No update alone shows that the string lands in an array, and yrs, reading the array, loops for ever: the
+    resolver stopped the whole server, and the stored document stopped it at every load. The change is refused
+    now (the room is reset, its clients reconnect to the document as stored) and never stored."""
+    author = Doc(client_id=7)
+    create_block(author, "b", "p", "x")
+    add_index_entry(author, "b", "ix")
+    base = author.get_update()
+    entry = [s for s in structs(base)[0] if s.type_ref == 1 and not s.keyed][-1]  # the entry: a map in the list
+    poison = (p.write_varuint(1) + p.write_varuint(1) + p.write_varuint(99) + p.write_varuint(0) + bytes([0x84])
+              + p.write_varuint(entry.client) + p.write_varuint(entry.clock) + p.write_bytes("😀x".encode())
+              + p.write_varuint(0))
+    watcher = await RawPeer.connect(f"{server.ws_url}/poisoned")
+    bad = await RawPeer.connect(f"{server.ws_url}/poisoned")
+    await bad.send(p.sync_update(base))
+    await watcher.wait_for(lambda: "b" in blocks_to_json(watcher.doc))
+    await bad.send(p.sync_update(poison))
+    code, reason = await bad.wait_closed()
+    assert code == 1007 and "refused" in reason
+    assert (await watcher.wait_closed())[0] == 1007
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        assert (await http.get("/health")).status_code == 200
+        shown = await http.get("/api/docs/poisoned/json")  # loaded again from storage: it does not hold the string
+    assert shown.status_code == 200 and shown.json()["blocks"]["b"]["indexingList"][0]["index_name"] == "ix"
