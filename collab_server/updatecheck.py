@@ -12,6 +12,7 @@ set that follows the structs is read by yrs without either risk and is not walke
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import NamedTuple
 
 from collab_server.protocol import ProtocolError
@@ -70,15 +71,7 @@ def structs(update: bytes) -> tuple[list[Struct], Walk]:
                 found.append(Struct(client, clock, length, ref, [], None, False, None))
                 clock += length
                 continue
-            origins = [(w.uint(), w.uint()) for flag in (0x80, 0x40) if info & flag]
-            parent = None
-            if not origins:
-                if w.uint() == 1:
-                    w.string()  # a root's name
-                else:
-                    parent = (w.uint(), w.uint())
-                if info & 0x20:
-                    w.string()
+            origins, parent = w.item_head(info)
             type_ref = w.data[w.pos] if ref == 7 else None  # read by `content` next
             length = w.content(ref)
             found.append(Struct(client, clock, length, ref, origins, parent, bool(info & 0x20), type_ref))
@@ -96,22 +89,32 @@ def check_text_parents(update: bytes) -> None:
     may hold such a character."""
     found, w = structs(update)
     types = {(s.client, s.clock): s.type_ref for s in found if s.type_ref is not None}
-    by_client: dict[int, list[Struct]] = {}
+    by_client: dict[int, list[Struct]] = {}  # each client's structs, in clock order (as an update lists them)
     for s in found:
         by_client.setdefault(s.client, []).append(s)
+    starts = {client: [s.clock for s in run] for client, run in by_client.items()}
+    parents: dict[Id, int | None] = {}  # the parent type found for each struct looked at (by its first clock)
 
     def holding(client: int, clock: int) -> Struct | None:
-        return next((s for s in by_client.get(client, ()) if s.clock <= clock < s.clock + s.length), None)
+        at = bisect_right(starts.get(client, ()), clock) - 1
+        s = by_client[client][at] if at >= 0 else None
+        return s if s is not None and clock < s.clock + s.length else None
 
     def parent_type(s: Struct) -> int | None:
-        """The type ref of `s`'s parent if the update creates it (following origins through the update)."""
-        seen = 0
-        while s.parent is None and s.origins and seen < len(found):
-            origin = holding(*s.origins[0])
-            if origin is None:
-                return None
-            s, seen = origin, seen + 1
-        return types.get(s.parent) if s.parent is not None else None
+        """The type ref of `s`'s parent if the update creates it, following origins through the update (each struct
+        once: a chain of thousands of items, looked up for each string, took cubic time)."""
+        chain: dict[Id, None] = {}  # the structs followed, in order
+        while (s.client, s.clock) not in parents:
+            chain[(s.client, s.clock)] = None
+            origin = holding(*s.origins[0]) if s.parent is None and s.origins else None
+            if origin is None or (origin.client, origin.clock) in chain:  # the parent named, or none known
+                parents[(s.client, s.clock)] = types.get(s.parent) if s.parent is not None else None
+                break
+            s = origin
+        kind = parents[(s.client, s.clock)]
+        for at in chain:
+            parents[at] = kind
+        return kind
 
     for s in found:
         if s.ref != 4:
@@ -186,21 +189,22 @@ class Walk:
         ref = info & 0x1F
         if ref in (0, 10):  # GC, Skip
             return self.uint()
-        if info & 0x80:  # origin
-            self.uint()
-            self.uint()
-        if info & 0x40:  # right origin
-            self.uint()
-            self.uint()
-        if not info & 0xC0:  # no origin: the parent is named
+        self.item_head(info)
+        return self.content(ref)
+
+    def item_head(self, info: int) -> tuple[list[Id], Id | None]:
+        """Read what an item of `info` holds before its content: its origins (left, then right), and the parent it
+        names if it has no origin (an id; None for a root named, or a parent implied by an origin)."""
+        origins = [(self.uint(), self.uint()) for flag in (0x80, 0x40) if info & flag]
+        parent = None
+        if not origins:  # the parent is named
             if self.uint() == 1:
-                self.string()
+                self.string()  # a root's name
             else:
-                self.uint()
-                self.uint()
+                parent = (self.uint(), self.uint())
             if info & 0x20:
                 self.string()  # parent's key
-        return self.content(ref)
+        return origins, parent
 
     def content(self, ref: int) -> int:
         """Read an item's content of type `ref`; returns how many clocks it takes."""

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
 
 from collab_server import protocol as p
+from collab_server import updatecheck
 from collab_server.model import add_index_entry, create_block, set_status
 from collab_server.updatecheck import MAX_DEPTH, check_state_vector, check_text_parents, check_update
 
@@ -179,3 +180,21 @@ def test_strings_in_texts_pass() -> None:
     fragment.children.append(XmlElement("p", {}, [XmlText("😀")]))
     for update in [*updates, doc.get_update()]:
         check_text_parents(update)
+
+
+def test_string_parents_are_followed_once_per_struct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each string's parent was found by following its origins one by one, each looked up by a scan of its
+    client's structs: a 27 KB update of 3,000 emoji typed by two clients in turns took 123 s to check. Each struct
+    is now looked up once, by bisection."""
+    docs = [Doc(client_id=client) for client in (1, 2)]
+    for i in range(600):
+        writer, reader = docs[i % 2], docs[1 - i % 2]
+        text = writer.get("t", type=Text)
+        text.insert(len(str(text).encode()), "😀")
+        reader.apply_update(writer.get_update(reader.get_state()))
+    update = docs[0].get_update()
+    lookups = []
+    bisect = updatecheck.bisect_right
+    monkeypatch.setattr(updatecheck, "bisect_right", lambda *args: lookups.append(args) or bisect(*args))
+    check_text_parents(update)
+    assert len(lookups) <= 3 * 600  # a few per string (its origins, and its parent chain once), not a scan each
