@@ -9,7 +9,6 @@ the document untouched. Checking reads only the blocks the ops name, never a cop
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,19 +17,21 @@ from pycrdt import Array, Doc, Text
 
 from collab_server.model import (
     STATUS_PRIORITY,
-    add_index_entry,
     blocks_to_json,
     create_block,
     delete_block,
-    entries,
+    entry_status,
     get_block,
-    remove_index_entry,
-    resolved_status,
     set_content,
-    set_entry_metadata,
-    set_status,
 )
-from collab_server.model.blocks import MAX_SAFE_INTEGER, RESERVED_ENTRY_KEYS
+from collab_server.model.blocks import (
+    MAX_SAFE_INTEGER,
+    RESERVED_ENTRY_KEYS,
+    EntryList,
+    add_entry,
+    update_metadata,
+    write_status,
+)
 
 MAX_OPS = 1000
 _UNKNOWN = object()  # the status of an entry name after an op removed an entry of that name
@@ -147,36 +148,46 @@ def parse_ops(body: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class _Block:
-    """What checking needs to know of a block: whether it can hold text and entries, its entry names, and its
-    text (after the ops before)."""
+    """What checking needs to know of a block: whether it can hold text and entries, its entries (None for a block
+    the ops create), its text and, for the names the ops touch, entry counts and statuses (after the ops before)."""
 
     has_text: bool
     has_list: bool
-    names: Counter[str]
+    listed: EntryList | None
     text: str = ""
+    names: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, str | None] = field(default_factory=dict)  # set by the ops before (_UNKNOWN: removed)
+
+    def count(self, name: str) -> int:
+        """How many entries are named `name`, after the ops before."""
+        if name not in self.names:
+            self.names[name] = self.listed.count(name) if self.listed else 0
+        return self.names[name]
 
 
 def _view(doc: Doc, block_id: str) -> _Block | None:
     block = get_block(doc, block_id)
     if block is None:
         return None
-    content = block.get("content")
-    return _Block(isinstance(content, Text), isinstance(block.get("indexingList"), Array),
-                  Counter(name for entry in entries(block) if isinstance(name := entry.get("index_name"), str)),
+    content, listed = block.get("content"), EntryList(block)
+    return _Block(isinstance(content, Text), listed.array is not None, listed,
                   str(content) if isinstance(content, Text) else "")
 
 
-def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
-    """Raise EditError if an op would not apply after the ops before it; reads `doc`, changes nothing."""
+def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> dict[str, EntryList]:
+    """Raise EditError if an op would not apply after the ops before it; reads `doc`, changes nothing. Returns the
+    entry lists of the blocks the ops name (those that exist), by block id."""
     blocks: dict[str, _Block | None] = {}
+    lists: dict[str, EntryList] = {}
     for i, op in enumerate(ops):
         kind, block_id = op["op"], op["id"]
         if block_id not in blocks:
             blocks[block_id] = _view(doc, block_id)
+            if (view := blocks[block_id]) and view.listed:
+                lists[block_id] = view.listed
         block = blocks[block_id]
         if kind == "create_block":
-            blocks[block_id] = block or _Block(True, True, Counter(), op.get("content", ""))
+            blocks[block_id] = block or _Block(True, True, None, op.get("content", ""))
             continue
         if kind == "delete_block":
             blocks[block_id] = None
@@ -195,43 +206,56 @@ def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> None:
         if kind == "add_index":
             if not block.has_list:
                 raise EditError(400, f"{where}: block {block_id!r} has no indexingList array")
-            if not block.names[name]:
+            if not block.count(name):
                 block.statuses[name] = op.get("status", "notStarted")
-            block.names[name] = block.names[name] or 1
+                block.names[name] = 1
         elif kind == "remove_index":
-            block.names[name] = max(block.names[name] - 1, 0)
+            block.names[name] = max(block.count(name) - 1, 0)
             block.statuses[name] = _UNKNOWN  # type: ignore[assignment]
-        elif kind in ("set_status", "set_metadata") and not block.names[name]:
+        elif kind in ("set_status", "set_metadata") and not block.count(name):
             raise EditError(404, f"{where}: no index entry {name!r} in block {block_id!r}")
         if kind == "set_status":
             if "expect" in op:
-                status = block.statuses[name] if name in block.statuses else resolved_status(doc, block_id, name)
+                if name in block.statuses:
+                    status = block.statuses[name]
+                else:  # untouched by the ops before, so in the document
+                    status = entry_status(block.listed.find(name))  # type: ignore[union-attr,arg-type]
                 if status != op["expect"]:
                     raise EditError(409, f"{where}: the status of {name!r} in block {block_id!r} is not the expected "
                                          "one (it changed since it was read); nothing was changed")
             block.statuses[name] = op["status"]
+    return lists
 
 
 def apply_ops(doc: Doc, ops: list[dict[str, Any]]) -> list[str]:
     """Check parsed ops, then apply them to `doc` (call it inside one transaction); returns the ids of the
     blocks they touch. When one cannot apply EditError is raised with `doc` untouched."""
-    check_ops(doc, ops)
+    lists = check_ops(doc, ops)  # each block's entries read once, and kept current by the ops through it
+
+    def listed(block_id: str) -> EntryList:
+        if block_id not in lists:
+            lists[block_id] = EntryList(get_block(doc, block_id))
+        return lists[block_id]
+
     for op in ops:
         kind, block_id = op["op"], op["id"]
         if kind == "create_block":
             create_block(doc, block_id, op["type"], op.get("content", ""))
+            lists.pop(block_id, None)
         elif kind == "delete_block":
             delete_block(doc, block_id)
+            lists.pop(block_id, None)
         elif kind == "set_content":
             set_content(doc, block_id, op["content"])
         elif kind == "add_index":
-            add_index_entry(doc, block_id, op["index_name"], op.get("status", "notStarted"), op.get("metadata"))
+            add_entry(doc, listed(block_id), op["index_name"], op.get("status", "notStarted"), op.get("metadata"))
         elif kind == "remove_index":
-            remove_index_entry(doc, block_id, op["index_name"])
+            listed(block_id).remove(op["index_name"])
         elif kind == "set_status":
-            set_status(doc, block_id, op["index_name"], op["status"])
+            write_status(doc, listed(block_id).find(op["index_name"]), op["status"])  # type: ignore[arg-type]
         else:
-            set_entry_metadata(doc, block_id, op["index_name"], op["metadata"], op.get("remove"))
+            update_metadata(doc, listed(block_id).find(op["index_name"]), op["metadata"],  # type: ignore[arg-type]
+                            op.get("remove"))
     return list(dict.fromkeys(op["id"] for op in ops))
 
 

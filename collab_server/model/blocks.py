@@ -155,10 +155,54 @@ def entry_status(entry: Map) -> str | None:
     return resolved if resolved is not None else status if isinstance(status, str) else None
 
 
+class EntryList:
+    """A block's index entries for many lookups by name in one transaction: the list is read as JSON once, and kept
+    current by the adds and removes made through this object (make a new one after other changes to the list)."""
+
+    def __init__(self, block: Any) -> None:
+        self.array = _indexing_list(block)
+        self._items: list[Any] = json.loads(str(self.array)) if self.array is not None else []
+
+    def _positions(self, index_name: str) -> Iterator[int]:
+        """Positions of the entries named `index_name` (a plain object of that name is no entry)."""
+        for position, item in enumerate(self._items):
+            if isinstance(item, dict) and item.get("index_name") == index_name:
+                entry = self.array[position]  # type: ignore[index]
+                if isinstance(entry, Map) and entry.get("index_name") == index_name:
+                    yield position
+
+    def _position(self, index_name: str) -> int | None:
+        return next(self._positions(index_name), None)
+
+    def count(self, index_name: str) -> int:
+        """How many entries are named `index_name`."""
+        return sum(1 for _ in self._positions(index_name))
+
+    def find(self, index_name: str) -> Map | None:
+        """First entry named `index_name` in array order, or None."""
+        position = self._position(index_name)
+        return None if position is None else self.array[position]  # type: ignore[index]
+
+    def append(self, entry: Map) -> Map:
+        """Append a new entry (a Map not yet in a document); returns it as the list holds it."""
+        assert self.array is not None
+        self.array.append(entry)
+        self._items.append(json.loads(str(self.array[len(self.array) - 1])))
+        return self.array[len(self.array) - 1]
+
+    def remove(self, index_name: str) -> bool:
+        """Remove the first entry named `index_name`; returns whether one existed."""
+        position = self._position(index_name)
+        if position is None:
+            return False
+        del self.array[position]  # type: ignore[union-attr]
+        del self._items[position]
+        return True
+
+
 def find_index_entry(doc: Doc, block_id: str, index_name: str) -> Map | None:
     """First entry named ``index_name`` in array order, or None."""
-    named = entries_where(get_block(doc, block_id), lambda item: item.get("index_name") == index_name)
-    return next((entry for entry in named if entry.get("index_name") == index_name), None)
+    return EntryList(get_block(doc, block_id)).find(index_name)
 
 
 def _now_ms() -> int:
@@ -182,19 +226,31 @@ def _write_status(doc: Doc, entry: Map, status: str, ts: float) -> None:
 def add_index_entry(doc: Doc, block_id: str, index_name: str, status: str = "notStarted",
                     metadata: Mapping[str, Any] | None = None, ts: float | None = None) -> Map:
     """Add an index entry with an initial status write (or return the existing one)."""
-    indexing_list = _indexing_list(_require_block(doc, block_id))
-    if indexing_list is None:
+    listed = EntryList(_require_block(doc, block_id))
+    if listed.array is None:
         raise ValueError(f"block {block_id} has no indexingList array")
-    existing = find_index_entry(doc, block_id, index_name)
+    return add_entry(doc, listed, index_name, status, metadata, ts)
+
+
+def add_entry(doc: Doc, listed: EntryList, index_name: str, status: str = "notStarted",
+              metadata: Mapping[str, Any] | None = None, ts: float | None = None) -> Map:
+    """add_index_entry on a block's EntryList (which has an indexingList array)."""
+    existing = listed.find(index_name)
     if existing is not None:
         return existing
     metadata = dict(metadata or {})
     if clash := RESERVED_ENTRY_KEYS & metadata.keys():
         raise ValueError(f"reserved entry keys {sorted(clash)}")
     with doc.transaction():
-        indexing_list.append(Map({"index_name": index_name, **metadata, "statusWrites": Array()}))
-        entry = indexing_list[len(indexing_list) - 1]
+        entry = listed.append(Map({"index_name": index_name, **metadata, "statusWrites": Array()}))
         _write_status(doc, entry, status, _now_ms() if ts is None else ts)
+    return entry
+
+
+def _require_entry(doc: Doc, block_id: str, index_name: str) -> Map:
+    entry = find_index_entry(doc, block_id, index_name)
+    if entry is None:
+        raise KeyError(f"no index entry {block_id}/{index_name}")
     return entry
 
 
@@ -202,9 +258,11 @@ def set_entry_metadata(doc: Doc, block_id: str, index_name: str, metadata: Mappi
                        remove: Collection[str] | None = None) -> None:
     """Set metadata keys of an index entry, and remove those in `remove`; without `remove`, a None value removes
     its key (with it, None is stored as null)."""
-    entry = find_index_entry(doc, block_id, index_name)
-    if entry is None:
-        raise KeyError(f"no index entry {block_id}/{index_name}")
+    update_metadata(doc, _require_entry(doc, block_id, index_name), metadata, remove)
+
+
+def update_metadata(doc: Doc, entry: Map, metadata: Mapping[str, Any], remove: Collection[str] | None = None) -> None:
+    """set_entry_metadata on an entry."""
     if clash := RESERVED_ENTRY_KEYS & {*metadata, *(remove or ())}:
         raise ValueError(f"reserved entry keys {sorted(clash)}")
     if remove is None:
@@ -220,20 +278,17 @@ def set_entry_metadata(doc: Doc, block_id: str, index_name: str, metadata: Mappi
 
 def remove_index_entry(doc: Doc, block_id: str, index_name: str) -> bool:
     """Remove the first entry named ``index_name``; returns whether one existed."""
-    indexing_list = _indexing_list(get_block(doc, block_id))
-    for position, entry in enumerate(indexing_list or ()):
-        if isinstance(entry, Map) and entry.get("index_name") == index_name:
-            del indexing_list[position]
-            return True
-    return False
+    return EntryList(get_block(doc, block_id)).remove(index_name)
 
 
 def set_status(doc: Doc, block_id: str, index_name: str, status: str,
                ts: float | None = None) -> str:
     """Record a status write that has seen the current frontier; returns the resolved status."""
-    entry = find_index_entry(doc, block_id, index_name)
-    if entry is None:
-        raise KeyError(f"no index entry {block_id}/{index_name}")
+    return write_status(doc, _require_entry(doc, block_id, index_name), status, ts)
+
+
+def write_status(doc: Doc, entry: Map, status: str, ts: float | None = None) -> str:
+    """set_status on an entry."""
     with doc.transaction():
         _write_status(doc, entry, status, _now_ms() if ts is None else ts)
     return status  # the new write supersedes every record this replica has

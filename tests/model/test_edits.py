@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from collab_server.edits import EditError, apply_ops, parse_ops, restore_ops
+from collab_server.model.blocks import EntryList
 from collab_server.model import (
     add_index_entry,
     block_content,
@@ -125,6 +126,7 @@ def malformed_doc() -> Doc:
     blocks["not-a-map"] = "oops"
     indexing_list = blocks["x"]["indexingList"]
     indexing_list.append(Map({"status": "done"}))  # an entry without a name
+    indexing_list.append({"index_name": "i", "status": "error"})  # a plain object, no entry: lookups skip it
     return doc
 
 
@@ -160,6 +162,29 @@ def test_a_batch_applies_whole_or_not_at_all(setup, batch) -> None:
     assert strip == {bid: {**b, "indexingList": [{k: v for k, v in e.items() if k != "timestamp"}
                                                  for e in b["indexingList"]]}
                      for bid, b in blocks_to_json(expected).items()}
+
+
+def test_a_batch_reads_each_blocks_entry_list_once(monkeypatch) -> None:
+    """A batch of many ops on a block of many entries reads the list once, not once per op (which made 1,000 ops on
+    a block of 5,000 entries take a minute)."""
+    doc = Doc()
+    with doc.transaction():
+        create_block(doc, "b", "p")
+        for i in range(50):
+            add_index_entry(doc, "b", f"i{i}")
+    reads = []
+    original = EntryList.__init__
+    monkeypatch.setattr(EntryList, "__init__", lambda self, block: reads.append(1) or original(self, block))
+    ops = [op for i in range(50) for op in (
+        {"op": "set_status", "id": "b", "index_name": f"i{i}", "status": "done", "expect": "notStarted"},
+        {"op": "set_metadata", "id": "b", "index_name": f"i{i}", "metadata": {"n": i}},
+        {"op": "add_index", "id": "b", "index_name": f"n{i}"},
+        {"op": "remove_index", "id": "b", "index_name": f"i{i}"})]
+    with doc.transaction():
+        apply_ops(doc, parse_ops({"ops": ops}))
+    assert len(reads) == 1
+    assert [(e["index_name"], e["status"]) for e in blocks_to_json(doc)["b"]["indexingList"]] == [
+        (f"n{i}", "notStarted") for i in range(50)]
 
 
 def entries_by_name(blocks: dict) -> dict:
