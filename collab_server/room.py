@@ -71,14 +71,23 @@ def _precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
     return [(update, None) for update in updates]
 
 
+def _check(update: bytes) -> None:
+    """Raise ProtocolError for an update yrs must not read (updatecheck.py): what could crash, stall or hang it."""
+    check_update(update)
+    if beyond_bmp(update):
+        check_text_parents(update)
+
+
 def _brings_structs(update: bytes, doc: Doc) -> bool:
     """Whether `update` holds an item `doc` lacks. A Yjs client's handshake answer (SyncStep2) holds what it has
     beyond the server's state and all its deletions: from a read-only viewer that made no edit, nothing new, and
     it is not refused (every such page logged "permission denied" at each connect). Malformed: True (refused)."""
     try:
         return p.Reader(get_update(update, doc.get_state())).varuint() != 0
-    except (ValueError, p.ProtocolError):
-        return True
+    except BaseException as exc:
+        if isinstance(exc, p.ProtocolError) or _refusal(exc):
+            return True
+        raise
 
 
 def _refusal(exc: BaseException) -> bool:
@@ -264,11 +273,12 @@ class Room:
                 started = time.perf_counter()
                 conn.send(self._answer(msg.payload).message)
                 return time.perf_counter() - started
-            if conn.readonly:
-                if msg.kind == p.SyncType.UPDATE or _brings_structs(msg.payload, self.doc):
-                    conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
-            else:
+            if not conn.readonly:
                 return await self.apply(msg.payload, origin=conn)
+            _check(msg.payload)  # refused as a writer's would be, before yrs reads it
+            if msg.kind == p.SyncType.UPDATE or _brings_structs(msg.payload, self.doc):
+                conn.send(p.auth_denied("read-only connection: document changes are not accepted"))
+            return time.perf_counter() - started
         elif isinstance(msg, p.AwarenessMessage):
             self.apply_awareness(msg.payload, conn)
             return time.perf_counter() - started
@@ -327,9 +337,7 @@ class Room:
         valid, invalid = updates, None
         for i, update in enumerate(updates):
             try:
-                check_update(update)
-                if beyond_bmp(update):
-                    check_text_parents(update)
+                _check(update)
             except p.ProtocolError as exc:
                 valid, invalid = updates[:i], exc
                 break

@@ -9,6 +9,7 @@ from pycrdt import Doc, Text
 from websockets.frames import Frame, Opcode
 
 from collab_server import protocol as p
+from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block
 from collab_server.updatecheck import structs
 from tests.rawclient import RawPeer, state_vector, text_updates
@@ -185,3 +186,42 @@ async def test_string_content_put_in_a_list_by_a_later_update_resets_the_room_an
         assert (await http.get("/health")).status_code == 200
         shown = await http.get("/api/docs/poisoned/json")  # loaded again from storage: it does not hold the string
     assert shown.status_code == 200 and shown.json()["blocks"]["b"]["indexingList"][0]["index_name"] == "ix"
+
+
+def _payload(case: str) -> bytes:
+    return p.decode_message(BAD_FRAMES[case][0]).payload
+
+
+# what a viewer's update frame holds -> whether it is well-formed (refused as a write) or not (1007)
+VIEWER_PAYLOADS = {
+    **{case: (_payload(case), False) for case in ("invalid update", "values nested too deep",
+                                                  "string content in an array")},
+    **{case: (_payload(case), True) for case in ("update yrs cannot integrate", "update that makes yrs panic")},
+    "nested to kill yrs": (b"\x01\x01\x01\x00\x08\x01\x01t\x01" + b"\x75\x01" * 100_000 + b"\x7e\x00", False),
+    "claiming 2^28 clients": (p.write_varuint(2**28), False),
+}
+
+
+@pytest.mark.parametrize("case", list(VIEWER_PAYLOADS))
+async def test_a_viewers_bad_update_is_refused_before_yrs_reads_it(server_factory, case: str) -> None:
+    """A read-only connection's handshake answer is read (does it bring anything?), never applied: it went to yrs
+    unchecked, so one frame nesting values 100,000 deep killed the process (SIGSEGV) and 6 bytes claiming 2^28
+    clients held the loop. It is now checked as a writer's update is (1007), or refused as a write."""
+    server = server_factory("--auth-required", "--auth-secret", "s")
+    writer = await RawPeer.connect(f"{server.ws_url}/room?token={issue_token('s', doc='room')}")
+    await writer.sync()
+    payload, well_formed = VIEWER_PAYLOADS[case]
+    for frame in (p.sync_step2(payload), p.sync_update(payload)):
+        viewer = await RawPeer.connect(f"{server.ws_url}/room?token={issue_token('s', doc='room', access='ro')}")
+        await viewer.sync()
+        await viewer.send(frame)
+        if well_formed:
+            await viewer.wait_for(lambda: any(isinstance(m, p.AuthMessage) and m.denied for m in viewer.messages))
+            assert not viewer.closed.is_set()
+        else:
+            code, reason = await viewer.wait_closed()
+            assert code == 1007 and reason
+    _, more = text_updates(1, name="u")
+    await writer.send(p.sync_update(more[0]))
+    await writer.wait_for(lambda: str(writer.doc.get("u", type=Text)) == "a")
+    assert server.alive() and "Traceback" not in server.log()
