@@ -5,6 +5,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
+
+from pycrdt import Doc
 
 from websockets.asyncio.client import connect
 
@@ -13,6 +16,7 @@ from collab_server.broker import Kind
 from collab_server.broker.local import LocalBroker
 from collab_server.connection import Connection
 from collab_server.metrics import Metrics
+from collab_server.presence import CLOCK_STEP, MAX_CLOCK_TAKEN, Presence
 from collab_server.room import Room
 from collab_server.storage.sqlite import SQLiteStore
 from tests.rawclient import RawPeer, text_updates
@@ -193,3 +197,28 @@ async def test_the_clocks_of_removed_clients_are_forgotten_after_a_sweep_interva
         room.apply_awareness(update(p.AwarenessEntry(100, 4, "null")), conn)
         room.apply_awareness(update(p.AwarenessEntry(100, 3, '{"stale":1}')), conn)  # right after its removal
         assert [e.client_id for e in room.presence()] == [1]
+
+
+def test_a_clock_near_2_53_is_taken_only_a_step_at_a_time_from_the_client_s_own_connection() -> None:
+    """A y-protocols client takes a higher clock for its own id from anyone, and sends its next state one above:
+    a peer forging a user's id at 2^53 - 1 made that user's next state 2^53, refused (1007) at every reconnect, so
+    the user could never save an edit. Clocks above 2^52 are taken only from the connection that introduced the
+    client, at most CLOCK_STEP above the one held."""
+    presence_ = Presence()
+    doc = Doc()
+    victim = SimpleNamespace(readonly=False, awareness_ids=set())
+    forger = SimpleNamespace(readonly=False, awareness_ids=set())
+
+    def accepted(conn, clock: int, state: dict | None) -> bool:
+        update = p.encode_awareness_update([p.AwarenessEntry(7, clock, json.dumps(state))])
+        return bool(presence_.accept(update, conn, doc))
+
+    assert accepted(victim, 3, {"user": "v"})
+    assert not accepted(forger, p.MAX_SAFE_INTEGER, {"user": "forged"})
+    assert not accepted(forger, MAX_CLOCK_TAKEN + 1, None)  # a removal counts too: y-protocols bumps past it
+    assert presence_.states[7].clock == 3
+    assert accepted(forger, MAX_CLOCK_TAKEN, {"user": "forged"})  # rw peers may still speak for anyone
+    assert accepted(victim, MAX_CLOCK_TAKEN + 1, {"user": "v"})  # so the user goes on from there
+    assert accepted(victim, MAX_CLOCK_TAKEN + 1 + CLOCK_STEP, {"user": "v"})
+    assert not accepted(forger, MAX_CLOCK_TAKEN + 2 + 2 * CLOCK_STEP, {"user": "forged"})  # one step at most
+    assert presence_.states[7] == p.AwarenessEntry(7, MAX_CLOCK_TAKEN + 1 + CLOCK_STEP, json.dumps({"user": "v"}))
