@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from urllib.parse import unquote_plus
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,17 +36,24 @@ class OneLine(logging.Filter):
         return True
 
 
-_TOKEN = re.compile(r"(\btoken=)[^&\s\"']+")
+# a query parameter (its name may be percent-encoded, as a query decoder reads it) and its value
+_PARAMETER = re.compile(r"(?<![\w.~%+-])((?:[\w.~+-]|%[0-9A-Fa-f]{2})+)=[^&\s\"']+")
+
+
+def _masked(match: re.Match[str]) -> str:
+    return f"{match[1]}=…" if unquote_plus(match[1]) == "token" else match[0]
 
 
 class Redacted(logging.Filter):
     """Access tokens out of log lines: uvicorn logs each websocket's path with its query string, where y-websocket
-    clients put `?token=`, a credential until it expires."""
+    clients put `?token=`, a credential until it expires (`?%74oken=` is read as that too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = _TOKEN.sub(r"\1…", message), None
+        if "=" in message:
+            masked = _PARAMETER.sub(_masked, message)
+            if masked != message:
+                record.msg, record.args = masked, None
         return True
 
 

@@ -85,6 +85,12 @@ async def test_tokens_in_a_query_string_are_not_logged(server_factory) -> None:
     await wait_until(lambda: "[accepted]" in server.log())
     accepted = next(line for line in server.log().splitlines() if "[accepted]" in line)
     assert '"WebSocket /room?x=1&token=…" [accepted]' in accepted and token not in server.log()
+    # the server reads a percent-encoded name as `token` too, so the log masks it as well
+    peer = await RawPeer.connect(f"{server.ws_url}/room?%74ok%65n={token}")
+    await peer.sync()
+    await peer.close()
+    await wait_until(lambda: "/room?%74ok%65n=…" in server.log())
+    assert token not in server.log()
 
 
 class Frozen:
