@@ -39,6 +39,8 @@ def issue_token(secret: str, *, doc: str | None = None, prefix: str | None = Non
                 ttl: float = 3600.0, now: float | None = None) -> str:
     if (doc is None) == (prefix is None):
         raise ValueError("a token names exactly one of doc or prefix")
+    if doc == "":
+        raise ValueError("doc must not be empty (no document has an empty name)")
     if access not in ("rw", "ro"):
         raise ValueError("access must be 'rw' or 'ro'")
     if not secret:

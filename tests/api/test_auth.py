@@ -233,3 +233,6 @@ def test_cli_token_verifies() -> None:
         expired = run_cli("--secret", SECRET, "--doc", "x", "--ttl", ttl)
         assert (expired.returncode, expired.stderr) == (2, f"collab-server: ttl must be more than 0 seconds, "
                                                            f"not {float(ttl)!r}\n")
+    empty = run_cli("--secret", SECRET, "--doc", "")  # no document has an empty name: no use of it would work
+    assert (empty.returncode, empty.stderr) == (2, "collab-server: doc must not be empty (no document has an empty "
+                                                   "name)\n")
