@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,10 +28,11 @@ from pycrdt import Doc
 
 from client_py.client import CollabClient, ServerClosed
 from collab_server.model import (
+    STATUS_PRIORITY,
     add_index_entry,
-    block_content,
     blocks_to_json,
     create_block,
+    set_content,
     set_status,
 )
 
@@ -76,6 +78,8 @@ async def _connected(args: argparse.Namespace, edit: Callable[[Doc], None] | Non
                 await client.flush(args.timeout)
         except ServerClosed as exc:
             raise CliError(f"the server refused {client.url}: {exc}") from None
+        except PermissionError as exc:  # a read-only token
+            raise CliError(str(exc)) from None
         except TimeoutError:
             reason = f": {client.last_error}" if client.last_error else ""
             raise CliError(f"no sync with {client.url} within {args.timeout:g} s{reason}") from None
@@ -103,13 +107,7 @@ async def cmd_block_add(args: argparse.Namespace) -> None:
 
 
 async def cmd_set_content(args: argparse.Namespace) -> None:
-    def edit(doc: Doc) -> None:
-        content = _known(lambda: block_content(doc, args.block_id))
-        with doc.transaction():
-            content.clear()
-            content += args.text
-
-    await _connected(args, edit)
+    await _connected(args, lambda doc: _known(lambda: set_content(doc, args.block_id, args.text)))
 
 
 async def cmd_add_index(args: argparse.Namespace) -> None:
@@ -172,24 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("block_id")
     add.add_argument("--type", default="paragraph")
     add.add_argument("--content", default="")
-    content = command(block, "set-content", cmd_set_content, "replace a block's content")
+    content = command(block, "set-content", cmd_set_content,
+                      "make a block's content TEXT (only the span that differs changes)")
     content.add_argument("block_id")
     content.add_argument("text")
     index = command(block, "add-index", cmd_add_index, "add an index entry to a block")
     index.add_argument("block_id")
     index.add_argument("index_name")
-    index.add_argument("--status", default="notStarted")
+    index.add_argument("--status", default="notStarted", choices=STATUS_PRIORITY)
     index.add_argument("--metadata", type=_json_object, default=None, help="extra entry fields, a JSON object")
     status = command(block, "set-status", cmd_set_status, "record a status for an index entry")
     status.add_argument("block_id")
     status.add_argument("index_name")
-    status.add_argument("status")
+    status.add_argument("status", choices=STATUS_PRIORITY)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.getLogger("client_py").setLevel(logging.ERROR)  # what fails is said once, as the command's error
     try:
         asyncio.run(args.handler(args))
     except CliError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections import deque
@@ -13,7 +14,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from pycrdt import Doc, Subscription, TransactionEvent
+from pycrdt import Doc, Subscription, TransactionEvent, merge_updates
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
@@ -31,7 +32,9 @@ from collab_server.protocol import (
     sync_update,
 )
 from collab_server.heldback import Held
+from collab_server.presence import MAX_AWARENESS_STATE
 from collab_server.replay import apply, build
+from collab_server.slicing import slices
 from collab_server.surrogates import Characters
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
@@ -51,6 +54,7 @@ TOO_BIG_CODE = 1009  # the server refuses a message of ours as too large (its --
 REFUSED_STATUSES = (401, 403)  # a refused upgrade: the token is missing or not good for this room
 REFUSED_CODES = (4401, 4403)  # the same as close codes (collab_server --auth-close-codes; 4403: token expired)
 MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After from a refusing server is cut to this
+PART_BYTES = 64 * 1024  # an update bigger than this is sent in parts (`parts`)
 
 
 class ServerClosed(Exception):
@@ -86,6 +90,24 @@ def retry_after(exc: BaseException) -> float:
         if value.isdigit():
             return min(float(value), MAX_RETRY_AFTER)
     return 0.0
+
+
+def parts(update: bytes) -> list[bytes]:
+    """`update` as updates to send one after another: whole up to PART_BYTES, else cut at struct boundaries
+    (collab_server/slicing.py) into parts of about PART_BYTES. Sent whole, many small edits made offline made one
+    handshake message over the server's --max-message-size: it closed with 1009, and every reconnect sent it again.
+    A single edit (a struct) bigger than the server takes still is, and stops the client (ServerClosed)."""
+    if len(update) <= PART_BYTES:
+        return [update]
+    out: list[bytes] = []
+    group: list[bytes] = []
+    for piece in slices(update):
+        if group and sum(map(len, group)) + len(piece) > PART_BYTES:
+            out.append(merge_updates(*group))
+            group = []
+        group.append(piece)
+    out.append(merge_updates(*group))
+    return out
 
 
 class CollabClient:
@@ -137,6 +159,7 @@ class CollabClient:
         self._subscription: Subscription | None = None
         self._step1_sent = 0  # SyncStep1s sent so far, over all connections
         self._step1_answered = 0  # sequence number of the latest SyncStep1 the server answered
+        self._denied: str | None = None  # why the server refused edits, until a flush raises it
 
     async def __aenter__(self) -> CollabClient:
         await self.open()
@@ -227,6 +250,7 @@ class CollabClient:
         Proof: the server answers a SyncStep1 we sent after those edits (it handles a connection's
         messages in order). Across reconnects, the next handshake's SyncStep1 serves. It does not wait for
         the local store: while ``store_error`` is set, those edits are on the server and in memory only.
+        Raises PermissionError if the server refused edits (a read-only token) since the last flush that said so.
         """
         link = self._link
         if link is not None and link.asked and not self._closing:
@@ -235,6 +259,9 @@ class CollabClient:
         else:
             target = self._step1_sent + 1
         await self.wait_until(lambda: self._step1_answered >= target, timeout)
+        if self._denied is not None:
+            reason, self._denied = self._denied, None
+            raise PermissionError(f"the server refused edits: {reason}")
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float | None = 10.0) -> None:
         """Wait until ``predicate()`` holds; it is re-checked after every doc, awareness or link change.
@@ -262,7 +289,11 @@ class CollabClient:
         return self._task
 
     def set_awareness(self, state: Any) -> None:
-        """Publish our presence state (JSON-serialisable; None withdraws it)."""
+        """Publish our presence state (JSON-serialisable; None withdraws it). Raises ValueError for a state over
+        the server's MAX_AWARENESS_STATE bytes of JSON: the server would close the connection (1008) at each
+        reconnect, before the document synced."""
+        if (size := len(json.dumps(state).encode())) > MAX_AWARENESS_STATE:
+            raise ValueError(f"awareness state of {size} bytes: servers take at most {MAX_AWARENESS_STATE}")
         message = self.awareness.set_local_state(state)
         self._send(message)
 
@@ -284,6 +315,7 @@ class CollabClient:
             if self._subscription is not None:
                 self.doc.unobserve(self._subscription)
                 self._subscription = doc.observe(self._on_update)
+            self.doc.observe(self._on_retired_update)
             self.doc = doc
         return cut.update
 
@@ -297,8 +329,15 @@ class CollabClient:
                 self._store.append(event.update)
                 self._schedule_compaction()
             if origin != hash(REMOTE):
-                self._send(sync_update(event.update))
+                for part in parts(event.update):
+                    self._send(sync_update(part))
         self._notify()
+
+    def _on_retired_update(self, event: TransactionEvent) -> None:
+        """An edit to a document `_prepare` replaced, through a Text or Map taken from it before: never sent."""
+        self.last_error = RuntimeError("an edit to a replaced client.doc was not sent: read client.doc afresh "
+                                       "after awaiting")
+        log.error("%s: %s", self.url, self.last_error)
 
     def _schedule_compaction(self) -> None:
         # The doc cannot be read inside its observer, so compact right after the transaction.
@@ -402,7 +441,8 @@ class CollabClient:
     def _handle(self, msg: Message, link: _Link) -> None:
         if isinstance(msg, SyncMessage):
             if msg.kind == SyncType.STEP1:
-                link.outbox.put_nowait(sync_step2(self.doc.get_update(msg.payload)))
+                for part in parts(self.doc.get_update(msg.payload)):
+                    link.outbox.put_nowait(sync_step2(part))
                 self._handshake_ask(link)
                 return
             update = self._prepare(msg.payload)
@@ -424,6 +464,7 @@ class CollabClient:
             link.outbox.put_nowait(self.awareness.full_message())
         elif isinstance(msg, AuthMessage) and msg.denied:
             self.last_error = PermissionError(msg.reason)
+            self._denied = msg.reason
             log.warning("%s: permission denied: %s", self.url, msg.reason)
 
     async def _write(self, ws: ClientConnection, link: _Link) -> None:

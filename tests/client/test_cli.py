@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 from pycrdt import Doc
 
+from client_py import CollabClient
 from collab_server.auth import issue_token
-from collab_server.model import add_index_entry, create_block, set_status
+from collab_server.model import add_index_entry, block_content, create_block, set_status
 from tests.client.refserver import RefServer
 from tests.serverproc import ROOT, ServerProcess, free_port
 
@@ -114,3 +116,35 @@ def test_a_token_for_a_server_with_auth_on(server_factory) -> None:
     assert json.loads(ok("--token", token, "get", url, room))["blocks"]["b1"]["content"] == "secured"
     refused = fails(1, "get", url, room)
     assert "refused" in refused and "403" in refused
+    read_only = issue_token("k", doc=room, access="ro")
+    assert "collab-client: error: the server refused edits: read-only connection" in fails(
+        1, "--token", read_only, "block", "set-content", url, room, "b1", "changed")
+    assert json.loads(ok("--token", read_only, "get", url, room))["blocks"]["b1"]["content"] == "secured"
+
+
+def test_set_content_changes_only_what_differs(upstream: RefServer | ServerProcess) -> None:
+    """As the model's set_content (and the HTTP op) do: a peer's concurrent insert inside the unchanged text stays
+    where it was (the command cleared the text and inserted it whole, which moved such an insert away)."""
+    url, room = upstream.ws_url, f"cli-{uuid.uuid4().hex[:8]}"
+    ok("block", "add", url, room, "b1", "--content", "hello world")
+
+    async def peer(edit=None) -> Doc:
+        async with CollabClient(url, room) as client:
+            await client.synced()
+            if edit is not None:
+                edit(client.doc)
+                await client.flush()
+            return client.doc
+
+    offline = asyncio.run(peer())
+    block_content(offline, "b1").insert(5, "X")  # while the command runs, this peer is offline
+    ok("block", "set-content", url, room, "b1", "hello world!")
+    asyncio.run(peer(lambda doc: doc.apply_update(offline.get_update())))
+    assert json.loads(ok("get", url, room))["blocks"]["b1"]["content"] == "helloX world!"
+
+
+def test_statuses_are_checked_as_the_api_checks_them() -> None:
+    url = f"ws://127.0.0.1:{free_port()}"  # never contacted
+    assert "invalid choice: 'ERROR'" in fails(2, "block", "set-status", url, "room", "b1", "ix", "ERROR")
+    assert "invalid choice: 'Processing'" in fails(2, "block", "add-index", url, "room", "b1", "ix", "--status",
+                                                   "Processing")

@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 
 from client_py import Backoff, CollabClient, DocumentDeleted, ServerClosed
+from client_py.client import PART_BYTES, parts
 from collab_server.auth import issue_token
 from collab_server.model import add_index_entry, blocks_to_json, create_block, set_status
 from collab_server.protocol import (AwarenessMessage, SyncMessage, SyncType, decode_awareness, decode_message,
@@ -230,6 +231,36 @@ async def test_an_edit_too_large_for_the_server_stops_the_client(server_factory,
         assert text(fresh) == "x" * 5000
 
 
+async def test_many_edits_made_offline_are_sent_in_parts_the_server_takes(server_factory, tmp_path: Path) -> None:
+    """300 edits of 1 kB made offline went out as one handshake message of 307 kB, which a server taking 200 kB
+    messages closed with 1009 at every reconnect: none of them arrived. They go in parts of PART_BYTES."""
+    store = tmp_path / "client.db"
+    name = room()
+    async with CollabClient(f"ws://127.0.0.1:{free_port()}", name, store=store, backoff=FAST) as offline:
+        for i in range(300):
+            offline.doc.get("t", type=Text).insert(0, f"{i:04}" + "x" * 1000)
+        expected = text(offline)
+    server = server_factory("--max-message-size", "200000")
+    async with CollabClient(server.ws_url, name, store=store) as client:
+        await client.flush()
+    async with CollabClient(server.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == expected
+    assert all(len(part) <= PART_BYTES + 2000 for part in parts(offline.doc.get_update()))
+
+
+async def test_presence_too_large_for_servers_is_refused_locally(server: ServerProcess) -> None:
+    """The server closes (1008) a connection sending a state over 64 KB, before the document syncs, and the client
+    sent it again first at every reconnect: nothing synced again, silently."""
+    async with CollabClient(server.ws_url, room()) as client:
+        with pytest.raises(ValueError, match="awareness state of 70011 bytes"):
+            client.set_awareness({"big": "x" * 70_000})
+        client.set_awareness({"user": "small"})
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "synced")
+        await client.flush()
+
+
 async def test_presence_is_announced_anew_after_the_server_restarts(server: ServerProcess) -> None:
     """A Yjs peer keeps the clock of a state it saw; after the server restarts, a state sent with that clock again
     is ignored (y-protocols) until the next renewal, 15 s later: the client announces its state with a new clock
@@ -369,9 +400,13 @@ async def test_a_character_a_peer_cuts_in_two_is_cut_here_as_yjs_cuts_it(upstrea
         await client.synced()
         client.doc.get("t", type=Text).insert(0, "a😀b")
         await client.flush()
+        kept = client.doc.get("t", type=Text)
         cutter = await RawPeer.connect(f"{upstream.ws_url}/{name}")
         await cutter.send(sync_update(deletion(*second_unit(client.doc))))
         await client.wait_until(lambda: text(client) == "a\ufffdb")
+        assert client.last_error is None
+        kept.insert(0, "lost")  # through the document replaced: never sent, but said
+        assert "an edit to a replaced client.doc was not sent" in str(client.last_error)
         again = Doc()
         again.apply_update(client.doc.get_update())
         assert str(again.get("t", type=Text)) == "a\ufffdb"
