@@ -20,6 +20,7 @@ MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection ma
 MAX_AWARENESS_STATE = 64 * 1024  # bytes of JSON (UTF-8) in one awareness state
 MAX_CLOCK_TAKEN = 2**52  # the highest awareness clock taken at once; above it, only a step at a time (`_taken`)
 CLOCK_STEP = 1024  # by how much the connection that introduced a client may raise its clock above MAX_CLOCK_TAKEN
+WRITERS_KEPT = 1024  # client ids a room remembers having had a state for from a read-write connection
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 _AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
 
@@ -60,6 +61,7 @@ class Presence:
         self._removed: set[int] = set()  # client ids whose state was removed since the last sweep
         self._removed_before: set[int] = set()  # those removed in the sweep interval before that
         self._viewers: set[int] = set()  # client ids whose latest state came from a read-only connection
+        self._writers: dict[int, None] = {}  # the latest WRITERS_KEPT ids with a state from a read-write one
 
     def message(self) -> bytes:
         """The message holding every state (for joiners and QueryAwareness), encoded once until one changes (it
@@ -142,15 +144,22 @@ class Presence:
                             self._viewers.add(cid)
                         else:
                             self._viewers.discard(cid)
+                            self._writers.pop(cid, None)
+                            self._writers[cid] = None
+                            if len(self._writers) > WRITERS_KEPT:
+                                del self._writers[next(iter(self._writers))]
                 accepted.append(entry)
         return accepted
 
     def claimable(self, client_id: int, doc: Doc) -> bool:
         """Whether a read-only connection may set the presence of `client_id`, which it did not introduce: one the
         room holds no state for, and last had from a viewer (one reconnecting) or never saw, if it is not the id of
-        someone who wrote to the document. A writer's id without a state (cleared, timed out, or not announced yet
-        after a restart) is not: at a high clock, the viewer's state would hold off the writer's next ones."""
-        if client_id in self.states:
+        someone who wrote to the document or showed presence from a read-write connection (among the latest
+        WRITERS_KEPT). A writer's id without a state (cleared, timed out, or not announced yet after a restart) is
+        not: at a high clock, the viewer's state would hold off the writer's next ones, and a y-protocols client
+        takes a state for its own id as its own (a user who showed presence but never edited, offline long enough
+        for the room to forget the clock, got the viewer's state on reconnecting)."""
+        if client_id in self.states or client_id in self._writers:
             return False
         if client_id in self._clock:
             return client_id in self._viewers

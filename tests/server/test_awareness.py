@@ -222,3 +222,21 @@ def test_a_clock_near_2_53_is_taken_only_a_step_at_a_time_from_the_client_s_own_
     assert accepted(victim, MAX_CLOCK_TAKEN + 1 + CLOCK_STEP, {"user": "v"})
     assert not accepted(forger, MAX_CLOCK_TAKEN + 2 + 2 * CLOCK_STEP, {"user": "forged"})  # one step at most
     assert presence_.states[7] == p.AwarenessEntry(7, MAX_CLOCK_TAKEN + 1 + CLOCK_STEP, json.dumps({"user": "v"}))
+
+
+def test_a_viewer_cannot_claim_the_id_of_a_user_who_showed_presence_from_a_writer_s_connection() -> None:
+    """A user who showed presence but never edited, gone long enough for the room to forget the clock: a viewer sent
+    that client id, and the user's y-protocols client took the viewer's state as its own on reconnecting."""
+    presence_ = Presence()
+    doc = Doc()
+    user = SimpleNamespace(readonly=False, awareness_ids=set())
+    viewer = SimpleNamespace(readonly=True, awareness_ids=set())
+    update = p.encode_awareness_update([p.AwarenessEntry(7, 5, json.dumps({"user": "u"}))])
+    assert presence_.accept(update, user, doc)
+    presence_.bump(7)  # the user's connection closed
+    for _ in range(2):  # its clock is forgotten
+        presence_.sweep(0.0)
+    forged = p.encode_awareness_update([p.AwarenessEntry(7, 99, json.dumps({"user": "forged"}))])
+    assert presence_.accept(forged, viewer, doc) == [] and 7 not in presence_.states
+    own = p.encode_awareness_update([p.AwarenessEntry(8, 1, json.dumps({"user": "viewer"}))])
+    assert presence_.accept(own, viewer, doc)  # a viewer's own id is still its own
