@@ -158,10 +158,13 @@ class SQLiteStore:
         self._marks = False  # whether the database keeps webhook marks (see keep_marks)
 
     async def open(self) -> None:
+        new = not os.path.exists(self.path)
         self._locks = await claim(self.path, self.lock_wait)
         try:
             await self._connect()
         except BaseException as exc:
+            if new:  # a full disk, say: no empty database is left behind
+                _remove_empty(self.path)
             await self._release()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"opening {self.path} failed: {exc}") from exc
@@ -645,6 +648,15 @@ async def claim(path: str, wait: float) -> list[int]:
             os.close(fd)
         raise
     return fds
+
+
+def _remove_empty(path: str) -> None:
+    """Remove the database file `path` and SQLite's files beside it, if it holds nothing (not one page)."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            for name in (path, path + "-wal", path + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
 
 
 def _open(path: str) -> int:

@@ -409,3 +409,4 @@ def test_a_server_that_cannot_write_its_files_at_start_says_why_in_one_line(tmp_
                           preexec_fn=no_file_growth)
     assert done.returncode == 3, done.stderr
     assert "cannot start: " in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # no empty database left, which the next start would take as one
