@@ -31,6 +31,7 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011  # storage failure
     TRY_AGAIN_LATER = 1013  # the client cannot keep up with its send queue
     # 4400-4499 tell y-websocket not to reconnect (HTTP mnemonics)
+    BAD_REQUEST = 4400  # with auth_close_codes: a path that names no room
     NO_TOKEN = 4401  # with auth_close_codes
     FORBIDDEN = 4403  # with auth_close_codes: invalid, expired or not covering the document
     DELETED = 4410  # the document was deleted (Gone)

@@ -110,27 +110,31 @@ async def _admit(scope: Scope, receive: Receive, send: Send, rooms: Rooms,
                  settings: Settings) -> tuple[str, Grant] | None:
     """Check the room name and token, then accept (choosing the token subprotocol) or refuse: with 403, or
     with auth_close_codes by accepting and closing with 4401/4403 and the reason."""
+    subprotocols: list[str] = scope.get("subprotocols") or []
+    # browsers fail a connection whose requested subprotocols the server answers with none
+    chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
+
+    async def refuse(code: CloseCode, reason: str) -> None:
+        """403 before accepting, or with auth_close_codes, accepting and closing with `code` and `reason`."""
+        if not settings.auth_close_codes:
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})  # before accept: 403
+        elif (await receive())["type"] == "websocket.connect":  # accept, so the client gets code and reason
+            await send({"type": "websocket.accept", "subprotocol": chosen})
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
     name = room_name(scope)
     if name is None:
         log.info("refused websocket: bad room name path=%r", scope["path"])
-        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})  # before accept: 403
+        await refuse(CloseCode.BAD_REQUEST, "bad room name")
         return None
-    subprotocols: list[str] = scope.get("subprotocols") or []
     query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
     token = token_from(query, subprotocols, _header(scope, b"authorization"))
-    # browsers fail a connection whose requested subprotocols the server answers with none
-    chosen = next((proto for proto in subprotocols if proto.startswith(SUBPROTOCOL_PREFIX)), None)
     try:
         grant = authorize(settings.auth_secret, settings.auth_required, name, token)
     except AuthError as exc:
         rooms.metrics.errors.labels("auth").inc()
         log.info("refused websocket room=%s reason=%s", name, exc)
-        if not settings.auth_close_codes:
-            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})  # before accept: 403
-        elif (await receive())["type"] == "websocket.connect":  # accept, so the client gets code and reason
-            await send({"type": "websocket.accept", "subprotocol": chosen})
-            code = CloseCode.FORBIDDEN if token else CloseCode.NO_TOKEN
-            await send({"type": "websocket.close", "code": code, "reason": str(exc)})
+        await refuse(CloseCode.FORBIDDEN if token else CloseCode.NO_TOKEN, str(exc))
         return None
     if (await receive())["type"] != "websocket.connect":  # the peer left during the handshake
         return None

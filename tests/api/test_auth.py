@@ -74,6 +74,13 @@ async def test_with_auth_close_codes_a_refused_client_learns_why(server_factory,
     assert server.metric('collab_errors_total{kind="auth"}') == 1
 
 
+async def test_with_auth_close_codes_a_path_that_names_no_room_closes_with_4400(server_factory) -> None:
+    """Refused with 403, a path naming no room made y-websocket retry for ever, as a refused token did."""
+    server = server_factory("--auth-required", "--auth-secret", SECRET, "--auth-close-codes")
+    peer = await RawPeer.connect(f"{server.ws_url}/a/../b?token={issue_token(SECRET, doc='b')}")
+    assert await peer.wait_closed() == (4400, "bad room name")
+
+
 async def test_token_via_query_subprotocol_or_header(server: ServerProcess) -> None:
     prefix = issue_token(SECRET, prefix="team/")
     ways = {
