@@ -26,7 +26,13 @@ from collab_server.slicing import slow_documents
 from collab_server.storage import DeletedMeanwhile, LogMark, StorageError, Store
 from collab_server.surrogates import Characters, Cut, Scan, beyond_bmp, merge_safely, precut
 from collab_server.transport import binary_frame
-from collab_server.updatecheck import check_state_vector, check_text_parents, check_update
+from collab_server.updatecheck import (
+    MAX_TYPE_DEPTH,
+    check_state_vector,
+    check_text_parents,
+    check_type_depth,
+    check_update,
+)
 
 log = logging.getLogger(__name__)
 # a client cutting emoji as fast as it can rebuilds its room for each (hundreds a second): one line per 10 s
@@ -73,7 +79,8 @@ def _precut(updates: list[bytes]) -> list[tuple[bytes, Scan | None]]:
 
 def _check(update: bytes) -> None:
     """Raise ProtocolError for an update yrs must not read (updatecheck.py): what could crash, stall or hang it."""
-    check_update(update)
+    if check_update(update) > MAX_TYPE_DEPTH:
+        check_type_depth(update)
     if beyond_bmp(update):
         check_text_parents(update)
 

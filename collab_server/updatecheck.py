@@ -18,20 +18,26 @@ from typing import NamedTuple
 from collab_server.protocol import ProtocolError
 
 MAX_DEPTH = 256  # nesting of values inside one update (JSON-like content, subdocument options)
+MAX_TYPE_DEPTH = 256  # nesting of the types one update creates inside one another
 _XML_ELEMENT, _XML_HOOK = 3, 5  # the type refs that carry a name
 _FIXED = {127: 0, 126: 0, 121: 0, 120: 0, 124: 4, 123: 8, 122: 8}  # value tags with a fixed size after them
 
 
-def check_update(update: bytes) -> None:
+def check_update(update: bytes) -> int:
     """Raise ProtocolError unless the structs of v1 `update` keep their counts, lengths and nesting within
-    bounds (it may still be invalid in ways only yrs can tell)."""
+    bounds (it may still be invalid in ways only yrs can tell); return how many types it creates (more than
+    MAX_TYPE_DEPTH: see `check_type_depth`)."""
     w = Walk(update, "update")
+    data, types = w.data, 0
     for _ in range(w.count()):
         structs = w.count()
         w.uint()  # client
         w.uint()  # clock
         for _ in range(structs):
+            if w.pos < len(data) and data[w.pos] & 0x1F == 7:
+                types += 1
             w.struct()
+    return types
 
 
 _TEXT_TYPES = (2, 6)  # Y.Text, Y.XmlText: the only types that hold string content
@@ -79,6 +85,41 @@ def structs(update: bytes) -> tuple[list[Struct], Walk]:
     return found, w
 
 
+class _Parents:
+    """The structs of an update, with the parent each one names or implies, followed through the update."""
+
+    def __init__(self, update: bytes) -> None:
+        self.found, self.walk = structs(update)
+        self.by_client: dict[int, list[Struct]] = {}  # each client's structs, in clock order (as an update lists them)
+        for s in self.found:
+            self.by_client.setdefault(s.client, []).append(s)
+        self._starts = {client: [s.clock for s in run] for client, run in self.by_client.items()}
+        self._parents: dict[Id, Id | None] = {}  # the parent found for each struct looked at (by its first clock)
+
+    def holding(self, client: int, clock: int) -> Struct | None:
+        """The struct of the update holding id (client, clock), if any."""
+        at = bisect_right(self._starts.get(client, ()), clock) - 1
+        s = self.by_client[client][at] if at >= 0 else None
+        return s if s is not None and clock < s.clock + s.length else None
+
+    def parent(self, s: Struct) -> Id | None:
+        """The id of the item creating `s`'s parent type, as `s` names it or as the item its origin is in does,
+        followed through the update (each struct once: a chain of thousands of items, looked up for each string,
+        took cubic time); None for a root, or a parent the update does not show."""
+        chain: dict[Id, None] = {}  # the structs followed, in order
+        while (s.client, s.clock) not in self._parents:
+            chain[(s.client, s.clock)] = None
+            origin = self.holding(*s.origins[0]) if s.parent is None and s.origins else None
+            if origin is None or (origin.client, origin.clock) in chain:  # the parent named, or none known
+                self._parents[(s.client, s.clock)] = s.parent
+                break
+            s = origin
+        found = self._parents[(s.client, s.clock)]
+        for at in chain:
+            self._parents[at] = found
+        return found
+
+
 def check_text_parents(update: bytes) -> None:
     """Raise ProtocolError if `update` (checked by `check_update`) puts string content in something that is not a
     text, as far as the update itself tells: a map's value, or an item whose parent (named, or that of the item its
@@ -87,43 +128,43 @@ def check_text_parents(update: bytes) -> None:
     BMP, loops for ever (to_json, or an item by position), which stopped the whole server (a 50-byte update). A
     parent the update does not show (one made by an earlier update) is not known here. Call it for updates that
     may hold such a character."""
-    found, w = structs(update)
-    types = {(s.client, s.clock): s.type_ref for s in found if s.type_ref is not None}
-    by_client: dict[int, list[Struct]] = {}  # each client's structs, in clock order (as an update lists them)
-    for s in found:
-        by_client.setdefault(s.client, []).append(s)
-    starts = {client: [s.clock for s in run] for client, run in by_client.items()}
-    parents: dict[Id, int | None] = {}  # the parent type found for each struct looked at (by its first clock)
-
-    def holding(client: int, clock: int) -> Struct | None:
-        at = bisect_right(starts.get(client, ()), clock) - 1
-        s = by_client[client][at] if at >= 0 else None
-        return s if s is not None and clock < s.clock + s.length else None
-
-    def parent_type(s: Struct) -> int | None:
-        """The type ref of `s`'s parent if the update creates it, following origins through the update (each struct
-        once: a chain of thousands of items, looked up for each string, took cubic time)."""
-        chain: dict[Id, None] = {}  # the structs followed, in order
-        while (s.client, s.clock) not in parents:
-            chain[(s.client, s.clock)] = None
-            origin = holding(*s.origins[0]) if s.parent is None and s.origins else None
-            if origin is None or (origin.client, origin.clock) in chain:  # the parent named, or none known
-                parents[(s.client, s.clock)] = types.get(s.parent) if s.parent is not None else None
-                break
-            s = origin
-        kind = parents[(s.client, s.clock)]
-        for at in chain:
-            parents[at] = kind
-        return kind
-
-    for s in found:
+    update_ = _Parents(update)
+    types = {(s.client, s.clock): s.type_ref for s in update_.found if s.type_ref is not None}
+    for s in update_.found:
         if s.ref != 4:
             continue
-        kind = parent_type(s)
+        parent = update_.parent(s)
+        kind = types.get(parent) if parent is not None else None
         if s.keyed or (kind is not None and kind not in _TEXT_TYPES):
-            raise w.fail("string content whose parent is not a text")
-        if any((origin := holding(*at)) is not None and origin.ref in _VALUES for at in s.origins):
-            raise w.fail("string content among an array's values")
+            raise update_.walk.fail("string content whose parent is not a text")
+        if any((origin := update_.holding(*at)) is not None and origin.ref in _VALUES for at in s.origins):
+            raise update_.walk.fail("string content among an array's values")
+
+
+def check_type_depth(update: bytes) -> None:
+    """Raise ProtocolError if `update` (checked by `check_update`) nests the types it creates more than
+    MAX_TYPE_DEPTH deep. yrs's deep observers build an event for each level a change is under: 10,000 maps nested in
+    one update under `blocks` held the event loop, every room's, for two minutes. Yjs has no such limit, but no
+    editor nests so deep. Types the update does not show count as roots."""
+    update_ = _Parents(update)
+    depths: dict[Id, int] = {}
+    for s in update_.found:
+        if s.type_ref is None:
+            continue
+        chain: dict[Id, None] = {}  # s and the types of the update it is in, innermost first, to one of known depth
+        at: Struct | None = s
+        while at is not None and (at.client, at.clock) not in depths:
+            chain[(at.client, at.clock)] = None
+            parent = update_.parent(at)
+            at = update_.holding(*parent) if parent is not None else None
+            if at is not None and (at.type_ref is None or (at.client, at.clock) in chain):
+                at = None
+        depth = depths[(at.client, at.clock)] if at is not None else 0
+        for inner in reversed(chain):
+            depth += 1
+            depths[inner] = depth
+            if depth > MAX_TYPE_DEPTH:
+                raise update_.walk.fail(f"types nested deeper than {MAX_TYPE_DEPTH}")
 
 
 def check_state_vector(state_vector: bytes) -> None:

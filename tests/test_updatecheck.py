@@ -198,3 +198,52 @@ def test_string_parents_are_followed_once_per_struct(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(updatecheck, "bisect_right", lambda *args: lookups.append(args) or bisect(*args))
     check_text_parents(update)
     assert len(lookups) <= 3 * 600  # a few per string (its origins, and its parent chain once), not a scan each
+
+
+def nested_maps(depth: int, ordered: bool = True) -> bytes:
+    """An update creating `depth` maps, each in the one before, under the root map `blocks`; listed innermost
+    first unless `ordered` (an update may list its structs in any client order)."""
+    docs = [Doc(client_id=depth + 10)] if ordered else [Doc(client_id=10 + i) for i in range(depth)]
+    doc = docs[0]
+    if ordered:
+        with doc.transaction():
+            at = doc.get("blocks", type=Map)
+            for _ in range(depth):
+                at["c"] = Map()
+                at = at["c"]
+        return doc.get_update()
+    updates = []
+    for i, writer in enumerate(docs):  # each level by another client, whose id is higher than the level's above
+        for update in updates:
+            writer.apply_update(update)
+        at = writer.get("blocks", type=Map)
+        for _ in range(i):
+            at = at["c"]
+        at["c"] = Map()
+        updates.append(writer.get_update(docs[i - 1].get_state() if i else Doc().get_state()))
+    merged = Doc()
+    for update in updates:
+        merged.apply_update(update)
+    return merged.get_update()
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["one-client", "a-client-a-level"])
+def test_types_nested_beyond_the_limit_in_one_update_are_refused(ordered: bool) -> None:
+    """yrs's deep observers build an event for each level a change is under: 10,000 maps nested in one update under
+    `blocks` held every room's loop for two minutes."""
+    fine = nested_maps(updatecheck.MAX_TYPE_DEPTH, ordered)
+    assert check_update(fine) == updatecheck.MAX_TYPE_DEPTH
+    updatecheck.check_type_depth(fine)
+    deep = nested_maps(updatecheck.MAX_TYPE_DEPTH + 1, ordered)
+    assert check_update(deep) == updatecheck.MAX_TYPE_DEPTH + 1
+    with pytest.raises(p.ProtocolError, match=f"types nested deeper than {updatecheck.MAX_TYPE_DEPTH}"):
+        updatecheck.check_type_depth(deep)
+
+
+def test_many_types_side_by_side_are_not_nesting() -> None:
+    doc = Doc()
+    with doc.transaction():
+        for i in range(2 * updatecheck.MAX_TYPE_DEPTH):
+            create_block(doc, f"b{i}", "p", "text")
+    assert check_update(doc.get_update()) == 3 * 2 * updatecheck.MAX_TYPE_DEPTH
+    updatecheck.check_type_depth(doc.get_update())

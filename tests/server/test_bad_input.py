@@ -14,6 +14,7 @@ from collab_server.model import add_index_entry, blocks_to_json, create_block
 from collab_server.updatecheck import structs
 from tests.rawclient import RawPeer, state_vector, text_updates
 from tests.serverproc import wait_until
+from tests.test_updatecheck import nested_maps
 
 BAD_FRAMES = {
     "truncated varint": (b"\x00\x02\x85", 1007),
@@ -42,6 +43,8 @@ BAD_FRAMES = {
     "string content in an array": (p.sync_update(bytes.fromhex(
         "0103932100270106626c6f636b730262310127009321000c696e646578696e674c69737400040093210106f09f9880616200")), 1007),
     "empty frame": (b"", 1007),
+    # 10,000 maps nested under `blocks` held every room's loop for two minutes (yrs's deep observer)
+    "types nested too deep": (p.sync_update(nested_maps(10_000)), 1007),
 }
 
 
