@@ -17,6 +17,7 @@ from collab_server.transport import FrameWriter, binary_frame
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 KEEPALIVE_FRAME = binary_frame(KEEPALIVE)
+COALESCE_BYTES = 16 * 1024 * 1024  # a queue holding more is not merged (`Connection._coalesced`): ~0.15 s to merge
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -97,7 +98,7 @@ class Connection:
         if self.closed or self.send_failed:
             return
         if self._drain is None and self._frames is not None:
-            if self._frames.write_frame(frame if frame is not None else binary_frame(message)):
+            if self._frames.write_frame(frame) if frame is not None else self._frames.write_message(message):
                 self._last_send = self._loop.time()
                 self.metrics.bytes_sent.inc(len(message))
                 return
@@ -128,6 +129,8 @@ class Connection:
             log.log(logging.DEBUG if quiet else logging.INFO, "closing connection id=%d code=%d reason=%s",
                     self.id, code, reason)
         self._start_drain()
+        if self._frames is not None:  # a peer that reads nothing would hold the close, and the drain, for ever
+            self._frames.abort_later()
 
     async def wait_closed(self) -> None:
         """Wait until the close frame is sent (or sending failed)."""
@@ -143,8 +146,10 @@ class Connection:
         return len(self._queue) >= self.send_queue_limit or self._queued_bytes + adding > self.send_queue_bytes
 
     def _coalesced(self, messages: list[bytes]) -> list[bytes]:
-        """`messages` merged (see coalesce.py); unchanged, and logged, if a message cannot be read."""
-        if len(messages) < 2:
+        """`messages` merged (see coalesce.py); unchanged, and logged, if a message cannot be read, and unchanged if
+        they hold more than COALESCE_BYTES (merging 64 MB took up to a second of the event loop, every room's, for
+        each peer that fell behind)."""
+        if len(messages) < 2 or sum(map(len, messages)) > COALESCE_BYTES:
             return messages
         try:
             merged = coalesce(messages)

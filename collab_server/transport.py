@@ -39,6 +39,11 @@ SCOPE_EXTENSION = "collab.frames"
 # bytes waiting to go to a peer past which its pings are answered only once they drain, the latest only: a peer
 # flooding pings and reading nothing piled up pongs without bound (470 MB in 25 s)
 PONG_BACKLOG = 64 * 1024
+# seconds a closing connection may take to write what is buffered for its peer before its socket is aborted: closing
+# waits for that, which a peer that reads nothing (a frozen tab, a stopped process) never lets happen, so its socket,
+# the bytes buffered for it and, through its session, its room stayed for as long as the peer lived
+CLOSE_GRACE = 5.0
+SHARED_FROM = 64 * 1024  # bytes of a message from which `write_message` writes it without copying it into a frame
 # websockets' own logger, for the sans-I/O protocol uvicorn hands its "uvicorn.error" logger to (see logs.py)
 WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
@@ -48,9 +53,16 @@ class FrameWriter(Protocol):
         """Write a complete encoded frame now and return True, or return False if the socket cannot take it
         without queueing (not open, closing or backed up)."""
 
+    def write_message(self, message: bytes) -> bool:
+        """`write_frame(binary_frame(message))`, without copying `message` into a frame: a message several
+        connections are sent (a sync answer they share) is buffered once for all of them, not once each."""
+
     def ignore(self, messages: Container[bytes]) -> None:
         """From now on drop, as they are read, incoming messages found in `messages` (which the application
         knows change nothing), before they cost it a receive."""
+
+    def abort_later(self) -> None:
+        """Abort the socket if it is still connected CLOSE_GRACE seconds from now (the application is closing it)."""
 
 
 def frame_writer(scope: Scope) -> FrameWriter | None:
@@ -119,15 +131,17 @@ def frame_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, in
 
 def binary_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented binary websocket frame (RFC 6455 §5.2) carrying `payload`."""
-    size = len(payload)
+    return binary_frame_head(len(payload)) + payload
+
+
+def binary_frame_head(size: int) -> bytes:
+    """The header of `binary_frame` for a payload of `size` bytes."""
     first = 0x80 | Opcode.BINARY  # FIN
     if size < 126:
-        header = struct.pack("!BB", first, size)
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
+        return struct.pack("!BB", first, size)
+    if size < 1 << 16:
+        return struct.pack("!BBH", first, 126, size)
+    return struct.pack("!BBQ", first, 127, size)
 
 
 class _Inbox:
@@ -365,7 +379,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "handshake_complete", "handshake_initiated", "initial_response", "last_ping_rtt", "logger", "loop",
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
-        "transport", "writable", "_inbound", "_early", "_ignored", "_owed_pong", "_pause", "_shut_down",
+        "transport", "writable", "_inbound", "_early", "_ignored", "_owed_pong", "_pause", "_shut_down", "_aborting",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -381,6 +395,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._owed_pong: bytes | None = None  # the latest ping left unanswered while answers backed up
         self._pause: asyncio.Future[None] | None = None  # while the application waits before reading on
         self._shut_down = False  # the server is shutting down
+        self._aborting: asyncio.TimerHandle | None = None  # abort_later's timer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -474,6 +489,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         self.transport.close()
+        self.abort_later()
 
     def _release_handshake(self) -> None:
         """Free what only the handshake needed once accepted: collab_server reads the scope (path, query, headers,
@@ -493,6 +509,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][SCOPE_EXTENSION] = self
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._aborting is not None:
+            self._aborting.cancel()
+            self._aborting = None
         super().connection_lost(exc)
         # the scope offers this protocol as its frame writer: a cycle the cyclic GC alone would free, so every
         # closed connection (its buffers and parser included) would wait for a collection
@@ -506,12 +525,36 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             await super().run_asgi()
         finally:
             _SESSIONS.discard(self)
+            self.abort_later()
 
     def shutdown(self) -> None:
         """Server shutdown of a connected peer: `stopping`, then uvicorn's (it closes the socket and queues a
         disconnect after what the peer sent)."""
         self.stopping()
         super().shutdown()
+        self.abort_later()
+
+    def keepalive_timeout(self) -> None:
+        """uvicorn's (close 1011), said at INFO (uvicorn logs it at TRACE), and the socket aborted if the close cannot
+        be written (`abort_later`)."""
+        if not (self.close_sent or self.transport.is_closing()):
+            log.info("closing connection: keepalive ping not answered in %s s", self.ping_timeout)
+        super().keepalive_timeout()
+        self.abort_later()
+
+    def abort_later(self) -> None:
+        if self._aborting is None and not self.disconnected:
+            grace = CLOSE_GRACE
+            if self._shut_down and self.config.timeout_graceful_shutdown is not None:
+                grace = min(grace, self.config.timeout_graceful_shutdown / 4)
+            self._aborting = self.loop.call_later(grace, self._abort)
+
+    def _abort(self) -> None:
+        self._aborting = None
+        if not self.disconnected:
+            log.info("aborting a connection whose peer did not take what was written to it (%d bytes) within %s s "
+                     "of closing", self.transport.get_write_buffer_size(), CLOSE_GRACE)
+            self.transport.abort()
 
     def stopping(self) -> None:
         """Server shutdown: the application goes on taking what the peer sent before it for half of the graceful
@@ -575,11 +618,24 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._ignored = messages
 
     def write_frame(self, frame: bytes) -> bool:
-        if (self.close_sent or self.disconnected or not self.writable.is_set() or self.conn.state is not State.OPEN
-                or self.transport.is_closing()):
+        if not self._open():
             return False
         self.transport.write(frame)
         return True
+
+    def write_message(self, message: bytes) -> bool:
+        if not self._open():
+            return False
+        if len(message) < SHARED_FROM:
+            self.transport.write(binary_frame(message))
+        else:  # the transport keeps `message` itself where the socket cannot take it at once
+            self.transport.writelines((binary_frame_head(len(message)), message))
+        return True
+
+    def _open(self) -> bool:
+        """Whether the socket takes frames now (open, not closing, not backed up)."""
+        return not (self.close_sent or self.disconnected or not self.writable.is_set()
+                    or self.conn.state is not State.OPEN or self.transport.is_closing())
 
 
 _SESSIONS: set[CollabWebSocketProtocol] = set()  # connections whose application (session) still runs

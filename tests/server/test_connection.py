@@ -8,6 +8,7 @@ import logging
 from pycrdt import Doc, Text
 
 from collab_server import protocol as p
+from collab_server import connection
 from collab_server.connection import Connection
 from collab_server.metrics import Metrics
 
@@ -63,3 +64,36 @@ async def test_what_waits_behind_a_slow_send_goes_out_merged_and_unreadable_mess
 async def _sent(sent: list[bytes], count: int) -> None:
     while len(sent) < count:
         await asyncio.sleep(0.01)
+
+
+async def test_a_queue_over_coalesce_bytes_is_not_merged_on_the_loop(monkeypatch) -> None:
+    """Merging a slow peer's whole queue (up to 64 MB) took up to a second of the event loop, every room's, for each
+    peer that overflowed: 20 of them held it 22 s. A queue over COALESCE_BYTES overflows without being merged."""
+    gate = asyncio.Event()
+    merged: list[int] = []
+
+    async def asgi_send(message: dict) -> None:
+        await gate.wait()
+
+    real = connection.coalesce
+    monkeypatch.setattr(connection, "coalesce", lambda messages: merged.append(sum(map(len, messages)))
+                        or real(messages))
+    monkeypatch.setattr(connection, "COALESCE_BYTES", 50_000)
+    conn = Connection(asgi_send, Metrics(), send_queue_limit=1000, send_queue_bytes=100_000)
+    doc = Doc()
+    messages = []
+    for i in range(30):
+        sv = doc.get_state()
+        doc.get("t", type=Text).insert(0, str(i % 10) * 5000)
+        messages.append(p.sync_update(doc.get_update(sv)))
+    conn.send(messages[0])
+    await asyncio.sleep(0)  # the drain task takes it and waits at the gate
+    for message in messages[1:]:
+        conn.send(message)
+    assert conn.close_code == 1013
+    assert merged == []
+    small = Connection(asgi_send, Metrics(), send_queue_limit=3)
+    for message in text_updates(5):  # a few small messages over the count limit are still merged
+        small.send(message)
+    assert small.close_code is None and merged
+    gate.set()
