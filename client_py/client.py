@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from pycrdt import Doc, Subscription, TransactionEvent, merge_updates
+from pycrdt import Doc, Subscription, TransactionEvent
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
@@ -34,7 +34,7 @@ from collab_server.protocol import (
 from collab_server.heldback import Held
 from collab_server.presence import MAX_AWARENESS_STATE
 from collab_server.replay import apply, build
-from collab_server.slicing import slices
+from collab_server.slicing import causal_parts
 from collab_server.surrogates import Characters
 from client_py.awareness import RENEW_EVERY, Awareness
 from client_py.backoff import Backoff
@@ -93,21 +93,12 @@ def retry_after(exc: BaseException) -> float:
 
 
 def parts(update: bytes) -> list[bytes]:
-    """`update` as updates to send one after another: whole up to PART_BYTES, else cut at struct boundaries
-    (collab_server/slicing.py) into parts of about PART_BYTES. Sent whole, many small edits made offline made one
-    handshake message over the server's --max-message-size: it closed with 1009, and every reconnect sent it again.
-    A single edit (a struct) bigger than the server takes still is, and stops the client (ServerClosed)."""
-    if len(update) <= PART_BYTES:
-        return [update]
-    out: list[bytes] = []
-    group: list[bytes] = []
-    for piece in slices(update):
-        if group and sum(map(len, group)) + len(piece) > PART_BYTES:
-            out.append(merge_updates(*group))
-            group = []
-        group.append(piece)
-    out.append(merge_updates(*group))
-    return out
+    """`update` as updates to send one after another: whole up to PART_BYTES, else in parts of about PART_BYTES, each
+    edit after what it refers to (collab_server/slicing.py's `causal_parts`: the server closes a connection whose
+    changes wait for later ones too often). Sent whole, many edits made offline made one handshake message over the
+    server's --max-message-size: it closed with 1009, and every reconnect sent it again. A single edit (a struct)
+    bigger than the server takes still is, and stops the client (ServerClosed)."""
+    return [update] if len(update) <= PART_BYTES else causal_parts(update, PART_BYTES)
 
 
 class CollabClient:

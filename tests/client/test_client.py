@@ -249,6 +249,32 @@ async def test_many_edits_made_offline_are_sent_in_parts_the_server_takes(server
     assert all(len(part) <= PART_BYTES + 2000 for part in parts(offline.doc.get_update()))
 
 
+async def test_a_backlog_of_several_clients_edits_is_sent_in_parts_none_of_which_waits(server: ServerProcess,
+                                                                                       tmp_path: Path) -> None:
+    """Three sessions, one after another, each typing at the start of the text, offline: cut into parts by client,
+    a later session's parts waited for the earlier session's last one, and the server closed the connection (1008:
+    too many changes waiting) at every reconnect. Parts now come in causal order."""
+    name = room()
+    sessions = [Doc(client_id=100 + i) for i in range(3)]
+    for i, writer in enumerate(sessions):
+        if i:
+            writer.apply_update(sessions[i - 1].get_update())
+        text_ = writer.get("t", type=Text)
+        for n in range(80_000):
+            text_.insert(0, "abcdefghij"[n % 10])
+    backlog = sessions[-1].get_update()
+    store = tmp_path / "client.db"
+    async with CollabClient(f"ws://127.0.0.1:{free_port()}", name, store=store, backoff=FAST) as offline:
+        offline.doc.apply_update(backlog)
+    assert len(parts(backlog)) > 16  # more than the server holds back for one connection
+    async with CollabClient(server.ws_url, name, store=store) as client:
+        await client.flush()
+        assert client.last_error is None
+    async with CollabClient(server.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == str(sessions[-1].get("t", type=Text))
+
+
 async def test_presence_too_large_for_servers_is_refused_locally(server: ServerProcess) -> None:
     """The server closes (1008) a connection sending a state over 64 KB, before the document syncs, and the client
     sent it again first at every reconnect: nothing synced again, silently."""
