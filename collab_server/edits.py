@@ -34,7 +34,6 @@ from collab_server.model.blocks import (
 )
 
 MAX_OPS = 1000
-_UNKNOWN = object()  # the status of an entry name after an op removed an entry of that name
 MAX_DEPTH = 32  # nesting of metadata values
 
 
@@ -156,7 +155,9 @@ class _Block:
     listed: EntryList | None
     text: str = ""
     names: dict[str, int] = field(default_factory=dict)
-    statuses: dict[str, str | None] = field(default_factory=dict)  # set by the ops before (_UNKNOWN: removed)
+    removed: dict[str, int] = field(default_factory=dict)  # entries of the document the ops before removed
+    added: set[str] = field(default_factory=set)  # names whose first entry the ops before added
+    statuses: dict[str, str | None] = field(default_factory=dict)  # of the first entry, as the ops before set it
 
     def count(self, name: str) -> int:
         """How many entries are named `name`, after the ops before."""
@@ -209,17 +210,24 @@ def check_ops(doc: Doc, ops: list[dict[str, Any]]) -> dict[str, EntryList]:
             if not block.count(name):
                 block.statuses[name] = op.get("status", "notStarted")
                 block.names[name] = 1
+                block.added.add(name)
         elif kind == "remove_index":
-            block.names[name] = max(block.count(name) - 1, 0)
-            block.statuses[name] = _UNKNOWN  # type: ignore[assignment]
+            if block.count(name):
+                block.names[name] -= 1
+                if name in block.added:  # the only one of that name (an entry is added only where there is none)
+                    block.added.discard(name)
+                else:
+                    block.removed[name] = block.removed.get(name, 0) + 1
+                block.statuses.pop(name, None)  # the first entry now is the next of the document's, if any
         elif kind in ("set_status", "set_metadata") and not block.count(name):
             raise EditError(404, f"{where}: no index entry {name!r} in block {block_id!r}")
         if kind == "set_status":
             if "expect" in op:
                 if name in block.statuses:
                     status = block.statuses[name]
-                else:  # untouched by the ops before, so in the document
-                    status = entry_status(block.listed.find(name))  # type: ignore[union-attr,arg-type]
+                else:  # one of the document's, untouched by the ops before
+                    entry = block.listed.find(name, block.removed.get(name, 0))  # type: ignore[union-attr]
+                    status = entry_status(entry)  # type: ignore[arg-type]
                 if status != op["expect"]:
                     raise EditError(409, f"{where}: the status of {name!r} in block {block_id!r} is not the expected "
                                          "one (it changed since it was read); nothing was changed")

@@ -12,7 +12,9 @@ import json
 import math
 import secrets
 import time
+from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
@@ -156,47 +158,57 @@ def entry_status(entry: Map) -> str | None:
 
 
 class EntryList:
-    """A block's index entries for many lookups by name in one transaction: the list is read as JSON once, and kept
-    current by the adds and removes made through this object (make a new one after other changes to the list)."""
+    """A block's index entries for many lookups by name in one transaction: the list is read as JSON once, indexed by
+    name, and kept current by the adds and removes made through this object (make a new one after other changes to
+    the list). An item is known by its index in the list as read (or appended), and its position now is that index
+    less the items removed before it."""
 
     def __init__(self, block: Any) -> None:
         self.array = _indexing_list(block)
-        self._items: list[Any] = json.loads(str(self.array)) if self.array is not None else []
+        items = json.loads(str(self.array)) if self.array is not None else []
+        self._named: dict[str, list[int]] = {}  # name -> indexes of the items (plain objects too) of that name
+        for index, item in enumerate(items):
+            if isinstance(item, dict) and isinstance(name := item.get("index_name"), str):
+                self._named.setdefault(name, []).append(index)
+        self._next = len(items)  # the index of the next item appended
+        self._removed: list[int] = []  # indexes of the items removed, in order
 
-    def _positions(self, index_name: str) -> Iterator[int]:
-        """Positions of the entries named `index_name` (a plain object of that name is no entry)."""
-        for position, item in enumerate(self._items):
-            if isinstance(item, dict) and item.get("index_name") == index_name:
-                entry = self.array[position]  # type: ignore[index]
-                if isinstance(entry, Map) and entry.get("index_name") == index_name:
-                    yield position
-
-    def _position(self, index_name: str) -> int | None:
-        return next(self._positions(index_name), None)
+    def _positions(self, index_name: str) -> Iterator[tuple[int, int]]:
+        """(index, position) of the entries named `index_name` (a plain object of that name is no entry)."""
+        for index in self._named.get(index_name, ()):
+            position = index - bisect_left(self._removed, index)
+            entry = self.array[position]  # type: ignore[index]
+            if isinstance(entry, Map) and entry.get("index_name") == index_name:
+                yield index, position
 
     def count(self, index_name: str) -> int:
         """How many entries are named `index_name`."""
         return sum(1 for _ in self._positions(index_name))
 
-    def find(self, index_name: str) -> Map | None:
-        """First entry named `index_name` in array order, or None."""
-        position = self._position(index_name)
-        return None if position is None else self.array[position]  # type: ignore[index]
+    def find(self, index_name: str, nth: int = 0) -> Map | None:
+        """The `nth` entry named `index_name` in array order (the first by default), or None."""
+        found = next(islice(self._positions(index_name), nth, None), None)
+        return None if found is None else self.array[found[1]]  # type: ignore[index]
 
     def append(self, entry: Map) -> Map:
         """Append a new entry (a Map not yet in a document); returns it as the list holds it."""
         assert self.array is not None
         self.array.append(entry)
-        self._items.append(json.loads(str(self.array[len(self.array) - 1])))
-        return self.array[len(self.array) - 1]
+        appended = self.array[len(self.array) - 1]
+        if isinstance(name := appended.get("index_name"), str):
+            self._named.setdefault(name, []).append(self._next)
+        self._next += 1
+        return appended
 
     def remove(self, index_name: str) -> bool:
         """Remove the first entry named `index_name`; returns whether one existed."""
-        position = self._position(index_name)
-        if position is None:
+        found = next(self._positions(index_name), None)
+        if found is None:
             return False
+        index, position = found
         del self.array[position]  # type: ignore[union-attr]
-        del self._items[position]
+        self._named[index_name].remove(index)
+        insort(self._removed, index)
         return True
 
 

@@ -16,8 +16,10 @@ from collab_server.model import (
     blocks_to_json,
     create_block,
     delete_block,
+    entry_status,
     get_block,
     remove_index_entry,
+    resolved_status,
     set_content,
     set_entry_metadata,
     set_status,
@@ -81,7 +83,8 @@ OPS = st.lists(st.one_of(
     st.fixed_dictionaries({"op": st.just("add_index"), "id": IDS, "index_name": st.just("i")}),
     st.fixed_dictionaries({"op": st.just("remove_index"), "id": IDS, "index_name": st.just("i")}),
     st.fixed_dictionaries({"op": st.just("set_status"), "id": IDS, "index_name": st.just("i"),
-                           "status": st.sampled_from(["notStarted", "processing", "done", "error"])}),
+                           "status": st.sampled_from(["notStarted", "processing", "done", "error"])},
+                          optional={"expect": st.sampled_from([None, "notStarted", "done", "error"])}),
     st.fixed_dictionaries({"op": st.just("set_metadata"), "id": IDS, "index_name": st.just("i"),
                            "metadata": st.fixed_dictionaries({"k": st.one_of(st.none(), st.integers(0, 9))})}),
 ), min_size=1, max_size=8)
@@ -103,6 +106,8 @@ def unchecked(doc: Doc, op: dict) -> None:
     elif op["op"] == "remove_index":
         remove_index_entry(doc, op["id"], op["index_name"])
     elif op["op"] == "set_status":
+        if "expect" in op and resolved_status(doc, op["id"], op["index_name"]) != op["expect"]:
+            raise ValueError("not the status expected")
         set_status(doc, op["id"], op["index_name"], op["status"])
     else:
         set_entry_metadata(doc, op["id"], op["index_name"], op["metadata"])
@@ -252,3 +257,23 @@ def test_restoring_keeps_metadata_values_that_are_null() -> None:
     with doc.transaction():
         apply_ops(doc, restore_ops(doc, saved))
     assert entries_by_name(blocks_to_json(doc)) == entries_by_name(saved)
+
+
+def test_expect_after_removing_one_of_two_entries_of_a_name_reads_the_one_left() -> None:
+    """Two entries of one name (added concurrently): once a batch removes the first, `expect` is checked against the
+    second, as the same ops one by one are (the batch took the status as unknown and answered 409)."""
+    doc = malformed_doc()  # block "x" holds two entries named "i"
+    second = [e for e in get_block(doc, "x")["indexingList"] if isinstance(e, Map) and e.get("index_name") == "i"][1]
+    set_status(doc, "x", "i", "error")  # the first entry's
+    with doc.transaction():
+        apply_ops(doc, parse_ops({"ops": [{"op": "remove_index", "id": "x", "index_name": "i"},
+                                          {"op": "set_status", "id": "x", "index_name": "i", "status": "done",
+                                           "expect": "notStarted"}]}))
+    assert entry_status(second) == "done"
+    with pytest.raises(EditError) as refused, doc.transaction():  # and a stale expectation is still refused
+        apply_ops(doc, parse_ops({"ops": [{"op": "set_status", "id": "x", "index_name": "i", "status": "error"},
+                                          {"op": "remove_index", "id": "x", "index_name": "i"},
+                                          {"op": "add_index", "id": "x", "index_name": "i"},
+                                          {"op": "set_status", "id": "x", "index_name": "i", "status": "done",
+                                           "expect": "error"}]}))
+    assert refused.value.status == 409
