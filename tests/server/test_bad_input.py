@@ -10,6 +10,7 @@ from websockets.frames import Frame, Opcode
 
 from collab_server import protocol as p
 from collab_server.auth import issue_token
+from collab_server.room import VIEWER_READ_LIMIT
 from collab_server.model import add_index_entry, blocks_to_json, create_block
 from collab_server.updatecheck import structs
 from tests.rawclient import RawPeer, state_vector, text_updates
@@ -202,6 +203,7 @@ VIEWER_PAYLOADS = {
     **{case: (_payload(case), True) for case in ("update yrs cannot integrate", "update that makes yrs panic")},
     "nested to kill yrs": (b"\x01\x01\x01\x00\x08\x01\x01t\x01" + b"\x75\x01" * 100_000 + b"\x7e\x00", False),
     "claiming 2^28 clients": (p.write_varuint(2**28), False),
+    "too large to be read": (text_updates(1, name="v")[1][0][:3] + b"x" * 300_000, True),  # refused unread
 }
 
 
@@ -209,7 +211,8 @@ VIEWER_PAYLOADS = {
 async def test_a_viewers_bad_update_is_refused_before_yrs_reads_it(server_factory, case: str) -> None:
     """A read-only connection's handshake answer is read (does it bring anything?), never applied: it went to yrs
     unchecked, so one frame nesting values 100,000 deep killed the process (SIGSEGV) and 6 bytes claiming 2^28
-    clients held the loop. It is now checked as a writer's update is (1007), or refused as a write."""
+    clients held the loop. It is now checked as a writer's update is (1007), or refused as a write; an update, or a
+    handshake answer too large to be a viewer's, is refused unread."""
     server = server_factory("--auth-required", "--auth-secret", "s")
     writer = await RawPeer.connect(f"{server.ws_url}/room?token={issue_token('s', doc='room')}")
     await writer.sync()
@@ -218,7 +221,7 @@ async def test_a_viewers_bad_update_is_refused_before_yrs_reads_it(server_factor
         viewer = await RawPeer.connect(f"{server.ws_url}/room?token={issue_token('s', doc='room', access='ro')}")
         await viewer.sync()
         await viewer.send(frame)
-        if well_formed:
+        if well_formed or frame[1] == p.SyncType.UPDATE or len(payload) > VIEWER_READ_LIMIT:  # refused unread
             await viewer.wait_for(lambda: any(isinstance(m, p.AuthMessage) and m.denied for m in viewer.messages))
             assert not viewer.closed.is_set()
         else:
