@@ -19,7 +19,7 @@ from collab_server.heldback import clocks
 MAX_AWARENESS_IDS = 16  # awareness client ids new to the room one connection may introduce (y-websocket: one)
 MAX_AWARENESS_STATE = 64 * 1024  # bytes of JSON (UTF-8) in one awareness state
 MAX_CLOCK_TAKEN = 2**52  # the highest awareness clock taken at once; above it, only a step at a time (`_taken`)
-CLOCK_STEP = 1024  # by how much the connection that introduced a client may raise its clock above MAX_CLOCK_TAKEN
+CLOCK_STEP = 1024  # by how much a client's clock may rise at once above MAX_CLOCK_TAKEN
 WRITERS_KEPT = 1024  # client ids a room remembers having had a state for from a read-write connection
 RELAYED_KEPT = 32  # awareness messages a room remembers relaying, to drop clients' copies of them unread
 _AWARENESS_TYPE = bytes((p.MessageType.AWARENESS,))
@@ -84,7 +84,7 @@ class Presence:
         entries = p.decode_awareness(payload, check_json=False)
         stated = {e.client_id for e in entries if not e.removed}  # a removal may follow its state in the update
         newer = [e for e in entries if self._is_newer(e) or e.removed and e.client_id in stated]
-        newer = [e for e in newer if self._taken(e, conn)]
+        newer = [e for e in newer if self._taken(e)]
         if conn.readonly:  # a viewer neither takes over nor removes another client's presence
             newer = [e for e in newer if e.client_id in conn.awareness_ids or self.claimable(e.client_id, doc)]
         if not newer:
@@ -98,16 +98,17 @@ class Presence:
             raise LimitExceeded(f"awareness state over {MAX_AWARENESS_STATE} bytes")
         return self.merge(newer, conn)
 
-    def _taken(self, entry: p.AwarenessEntry, conn: Connection) -> bool:
-        """Whether `entry`'s clock may be taken from `conn`: up to MAX_CLOCK_TAKEN, and beyond only CLOCK_STEP above
-        the client's clock, from the connection that introduced it. A y-protocols client takes a higher clock for
-        its own id from anyone and sends its next state one above it: a peer sending a user's client id at clock
-        2^53 - 1 made the user's next state 2^53, which no yjs peer can decode, so that user was closed (1007)
-        at each reconnect and could never save an edit. A client counts one per change and never gets near."""
+    def _taken(self, entry: p.AwarenessEntry) -> bool:
+        """Whether `entry`'s clock may be taken: up to MAX_CLOCK_TAKEN, and beyond only CLOCK_STEP above the clock the
+        room holds for the client. A y-protocols client takes a higher clock for its own id from anyone and sends its
+        next state one above it: a peer sending a user's client id at clock 2^53 - 1 made the user's next state
+        2^53, which no yjs peer can decode, so that user was closed (1007) at each reconnect and could never save an
+        edit. A client counts one per change and never gets near; one a peer pushed to MAX_CLOCK_TAKEN goes on from
+        there, on any connection (a reconnect), while the room remembers its clock."""
         if entry.clock <= MAX_CLOCK_TAKEN:
             return True
         held = self._clock.get(entry.client_id)
-        return entry.client_id in conn.awareness_ids and held is not None and entry.clock <= held + CLOCK_STEP
+        return held is not None and entry.clock <= held + CLOCK_STEP
 
     def _is_newer(self, entry: p.AwarenessEntry) -> bool:
         """Whether `entry` changes the room's awareness: a state at a higher clock, or the removal of a held state
