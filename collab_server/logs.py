@@ -37,11 +37,11 @@ class OneLine(logging.Filter):
 
 
 # a query parameter (its name may be percent-encoded, as a query decoder reads it) and its value
-_PARAMETER = re.compile(r"(?<![\w.~%+-])((?:[\w.~+-]|%[0-9A-Fa-f]{2})+)=[^&\s\"']+")
+_PARAMETER = re.compile(r"(?<![\w.~%+-])((?:[\w.~+-]|%[0-9A-Fa-f]{2})+)=[^&;\s\"']+")
 
 
-def _masked(match: re.Match[str]) -> str:
-    return f"{match[1]}=…" if unquote_plus(match[1]) == "token" else match[0]
+def _masked(match: re.Match[str]) -> str:  # `TOKEN=` is no token to the server, but likely a mistyped one
+    return f"{match[1]}=…" if unquote_plus(match[1]).lower() == "token" else match[0]
 
 
 class Redacted(logging.Filter):

@@ -158,7 +158,7 @@ class SQLiteStore:
         self._marks = False  # whether the database keeps webhook marks (see keep_marks)
 
     async def open(self) -> None:
-        new = not os.path.exists(self.path)
+        new = not os.path.lexists(self.path)  # a link to a file not made yet is the user's: kept
         self._locks = await claim(self.path, self.lock_wait)
         try:
             await self._connect()

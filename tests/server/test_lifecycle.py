@@ -410,3 +410,8 @@ def test_a_server_that_cannot_write_its_files_at_start_says_why_in_one_line(tmp_
     assert done.returncode == 3, done.stderr
     assert "cannot start: " in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []  # no empty database left, which the next start would take as one
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "target.db")  # a link to a database to be made there: the user's, kept
+    done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
+                           "--db", str(link)], capture_output=True, text=True, timeout=60, preexec_fn=no_file_growth)
+    assert done.returncode == 3 and link.is_symlink(), done.stderr

@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pycrdt import Text
+from websockets.exceptions import InvalidStatus
 
 from collab_server import protocol as p
 from collab_server.app import create_app
@@ -90,6 +91,11 @@ async def test_tokens_in_a_query_string_are_not_logged(server_factory) -> None:
     await peer.sync()
     await peer.close()
     await wait_until(lambda: "/room?%74ok%65n=…" in server.log())
+    assert token not in server.log()
+    for query in (f"a=b;token={token}", f"TOKEN={token}"):  # not read as tokens, but likely mistyped ones
+        with pytest.raises(InvalidStatus):
+            await RawPeer.connect(f"{server.ws_url}/room?{query}")
+    await wait_until(lambda: "/room?TOKEN=…" in server.log() and "a=b;token=…" in server.log())
     assert token not in server.log()
 
 
