@@ -547,13 +547,13 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
             grace = CLOSE_GRACE
             if self._shut_down and self.config.timeout_graceful_shutdown is not None:
                 grace = min(grace, self.config.timeout_graceful_shutdown / 4)
-            self._aborting = self.loop.call_later(grace, self._abort)
+            self._aborting = self.loop.call_later(grace, self._abort, grace)
 
-    def _abort(self) -> None:
+    def _abort(self, grace: float) -> None:
         self._aborting = None
         if not self.disconnected:
-            log.info("aborting a connection whose peer did not take what was written to it (%d bytes) within %s s "
-                     "of closing", self.transport.get_write_buffer_size(), CLOSE_GRACE)
+            log.info("aborting a connection whose peer did not take what was written to it (%d bytes) within %g s "
+                     "of closing", self.transport.get_write_buffer_size(), grace)
             self.transport.abort()
 
     def stopping(self) -> None:
