@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from pycrdt import Doc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from collab_server import protocol as p
 from collab_server.surrogates import Characters
@@ -260,3 +262,23 @@ def _seconds(doc: Doc) -> list[tuple[int, int]]:
     characters = Characters()
     characters.add(doc.get_update())
     return [(client, clock) for client, clocks in characters.seconds.items() for clock in clocks]
+
+
+async def non_reader(url: str, path: str) -> socket.socket:
+    """A websocket client that asks for the document (SyncStep1) and then reads nothing, with a small receive
+    buffer: a frozen tab, a stopped process."""
+    host, port = url.removeprefix("ws://").split(":")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, int(port)))
+    await loop.sock_sendall(sock, (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    await loop.sock_sendall(sock, Frame(Opcode.BINARY, p.sync_step1(b"\x00")).serialize(mask=True, extensions=[]))
+    return sock

@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from pycrdt import Text
+from pycrdt import Doc, Text
 
 from collab_server import protocol as p
 from collab_server.app import create_app
 from collab_server.cli import Server, build_parser, uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
-from tests.rawclient import RawPeer, text_updates
+from tests.rawclient import RawPeer, non_reader, text_updates
 from tests.serverproc import ServerProcess, free_port, wait_until
 from tests.services import pg_schema, postgres_dsn  # noqa: F401  (the redis case needs PostgreSQL)
 
@@ -415,3 +415,22 @@ def test_a_server_that_cannot_write_its_files_at_start_says_why_in_one_line(tmp_
     done = subprocess.run([sys.executable, "-m", "collab_server", "serve", "--port", str(free_port()),
                            "--db", str(link)], capture_output=True, text=True, timeout=60, preexec_fn=no_file_growth)
     assert done.returncode == 3 and link.is_symlink(), done.stderr
+
+
+async def test_sigterm_with_peers_that_read_nothing_stops_soon_and_cleanly(server_factory) -> None:
+    """Peers frozen with megabytes buffered for them: the shutdown waited its whole timeout for their sockets to
+    drain, then cancelled their sessions with a traceback. Their sockets are aborted a quarter of the timeout in."""
+    server = server_factory("--shutdown-timeout", "8")
+    writer = await RawPeer.connect(f"{server.ws_url}/room")
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "x" * 8_000_000)
+    await writer.send(p.sync_update(doc.get_update()))
+    await writer.sync()
+    socks = [await non_reader(server.ws_url, "/room") for _ in range(3)]
+    await wait_until(lambda: server.metric("collab_connections") == 4)
+    started = asyncio.get_running_loop().time()
+    await asyncio.to_thread(server.stop)  # raises unless "everything committed" and a graceful exit
+    assert asyncio.get_running_loop().time() - started < 6
+    assert "Traceback" not in server.log() and "aborting a connection" in server.log()
+    for sock in socks:
+        sock.close()

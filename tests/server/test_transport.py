@@ -24,7 +24,7 @@ from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
 from collab_server.transport import SCOPE_EXTENSION, CollabWebSocketProtocol, _Flag, _Inbox, _PingRounds, binary_frame
-from tests.rawclient import RawPeer
+from tests.rawclient import RawPeer, non_reader
 from tests.serverproc import free_port
 
 
@@ -306,26 +306,6 @@ async def test_live_peers_are_pinged_on_one_timer_and_stay(tmp_path: Path) -> No
         await task
 
 
-async def _non_reader(url: str, path: str) -> socket.socket:
-    """A websocket client that asks for the document (SyncStep1) and then reads nothing, with a small receive
-    buffer: a frozen tab, a stopped process."""
-    host, port = url.removeprefix("ws://").split(":")
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, (host, int(port)))
-    await loop.sock_sendall(sock, (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-                                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await loop.sock_recv(sock, 1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    await loop.sock_sendall(sock, Frame(Opcode.BINARY, p.sync_step1(b"\x00")).serialize(mask=True, extensions=[]))
-    return sock
-
-
 @pytest.mark.parametrize("why", ["ping-timeout", "send-queue-overflow"])
 async def test_a_peer_that_reads_nothing_is_dropped_once_closed(tmp_path: Path, monkeypatch, why: str) -> None:
     """Closing a connection waits for what is buffered for the peer to be written: a peer that read nothing kept its
@@ -341,7 +321,7 @@ async def test_a_peer_that_reads_nothing_is_dropped_once_closed(tmp_path: Path, 
         doc.get("t", type=Text).insert(0, "x" * 4_000_000)
         await writer.send(p.sync_update(doc.get_update()))
         await writer.sync()
-        sock = await _non_reader(url, "/room")
+        sock = await non_reader(url, "/room")
         connections = app.state.rooms.loaded["room"].connections
         async with asyncio.timeout(10):
             while len(connections) < 2:
@@ -382,10 +362,10 @@ async def test_a_sync_answer_that_peers_reading_nothing_asked_for_is_buffered_on
             while not struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]:
                 await asyncio.sleep(0.01)
 
-    socks = [await _non_reader(server.ws_url, "/room")]
+    socks = [await non_reader(server.ws_url, "/room")]
     await answered(socks[0])
     before = _rss_kb(server.proc.pid)
-    socks += [await _non_reader(server.ws_url, "/room") for _ in range(9)]
+    socks += [await non_reader(server.ws_url, "/room") for _ in range(9)]
     for sock in socks:
         await answered(sock)
     assert _rss_kb(server.proc.pid) - before < 20_000  # nine more copies would be 72 MB
