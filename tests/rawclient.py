@@ -6,7 +6,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from pycrdt import Doc
+from pycrdt import Doc, Text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -95,8 +95,6 @@ class RawPeer:
 def text_updates(count: int, name: str = "t", client_id: int | None = None) -> tuple[Doc, list[bytes]]:
     """A doc with `count` one-character inserts into Text `name`, and the update of each insert (by a random
     client, or `client_id`)."""
-    from pycrdt import Text
-
     doc = Doc(client_id=client_id) if client_id is not None else Doc()
     text = doc.get(name, type=Text)
     updates: list[bytes] = []
@@ -109,8 +107,6 @@ def text_updates(count: int, name: str = "t", client_id: int | None = None) -> t
 def slow_text(count: int) -> Doc:
     """A document whose text is slow to integrate (collab_server/slicing.py): `count` characters, each typed before
     the last, which cannot join."""
-    from pycrdt import Text
-
     doc = Doc()
     text = doc.get("t", type=Text)
     for i in range(count):
@@ -282,3 +278,13 @@ async def non_reader(url: str, path: str) -> socket.socket:
     assert head.startswith(b"HTTP/1.1 101"), head
     await loop.sock_sendall(sock, Frame(Opcode.BINARY, p.sync_step1(b"\x00")).serialize(mask=True, extensions=[]))
     return sock
+
+
+async def text_writer(url: str, chars: int) -> RawPeer:
+    """A peer that wrote a text of `chars` characters to the room at `url`, and synced."""
+    writer = await RawPeer.connect(url)
+    doc = Doc()
+    doc.get("t", type=Text).insert(0, "x" * chars)
+    await writer.send(p.sync_update(doc.get_update()))
+    await writer.sync()
+    return writer

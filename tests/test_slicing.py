@@ -52,12 +52,9 @@ def edit(doc: Doc, kind: str, n: int, piece: str) -> None:
         doc.get("a", type=Array).append(Map({"n": n, "t": Text(piece)}))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(EDIT, st.just("sync")), min_size=1, max_size=80), st.floats(0, 1), st.integers(1, 6))
-def test_an_update_applied_in_parts_leaves_the_document_it_leaves_whole(steps, base_share, size) -> None:
-    """Three replicas edit concurrently (syncing now and then); a document holding replica 0 as it was after the
-    first `base_share` of the steps gets the rest of everything as one update, whole or in parts of `size`
-    structs (any order of the parts would do: what comes before what it refers to is held back until then)."""
+def history(steps: list, base_share: float) -> tuple[bytes, bytes, Doc]:
+    """Three replicas edit concurrently (syncing now and then): replica 0 as it was after the first `base_share` of
+    the steps, the rest of everything as one update, and a document holding everything."""
     base_at = int(base_share * len(steps))
     docs = [Doc(client_id=i + 1) for i in range(3)]
     base = b"\x00\x00"
@@ -76,7 +73,16 @@ def test_an_update_applied_in_parts_leaves_the_document_it_leaves_whole(steps, b
         everything.apply_update(doc.get_update())
     with_base = Doc()
     with_base.apply_update(base)
-    rest = everything.get_update(with_base.get_state())
+    return base, everything.get_update(with_base.get_state()), everything
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(EDIT, st.just("sync")), min_size=1, max_size=80), st.floats(0, 1), st.integers(1, 6))
+def test_an_update_applied_in_parts_leaves_the_document_it_leaves_whole(steps, base_share, size) -> None:
+    """Three replicas edit concurrently (syncing now and then); a document holding replica 0 as it was after the
+    first `base_share` of the steps gets the rest of everything as one update, whole or in parts of `size`
+    structs (any order of the parts would do: what comes before what it refers to is held back until then)."""
+    base, rest, everything = history(steps, base_share)
     parts = slices(rest, size)
     whole, in_parts = Replay(), Replay()
     whole.apply(base)
@@ -94,25 +100,9 @@ def test_causal_parts_never_wait_for_a_later_one_and_leave_the_document_the_whol
     """As above, cut into parts of about `size` bytes for a peer (the Python client's backlog): applied in order,
     no part holds a change that waits for a later part (the server closes a connection whose changes wait too
     often: interleaved parts of three clients' edits were closed with 1008 at every reconnect)."""
-    base_at = int(base_share * len(steps))
-    docs = [Doc(client_id=i + 1) for i in range(3)]
-    base = b"\x00\x00"
-    for i, step in enumerate(steps):
-        if step == "sync":
-            updates = [doc.get_update() for doc in docs]
-            for doc in docs:
-                for update in updates:
-                    doc.apply_update(update)
-        else:
-            edit(docs[step[0]], *step[1:])
-        if i + 1 == base_at:
-            base = docs[0].get_update()
-    everything = Doc()
-    for doc in docs:
-        everything.apply_update(doc.get_update())
+    base, rest, everything = history(steps, base_share)
     receiver = Doc()
     receiver.apply_update(base)
-    rest = everything.get_update(receiver.get_state())
     parts = slicing.causal_parts(rest, size)
     for part in parts:
         assert not waits(part, clocks(receiver.get_state()))

@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from pycrdt import Doc, Text
+from pycrdt import Text
 
 from collab_server import protocol as p
 from collab_server.app import create_app
 from collab_server.cli import Server, build_parser, uvicorn_config
 from collab_server.config import Settings
 from collab_server.storage.sqlite import SQLiteStore
-from tests.rawclient import RawPeer, non_reader, text_updates
+from tests.rawclient import RawPeer, non_reader, text_updates, text_writer
 from tests.serverproc import ServerProcess, free_port, wait_until
 from tests.services import pg_schema, postgres_dsn  # noqa: F401  (the redis case needs PostgreSQL)
 
@@ -421,11 +421,7 @@ async def test_sigterm_with_peers_that_read_nothing_stops_soon_and_cleanly(serve
     """Peers frozen with megabytes buffered for them: the shutdown waited its whole timeout for their sockets to
     drain, then cancelled their sessions with a traceback. Their sockets are aborted a quarter of the timeout in."""
     server = server_factory("--shutdown-timeout", "8")
-    writer = await RawPeer.connect(f"{server.ws_url}/room")
-    doc = Doc()
-    doc.get("t", type=Text).insert(0, "x" * 8_000_000)
-    await writer.send(p.sync_update(doc.get_update()))
-    await writer.sync()
+    await text_writer(f"{server.ws_url}/room", 8_000_000)
     socks = [await non_reader(server.ws_url, "/room") for _ in range(3)]
     await wait_until(lambda: server.metric("collab_connections") == 4)
     started = asyncio.get_running_loop().time()

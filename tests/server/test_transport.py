@@ -24,7 +24,7 @@ from collab_server.app import create_app
 from collab_server.cli import uvicorn_config
 from collab_server.config import Settings
 from collab_server.transport import SCOPE_EXTENSION, CollabWebSocketProtocol, _Flag, _Inbox, _PingRounds, binary_frame
-from tests.rawclient import RawPeer, non_reader
+from tests.rawclient import RawPeer, non_reader, text_writer
 from tests.serverproc import free_port
 
 
@@ -351,11 +351,7 @@ async def test_a_sync_answer_that_peers_reading_nothing_asked_for_is_buffered_on
     such peers held 2.1 GB for a 30 MB document). The answer is shared, and written without being copied (uvloop's
     transport keeps the bytes it is given)."""
     server = server_factory("--ping-interval", "0")
-    writer = await RawPeer.connect(f"{server.ws_url}/room")
-    doc = Doc()
-    doc.get("t", type=Text).insert(0, "x" * 8_000_000)
-    await writer.send(p.sync_update(doc.get_update()))
-    await writer.sync()
+    await text_writer(f"{server.ws_url}/room", 8_000_000)
 
     async def answered(sock: socket.socket) -> None:  # the server wrote (part of) its answer to `sock`
         async with asyncio.timeout(10):
