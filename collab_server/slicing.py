@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import TypeVar
 
 from collab_server.protocol import write_varuint
-from collab_server.updatecheck import Id, Walk
+from collab_server.updatecheck import Struct, Walk, structs
 
 T = TypeVar("T")
 
@@ -68,32 +68,19 @@ def causal_parts(update: bytes, size: int) -> list[bytes]:
     part or an earlier one: applied in order, no part waits for a later one (a peer that holds back what waits may
     refuse a connection whose changes wait too often), and the delete set comes last. Raises ProtocolError on a
     malformed update."""
-    walk = Walk(update, "update")
-    nodes: list[tuple[int, int, list[Id], bytes]] = []  # (client, clock, what it refers to, its bytes)
-    runs: dict[int, tuple[list[int], list[int]]] = {}  # client -> (first clocks, node indexes) of its structs
-    for _ in range(walk.count()):
-        count, client, clock = walk.count(), walk.uint(), walk.uint()
-        clocks, indexes = runs.setdefault(client, ([], []))
-        for _ in range(count):
-            start, info = walk.pos, walk.byte()
-            refs: list[Id] = [(client, clock - 1)] if clocks else []
-            if info & 0x1F in (0, 10):  # GC, Skip
-                length = walk.uint()
-            else:
-                origins, parent = walk.item_head(info)
-                refs += origins + ([parent] if parent is not None else [])
-                length = walk.content(info & 0x1F)
-            clocks.append(clock)
-            indexes.append(len(nodes))
-            nodes.append((client, clock, refs, update[start:walk.pos]))
-            clock += length
-    after: list[list[int]] = [[] for _ in nodes]  # node -> the nodes referring to it
-    waiting = [0] * len(nodes)  # node -> how many of the nodes it refers to are not placed yet
-    for i, (_, _, refs, _) in enumerate(nodes):
-        for client, clock in refs:
-            clocks, indexes = runs.get(client, ((), ()))
+    found, walk = structs(update)
+    runs: dict[int, tuple[list[int], list[int]]] = {}  # client -> (first clocks, indexes in `found`) of its structs
+    for i, s in enumerate(found):
+        clocks, indexes = runs.setdefault(s.client, ([], []))
+        clocks.append(s.clock)
+        indexes.append(i)
+    after: list[list[int]] = [[] for _ in found]  # struct -> the structs referring to it
+    waiting = [0] * len(found)  # struct -> how many of the structs it refers to are not placed yet
+    for i, s in enumerate(found):
+        for client, clock in [(s.client, s.clock - 1), *s.origins, *([s.parent] if s.parent is not None else [])]:
+            clocks, indexes = runs.get(client, ([], []))
             at = bisect_right(clocks, clock) - 1
-            if at >= 0 and (j := indexes[at]) != i and clock >= 0:
+            if at >= 0 and (j := indexes[at]) != i:
                 after[j].append(i)
                 waiting[i] += 1
     ready = [i for i, count in enumerate(waiting) if not count]
@@ -106,30 +93,32 @@ def causal_parts(update: bytes, size: int) -> list[bytes]:
             waiting[j] -= 1
             if not waiting[j]:
                 heappush(ready, j)
-    if len(order) < len(nodes):  # refers in a circle: no update Yjs makes
+    if len(order) < len(found):  # refers in a circle: no update Yjs makes
         raise walk.fail("structs that refer to one another in a circle")
     parts: list[bytes] = []
-    group: list[int] = []
+    group: list[Struct] = []
     held = 0
-    for i in [*order, -1]:
-        if group and (i < 0 or held + len(nodes[i][3]) > size):
-            parts.append(_encode([nodes[j] for j in group]))
+    for s in [found[i] for i in order]:
+        if group and held + s.end - s.start > size:
+            parts.append(_encode(update, group))
             group, held = [], 0
-        if i >= 0:
-            group.append(i)
-            held += len(nodes[i][3])
+        group.append(s)
+        held += s.end - s.start
+    if group:
+        parts.append(_encode(update, group))
     parts.append(b"\x00" + update[walk.pos:])
     return parts
 
 
-def _encode(nodes: list[tuple[int, int, list[Id], bytes]]) -> bytes:
-    """A v1 update of `nodes` (each client's in clock order, without gaps) and no delete set."""
-    by_client: dict[int, list[tuple[int, int, list[Id], bytes]]] = {}
-    for node in nodes:
-        by_client.setdefault(node[0], []).append(node)
+def _encode(update: bytes, group: list[Struct]) -> bytes:
+    """A v1 update of the structs `group` of `update` (each client's in clock order, without gaps), no deletions."""
+    by_client: dict[int, list[Struct]] = {}
+    for s in group:
+        by_client.setdefault(s.client, []).append(s)
     out = [write_varuint(len(by_client))]
     for client, run in by_client.items():
-        out += [write_varuint(len(run)), write_varuint(client), write_varuint(run[0][1]), *(node[3] for node in run)]
+        out += [write_varuint(len(run)), write_varuint(client), write_varuint(run[0].clock),
+                *(update[s.start:s.end] for s in run)]
     out.append(b"\x00")
     return b"".join(out)
 

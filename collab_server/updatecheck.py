@@ -49,7 +49,7 @@ Id = tuple[int, int]  # (client, clock)
 class Struct(NamedTuple):
     """One struct of an update, as `structs` reads it: its id and length, content type, origins, the parent it
     names (an id, or None: a root by name, or implied by an origin), whether it is a map's value (a key named),
-    and the type ref of the type it creates (content 7)."""
+    the type ref of the type it creates (content 7), and where its bytes start and end in the update."""
 
     client: int
     clock: int
@@ -59,6 +59,8 @@ class Struct(NamedTuple):
     parent: Id | None
     keyed: bool
     type_ref: int | None
+    start: int
+    end: int
 
 
 def structs(update: bytes) -> tuple[list[Struct], Walk]:
@@ -70,17 +72,18 @@ def structs(update: bytes) -> tuple[list[Struct], Walk]:
         client = w.uint()
         clock = w.uint()
         for _ in range(count):
-            info = w.byte()
+            start, info = w.pos, w.byte()
             ref = info & 0x1F
             if ref in (0, 10):  # GC, Skip
                 length = w.uint()
-                found.append(Struct(client, clock, length, ref, [], None, False, None))
+                found.append(Struct(client, clock, length, ref, [], None, False, None, start, w.pos))
                 clock += length
                 continue
             origins, parent = w.item_head(info)
             type_ref = w.data[w.pos] if ref == 7 else None  # read by `content` next
             length = w.content(ref)
-            found.append(Struct(client, clock, length, ref, origins, parent, bool(info & 0x20), type_ref))
+            found.append(Struct(client, clock, length, ref, origins, parent, bool(info & 0x20), type_ref, start,
+                                w.pos))
             clock += length
     return found, w
 
