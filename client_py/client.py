@@ -98,7 +98,7 @@ def parts(update: bytes) -> list[bytes]:
     changes wait for later ones too often). Sent whole, many edits made offline made one handshake message over the
     server's --max-message-size: it closed with 1009, and every reconnect sent it again. A single edit (a struct)
     bigger than the server takes still is, and stops the client (ServerClosed)."""
-    return [update] if len(update) <= PART_BYTES else causal_parts(update, PART_BYTES)
+    return [update] if len(update) <= PART_BYTES else causal_parts(update, PART_BYTES - 16)  # with the message head
 
 
 class CollabClient:

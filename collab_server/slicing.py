@@ -66,8 +66,8 @@ def causal_parts(update: bytes, size: int) -> list[bytes]:
     """`update` (v1) as updates of about `size` bytes (a struct bigger than that is a part of its own) such that
     whatever a struct refers to in `update` (its origins, its parent, its client's struct before it) comes in its
     part or an earlier one: applied in order, no part waits for a later one (a peer that holds back what waits may
-    refuse a connection whose changes wait too often), and the delete set comes last. Raises ProtocolError on a
-    malformed update."""
+    refuse a connection whose changes wait too often), and the deletions come last, in parts of about `size` too.
+    Raises ProtocolError on a malformed update."""
     found, walk = structs(update)
     runs: dict[int, tuple[list[int], list[int]]] = {}  # client -> (first clocks, indexes in `found`) of its structs
     for i, s in enumerate(found):
@@ -95,22 +95,44 @@ def causal_parts(update: bytes, size: int) -> list[bytes]:
                 heappush(ready, j)
     if len(order) < len(found):  # refers in a circle: no update Yjs makes
         raise walk.fail("structs that refer to one another in a circle")
-    parts: list[bytes] = []
-    group: list[Struct] = []
-    held = 0
-    for s in [found[i] for i in order]:
-        if group and held + s.end - s.start > size:
-            parts.append(_encode(update, group))
-            group, held = [], 0
-        group.append(s)
-        held += s.end - s.start
+    ordered = [found[i] for i in order]
+    parts = [_structs_update(update, group) for group in _groups(ordered, lambda s: (s.client, s.end - s.start), size)]
+    deletions: list[tuple[int, slice]] = []  # (client, where one deleted range of it is in `update`)
+    for _ in range(walk.count()):
+        client, count = walk.uint(), walk.count()
+        for _ in range(count):
+            start = walk.pos
+            walk.uint()
+            walk.uint()
+            deletions.append((client, slice(start, walk.pos)))
+    groups = _groups(deletions, lambda d: (d[0], d[1].stop - d[1].start), size) or [[]]
+    return parts + [_deletions_update(update, group) for group in groups]
+
+
+P = TypeVar("P")
+_HEAD = 16  # bytes counted for a client's head in a part (its id, and a count and clock)
+
+
+def _groups(pieces: list[P], measure: Callable[[P], tuple[int, int]], size: int) -> list[list[P]]:
+    """`pieces` in order, in groups of at most `size` bytes (`measure`: a piece's client and bytes; a client's head
+    counted once in each group); a piece bigger than that is a group of its own."""
+    groups: list[list[P]] = []
+    group: list[P] = []
+    held, clients = 0, set()
+    for piece in pieces:
+        client, length = measure(piece)
+        if group and held + length + (_HEAD if client not in clients else 0) > size:
+            groups.append(group)
+            group, held, clients = [], 0, set()
+        group.append(piece)
+        held += length + (_HEAD if client not in clients else 0)
+        clients.add(client)
     if group:
-        parts.append(_encode(update, group))
-    parts.append(b"\x00" + update[walk.pos:])
-    return parts
+        groups.append(group)
+    return groups
 
 
-def _encode(update: bytes, group: list[Struct]) -> bytes:
+def _structs_update(update: bytes, group: list[Struct]) -> bytes:
     """A v1 update of the structs `group` of `update` (each client's in clock order, without gaps), no deletions."""
     by_client: dict[int, list[Struct]] = {}
     for s in group:
@@ -120,6 +142,17 @@ def _encode(update: bytes, group: list[Struct]) -> bytes:
         out += [write_varuint(len(run)), write_varuint(client), write_varuint(run[0].clock),
                 *(update[s.start:s.end] for s in run)]
     out.append(b"\x00")
+    return b"".join(out)
+
+
+def _deletions_update(update: bytes, group: list[tuple[int, slice]]) -> bytes:
+    """A v1 update of no structs, deleting the ranges `group` (client, where the range is in `update`)."""
+    by_client: dict[int, list[bytes]] = {}
+    for client, at in group:
+        by_client.setdefault(client, []).append(update[at])
+    out = [b"\x00", write_varuint(len(by_client))]
+    for client, ranges in by_client.items():
+        out += [write_varuint(client), write_varuint(len(ranges)), *ranges]
     return b"".join(out)
 
 

@@ -17,9 +17,13 @@ handled yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import random
+import socket
 import struct
+import termios
 import weakref
 from collections.abc import Callable, Container
 from typing import Any, Protocol
@@ -544,17 +548,40 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def abort_later(self) -> None:
         if self._aborting is None and not self.disconnected:
-            grace = CLOSE_GRACE
-            if self._shut_down and self.config.timeout_graceful_shutdown is not None:
-                grace = min(grace, self.config.timeout_graceful_shutdown / 4)
-            self._aborting = self.loop.call_later(grace, self._abort, grace)
+            self._arm_abort(self._unsent())
 
-    def _abort(self, grace: float) -> None:
+    def _arm_abort(self, unsent: int) -> None:
+        grace = CLOSE_GRACE
+        if self._shut_down and self.config.timeout_graceful_shutdown is not None:
+            grace = min(grace, self.config.timeout_graceful_shutdown / 4)
+        self._aborting = self.loop.call_later(grace, self._abort, grace, unsent)
+
+    def _unsent(self) -> int:
+        """Bytes written to the peer that it has not taken yet: in the transport's buffer, and in the socket's send
+        queue (not acknowledged)."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return unsent
+
+    def _abort(self, grace: float, unsent_before: int) -> None:
+        """Abort the socket, unless the peer took some of what waits for it since (a slow link, still reading: it
+        is given another grace), outside a shutdown. The abort resets the connection, so the kernel does not keep the
+        socket and what waits in it either."""
         self._aborting = None
-        if not self.disconnected:
-            log.info("aborting a connection whose peer did not take what was written to it (%d bytes) within %g s "
-                     "of closing", self.transport.get_write_buffer_size(), grace)
-            self.transport.abort()
+        if self.disconnected:
+            return
+        unsent = self._unsent()
+        if 0 < unsent < unsent_before and not self._shut_down:
+            self._arm_abort(unsent)
+            return
+        log.info("aborting a connection whose peer took nothing of what was written to it (%d bytes) in %g s since "
+                 "it was closed", unsent, grace)
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def stopping(self) -> None:
         """Server shutdown: the application goes on taking what the peer sent before it for half of the graceful

@@ -246,7 +246,30 @@ async def test_many_edits_made_offline_are_sent_in_parts_the_server_takes(server
     async with CollabClient(server.ws_url, name) as fresh:
         await fresh.synced()
         assert text(fresh) == expected
-    assert all(len(part) <= PART_BYTES + 2000 for part in parts(offline.doc.get_update()))
+    assert all(len(sync_step2(part)) <= PART_BYTES for part in parts(offline.doc.get_update()))
+
+
+async def test_many_deletions_made_offline_are_sent_in_parts_the_server_takes(server_factory, tmp_path: Path) -> None:
+    """Every other character of a text deleted offline: the deletions went whole in one message, which the server
+    closed with 1009, and the text stayed as it was."""
+    server = server_factory("--max-message-size", "100000")
+    name, store = room(), tmp_path / "client.db"
+    async with CollabClient(server.ws_url, name, store=store) as client:
+        await client.synced()
+        client.doc.get("t", type=Text).insert(0, "ab" * 30_000)
+        await client.flush()
+    async with CollabClient(f"ws://127.0.0.1:{free_port()}", name, store=store, backoff=FAST) as offline:
+        content = offline.doc.get("t", type=Text)
+        with offline.doc.transaction():
+            for at in range(30_000):
+                del content[at:at + 1]  # each "a", the "b" after it moving up
+        assert str(content) == "b" * 30_000
+    async with CollabClient(server.ws_url, name, store=store) as client:
+        await client.flush()
+        assert client.stopped is None
+    async with CollabClient(server.ws_url, name) as fresh:
+        await fresh.synced()
+        assert text(fresh) == "b" * 30_000
 
 
 async def test_a_backlog_of_several_clients_edits_is_sent_in_parts_none_of_which_waits(server: ServerProcess,
