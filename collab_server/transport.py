@@ -47,6 +47,8 @@ PONG_BACKLOG = 64 * 1024
 # waits for that, which a peer that reads nothing (a frozen tab, a stopped process) never lets happen, so its socket,
 # the bytes buffered for it and, through its session, its room stayed for as long as the peer lived
 CLOSE_GRACE = 5.0
+DROP_FOR = 10.0  # seconds at most that what a peer sends after a refused frame is read and dropped before closing
+QUIET = 0.2  # seconds without bytes from such a peer after which its connection is closed
 SHARED_FROM = 64 * 1024  # bytes of a message from which `write_message` writes it without copying it into a frame
 # websockets' own logger, for the sans-I/O protocol uvicorn hands its "uvicorn.error" logger to (see logs.py)
 WEBSOCKETS_LOG = logging.getLogger("websockets.server")
@@ -384,6 +386,7 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         "pending_ping_payload", "ping_interval", "ping_sent_at", "ping_timeout", "ping_timer", "pong_timer",
         "queue", "read_paused", "request", "response", "root_path", "scheme", "scope", "server", "tasks",
         "transport", "writable", "_inbound", "_early", "_ignored", "_owed_pong", "_pause", "_shut_down", "_aborting",
+        "_dropping_until", "_last_received",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -400,6 +403,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self._pause: asyncio.Future[None] | None = None  # while the application waits before reading on
         self._shut_down = False  # the server is shutting down
         self._aborting: asyncio.TimerHandle | None = None  # abort_later's timer
+        self._dropping_until: float | None = None  # loop time until which what the peer sends is dropped unread
+        self._last_received = 0.0  # loop time of the last bytes dropped so
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's HTTP protocol hands its transport over; until then it is the transport's protocol. Its
@@ -425,6 +430,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._inbound = bytearray()
 
     def data_received(self, data: bytes) -> None:
+        if self._dropping_until is not None:  # refused: see handle_parser_exception
+            self._last_received = self.loop.time()
+            return
         if self._inbound is None:
             self._early |= self.handshake_initiated and not self.handshake_complete
             super().data_received(data)
@@ -492,8 +500,22 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
                                "refused": True})
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        self.transport.close()
-        self.abort_later()
+        # what the peer still sends (the rest of a message over the limit) is read and dropped until it goes quiet:
+        # closing with it unread made the kernel reset the connection, the peer lost the close frame, and a client
+        # sent the refused message again
+        self._dropping_until = self.loop.time() + DROP_FOR
+        self._last_received = self.loop.time()
+        self._close_when_quiet()
+
+    def _close_when_quiet(self) -> None:
+        if self.disconnected:
+            return
+        now = self.loop.time()
+        if now - self._last_received >= QUIET or now >= self._dropping_until:  # type: ignore[operator]
+            self.transport.close()
+            self.abort_later()
+        else:
+            self.loop.call_later(QUIET, self._close_when_quiet)
 
     def _release_handshake(self) -> None:
         """Free what only the handshake needed once accepted: collab_server reads the scope (path, query, headers,
