@@ -68,7 +68,8 @@ class FrameWriter(Protocol):
         knows change nothing), before they cost it a receive."""
 
     def abort_later(self) -> None:
-        """Abort the socket if it is still connected CLOSE_GRACE seconds from now (the application is closing it)."""
+        """Reset the socket if it is still connected CLOSE_GRACE seconds from now and the peer took nothing of what
+        waits for it meanwhile (the application is closing it; a peer that takes some is given another grace)."""
 
 
 def frame_writer(scope: Scope) -> FrameWriter | None:
